@@ -1,0 +1,63 @@
+# detbench — every target installs what it needs first (a virtualenv from pyproject.toml).
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+TABLE    ?= soco_table1
+GRID     ?= soco_table5
+SCALE    ?= tiny
+SEEDS    ?= 1
+EXECUTOR ?= local
+PROFILE  ?= local-ci
+ARGS     ?=
+
+.PHONY: setup reproduce grid test test-slow test-slurm test-all bench status collect clean-cache slurm-up slurm-down
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip || true
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# make reproduce TABLE=soco_table1 [SCALE=tiny] [SEEDS=3] [EXECUTOR=local|submitit-local|slurm]
+reproduce: setup
+	$(BIN)/detbench reproduce --table $(TABLE) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) $(ARGS)
+
+# make grid GRID=soco_table5 [EXECUTOR=slurm]
+grid: setup
+	$(BIN)/detbench grid --grid $(GRID) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) $(ARGS)
+
+status: setup
+	$(BIN)/detbench status $(ARGS)
+
+collect: setup
+	$(BIN)/detbench collect $(ARGS)
+
+# the fast suite (a few minutes on 2 CPU cores)
+test: setup
+	$(BIN)/python -m pytest -q
+
+# end-to-end tests (minutes each)
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+# tests that submit real jobs to a single-node Slurm started here (root, Debian)
+test-slurm: setup
+	slurm/cluster/start.sh
+	. $${SLURM_BASE:-/tmp/detbench-slurm}/env.sh && $(BIN)/python -m pytest -q -m slurm; rc=$$?; \
+	  slurm/cluster/stop.sh; exit $$rc
+
+test-all: test test-slow test-slurm
+
+bench: setup
+	$(BIN)/python -m benchmark.bench.proposals_bench
+
+slurm-up:
+	slurm/cluster/start.sh
+
+slurm-down:
+	slurm/cluster/stop.sh
+
+clean-cache:
+	rm -rf .cache/detbench

@@ -1,0 +1,141 @@
+"""Throughput of the proposal cache vs. a bare OpenCV selective-search loop.
+
+    python -m benchmark.bench.proposals_bench --n 50 --size 224 [--images DIR] [--workers 2]
+
+Without ``--images`` it draws ``--n`` random textured scenes with filled shapes (no dataset
+needed). It times (1) the bare loop ``cv2.imread -> selective search (fast)`` over the
+images in this process and (2) :func:`benchmark.proposals.compute_proposals` on the same
+images into a fresh cache directory (``--workers`` processes, process start-up, filtering,
+part files and the final merge included). It prints a table and writes
+``results/benchmarks/proposals.json``: images/s of each, the ratio ours/bare, and the cache
+size in bytes per image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        # low-frequency colour noise (upsampled) plus pixel noise: a textured background
+        coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        bg = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.int16)
+        bg = np.clip(bg + rng.integers(-20, 21, size=bg.shape), 0, 255).astype(np.uint8)
+        im = Image.fromarray(bg)
+        d = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(3, 8))):
+            x0, y0 = rng.integers(0, size * 3 // 4, 2)
+            w, h = rng.integers(size // 8, size // 2, 2)
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            shape = rng.integers(3)
+            box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
+            if shape == 0:
+                d.rectangle(box, fill=color)
+            elif shape == 1:
+                d.ellipse(box, fill=color)
+            else:
+                d.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=color)
+        p = folder / f"{i:05d}.png"
+        im.save(p)
+        paths.append(str(p))
+    return paths
+
+
+def bare_loop(paths: list[str], mode: str = "fast") -> tuple[float, int]:
+    import cv2
+
+    t0 = time.perf_counter()
+    n_boxes = 0
+    for p in paths:
+        bgr = cv2.imread(p, cv2.IMREAD_COLOR)
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(bgr)
+        if mode == "fast":
+            ss.switchToSelectiveSearchFast()
+        elif mode == "quality":
+            ss.switchToSelectiveSearchQuality()
+        else:
+            ss.switchToSingleStrategy()
+        n_boxes += len(ss.process())
+    return time.perf_counter() - t0, n_boxes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50, help="number of generated images")
+    ap.add_argument("--size", type=int, default=224, help="side of generated images (px)")
+    ap.add_argument("--images", type=Path, default=None, help="use the images of this folder instead")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=None, help="default: about 4 chunks per worker")
+    ap.add_argument("--mode", default="fast", choices=["fast", "quality", "single"])
+    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/proposals.json"))
+    args = ap.parse_args(argv)
+
+    from benchmark.proposals import compute_proposals
+
+    with tempfile.TemporaryDirectory(prefix="proposals_bench_") as tmp:
+        tmp = Path(tmp)
+        if args.images is not None:
+            exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+            paths = sorted(str(p) for p in args.images.iterdir() if p.suffix.lower() in exts)[: args.n]
+            source = str(args.images)
+        else:
+            paths = make_images(tmp / "images", args.n, args.size)
+            source = f"generated {args.size}x{args.size} textured scenes"
+        if not paths:
+            raise SystemExit(f"no images found in {args.images}")
+        n = len(paths)
+        chunk = args.chunk_size or max(1, math.ceil(n / (4 * max(1, args.workers))))
+
+        bare_s, bare_boxes = bare_loop(paths, args.mode)
+        t0 = time.perf_counter()
+        cache = compute_proposals(paths, tmp / "cache", mode=args.mode, num_workers=args.workers,
+                                  chunk_size=chunk, progress=False)
+        ours_s = time.perf_counter() - t0
+        cache_bytes = os.path.getsize(cache.path)
+        kept = int(cache.offsets[-1])
+
+    res = {
+        "source": source,
+        "n_images": n,
+        "mode": args.mode,
+        "workers": args.workers,
+        "chunk_size": chunk,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "bare": {"seconds": bare_s, "images_per_s": n / bare_s, "raw_boxes_per_image": bare_boxes / n},
+        "ours": {"seconds": ours_s, "images_per_s": n / ours_s, "kept_boxes_per_image": kept / n},
+        "ratio_ours_over_bare": (n / ours_s) / (n / bare_s),
+        "cache_bytes": cache_bytes,
+        "cache_bytes_per_image": cache_bytes / n,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print(f"proposals benchmark: {n} images ({source}), mode={args.mode}")
+    print(f"{'':24s}{'seconds':>10s}{'images/s':>12s}{'boxes/img':>12s}")
+    print(f"{'bare OpenCV loop':24s}{bare_s:10.2f}{n / bare_s:12.2f}{bare_boxes / n:12.1f}  (raw)")
+    print(f"{'compute_proposals x' + str(args.workers):24s}{ours_s:10.2f}{n / ours_s:12.2f}{kept / n:12.1f}  (filtered)")
+    print(f"ratio ours/bare (images/s): {res['ratio_ours_over_bare']:.2f}")
+    print(f"cache: {cache_bytes} bytes, {res['cache_bytes_per_image']:.1f} bytes/image")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

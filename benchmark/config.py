@@ -1,0 +1,133 @@
+"""Scales and config resolution. A scale (configs/scales/<name>.yaml) is a named set of
+overrides over the papers' defaults — which live with the code (method configs and recipes,
+DetectorConfig, FinetuneRecipe) — never a fork of the code. Resolution order:
+paper defaults < method's own per-scale overrides < scale file < row/grid overrides < CLI."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from methods import get_method
+from methods.base import ConfigError
+
+SCALES_DIR = Path(__file__).parent / "configs" / "scales"
+RECIPE_KEYS = {"optimizer", "base_lr", "lr_batch", "batch_size", "weight_decay", "momentum",
+               "schedule", "warmup_epochs", "epochs", "steps_per_epoch"}
+
+
+def available_scales() -> list[str]:
+    return sorted(p.stem for p in SCALES_DIR.glob("*.yaml"))
+
+
+def load_scale(name: str) -> dict:
+    p = SCALES_DIR / f"{name}.yaml"
+    if not p.exists():
+        raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
+    return yaml.safe_load(p.read_text())
+
+
+def deep_merge(base: dict, over: dict | None, where: str = "", strict: bool = False) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if strict and k not in out:
+            raise ConfigError(f"{where}{k}: unknown key (known: {', '.join(sorted(out))})")
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v, f"{where}{k}.", strict)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(obj, where: str = "data"):
+    """Expand ${VAR} in strings; a missing variable is an error naming it and the field."""
+    if isinstance(obj, dict):
+        return {k: expand_env(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [expand_env(v, where) for v in obj]
+    if isinstance(obj, str):
+        def sub(m):
+            if m.group(1) not in os.environ:
+                raise ConfigError(f"{where}: environment variable {m.group(1)} is not set "
+                                  f"(this scale reads its data from local paths)")
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, obj)
+    return obj
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
+    """["method.queue_size=1024", "recipe.base_lr=0.1"] -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for it in items or ():
+        if "=" not in it:
+            raise ConfigError(f"override {it!r}: expected key.path=value")
+        path, val = it.split("=", 1)
+        node = out
+        parts = path.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return out
+
+
+def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: float | None = None,
+                    method_overrides: dict | None = None, recipe_overrides: dict | None = None,
+                    data_overrides: dict | None = None) -> dict:
+    """The fully resolved config of one pretraining run."""
+    cls = get_method(method)
+    sc = load_scale(scale)
+    mscale = cls.scales.get(scale, {})
+    unknown = set(mscale) - {"method", "recipe"}
+    if unknown:
+        raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
+    mcfg = deep_merge(mscale.get("method", {}), method_overrides)
+    mcfg = cls.Config.from_dict(mcfg).to_dict()      # validates names and types
+    recipe = deep_merge(cls.recipe, mscale.get("recipe", {}))
+    recipe = deep_merge(recipe, {k: v for k, v in sc.get("pretrain", {}).items()})
+    recipe.setdefault("epochs", 100)
+    recipe.setdefault("steps_per_epoch", None)
+    if epochs is not None:
+        recipe["epochs"] = epochs
+    recipe = deep_merge(recipe, recipe_overrides)
+    bad = set(recipe) - RECIPE_KEYS
+    if bad:
+        raise ConfigError(f"recipe.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(RECIPE_KEYS))})")
+    data = expand_env(deep_merge(sc["data"], data_overrides))
+    return {"stage": "pretrain", "scale": scale, "seed": int(seed),
+            "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
+            "runtime": dict(sc.get("runtime", {}))}
+
+
+def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,
+                    method: str | None = None, detector_overrides: dict | None = None,
+                    recipe_overrides: dict | None = None, data_overrides: dict | None = None) -> dict:
+    """One fine-tuning run from the weights of ``parent`` (None: Scratch, random init).
+    ``method`` brings its own fine-tuning overrides (SoCo: weight decay 2.5e-5), which are
+    recorded in the run's identity."""
+    from benchmark.detectors import DetectorConfig
+    from benchmark.finetune import RECIPES, FinetuneRecipe
+    sc = load_scale(scale)
+    if schedule not in sc.get("finetune", {}) and schedule not in RECIPES:
+        raise ConfigError(f"schedule: unknown {schedule!r} (known: {', '.join(sorted(RECIPES))})")
+    det = deep_merge(sc.get("detector", {}), detector_overrides)
+    det = DetectorConfig.from_dict(det).to_dict()
+    base = RECIPES[schedule] if schedule in RECIPES else {}
+    base = base.to_dict() if hasattr(base, "to_dict") else dict(base)
+    rec = deep_merge(base, sc.get("finetune", {}).get(schedule, {}))
+    if method:
+        rec = deep_merge(rec, get_method(method).finetune_overrides)
+    rec = FinetuneRecipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
+    data = expand_env(deep_merge(sc["data"], data_overrides))
+    return {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
+            "parent": parent, "detector": det, "recipe": rec, "data": data,
+            "runtime": dict(sc.get("runtime", {}))}
+
+
+def evaluate_config(*, parent: str, data: dict, scale: str) -> dict:
+    return {"stage": "evaluate", "scale": scale, "parent": parent, "data": data}

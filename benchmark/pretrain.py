@@ -1,0 +1,182 @@
+"""The pretraining stage: any registered method, one loop, resumable, exporting weights.pt."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmark import trainer as T
+from benchmark.datasets import resolve_data
+from methods import build_method, get_method
+
+log = logging.getLogger(__name__)
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Items are ``(epoch, index)`` pairs from ``ResumableBatchSampler``; the views of item
+    ``index`` in ``epoch`` are drawn with ``sample_rng(seed, epoch, index)``. A corrupt image
+    is a counted, logged skip: the next image takes its place (same rng stream)."""
+
+    def __init__(self, source, method, seed: int, labels: dict | None = None, proposals=None):
+        self.source, self.method, self.seed = source, method, seed
+        self.labels, self.proposals = labels, proposals
+        self.skipped: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def record(self, index: int) -> dict:
+        rec = self.source.record(index)
+        if self.labels is not None:
+            rec["labels"] = self.labels[rec["image_id"]]
+        if self.proposals is not None:
+            rec["proposals"] = self.proposals.boxes(index)
+        return rec
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        from benchmark.data.images import CorruptImage
+        epoch, index = item
+        rng = T.sample_rng(self.seed, epoch, index)
+        for j in range(len(self.source)):
+            i = (index + j) % len(self.source)
+            try:
+                rec = self.record(i)
+            except CorruptImage as e:
+                if i not in self.skipped:
+                    self.skipped.add(i)
+                    log.warning("skipping unreadable image (%d skipped so far): %s", len(self.skipped), e)
+                continue
+            return self.method.views(rec, rng, self.source)
+        raise RuntimeError("every image of the pretraining set is unreadable")
+
+
+def _image_labels(ann_file: str, num_classes: int | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """Multi-hot image-level labels from a COCO json (the Supervised baseline at tiny)."""
+    d = json.loads(Path(ann_file).read_text())
+    cats = sorted(c["id"] for c in d["categories"])
+    idx = {c: i for i, c in enumerate(cats)}
+    out = {im["id"]: np.zeros(len(cats), np.float32) for im in d["images"]}
+    for a in d["annotations"]:
+        if not a.get("iscrowd", 0):
+            out[a["image_id"]][idx[a["category_id"]]] = 1.0
+    return out, len(cats)
+
+
+def resolve_steps(recipe: dict, n_images: int) -> tuple[int, int]:
+    """(total steps, warmup steps). Paper scale: epochs x ceil(N / B). Scales may fix
+    ``steps_per_epoch`` instead (tiny: one paper epoch = a few steps)."""
+    spe = recipe.get("steps_per_epoch") or math.ceil(n_images / recipe["batch_size"])
+    total = max(1, int(round(recipe["epochs"] * spe)))
+    warm = int(round(recipe.get("warmup_epochs", 0) * spe))
+    return total, min(warm, total)
+
+
+def build_for_pretrain(config: dict):
+    """The method with its config, plus the data it reads."""
+    mcfg = dict(config["method"])
+    name = mcfg.pop("name")
+    data = resolve_data(config["data"])
+    cls = get_method(name)
+    labels = None
+    if cls.needs_labels:
+        labels, n_cls = _image_labels(data["pretrain"]["ann_file"])
+        mcfg["num_classes"] = mcfg.get("num_classes") or n_cls
+    method = build_method(name, **mcfg)
+    return method, data, labels
+
+
+def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after: int | None = None,
+                 device: str | None = None, num_workers: int = 0, progress: bool = True) -> dict:
+    """Pretrain ``config["method"]`` on ``config["data"]``; writes ``checkpoint.pt`` (every
+    ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys)."""
+    from benchmark.data.images import ImageSource
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(config["seed"])
+    recipe = config["recipe"]
+    rt = config.get("runtime", {})
+    T.seed_everything(seed)
+    distributed = T.init_distributed_from_env()
+    rank, world_size = T.world()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    method, data, labels = build_for_pretrain(config)
+    method.to(device)
+    if method.cfg.__dict__.get("weights"):  # Supervised at paper scale: user-given ImageNet weights
+        return _export_given_weights(method, run_dir)
+    if distributed and device.type == "cuda":
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    source = ImageSource.from_coco(data["pretrain"]["image_root"], data["pretrain"]["ann_file"])
+    proposals = None
+    if getattr(method, "needs_proposals", False):
+        proposals = method.prepare_proposals(source, Path(config.get("cache_dir", ".cache/detbench")))
+    dataset = PretrainDataset(source, method, seed, labels, proposals)
+
+    total, warmup = resolve_steps(recipe, len(source))
+    B = recipe["batch_size"]
+    lr = recipe["base_lr"] * B * world_size / recipe.get("lr_batch", 256)   # linear scaling rule
+    opt = T.build_optimizer(method.param_groups(), recipe["optimizer"], lr,
+                            recipe["weight_decay"], recipe.get("momentum", 0.9))
+    sched = T.Schedule(lr, total, warmup, kind=recipe.get("schedule", "cosine"), warmup_factor=0.0)
+    model = method
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False)
+    loop = T.TrainLoop(model, opt, sched,
+                       T.LoopConfig(total_steps=total, ckpt_every=rt.get("ckpt_every", 100),
+                                    log_every=rt.get("log_every", 10), amp=rt.get("amp", True),
+                                    desc=f"pretrain {config['method']['name']}"),
+                       run_dir, after_step=lambda s, logs: method.momentum_update((s + 1) / total))
+    start = loop.try_resume() if resume else 0
+    logger = T.JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
+    sampler = T.ResumableBatchSampler(len(dataset), B, seed, start_step=start, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=method.collate,
+        num_workers=num_workers, persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context="fork" if num_workers else None)
+
+    def step_fn(batch):
+        batch = _to(batch, device)
+        return model(batch)
+
+    last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
+    metrics = {"steps": loop.step, "total_steps": total, "final": last, "skipped_images": len(dataset.skipped)}
+    if loop.step >= total and T.is_main_process():
+        export = {"state_dict": method.export(), "method": config["method"]["name"]}
+        T.save_checkpoint(run_dir / "weights.pt", export)
+        metrics["weights_sha256"] = sha256_file(run_dir / "weights.pt")
+    return metrics
+
+
+def _export_given_weights(method, run_dir: Path) -> dict:
+    from benchmark.detectors import load_weights_file
+    state = load_weights_file(method.cfg.weights)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    T.save_checkpoint(run_dir / "weights.pt", {"state_dict": state, "method": "supervised"})
+    return {"steps": 0, "weights_from": method.cfg.weights, "weights_sha256": sha256_file(run_dir / "weights.pt")}
+
+
+def _to(x: Any, device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,570 @@
+"""Object proposals for SoCo (Wei et al., NeurIPS 2021) and AlignDet.
+
+SoCo pretrains on *object-level* views: every image carries a set of selective-search
+boxes, filtered once offline, of which K are sampled per iteration (K=4 in the paper).
+This module holds the whole pipeline:
+
+* :func:`selective_search` -- OpenCV's selective search on one RGB image, xyxy boxes.
+* :func:`filter_proposals` -- SoCo's filter (aspect ratio, relative scale, minimum size).
+* :func:`sample_proposals` -- draw K boxes per image (padding when fewer exist).
+* :func:`random_proposals` -- the ``random`` proposal source of SoCo Table 5c.
+* :func:`compute_proposals` / :class:`ProposalCache` -- a parallel, resumable, one-file
+  on-disk cache of every image's filtered boxes.
+
+Box convention: ``xyxy`` in pixel-edge coordinates, ``x2 = x + w`` (exclusive), so a box
+``[0, 0, W, H]`` covers the whole image and ``w = x2 - x1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from benchmark.data.errors import CorruptImage, DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_VERSION",
+    "DEFAULT_FILTER",
+    "ProposalCache",
+    "compute_proposals",
+    "filter_proposals",
+    "load_rgb",
+    "random_proposals",
+    "sample_proposals",
+    "selective_search",
+]
+
+# Bump when the on-disk format or the way boxes are computed changes: it is part of the
+# cache key, so old caches are never silently reused.
+CACHE_VERSION = 1
+
+# SoCo's filter, Sec. 3.1 of the paper: "aspect ratio in [1/3, 3], scale in [0.3, 0.8]"
+# (official code: filter strategy 'ratio3size0308' in selective_search/
+# filter_ss_proposals_json.py). The scale is sqrt(w*h) / sqrt(W*H).
+# min_size=32: hologerry/SoCo selective_search/filters.py keeps a proposal only if
+# ``w >= 32 and h >= 32`` (pixels of the image selective search ran on) in every filter
+# strategy; the paper does not mention it.
+DEFAULT_FILTER = dict(min_ratio=1 / 3, max_ratio=3.0, min_scale=0.3, max_scale=0.8, min_size=32)
+
+# Tolerance for the inclusive comparisons, so that a box sitting exactly on an edge of a
+# constraint (10x30 vs ratio 1/3, 30x30 in 100x100 vs scale 0.3) is kept despite float
+# round-off.
+_EPS = 1e-9
+
+_MODES = ("fast", "quality", "single")
+
+
+# ---------------------------------------------------------------------------------------
+# selective search on one image
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file into an HxWx3 uint8 RGB array.
+
+    Raises :class:`~benchmark.data.errors.CorruptImage` (a ``ValueError``) naming the file
+    when it exists but cannot be decoded, and ``FileNotFoundError`` when it is missing.
+    """
+    from PIL import Image
+
+    path = str(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # PIL raises several types for bad files
+        raise CorruptImage(path, "pixels", f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = None) -> np.ndarray:
+    """Run OpenCV's selective search on an HxWx3 uint8 RGB image.
+
+    ``mode``: ``"fast"`` (SoCo's setting), ``"quality"`` or ``"single"`` (one strategy,
+    fastest). ``max_side``: when set and the image's longer side exceeds it, the image is
+    downscaled first (cv2.INTER_AREA) and the boxes are mapped back to the original
+    pixel grid. Returns int64 boxes ``(N, 4)`` xyxy, clipped to the image, deduplicated
+    and sorted lexicographically (OpenCV's own order is random).
+    """
+    import cv2
+
+    if mode not in _MODES:
+        raise ValueError(f"selective_search: mode must be one of {_MODES}, got {mode!r}")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"selective_search: expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}"
+        )
+    h, w = image.shape[:2]
+    scale = 1.0
+    work = image
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        work = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    bgr = np.ascontiguousarray(work[:, :, ::-1])  # OpenCV wants BGR
+
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(bgr)
+    if mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    elif mode == "quality":
+        ss.switchToSelectiveSearchQuality()
+    else:
+        ss.switchToSingleStrategy()
+    rects = ss.process()
+    if rects is None or len(rects) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)  # x, y, w, h
+    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+    if scale != 1.0:
+        boxes = boxes / scale
+    boxes = np.rint(boxes)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    boxes = np.unique(boxes.astype(np.int64), axis=0)
+    # OpenCV ranks its regions with a random factor, so its output order changes from call
+    # to call; np.unique returns them deduplicated in lexicographic (x1, y1, x2, y2) order,
+    # which makes the result (and every cache built from it) deterministic.
+    return boxes
+
+
+# ---------------------------------------------------------------------------------------
+# filter, sampling, random boxes
+
+
+def _keep_mask(boxes: np.ndarray, width: int, height: int, min_ratio, max_ratio, min_scale, max_scale, min_size):
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w = b[:, 2] - b[:, 0]
+    h = b[:, 3] - b[:, 1]
+    ok = (w >= min_size - _EPS) & (h >= min_size - _EPS) & (w > 0) & (h > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = w / h
+        scale = np.sqrt(w * h) / math.sqrt(float(width) * float(height))
+    ok &= (ratio >= min_ratio - _EPS) & (ratio <= max_ratio + _EPS)
+    ok &= (scale >= min_scale - _EPS) & (scale <= max_scale + _EPS)
+    return ok
+
+
+def filter_proposals(
+    boxes: np.ndarray,
+    width: int,
+    height: int,
+    *,
+    min_ratio: float = DEFAULT_FILTER["min_ratio"],
+    max_ratio: float = DEFAULT_FILTER["max_ratio"],
+    min_scale: float = DEFAULT_FILTER["min_scale"],
+    max_scale: float = DEFAULT_FILTER["max_scale"],
+    min_size: float = DEFAULT_FILTER["min_size"],
+) -> np.ndarray:
+    """SoCo's proposal filter; every bound is inclusive.
+
+    Keeps xyxy boxes with ``min_ratio <= w/h <= max_ratio``,
+    ``min_scale <= sqrt(w*h)/sqrt(W*H) <= max_scale`` and ``w, h >= min_size``; order
+    and dtype are preserved. Defaults: :data:`DEFAULT_FILTER` (sources cited there).
+    """
+    boxes = np.asarray(boxes)
+    if boxes.size == 0:
+        return boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"filter_proposals: expected boxes of shape (N, 4), got {boxes.shape}")
+    return boxes[_keep_mask(boxes, width, height, min_ratio, max_ratio, min_scale, max_scale, min_size)]
+
+
+def sample_proposals(
+    boxes: np.ndarray,
+    k: int = 4,
+    rng: np.random.Generator | None = None,
+    *,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``k`` proposals for one image (SoCo samples K=4, Sec. 4.1).
+
+    Returns ``(boxes (k, 4) float32, valid (k,) bool)``:
+
+    * ``n >= k`` boxes: ``k`` distinct boxes drawn without replacement; all valid.
+    * ``0 < n < k``: all ``n`` boxes in random order, then padded by boxes drawn again
+      *with* replacement. Padded rows are real boxes but marked ``valid=False``.
+    * ``n == 0``: the whole-image box ``[0, 0, W, H]`` repeated ``k`` times, all marked
+      ``valid=False`` (``image_size=(W, H)`` is then required).
+
+    SoCo's official code keeps repeated boxes in the loss, so a method reproducing the
+    paper uses every row and may ignore ``valid``; the mask lets a method (or an
+    ablation) weight out padding instead. Deterministic for a seeded ``rng``.
+    """
+    if k < 1:
+        raise ValueError(f"sample_proposals: k must be >= 1, got {k}")
+    rng = np.random.default_rng() if rng is None else rng
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    n = len(boxes)
+    if n == 0:
+        if image_size is None:
+            raise ValueError("sample_proposals: no proposals and no image_size=(W, H) for the whole-image fallback")
+        w, h = image_size
+        return np.tile(np.array([0, 0, w, h], dtype=np.float32), (k, 1)), np.zeros(k, dtype=bool)
+    if n >= k:
+        idx = rng.choice(n, size=k, replace=False)
+        return boxes[idx].astype(np.float32), np.ones(k, dtype=bool)
+    idx = np.concatenate([rng.permutation(n), rng.choice(n, size=k - n, replace=True)])
+    valid = np.arange(k) < n
+    return boxes[idx].astype(np.float32), valid
+
+
+def random_proposals(
+    width: int,
+    height: int,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    max_tries: int = 100,
+    **filter_kwargs,
+) -> np.ndarray:
+    """Random integer xyxy boxes that pass :func:`filter_proposals` (SoCo Table 5c, "random").
+
+    Scale is drawn uniformly in ``[min_scale, max_scale]`` and aspect ratio log-uniformly in
+    ``[min_ratio, max_ratio]``; the position uniformly among those that fit the image.
+    Returns ``(m, 4)`` int64 with ``m == n`` unless the constraints cannot be met in this
+    image (e.g. ``min_size`` larger than the image), where ``m < n`` (possibly 0);
+    :func:`sample_proposals` then pads or falls back to the whole image.
+    """
+    p = {**DEFAULT_FILTER, **filter_kwargs}
+    unknown = set(p) - set(DEFAULT_FILTER)
+    if unknown:
+        raise TypeError(f"random_proposals: unknown filter parameters {sorted(unknown)}")
+    out: list[np.ndarray] = []
+    have = 0
+    root = math.sqrt(float(width) * float(height))
+    for _ in range(max_tries):
+        if have >= n:
+            break
+        m = max(16, 2 * (n - have))
+        s = rng.uniform(p["min_scale"], p["max_scale"], m) * root
+        r = np.exp(rng.uniform(math.log(p["min_ratio"]), math.log(p["max_ratio"]), m))
+        bw = np.rint(s * np.sqrt(r))
+        bh = np.rint(s / np.sqrt(r))
+        fits = (bw <= width) & (bh <= height) & (bw >= 1) & (bh >= 1)
+        bw, bh = bw[fits], bh[fits]
+        x1 = np.floor(rng.uniform(0, 1, len(bw)) * (width - bw + 1))
+        y1 = np.floor(rng.uniform(0, 1, len(bh)) * (height - bh + 1))
+        cand = np.stack([x1, y1, x1 + bw, y1 + bh], axis=1).astype(np.int64)
+        cand = filter_proposals(cand, width, height, **p)
+        out.append(cand[: n - have])
+        have += len(out[-1])
+    if not out:
+        return np.zeros((0, 4), dtype=np.int64)
+    return np.concatenate(out, axis=0)
+
+
+# ---------------------------------------------------------------------------------------
+# the on-disk cache
+
+_BOX_DTYPE = np.uint16  # coordinates up to 65535 px; 8 bytes per box
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dataset_hash(paths: Sequence[str]) -> str:
+    """sha256 over the ordered (path, file size in bytes) pairs; a missing file is an error."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            size = os.stat(p).st_size
+        except FileNotFoundError:
+            raise DataError(p, "path", "image file does not exist") from None
+        h.update(f"{p}\0{size}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
+
+
+def _compute_chunk(job: tuple) -> dict:
+    """Worker: proposals for one chunk of images. Top-level so that ``spawn`` can pickle it."""
+    chunk_idx, paths, mode, max_side, fkw = job
+    counts = np.zeros(len(paths), dtype=np.int64)
+    sizes = np.zeros((len(paths), 2), dtype=np.int32)
+    skipped: list[int] = []
+    errors: list[str] = []
+    all_boxes = []
+    for j, p in enumerate(paths):
+        try:
+            img = load_rgb(p)
+        except CorruptImage as exc:
+            skipped.append(j)
+            errors.append(str(exc))
+            continue
+        h, w = img.shape[:2]
+        sizes[j] = (w, h)
+        boxes = filter_proposals(selective_search(img, mode=mode, max_side=max_side), w, h, **fkw)
+        counts[j] = len(boxes)
+        all_boxes.append(boxes)
+    boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), dtype=np.int64)
+    if boxes.size and boxes.max() > np.iinfo(_BOX_DTYPE).max:
+        raise ValueError(f"proposal coordinates exceed {np.iinfo(_BOX_DTYPE).max} px in chunk {chunk_idx}")
+    return dict(
+        chunk=chunk_idx,
+        boxes=boxes.astype(_BOX_DTYPE),
+        counts=counts,
+        sizes=sizes,
+        skipped=np.asarray(skipped, dtype=np.int64),
+        errors=errors,
+    )
+
+
+@dataclass
+class ProposalCache:
+    """Every image's filtered proposals, in one ``.npz`` file.
+
+    Layout: ``boxes`` uint16 ``(N_total, 4)`` xyxy; ``offsets`` int64 ``(n_images + 1,)``
+    (image ``i`` owns ``boxes[offsets[i]:offsets[i+1]]``); ``sizes`` int32 ``(n_images, 2)``
+    as ``(W, H)`` (0, 0 for a skipped image); ``skipped`` int64 indices of images that
+    could not be decoded; ``meta`` a JSON string with ``params``, ``dataset_hash``,
+    ``n_images``, ``n_skipped``, ``created``, ``version``.
+    """
+
+    path: Path
+    params: dict
+    meta: dict
+    _boxes: np.ndarray = field(repr=False)
+    offsets: np.ndarray = field(repr=False)
+    sizes: np.ndarray = field(repr=False)
+    skipped: np.ndarray = field(repr=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ProposalCache":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = {k: z[k] for k in ("boxes", "offsets", "sizes", "skipped")}
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise DataError(path, "npz", f"not a readable proposal cache ({type(exc).__name__}: {exc})") from None
+        if meta.get("version") != CACHE_VERSION:
+            raise DataError(path, "meta.version", f"expected cache version {CACHE_VERSION}, got {meta.get('version')}")
+        off = arrays["offsets"]
+        if len(off) != meta["n_images"] + 1 or off[-1] != len(arrays["boxes"]):
+            raise DataError(path, "offsets", "inconsistent with n_images / boxes; delete the file to recompute")
+        return cls(
+            path=path,
+            params=meta["params"],
+            meta=meta,
+            _boxes=arrays["boxes"],
+            offsets=off,
+            sizes=arrays["sizes"],
+            skipped=arrays["skipped"],
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def boxes(self, i: int) -> np.ndarray:
+        """Filtered proposals of image ``i``: ``(n, 4)`` int64 xyxy (possibly empty)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image index {i} out of range for {len(self)} images")
+        i %= len(self)
+        return self._boxes[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(W, H)`` of image ``i`` as decoded when the cache was built."""
+        w, h = self.sizes[i]
+        return int(w), int(h)
+
+    def sample(
+        self, i: int, k: int, rng: np.random.Generator, *, image_size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`sample_proposals` on image ``i``; the whole-image fallback uses the stored
+        size, or ``image_size`` (required for a skipped image, whose size is unknown here)."""
+        w, h = self.image_size(i)
+        if image_size is None and w > 0 and h > 0:
+            image_size = (w, h)
+        return sample_proposals(self.boxes(i), k, rng, image_size=image_size)
+
+    @property
+    def n_skipped(self) -> int:
+        return int(self.meta["n_skipped"])
+
+    @property
+    def dataset_hash(self) -> str:
+        return self.meta["dataset_hash"]
+
+
+def cache_key(paths: Sequence[str], params: dict) -> tuple[str, str]:
+    """``(dataset_hash, key)``: the key names the cache file; it covers the dataset and params."""
+    dataset_hash = _dataset_hash(paths)
+    blob = json.dumps({"dataset": dataset_hash, "params": params}, sort_keys=True)
+    return dataset_hash, hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_part(path: Path) -> dict | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            part = {k: z[k] for k in ("boxes", "counts", "sizes", "skipped")}
+            part["errors"] = json.loads(str(z["errors"]))
+        return part
+    except Exception:  # a damaged part is recomputed, never trusted
+        log.warning("proposal part %s is unreadable; recomputing it", path)
+        return None
+
+
+def compute_proposals(
+    paths: Sequence[str | os.PathLike],
+    cache_dir: str | os.PathLike,
+    *,
+    mode: str = "fast",
+    max_side: int | None = None,
+    num_workers: int = 2,
+    filter_kwargs: dict | None = None,
+    chunk_size: int = 64,
+    mp_context: str = "spawn",
+    progress: bool = True,
+) -> ProposalCache:
+    """Selective search + SoCo filter over ``paths``, cached in one file under ``cache_dir``.
+
+    The cache file is ``cache_dir/proposals-<key>.npz`` where ``key`` hashes the ordered
+    paths with their file sizes and every parameter (mode, max_side, filter, version): if
+    it exists it is loaded, never recomputed. Otherwise images are processed in chunks of
+    ``chunk_size`` over ``num_workers`` processes (``num_workers <= 1``: in this process);
+    each finished chunk is written atomically to ``cache_dir/proposals-<key>.parts/
+    part-XXXXX.npz``, so a killed run resumes with only the missing chunks. At the end the
+    parts are merged into the single cache file (atomically) and removed.
+
+    Images that cannot be decoded are a counted, logged skip: they get zero proposals
+    (sampling then falls back to the whole image) and their count and indices are stored
+    in the cache (``meta['n_skipped']``, ``skipped``). A missing file is an error
+    (:class:`~benchmark.data.errors.DataError` naming it), raised before any work.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"compute_proposals: mode must be one of {_MODES}, got {mode!r}")
+    if chunk_size < 1:
+        raise ValueError(f"compute_proposals: chunk_size must be >= 1, got {chunk_size}")
+    fkw = {**DEFAULT_FILTER, **(filter_kwargs or {})}
+    unknown = set(fkw) - set(DEFAULT_FILTER)
+    if unknown:
+        raise TypeError(f"compute_proposals: unknown filter parameters {sorted(unknown)}")
+    paths = [os.fspath(p) for p in paths]
+    params = {"mode": mode, "max_side": max_side, "filter": fkw, "version": CACHE_VERSION}
+    dataset_hash, key = cache_key(paths, params)
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / f"proposals-{key}.npz"
+    if final.exists():
+        return ProposalCache.load(final)
+    work = cache_dir / f"proposals-{key}.parts"
+    work.mkdir(exist_ok=True)
+
+    chunks = [paths[s : s + chunk_size] for s in range(0, len(paths), chunk_size)]
+    part_path = lambda c: work / f"part-{c:05d}.npz"  # noqa: E731
+    parts: dict[int, dict] = {}
+    for c in range(len(chunks)):
+        if part_path(c).exists():
+            part = _load_part(part_path(c))
+            if part is not None and len(part["counts"]) == len(chunks[c]):
+                parts[c] = part
+    todo = [c for c in range(len(chunks)) if c not in parts]
+    if parts:
+        log.info("proposals %s: resuming, %d of %d chunks already done", key, len(parts), len(chunks))
+
+    jobs = [(c, chunks[c], mode, max_side, fkw) for c in todo]
+    done_images = sum(len(chunks[c]) for c in parts)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), initial=done_images, unit="img", desc="selective search", leave=False)
+
+    def _store(res: dict) -> None:
+        c = res["chunk"]
+        for msg in res["errors"]:
+            log.warning("proposals: skipping undecodable image (zero proposals): %s", msg)
+        _atomic_savez(
+            part_path(c),
+            boxes=res["boxes"],
+            counts=res["counts"],
+            sizes=res["sizes"],
+            skipped=res["skipped"],
+            errors=np.array(json.dumps(res["errors"])),
+        )
+        parts[c] = res
+        if bar is not None:
+            bar.update(len(chunks[c]))
+
+    try:
+        if num_workers <= 1 or len(jobs) <= 1:
+            import cv2
+
+            threads = cv2.getNumThreads()  # inline: leave the caller's OpenCV setting as found
+            try:
+                for job in jobs:
+                    _store(_compute_chunk(job))
+            finally:
+                cv2.setNumThreads(threads)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context(mp_context)
+            with ctx.Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
+                for res in pool.imap_unordered(_compute_chunk, jobs):
+                    _store(res)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # merge, in image order
+    ordered = [parts[c] for c in range(len(chunks))]
+    counts = np.concatenate([p["counts"] for p in ordered]) if ordered else np.zeros(0, np.int64)
+    offsets = np.zeros(len(paths) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    boxes = (
+        np.concatenate([p["boxes"] for p in ordered]).astype(_BOX_DTYPE)
+        if ordered
+        else np.zeros((0, 4), dtype=_BOX_DTYPE)
+    )
+    sizes = np.concatenate([p["sizes"] for p in ordered]).astype(np.int32) if ordered else np.zeros((0, 2), np.int32)
+    starts = [c * chunk_size for c in range(len(chunks))]
+    skipped = (
+        np.concatenate([np.asarray(p["skipped"], dtype=np.int64) + s for p, s in zip(ordered, starts)])
+        if ordered
+        else np.zeros(0, np.int64)
+    )
+    meta = {
+        "version": CACHE_VERSION,
+        "params": params,
+        "dataset_hash": dataset_hash,
+        "key": key,
+        "n_images": len(paths),
+        "n_boxes": int(len(boxes)),
+        "n_skipped": int(len(skipped)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if len(skipped):
+        log.warning("proposals %s: %d of %d images could not be decoded and have zero proposals",
+                    key, len(skipped), len(paths))
+    _atomic_savez(final, boxes=boxes, offsets=offsets, sizes=sizes, skipped=skipped, meta=np.array(json.dumps(meta)))
+    for c in range(len(chunks)):
+        part_path(c).unlink(missing_ok=True)
+    for leftover in work.glob("*"):  # stray tmp files of a killed writer
+        leftover.unlink(missing_ok=True)
+    work.rmdir()
+    return ProposalCache.load(final)

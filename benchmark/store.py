@@ -1,0 +1,135 @@
+"""The run store. A run's key is a hash of its fully resolved config plus its parent's key;
+same key -> reuse, never recompute. A run directory holds config.json, env.json, log.jsonl,
+metrics.json (written last, atomically: its presence means done), checkpoints and weights.
+Nothing is overwritten: a finished run is never written again."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from benchmark.trainer import atomic_write_json
+
+# Keys that never change a result and so stay out of a run's identity.
+NON_IDENTITY = ("runtime", "label", "cache_dir")
+
+
+def canonical(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NON_IDENTITY}
+
+
+def run_key(config: dict) -> str:
+    """sha256 of the canonical JSON of the config (which names its parent's key)."""
+    blob = json.dumps(canonical(config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("DETBENCH_RUNS", Path.cwd() / "results" / "runs"))
+
+
+class RunStore:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def run_dir(self, key: str) -> Path:
+        return self.root / key
+
+    def status(self, key: str) -> str:
+        """done | diverged | failed | running | missing."""
+        d = self.run_dir(key)
+        if (d / "metrics.json").exists():
+            return "done"
+        if (d / "DIVERGED").exists():
+            return "diverged"
+        if (d / "FAILED").exists():
+            return "failed"
+        if (d / "config.json").exists():
+            return "running"
+        return "missing"
+
+    def metrics(self, key: str) -> dict | None:
+        p = self.run_dir(key) / "metrics.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def config(self, key: str) -> dict | None:
+        p = self.run_dir(key) / "config.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def begin(self, key: str, config: dict) -> Path:
+        d = self.run_dir(key)
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / "config.json"
+        if p.exists():
+            old = json.loads(p.read_text())
+            if run_key(old) != key:
+                raise RuntimeError(f"{p}: stored config does not hash to its key {key}")
+        else:
+            atomic_write_json(p, {**config, "key": key})
+        for marker in ("FAILED", "DIVERGED"):
+            (d / marker).unlink(missing_ok=True)
+        atomic_write_json(d / "env.json", environment())
+        return d
+
+    def finish(self, key: str, metrics: dict) -> None:
+        d = self.run_dir(key)
+        if (d / "metrics.json").exists():
+            raise RuntimeError(f"{d}/metrics.json exists: a finished run is never overwritten")
+        atomic_write_json(d / "metrics.json", {**metrics, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def fail(self, key: str, error: str, diverged: bool = False) -> None:
+        d = self.run_dir(key)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ("DIVERGED" if diverged else "FAILED")).write_text(error + "\n")
+
+    def list(self) -> list[dict]:
+        out = []
+        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
+            c = d / "config.json"
+            if not c.exists():
+                continue
+            cfg = json.loads(c.read_text())
+            out.append({"key": d.name, "stage": cfg.get("stage"), "label": cfg.get("label", ""),
+                        "status": self.status(d.name), "mtime": c.stat().st_mtime})
+        return out
+
+
+def git_info(cwd: Path | None = None) -> dict:
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", None
+    snap = os.environ.get("DETBENCH_SNAPSHOT_SHA")
+    return {"sha": snap or sha or "unknown", "dirty": dirty, "snapshot": bool(snap)}
+
+
+def environment() -> dict:
+    import torch
+    pkgs = {}
+    for p in ("torch", "torchvision", "numpy", "faster-coco-eval", "pycocotools", "submitit",
+              "opencv-contrib-python-headless", "detbench"):
+        try:
+            pkgs[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "git": git_info(), "python": sys.version.split()[0], "packages": pkgs,
+        "hardware": {"host": socket.gethostname(), "platform": platform.platform(),
+                     "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+        "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                                             "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION") if k in os.environ},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -1,0 +1,130 @@
+"""Table specs: rows = method x pretraining length (or an ablation setting), columns =
+metric x schedule, reference values read from the paper's published table (a copy kept in
+``reference/`` with its source). A table is a view over runs: rendering reads the run store,
+never trains."""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from methods.base import ConfigError
+
+HERE = Path(__file__).parent
+SPECS = HERE / "specs"
+REFERENCE = HERE / "reference"
+
+
+@dataclass
+class Column:
+    label: str
+    schedule: str
+    metric: str                       # path into evaluate metrics, e.g. "bbox.AP"
+    ref_column: str | None = None
+    ref_match: dict = field(default_factory=dict)
+    detector: str = "mask_rcnn"
+
+
+@dataclass
+class Row:
+    label: str
+    method: str                       # registered method, or "scratch"
+    pretrain_epochs: float | None = None
+    method_overrides: dict = field(default_factory=dict)
+    recipe_overrides: dict = field(default_factory=dict)
+    finetune_overrides: dict = field(default_factory=dict)
+    detector_overrides: dict = field(default_factory=dict)
+    ref_match: dict = field(default_factory=dict)
+    group: str = ""
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    source: str
+    reference: str | None
+    columns: list[Column]
+    rows: list[Row]
+    kind: str = "table"               # "table" | "grid" (an ablation grid)
+    path: Path | None = None
+
+    def reference_rows(self) -> list[dict]:
+        if not self.reference:
+            return []
+        p = REFERENCE / self.reference
+        if not p.exists():
+            raise ConfigError(f"{self.path}: reference: file {p} does not exist")
+        with open(p, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def reference_value(self, row: Row, col: Column) -> float | None:
+        """The paper's number for a cell: the reference row matching row.ref_match and
+        col.ref_match, its ``col.ref_column``. NaN (diverged in the paper) stays NaN."""
+        if not col.ref_column or not row.ref_match:
+            return None
+        want = {**row.ref_match, **col.ref_match}
+        hits = [r for r in self.reference_rows()
+                if all(str(r.get(k, "")).strip() == str(v) for k, v in want.items())]
+        if not hits:
+            return None
+        v = hits[0].get(col.ref_column, "")
+        if v in ("", None):
+            return None
+        return float(v)
+
+
+def _build(cls, d: dict, where: str):
+    known = set(cls.__dataclass_fields__)
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ConfigError(f"{where}.{bad[0]}: unknown key (known: {', '.join(sorted(known))})")
+    return cls(**d)
+
+
+def available_tables() -> list[str]:
+    return sorted(p.stem for p in SPECS.glob("*.yaml"))
+
+
+def load_spec(name_or_path: str) -> TableSpec:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = SPECS / f"{name_or_path}.yaml"
+    if not p.exists():
+        raise ConfigError(f"table: unknown {name_or_path!r} (available: {', '.join(available_tables())})")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
+    for k in ("name", "columns", "rows"):
+        if k not in d:
+            raise ConfigError(f"{p}: field '{k}' is missing")
+    cols = [_build(Column, c, f"{p}: columns[{i}]") for i, c in enumerate(d.pop("columns"))]
+    rows = []
+    for i, r in enumerate(d.pop("rows")):
+        if "label" not in r or "method" not in r:
+            raise ConfigError(f"{p}: rows[{i}]: 'label' and 'method' are required")
+        rows.append(_build(Row, r, f"{p}: rows[{i}]"))
+    spec = _build(TableSpec, {"title": d.get("name"), "source": "", "reference": None, **d,
+                              "columns": cols, "rows": rows}, str(p))
+    spec.path = p
+    return spec
+
+
+def get_metric(metrics: dict, path: str) -> float | None:
+    node = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return m, s

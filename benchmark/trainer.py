@@ -1,0 +1,408 @@
+"""Shared training machinery: resumable sampling, schedules, LARS, EMA, atomic checkpoints,
+JSONL logs and one generic loop used by pretraining and fine-tuning.
+
+Determinism contract (CPU, fixed seed): the batch at step ``s`` is a pure function of
+(seed, s); every RNG the step touches is saved in the checkpoint. A run stopped after
+step k and resumed ends with exactly the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT_REQUESTED = False
+
+
+def request_checkpoint(*_args) -> None:
+    """Ask the running loop to write a checkpoint at the end of its current step
+    (called from submitit's ``checkpoint()`` on preemption, or a SIGUSR1 handler)."""
+    global _CHECKPOINT_REQUESTED
+    _CHECKPOINT_REQUESTED = True
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops and its table cells read 'diverged'."""
+
+
+# --------------------------------------------------------------------------- sampling
+class ResumableBatchSampler:
+    """Infinite batch sampler over ``n`` items yielding lists of ``(epoch, index)``.
+
+    Epoch ``e`` is a permutation drawn from ``Generator(seed, e)``; the stream is the
+    concatenation of the epochs, and batch ``s`` is items ``[s*B, (s+1)*B)`` of it, so
+    starting at any step reproduces the same batches. Datasets derive their augmentation
+    RNG from ``(seed, epoch, index)``: results do not depend on the DataLoader workers.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if n <= 0:
+            raise ValueError("ResumableBatchSampler: the dataset is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.shuffle = start_step, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        global_b = self.batch_size * self.world_size
+        pos = self.start_step * global_b
+        epoch, off = divmod(pos, self.n)
+        perm = self._perm(epoch)
+        while True:
+            items = []
+            while len(items) < global_b:
+                take = min(global_b - len(items), self.n - off)
+                items += [(epoch, int(i)) for i in perm[off:off + take]]
+                off += take
+                if off == self.n:
+                    epoch, off = epoch + 1, 0
+                    perm = self._perm(epoch)
+            yield items[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def __len__(self) -> int:  # DataLoader needs it for nothing; infinite stream
+        return 2 ** 62
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+# --------------------------------------------------------------------------- schedules
+@dataclass
+class Schedule:
+    """Learning-rate schedule: linear warmup, then cosine or step decay."""
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "cosine"                 # "cosine" | "multistep" | "constant"
+    milestones: tuple[int, ...] = ()     # multistep: steps where lr *= gamma
+    gamma: float = 0.1
+    warmup_factor: float = 0.001         # detectron2's default start of warmup
+    final_lr: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ("cosine", "multistep", "constant"):
+            raise ValueError(f"schedule.kind: unknown {self.kind!r} (cosine|multistep|constant)")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            a = step / max(1, self.warmup_steps)
+            f = self.warmup_factor * (1 - a) + a
+        else:
+            f = 1.0
+        if self.kind == "cosine":
+            t = min(1.0, max(0, step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            lr = self.final_lr + (self.base_lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
+            return lr * (f if step < self.warmup_steps else 1.0)
+        if self.kind == "multistep":
+            return self.base_lr * f * self.gamma ** sum(step >= m for m in self.milestones)
+        return self.base_lr * f
+
+
+def cosine_momentum(base: float, progress: float, final: float = 1.0) -> float:
+    """BYOL's target momentum: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1)/2 (BYOL Sec. 3.2)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+# --------------------------------------------------------------------------- optimizers
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by BYOL/SoCo: SGD with momentum whose update for each
+    weight matrix is scaled by eta * ||w|| / ||g + wd * w||. Biases and norm parameters
+    (1-d tensors) are excluded from adaptation and weight decay (BYOL Appendix C)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, exclude_1d: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, exclude_1d=exclude_1d))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                adapt = not (g["exclude_1d"] and p.ndim <= 1)
+                if adapt:
+                    if g["weight_decay"]:
+                        d = d.add(p, alpha=g["weight_decay"])
+                    pn, dn = torch.norm(p), torch.norm(d)
+                    trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: unknown {name!r} (sgd|lars|adamw)")
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (hook for the loop)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, s):
+        self.decay, self.shadow = s["decay"], s["shadow"]
+
+
+# --------------------------------------------------------------------------- io
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; on resume, lines past the resumed step are dropped
+    so the log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = [l for l in self.path.read_text().splitlines()
+                    if l.strip() and json.loads(l).get("step", -1) < resume_step]
+            atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """torch.distributed from env:// when launched with several processes (torchrun or
+    Slurm via submitit). NCCL on GPU, gloo on CPU. Returns True when distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_available() and dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, init_method="env://")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+# --------------------------------------------------------------------------- loop
+@dataclass
+class LoopConfig:
+    total_steps: int
+    ckpt_every: int = 100
+    log_every: int = 10
+    amp: bool = True                 # used only on CUDA
+    grad_clip: float | None = None
+    desc: str = "train"
+
+
+class TrainLoop:
+    """One generic loop: ``step_fn(batch) -> dict`` (with a ``loss`` tensor) is called for
+    steps ``[start, total)``; checkpoints (model, optimizer, scaler, RNG, step, extra state)
+    go to ``run_dir/checkpoint.pt`` every ``ckpt_every`` steps and at the end.
+
+    ``after_step(step, logs)`` runs after the optimizer step (momentum updates, EMA).
+    ``extra_state`` objects with ``state_dict``/``load_state_dict`` are checkpointed too.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: Callable[[int], float], cfg: LoopConfig, run_dir: Path,
+                 extra_state: dict[str, Any] | None = None,
+                 after_step: Callable[[int, dict], None] | None = None,
+                 lr_scale: dict[int, float] | None = None):
+        self.model, self.opt, self.schedule, self.cfg = model, optimizer, schedule, cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.extra_state = extra_state or {}
+        self.after_step = after_step
+        self.device = next(model.parameters()).device
+        use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.autocast = lambda: torch.autocast(self.device.type, enabled=use_amp)
+        self.step = 0
+        # per-group multipliers of the scheduled lr (e.g. LARS lr scaling per group)
+        self.group_lr_mult = [g.get("lr_mult", 1.0) for g in self.opt.param_groups]
+
+    # -- checkpoint
+    def state_dict(self) -> dict:
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        return {"step": self.step, "model": model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "extra": {k: v.state_dict() for k, v in self.extra_state.items()}}
+
+    def save(self) -> None:
+        if is_main_process():
+            save_checkpoint(self.ckpt_path, self.state_dict())
+
+    def try_resume(self) -> int:
+        if not self.ckpt_path.exists():
+            return 0
+        s = load_checkpoint(self.ckpt_path)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        set_rng_state(s["rng"])
+        for k, v in self.extra_state.items():
+            v.load_state_dict(s["extra"][k])
+        self.step = s["step"]
+        log.info("resumed %s at step %d", self.ckpt_path, self.step)
+        return self.step
+
+    # -- loop
+    def run(self, batches: Iterable, step_fn: Callable[[Any], dict], logger: JsonlLogger | None,
+            stop_after: int | None = None, progress: bool = True) -> dict:
+        """Train until ``total_steps`` (or ``stop_after`` steps, for tests and preemption).
+        ``batches`` must yield the batch of step ``self.step`` first."""
+        global _CHECKPOINT_REQUESTED
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc=cfg.desc, dynamic_ncols=True,
+                   disable=not (progress and is_main_process()), mininterval=1.0)
+        last: dict = {}
+        t0 = time.time()
+        it = iter(batches)
+        done_here = 0
+        old_handler = None
+        try:
+            old_handler = signal.signal(signal.SIGUSR1, request_checkpoint)
+        except ValueError:  # not in the main thread
+            pass
+        try:
+            while self.step < cfg.total_steps:
+                lr = self.schedule(self.step)
+                for g, m in zip(self.opt.param_groups, self.group_lr_mult):
+                    g["lr"] = lr * m
+                batch = next(it)
+                self.model.train()
+                with self.autocast():
+                    out = step_fn(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    raise Diverged(f"loss is {loss.item()} at step {self.step}")
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    self.scaler.unscale_(self.opt)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
+                if self.after_step is not None:
+                    self.after_step(self.step, logs)
+                self.step += 1
+                done_here += 1
+                bar.update(1)
+                last = logs
+                if logger is not None and (self.step % cfg.log_every == 0 or self.step == cfg.total_steps):
+                    rec = {"step": self.step, "lr": lr, "time": round(time.time() - t0, 3), **logs}
+                    if is_main_process():
+                        logger.log(rec)
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if (self.step % cfg.ckpt_every == 0 or _CHECKPOINT_REQUESTED
+                        or self.step == cfg.total_steps):
+                    self.save()
+                    _CHECKPOINT_REQUESTED = False
+                if stop_after is not None and done_here >= stop_after:
+                    self.save()
+                    break
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGUSR1, old_handler)
+        return last

@@ -1,0 +1,39 @@
+"""Backbones in torchvision's ResNet key space (the canonical export space)."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+_FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+def build_resnet(name: str = "resnet50", zero_init_residual: bool = False) -> nn.Module:
+    """A torchvision ResNet (random init, no download) with ``fc`` replaced by Identity, so
+    ``forward`` returns the pooled feature. ``state_dict`` keys are torchvision's names."""
+    if name not in _FEATURE_DIM:
+        raise ValueError(f"method.backbone: unknown {name!r} (known: {', '.join(_FEATURE_DIM)})")
+    m = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
+    m.fc = nn.Identity()
+    m.feature_dim = _FEATURE_DIM[name]
+    return m
+
+
+def resnet_stages(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """C2..C5 feature maps of a torchvision ResNet."""
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    c2 = m.layer1(x)
+    c3 = m.layer2(c2)
+    c4 = m.layer3(c3)
+    c5 = m.layer4(c4)
+    return [c2, c3, c4, c5]
+
+
+def stage_channels(name: str) -> list[int]:
+    base = [64, 128, 256, 512]
+    return [c * 4 for c in base] if _FEATURE_DIM[name] == 2048 else base
+
+
+def backbone_state(m: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's state in canonical (bare torchvision) names, without ``fc``."""
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items() if not k.startswith("fc.")}

@@ -1,0 +1,157 @@
+"""The one geometry layer: every crop, resize and flip applied to a view's pixels is applied
+by the same object to its boxes and coordinates, so boxes (SoCo), pixel correspondences
+(PixPro) and pseudo boxes (AlignDet) always follow their pixels.
+
+Coordinates are continuous pixel coordinates: pixel (i, j) covers [j, j+1) x [i, i+1), so
+its centre is (j + 0.5, i + 0.5). A view maps the source rectangle ``crop`` (x0, y0, x1, y1)
+onto ``out_size`` (W, H) pixels, then optionally mirrors it horizontally.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    crop: Box                       # source rectangle x0, y0, x1, y1
+    out_size: tuple[int, int]       # view width, height
+    flip: bool = False
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.crop
+        return self.out_size[0] / (x1 - x0), self.out_size[1] / (y1 - y0)
+
+    # -- points -----------------------------------------------------------------
+    def map_points(self, pts: np.ndarray) -> np.ndarray:
+        """Source (x, y) -> view (x, y)."""
+        pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        sx, sy = self.scale
+        out = np.empty_like(pts)
+        out[:, 0] = (pts[:, 0] - self.crop[0]) * sx
+        out[:, 1] = (pts[:, 1] - self.crop[1]) * sy
+        if self.flip:
+            out[:, 0] = self.out_size[0] - out[:, 0]
+        return out
+
+    def unmap_points(self, pts: np.ndarray) -> np.ndarray:
+        """View (x, y) -> source (x, y)."""
+        pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2).copy()
+        if self.flip:
+            pts[:, 0] = self.out_size[0] - pts[:, 0]
+        sx, sy = self.scale
+        pts[:, 0] = pts[:, 0] / sx + self.crop[0]
+        pts[:, 1] = pts[:, 1] / sy + self.crop[1]
+        return pts
+
+    def grid_points(self, grid_w: int, grid_h: int) -> np.ndarray:
+        """Source coordinates of the centres of a (grid_h, grid_w) feature map laid over the
+        view (PixPro's pixel positions). Returns (grid_h, grid_w, 2)."""
+        xs = (np.arange(grid_w) + 0.5) * self.out_size[0] / grid_w
+        ys = (np.arange(grid_h) + 0.5) * self.out_size[1] / grid_h
+        g = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+        return self.unmap_points(g).reshape(grid_h, grid_w, 2)
+
+    # -- boxes ------------------------------------------------------------------
+    def map_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Source xyxy boxes -> view xyxy boxes (unclipped)."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        a = self.map_points(boxes[:, :2])
+        b = self.map_points(boxes[:, 2:])
+        return np.concatenate([np.minimum(a, b), np.maximum(a, b)], 1)
+
+    def boxes_in_view(self, boxes: np.ndarray, min_visible: float = 0.5,
+                      min_size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Map, clip to the view and keep boxes whose visible part is at least
+        ``min_visible`` of their area and ``min_size`` px wide and high. Returns (clipped
+        boxes of the kept, keep mask over the input)."""
+        m = self.map_boxes(boxes)
+        W, H = self.out_size
+        c = m.copy()
+        c[:, [0, 2]] = c[:, [0, 2]].clip(0, W)
+        c[:, [1, 3]] = c[:, [1, 3]].clip(0, H)
+        area = (m[:, 2] - m[:, 0]) * (m[:, 3] - m[:, 1])
+        w, h = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
+        keep = (w >= min_size) & (h >= min_size) & (w * h >= min_visible * np.maximum(area, 1e-12))
+        return c[keep], keep
+
+    # -- pixels -----------------------------------------------------------------
+    def apply_image(self, img: np.ndarray | Image.Image,
+                    resample: int = Image.BILINEAR) -> Image.Image:
+        pil = img if isinstance(img, Image.Image) else Image.fromarray(img)
+        out = pil.resize(self.out_size, resample=resample, box=tuple(float(v) for v in self.crop))
+        if self.flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return out
+
+    def resized(self, out_size: tuple[int, int]) -> "ViewGeometry":
+        """The same view at another resolution (SoCo's V3 derived from V2)."""
+        return replace(self, out_size=tuple(out_size))
+
+
+def random_resized_crop(width: int, height: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """A crop box with area fraction in ``scale`` and aspect ratio in ``ratio`` (log-uniform),
+    as torchvision's RandomResizedCrop draws it; falls back to a centre crop."""
+    area = width * height
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        a = area * rng.uniform(scale[0], scale[1])
+        r = math.exp(rng.uniform(lo, hi))
+        w = int(round(math.sqrt(a * r)))
+        h = int(round(math.sqrt(a / r)))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return (x0, y0, x0 + w, y0 + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def random_view(width: int, height: int, out_size: int | tuple[int, int], rng: np.random.Generator,
+                scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
+                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> ViewGeometry:
+    """Random resized crop + horizontal flip, the view of MoCo/BYOL/SoCo/PixPro."""
+    if isinstance(out_size, int):
+        out_size = (out_size, out_size)
+    crop = random_resized_crop(width, height, rng, scale, ratio)
+    return ViewGeometry(crop, tuple(out_size), bool(rng.random() < flip_prob))
+
+
+def whole_view(width: int, height: int, out_size: int | tuple[int, int],
+               flip: bool = False) -> ViewGeometry:
+    if isinstance(out_size, int):
+        out_size = (out_size, out_size)
+    return ViewGeometry((0, 0, width, height), tuple(out_size), flip)
+
+
+def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, ratio: float = 0.1,
+                 prob: float = 0.5) -> np.ndarray:
+    """SoCo's box jitter (Sec. 3.3): with probability ``prob`` per box, x, y, w, h each move
+    by r*w or r*h with r ~ U[-ratio, ratio]."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    if len(boxes) == 0:
+        return boxes
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
+    r = rng.uniform(-ratio, ratio, size=(len(boxes), 4))
+    on = rng.random(len(boxes)) < prob
+    r[~on] = 0
+    cx, cy = cx + r[:, 0] * w, cy + r[:, 1] * h
+    w2, h2 = w * (1 + r[:, 2]), h * (1 + r[:, 3])
+    return np.stack([cx - w2 / 2, cy - h2 / 2, cx + w2 / 2, cy + h2 / 2], 1)

@@ -1,0 +1,54 @@
+"""Pure loss functions, testable on tensors alone (no model, no state)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's InfoNCE (He et al. 2020, Eq. 1): for each query, the positive is its key and
+    the negatives are the queue's entries. ``q``, ``k``: (N, D); ``queue``: (K, D) or None
+    (then the other keys of the batch are the negatives). Inputs are L2-normalised here.
+    Returns (mean loss, logits) with the positive in column 0."""
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1).detach()
+    pos = (q * k).sum(1, keepdim=True)
+    if queue is not None:
+        neg = q @ F.normalize(queue, dim=1).detach().t()
+    else:
+        sim = q @ k.t()
+        mask = ~torch.eye(len(q), dtype=torch.bool, device=q.device)
+        neg = sim[mask].view(len(q), len(q) - 1)
+    logits = torch.cat([pos, neg], 1) / temperature
+    labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels), logits
+
+
+def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised regression (Grill et al. 2020, Eq. 2): 2 - 2 cos(p, z), with no
+    gradient through the target ``z``; mean over rows. SoCo (Eq. 3) sums it over views."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+
+
+def grouped_info_nce(q: torch.Tensor, k: torch.Tensor, group: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """In-batch InfoNCE where rows with the same ``group`` id (an instance) are positives of
+    each other (supervised-contrastive form): loss_i = -mean_{j in P(i)} log softmax_j."""
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1).detach()
+    logits = q @ k.t() / temperature
+    pos = (group[:, None] == group[None, :]).float()
+    logp = logits.log_softmax(1)
+    return -((logp * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
+
+
+def masked_cosine_regression(p: torch.Tensor, z: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """PixPro's pixel-to-propagation consistency (Xie et al. 2021, Eq. 6): -cos between
+    every matched pair (i, j) of pixels. ``p``: (N, C, Li), ``z``: (N, C, Lj), ``match``:
+    (N, Li, Lj) 0/1. Mean over matched pairs; 0 when nothing matches."""
+    p = F.normalize(p, dim=1)
+    z = F.normalize(z, dim=1).detach()
+    cos = torch.einsum("nci,ncj->nij", p, z)
+    m = match.to(cos.dtype)
+    return -(cos * m).sum() / m.sum().clamp(min=1)

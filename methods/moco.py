@@ -1,0 +1,138 @@
+"""MoCo v2 (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
+Learning"), the baseline of every detection-pretraining paper here.
+
+Pseudo-code (He et al. 2020, Algorithm 1), recognisable in ``forward``:
+    q = f_q(x_q); k = f_k(x_k).detach()
+    loss = InfoNCE(q, k, queue, tau)
+    f_k = m f_k + (1 - m) f_q ; enqueue(k)
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from methods.augment import MOCO_V2_AUG, to_tensor
+from methods.backbones import backbone_state, build_resnet
+from methods.base import MethodConfig, PretrainMethod
+from methods.geometry import random_view
+from methods.heads import moco_v2_projector
+from methods.losses import info_nce
+from methods.queues import MemoryQueue
+from methods.registry import register_method
+
+
+@register_method("moco_v2")
+class MoCoV2(PretrainMethod):
+    # SGD lr 0.03 at batch 256, wd 1e-4, momentum 0.9, cosine (MoCo v2 Sec. 3, official repo)
+    recipe = {"optimizer": "sgd", "base_lr": 0.03, "lr_batch": 256, "batch_size": 256,
+              "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
+    scales = {"tiny": {"method": {"backbone": "resnet18", "queue_size": 4096, "crop_size": 64},
+                       "recipe": {"batch_size": 64}},
+              "small": {"method": {"backbone": "resnet50", "queue_size": 16384, "crop_size": 160},
+                        "recipe": {"batch_size": 128}}}
+    @dataclass
+    class Config(MethodConfig):
+        backbone: str = "resnet50"
+        dim: int = 128                   # projection output (MoCo v2 Sec. 3)
+        hidden_dim: int = 0              # 0: the backbone's feature dim (2048 for R50)
+        queue_size: int = 65536          # K (MoCo Sec. 4)
+        temperature: float = 0.2         # tau (MoCo v2 Table 1)
+        momentum: float = 0.999          # m (MoCo Sec. 3.2)
+        crop_size: int = 224
+        crop_scale: tuple[float, ...] = (0.2, 1.0)   # aug+ (MoCo v2 official main_moco.py)
+        shuffle_bn_splits: int = 2       # single process: emulate Shuffle-BN with this many BN groups
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.encoder_q = build_resnet(cfg.backbone)
+        feat = self.encoder_q.feature_dim
+        self.proj_q = moco_v2_projector(feat, cfg.hidden_dim or feat, cfg.dim)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.proj_k = copy.deepcopy(self.proj_q)
+        for p in list(self.encoder_k.parameters()) + list(self.proj_k.parameters()):
+            p.requires_grad = False
+        self.queue = MemoryQueue(cfg.dim, cfg.queue_size)
+
+    # -- views (DataLoader worker) ------------------------------------------------
+    def views(self, record: dict, rng: np.random.Generator, source=None) -> dict:
+        img = Image.fromarray(record["image"])
+        out = {}
+        for name in ("im_q", "im_k"):
+            g = random_view(img.width, img.height, self.cfg.crop_size, rng, scale=tuple(self.cfg.crop_scale))
+            out[name] = to_tensor(MOCO_V2_AUG(g.apply_image(img), rng))
+        return out
+
+    # -- model --------------------------------------------------------------------
+    def param_groups(self):
+        return [{"params": list(self.encoder_q.parameters()) + list(self.proj_q.parameters())}]
+
+    @torch.no_grad()
+    def momentum_update(self, progress: float) -> None:
+        m = self.cfg.momentum
+        for q, k in ((self.encoder_q, self.encoder_k), (self.proj_q, self.proj_k)):
+            for pq, pk in zip(q.parameters(), k.parameters()):
+                pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+
+    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Key features with Shuffle-BN (MoCo Sec. 3.3). Distributed: the batch is shuffled
+        across processes so each BN sees a random subset (the official implementation).
+        One process: the batch is shuffled and split into ``shuffle_bn_splits`` groups
+        normalised separately, so a query and its key never share BN statistics."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            x, unshuffle = _shuffle_across_processes(im_k)
+            k = self.proj_k(self.encoder_k(x))
+            return _unshuffle_across_processes(k, unshuffle)
+        n = im_k.shape[0]
+        splits = max(1, min(self.cfg.shuffle_bn_splits, n // 2 or 1))
+        perm = torch.randperm(n, device=im_k.device)
+        chunks = [self.proj_k(self.encoder_k(c)) for c in im_k[perm].chunk(splits)]
+        k = torch.cat(chunks)
+        out = torch.empty_like(k)
+        out[perm] = k
+        return out
+
+    def forward(self, batch: dict) -> dict:
+        q = self.proj_q(self.encoder_q(batch["im_q"]))
+        with torch.no_grad():
+            k = self._keys(batch["im_k"])
+        loss, logits = info_nce(q, k, self.queue.keys.clone(), self.cfg.temperature)
+        self.queue.enqueue(_gather(k))
+        acc = (logits.argmax(1) == 0).float().mean()
+        return {"loss": loss, "acc1": acc.detach()}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return backbone_state(self.encoder_q)
+
+
+# -- distributed helpers (MoCo's batch shuffle) --------------------------------------
+@torch.no_grad()
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _shuffle_across_processes(x: torch.Tensor):
+    n_local = x.shape[0]
+    xs = _gather(x)
+    perm = torch.randperm(xs.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    unshuffle = torch.argsort(perm)
+    r = dist.get_rank()
+    return xs[perm][r * n_local:(r + 1) * n_local], unshuffle
+
+
+@torch.no_grad()
+def _unshuffle_across_processes(k: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    n_local = k.shape[0]
+    ks = _gather(k)
+    r = dist.get_rank()
+    return ks[unshuffle][r * n_local:(r + 1) * n_local]

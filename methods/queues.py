@@ -1,0 +1,44 @@
+"""Memory queues of keys (MoCo's dictionary; InsLoc keeps one per pyramid level)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MemoryQueue(nn.Module):
+    """A FIFO of ``size`` L2-normalised keys of dimension ``dim`` (He et al. 2020, Sec. 3.2),
+    kept as buffers so it is saved with the model and moves with ``.to()``."""
+
+    def __init__(self, dim: int, size: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=g), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, k: torch.Tensor) -> None:
+        """Replace the oldest entries with ``k`` (wrapping around the end)."""
+        k = F.normalize(k.detach(), dim=1)
+        n = k.shape[0]
+        if n > self.size:
+            k, n = k[-self.size:], self.size
+        p = int(self.ptr)
+        idx = (torch.arange(n, device=k.device) + p) % self.size
+        self.keys[idx] = k.to(self.keys.dtype)
+        self.ptr.fill_((p + n) % self.size)
+
+
+class LevelQueues(nn.Module):
+    """One queue per feature-pyramid level (InsLoc Sec. 3.3)."""
+
+    def __init__(self, dim: int, size: int, levels: int):
+        super().__init__()
+        self.queues = nn.ModuleList(MemoryQueue(dim, size, seed=i) for i in range(levels))
+
+    def __getitem__(self, i: int) -> MemoryQueue:
+        return self.queues[i]

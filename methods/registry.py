@@ -1,0 +1,43 @@
+"""A decorator registry of pretraining methods (in the style of timm's model registry)."""
+from __future__ import annotations
+
+from typing import Callable
+
+_METHODS: dict[str, type] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise KeyError(f"method {name!r} registered twice ({_METHODS[name].__name__}, {cls.__name__})")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def list_methods() -> list[str]:
+    _import_all()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type:
+    _import_all()
+    if name not in _METHODS:
+        raise KeyError(f"method.name: unknown method {name!r} (available: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def build_method(name: str, **cfg):
+    """Build a registered method from its config dict; unknown keys raise, naming the key."""
+    cls = get_method(name)
+    return cls(cls.Config.from_dict(cfg))
+
+
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+    import methods
+    for m in pkgutil.iter_modules(methods.__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"methods.{m.name}")

@@ -1,0 +1,145 @@
+"""ImageSource and SkippingImageDataset: listing, records, corrupt-image skips, determinism."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.data.errors import CorruptImage, DataError
+from benchmark.data.images import ImageSource, SkippingImageDataset
+
+TINY = Path("/work/shared/data/tiny_coco")
+
+
+def _save(path: Path, seed: int, mode: str = "RGB", size=(12, 9)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "imgs"
+    _save(root / "b.png", 0)
+    _save(root / "a.JPG", 1)
+    _save(root / "sub" / "c.jpeg", 2, mode="L")
+    _save(root / "sub" / "deeper" / "d.png", 3)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _view(record, rng):
+    return {"index": record["index"], "mean": float(record["image"].mean()), "r": float(rng.random())}
+
+
+def test_from_folder_recursive_sorted_case_insensitive(folder):
+    src = ImageSource.from_folder(folder)
+    assert [src.path(i).relative_to(folder).as_posix() for i in range(len(src))] == [
+        "a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.png"]
+    assert len(ImageSource.from_folder(folder, exts=(".png",))) == 2
+
+
+def test_record_is_rgb_uint8(folder):
+    src = ImageSource.from_folder(folder)
+    rec = src.record(2)  # grayscale jpeg
+    assert rec["index"] == 2 and rec["image_id"] == 2 and rec["path"] == str(folder / "sub" / "c.jpeg")
+    assert rec["image"].dtype == np.uint8 and rec["image"].shape == (9, 12, 3)
+    np.testing.assert_array_equal(rec["image"][..., 0], rec["image"][..., 2])
+    np.testing.assert_array_equal(src.record(1)["image"], np.asarray(Image.open(folder / "b.png")))
+
+
+def test_missing_and_empty_folder(tmp_path):
+    with pytest.raises(DataError) as exc:
+        ImageSource.from_folder(tmp_path / "nope")
+    assert exc.value.path == str(tmp_path / "nope") and exc.value.field == "root" and "not found" in str(exc.value)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "x.txt").write_text("")
+    with pytest.raises(DataError) as exc:
+        ImageSource.from_folder(tmp_path / "empty")
+    assert exc.value.path == str(tmp_path / "empty") and "no images" in str(exc.value)
+
+
+def test_from_coco(tmp_path):
+    _save(tmp_path / "im" / "x.png", 0)
+    _save(tmp_path / "im" / "y.png", 1)
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps({"images": [{"id": 20, "file_name": "y.png", "width": 12, "height": 9},
+                                          {"id": 5, "file_name": "x.png", "width": 12, "height": 9}],
+                               "annotations": [], "categories": [{"id": 1, "name": "t"}]}))
+    src = ImageSource.from_coco(tmp_path / "im", ann)
+    assert len(src) == 2 and src.path(0).name == "x.png" and src.record(1)["image_id"] == 20
+    with pytest.raises(DataError) as exc:
+        ImageSource.from_coco(tmp_path / "im", tmp_path / "missing.json")
+    assert "missing.json" in str(exc.value)
+    with pytest.raises(DataError) as exc:
+        ImageSource.from_coco(tmp_path / "nodir", ann)
+    assert exc.value.field == "image_root"
+
+
+@pytest.mark.skipif(not TINY.is_dir(), reason="shared tiny_coco excerpt not available")
+def test_from_real_tiny_coco():
+    src = ImageSource.from_coco(TINY / "val2017", TINY / "annotations" / "instances_val2017.json")
+    assert len(src) == 50
+    rec = src.record(0)
+    assert rec["image"].ndim == 3 and rec["image"].shape[2] == 3 and rec["image"].dtype == np.uint8
+
+
+def test_corrupt_image_raises_corrupt_image(folder):
+    (folder / "b.png").write_bytes(b"\x89PNG garbage")
+    src = ImageSource.from_folder(folder)
+    with pytest.raises(CorruptImage) as exc:
+        src.record(1)
+    assert isinstance(exc.value, DataError) and exc.value.path == str(folder / "b.png")
+
+
+def test_skipping_dataset_skips_counts_and_logs_once(folder, caplog):
+    (folder / "b.png").write_bytes(b"truncated")
+    ds = SkippingImageDataset(ImageSource.from_folder(folder), _view, seed=0)
+    with caplog.at_level(logging.WARNING, logger="benchmark.data.images"):
+        first = ds[1]
+        again = ds[1]
+    assert first["index"] == 2 and again == first  # next readable image, same rng as index 1
+    assert ds.skipped == 2
+    warnings = [r for r in caplog.records if "b.png" in r.getMessage()]
+    assert len(warnings) == 1
+    assert ds[0]["index"] == 0 and ds[3]["index"] == 3 and ds.skipped == 2
+
+
+def test_skipping_dataset_wraps_and_all_corrupt_raises(folder):
+    src = ImageSource.from_folder(folder)
+    (folder / "sub" / "deeper" / "d.png").write_bytes(b"bad")
+    assert SkippingImageDataset(src, _view)[3]["index"] == 0
+    for i in range(len(src)):
+        src.path(i).write_bytes(b"bad")
+    with pytest.raises(DataError, match="unreadable"):
+        SkippingImageDataset(src, _view)[0]
+
+
+def test_rng_from_seed_epoch_index(folder):
+    src = ImageSource.from_folder(folder)
+    a, b = SkippingImageDataset(src, _view, seed=1), SkippingImageDataset(src, _view, seed=1)
+    assert [a[i] for i in range(4)] == [b[i] for i in range(4)]
+    assert a[0]["r"] != a[1]["r"]
+    assert SkippingImageDataset(src, _view, seed=2)[0]["r"] != a[0]["r"]
+    before = a[0]["r"]
+    a.set_epoch(1)
+    assert a[0]["r"] != before
+    b.set_epoch(1)
+    assert a[0] == b[0]
+
+
+def _collect(ds, workers):
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
+    return [d["r"] for d in loader]
+
+
+def test_views_do_not_depend_on_worker_count(folder):
+    ds = SkippingImageDataset(ImageSource.from_folder(folder), _view, seed=7)
+    ds.set_epoch(3)
+    assert _collect(ds, 0) == _collect(ds, 2)
