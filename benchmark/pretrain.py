@@ -112,7 +112,9 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         return _export_given_weights(method, run_dir)
     if distributed and device.type == "cuda":
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    source = ImageSource.from_coco(data["pretrain"]["image_root"], data["pretrain"]["ann_file"])
+    pre = data["pretrain"]
+    source = (ImageSource.from_coco(pre["image_root"], pre["ann_file"]) if pre.get("ann_file")
+              else ImageSource.from_folder(pre["image_root"]))
     proposals = None
     if getattr(method, "needs_proposals", False):
         proposals = method.prepare_proposals(source, Path(config.get("cache_dir", ".cache/detbench")))

@@ -224,7 +224,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line; on resume, lines past the resumed step are dropped
+    """Appends one JSON object per line; on resume, lines past the resumed step (logged after its checkpoint) are dropped
     so the log reads as one uninterrupted run."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
@@ -232,7 +232,7 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get("step", -1) < resume_step]
+                    if l.strip() and json.loads(l).get("step", -1) <= resume_step]
             atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
         elif resume_step is None and self.path.exists():
             self.path.unlink()

@@ -36,7 +36,6 @@ Decisions where paper and official code (hologerry/SoCo) differ or are silent:
 from __future__ import annotations
 
 import copy
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead

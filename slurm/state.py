@@ -107,7 +107,7 @@ class SlurmState:
                 if old is not None:
                     history = list(old.get("history", []))
                     previous = {k: v for k, v in old.items() if k != "history"}
-                    if previous.get("job_id") != new.get("job_id"):
+                    if "job_id" in new and previous.get("job_id") != new["job_id"]:
                         history.append(previous)
                     new = {**previous, **new}
                     new["history"] = history

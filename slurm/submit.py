@@ -111,8 +111,10 @@ def snapshot_code(repo_root: str | os.PathLike, snapshot_dir: str | os.PathLike)
     names = repo_files(repo)
     head = _git(repo, "rev-parse", "HEAD")
     sha = head.stdout.decode().strip() if head.returncode == 0 else None
-    status = _git(repo, "status", "--porcelain")
-    dirty = sha is None or bool(status.stdout.strip())
+    # dirty: a tracked file differs from HEAD, or an untracked file goes into the snapshot
+    changed = _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    tracked = set(_git(repo, "ls-files", "-z", "--cached").stdout.decode().split("\0"))
+    dirty = sha is None or bool(changed) or any(n not in tracked for n in names)
     digest = hashlib.sha256()
     for name in names:
         path = repo / name

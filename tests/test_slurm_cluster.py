@@ -79,12 +79,19 @@ def fake_stage(job, store_root, resume=True):
         (run / "failed_once").write_text("1")
         (run / "status").write_text("failed")
         raise RuntimeError(f"{job.label}: failing on purpose")
+    import sys as _sys
+
     while step < cfg.get("steps", 0):  # a resumable "training loop"
         _time.sleep(cfg.get("step_s", 0.1))
         step += 1
         tmp = run / "progress.tmp"
         tmp.write_text(str(step))
         _os.replace(tmp, progress_file)
+        trainer = _sys.modules.get("benchmark.trainer")  # imported by StageJob.checkpoint()
+        if trainer is not None and getattr(trainer, "_CHECKPOINT_REQUESTED", False):
+            with open(run / "checkpoints.jsonl", "a") as fh:  # saved on request, like TrainLoop
+                fh.write(_json.dumps({"step": step}) + "\n")
+            trainer._CHECKPOINT_REQUESTED = False
     (run / "status").write_text("done")
     return {"key": job.key, "steps": step}
 
@@ -255,3 +262,20 @@ def test_init_distributed_from_slurm_two_tasks_gloo(slurm_cluster, workdir):
     results = job.results()  # one per task
     assert sorted(r[0] for r in results) == [0, 1]
     assert all(r[1] == 2 and r[2] == 3.0 for r in results)
+
+
+def test_usr2_calls_checkpoint_which_asks_the_stage_to_save_then_requeues(slurm_cluster, workdir):
+    """submitit's signal (USR2, as at timeout) → StageJob.checkpoint() → trainer flag → requeue."""
+    job = FakeJob("pretrain", "sig", {"steps": 120, "step_s": 0.1}, (), "signal/pretrain")
+    summary = submit([job], workdir, "signal", time_min=60)
+    job_id = summary.job_ids["sig"]
+    progress = workdir["store"] / "sig" / "progress"
+    wait_for(lambda: progress.exists() and int(progress.read_text()) >= 10, 90, "the job to make progress")
+    subprocess.run(["scancel", "-s", "USR2", job_id], check=True)
+    wait_for(lambda: FakeStore(workdir["store"]).status("sig") == "done", 240, "the requeued job to finish")
+    run = workdir["store"] / "sig"
+    calls = [json.loads(x) for x in (run / "calls.jsonl").read_text().splitlines()]
+    saved = [json.loads(x) for x in (run / "checkpoints.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and saved and calls[1]["start_step"] >= saved[0]["step"] > 0, (calls, saved)
+    err = Path(SlurmState.for_name(workdir["results"], "signal").runs["sig"]["stderr"]).read_text()
+    assert "Caught signal SIGUSR2" in err and "this job is preempted" in err

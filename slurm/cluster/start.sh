@@ -120,9 +120,9 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-# at preemption send the job's --signal (submitit: USR2 -> checkpoint() -> requeue) at once,
-# then give it the partition's GraceTime to save before it is killed
-PreemptParameters=send_user_signal
+# Preemption requeues the job at once (SIGTERM, which submitit ignores, then SIGKILL after
+# KillWait); the requeued job is called again and resumes from its last saved checkpoint.
+# Seen with Slurm 22.05: GraceTime + preempt_send_user_signal gave SIGTERM, not USR2.
 StateSaveLocation=$BASE/spool/ctld
 SlurmdSpoolDir=$BASE/spool/d
 SlurmctldPidFile=$BASE/run/slurmctld.pid
@@ -133,7 +133,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
 # jobs in 'debug' are requeued when a job in the higher-priority partition 'high' needs the node
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=high Nodes=ALL Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 }

@@ -1,0 +1,143 @@
+"""Scales, config validation, run identity, planning and table rendering (no training)."""
+import json
+
+import pytest
+
+from benchmark.config import finetune_config, parse_overrides, pretrain_config
+from benchmark.plan import plan_table
+from benchmark.report import cell_values, render
+from benchmark.store import RunStore, run_key
+from benchmark.tables import load_spec
+from methods.base import ConfigError
+
+
+def test_scale_is_overrides_not_fork():
+    tiny = pretrain_config("moco_v2", scale="tiny", epochs=200)
+    assert tiny["method"]["backbone"] == "resnet18"
+    assert tiny["method"]["temperature"] == 0.2            # paper default survives the scale
+    assert tiny["recipe"]["epochs"] == 200 and tiny["recipe"]["steps_per_epoch"] == 1
+
+
+def test_paper_scale_needs_local_paths(monkeypatch):
+    monkeypatch.delenv("COCO_ROOT", raising=False)
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)
+    with pytest.raises(ConfigError, match="IMAGENET_ROOT is not set"):
+        pretrain_config("moco_v2", scale="paper")
+    monkeypatch.setenv("IMAGENET_ROOT", "/data/in1k")
+    monkeypatch.setenv("COCO_ROOT", "/data/coco")
+    cfg = pretrain_config("moco_v2", scale="paper", epochs=200)
+    assert cfg["method"]["backbone"] == "resnet50" and cfg["method"]["queue_size"] == 65536
+    assert cfg["data"]["pretrain"]["image_root"] == "/data/in1k/train"
+    ft = finetune_config(scale="paper", schedule="1x", parent=None)
+    assert ft["recipe"]["steps"] == 90000 and ft["recipe"]["lr"] == 0.02
+    assert ft["detector"]["backbone"] == "resnet50"
+
+
+def test_bad_config_values_name_the_key():
+    with pytest.raises(ConfigError, match="scale: unknown 'huge'"):
+        pretrain_config("moco_v2", scale="huge")
+    with pytest.raises(KeyError, match="unknown method 'mocov3'"):
+        pretrain_config("mocov3")
+    with pytest.raises(ConfigError, match="recipe.lr: unknown key"):
+        pretrain_config("moco_v2", recipe_overrides={"lr": 0.1})
+    with pytest.raises(ValueError, match="method.temperature: expected a number"):
+        pretrain_config("moco_v2", method_overrides={"temperature": "cold"})
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_overrides(["method.queue_size"])
+    assert parse_overrides(["method.queue_size=1024", "recipe.base_lr=0.1"]) == \
+        {"method": {"queue_size": 1024}, "recipe": {"base_lr": 0.1}}
+
+
+def test_run_key_identity():
+    a = pretrain_config("moco_v2", seed=0, epochs=200)
+    b = pretrain_config("moco_v2", seed=0, epochs=200)
+    assert run_key(a) == run_key(b)
+    b["runtime"] = {"num_workers": 7}                      # runtime never changes a result
+    assert run_key(a) == run_key(b)
+    assert run_key(a) != run_key(pretrain_config("moco_v2", seed=1, epochs=200))
+    f1 = finetune_config(schedule="1x", parent="aaaa")
+    f2 = finetune_config(schedule="1x", parent="bbbb")
+    assert run_key(f1) != run_key(f2)                       # parent is part of the identity
+
+
+def test_soco_rows_carry_their_finetune_weight_decay():
+    from methods import list_methods
+    if "soco" not in list_methods():
+        pytest.skip("SoCo not registered")
+    f = finetune_config(schedule="1x", parent="x", method="soco")
+    assert f["recipe"]["weight_decay"] == 2.5e-5
+    assert finetune_config(schedule="1x", parent="x", method="moco_v2")["recipe"]["weight_decay"] == 1e-4
+
+
+def test_plan_table_dedups_and_orders():
+    plan = plan_table("soco_table1", scale="tiny", seeds=(0, 1))
+    stages = [j.stage for j in plan.jobs]
+    assert stages == sorted(stages, key=["pretrain", "finetune", "evaluate"].index)
+    keys = [j.key for j in plan.jobs]
+    assert len(keys) == len(set(keys))
+    pos = {j.key: i for i, j in enumerate(plan.jobs)}
+    assert all(pos[p] < pos[j.key] for j in plan.jobs for p in j.parents)
+    spec = plan.spec
+    scratch = [r for r, row in enumerate(spec.rows) if row.method == "scratch"][0]
+    chains = [c.chain for c in plan.cells if c.row == scratch]
+    assert all(len(ch) == 2 for ch in chains)               # no pretraining for Scratch
+    infomin = [r for r, row in enumerate(spec.rows) if row.method == "infomin"][0]
+    assert all(c.eval_key is None for c in plan.cells if c.row == infomin)
+    # 1x and 2x columns of one row share the pretraining run
+    moco = [r for r, row in enumerate(spec.rows) if row.method == "moco_v2"][0]
+    assert len({c.chain[0] for c in plan.cells if c.row == moco and c.seed == 0}) == 1
+
+
+def test_reference_values_come_from_the_papers_table():
+    spec = load_spec("soco_table1")
+    row = next(r for r in spec.rows if r.label == "MoCo v2")
+    assert spec.reference_value(row, spec.columns[0]) == 40.4     # 1x APbb
+    assert spec.reference_value(row, spec.columns[3]) == 37.6     # 2x APmk
+
+
+def _fake_finish(store, job, metrics=None):
+    store.begin(job.key, job.config)
+    store.finish(job.key, metrics or {})
+
+
+def test_render_table_mean_std_diff_and_statuses(isolated):
+    plan = plan_table("soco_table1", scale="tiny", seeds=(0, 1))
+    store = RunStore(isolated / "runs")
+    moco = next(r for r, row in enumerate(plan.spec.rows) if row.method == "moco_v2")
+    scratch = next(r for r, row in enumerate(plan.spec.rows) if row.method == "scratch")
+    aps = {0: 10.0, 1: 14.0}
+    for cell in plan.cells:
+        if cell.row == moco:
+            for k in cell.chain[:-1]:
+                if store.status(k) != "done":
+                    _fake_finish(store, plan.job(k))
+            if store.status(cell.eval_key) != "done":
+                _fake_finish(store, plan.job(cell.eval_key),
+                             {"bbox": {"AP": aps[cell.seed]}, "segm": {"AP": aps[cell.seed] / 2}})
+        if cell.row == scratch and cell.seed == 0:
+            store.fail(cell.chain[0], "nan", diverged=True)
+    cells = cell_values(plan, store)
+    c = cells[(moco, 0)]
+    assert c["mean"] == 12.0 and c["std"] == pytest.approx(2 ** 0.5 * 2)
+    assert c["ref"] == 40.4 and c["diff"] == pytest.approx(12.0 - 40.4)
+    assert cells[(scratch, 0)]["status"] == "diverged"
+    assert cells[(moco + 1, 0)]["status"] in ("not implemented", "pending")
+    vdir = render(plan, store, out_root=isolated / "tables")
+    md = (vdir.parent / "table.md").read_text()
+    assert "12.0 ± 2.8 / 40.4 [-28.4]" in md and "diverged" in md and "not implemented" in md
+    assert (vdir / "plot.png").stat().st_size > 1000
+    rows = (vdir / "table.csv").read_text().splitlines()
+    assert rows[0].startswith("row,column,status")
+    v2 = render(plan, store, out_root=isolated / "tables")
+    assert v2 != vdir and vdir.exists()                      # earlier versions are kept
+
+
+def test_finished_run_is_never_overwritten(isolated):
+    store = RunStore(isolated / "runs")
+    store.begin("k1", {"stage": "x"})
+    store.finish("k1", {"a": 1})
+    with pytest.raises(RuntimeError, match="never overwritten"):
+        store.finish("k1", {"a": 2})
+    assert json.loads((store.run_dir("k1") / "metrics.json").read_text())["a"] == 1
+    env = json.loads((store.run_dir("k1") / "env.json").read_text())
+    assert {"git", "packages", "hardware"} <= set(env) and "torch" in env["packages"]

@@ -1,0 +1,181 @@
+"""slurm.submit without a cluster: decisions, ordering, chunking, snapshots, checkpoint hook."""
+import subprocess
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass
+
+import pytest
+import submitit
+
+import slurm.submit as sub
+from slurm.profile import load_profile
+from slurm.state import SlurmState
+
+
+@dataclass(frozen=True)
+class J:
+    stage: str
+    key: str
+    config: dict
+    parents: tuple
+    label: str
+
+
+class Store:
+    def __init__(self, statuses):
+        self.statuses = statuses
+
+    def status(self, key):
+        return self.statuses.get(key, "missing")
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch, tmp_path):
+    """Records chunks instead of calling sbatch; Slurm states come from ``queue``."""
+    calls = {"chunks": [], "cancelled": [], "queue": {}}
+    counter = iter(range(100, 10_000))
+
+    def submit_chunk(chunk, stage, deps, profile, log_folder, setup, callable_, name, snapshot, state, summary, new_ids):
+        base = next(counter)
+        calls["chunks"].append({"stage": stage, "deps": deps, "keys": [j.key for j in chunk], "setup": setup})
+        entries = {}
+        for i, job in enumerate(chunk):
+            new_ids[job.key] = f"{base}_{i}"
+            entries[job.key] = {"stage": stage, "label": job.label, "job_id": f"{base}_{i}"}
+            summary.submitted.append({"key": job.key, "label": job.label, "stage": stage,
+                                      "job_id": f"{base}_{i}", "dependency": deps})
+        state.record_many(entries)
+        summary.arrays.append({"stage": stage, "array_job_id": str(base), "size": len(chunk), "dependency": deps})
+
+    monkeypatch.setattr(sub, "_submit_chunk", submit_chunk)
+    monkeypatch.setattr(sub, "slurm_job_states", lambda ids: {i: calls["queue"][i] for i in ids if i in calls["queue"]})
+    monkeypatch.setattr(sub, "cancel", lambda ids: calls["cancelled"].extend(ids))
+    monkeypatch.setattr(sub, "snapshot_code", lambda repo, root: sub.Snapshot(tmp_path / "snap", "id", None, True, 0))
+    return calls
+
+
+def _submit(jobs, tmp_path, statuses=None, **over):
+    return sub.submit_jobs(jobs, name="t", results_dir=tmp_path / "res", store_root=tmp_path / "store",
+                           profile=load_profile("local-ci", {"max_array_size": 4, **over}),
+                           store=Store(statuses or {}), fn=lambda *a, **k: None)
+
+
+def _table():
+    pre = [J("pretrain", f"p{i}", {}, (), f"pre{i}") for i in range(2)]
+    ft = [J("finetune", f"f{i}{k}", {}, (f"p{i}",), f"ft{i}{k}") for i in range(2) for k in range(5)]
+    ev = [J("evaluate", f"e{f.key}", {}, (f.key,), f"ev{f.key}") for f in ft]
+    return ev + ft + pre  # deliberately not in order
+
+
+def test_table_submitted_in_topological_order_with_chunks(fake_slurm, tmp_path):
+    s = _submit(_table(), tmp_path)
+    chunks = fake_slurm["chunks"]
+    assert chunks[0] == {**chunks[0], "stage": "pretrain", "deps": (), "keys": ["p0", "p1"]}
+    ft = [c for c in chunks if c["stage"] == "finetune"]
+    assert [len(c["keys"]) for c in ft] == [4, 1, 4, 1]  # 5 per pretrain, MaxArraySize 4
+    assert ft[0]["deps"] == ("100_0",) and ft[2]["deps"] == ("100_1",)
+    stages = [c["stage"] for c in chunks]
+    assert stages.index("evaluate") > max(i for i, st in enumerate(stages) if st == "finetune")
+    assert len(s.submitted) == 22 and not s.skipped
+    assert any("PYTHONPATH" in line for line in chunks[0]["setup"])
+    assert len(SlurmState.for_name(tmp_path / "res", "t").runs) == 22
+
+
+def test_done_queued_failed_and_stuck(fake_slurm, tmp_path):
+    _submit(_table(), tmp_path)
+    ids = {k: e["job_id"] for k, e in SlurmState.for_name(tmp_path / "res", "t").runs.items()}
+    fake_slurm["chunks"].clear()
+    # p0 done, p1 failed; p0's children running/pending; p1's children stuck
+    q = fake_slurm["queue"]
+    q[ids["p0"]] = {"state": "COMPLETED", "reason": ""}
+    q[ids["p1"]] = {"state": "FAILED", "reason": ""}
+    for k, i in ids.items():
+        if k.startswith(("f0", "ef0")):
+            q[i] = {"state": "RUNNING" if k.startswith("f0") else "PENDING", "reason": "Dependency"}
+        elif k.startswith(("f1", "ef1")):
+            q[i] = {"state": "PENDING", "reason": "DependencyNeverSatisfied"}
+    s = _submit(_table(), tmp_path, {"p0": "done", "p1": "failed"})
+    submitted = {x["key"] for x in s.submitted}
+    assert submitted == {"p1"} | {f"f1{k}" for k in range(5)} | {f"ef1{k}" for k in range(5)}
+    assert {x["reason"] for x in s.skipped} == {"done", "already running", "already pending"}
+    assert sorted(s.cancelled) == sorted(ids[k] for k in ids if k.startswith(("f1", "ef1")))
+    runs = SlurmState.for_name(tmp_path / "res", "t").runs
+    assert runs["p1"]["history"][0]["job_id"] == ids["p1"]
+    # nothing left to do
+    for k, e in runs.items():
+        q[e["job_id"]] = {"state": "PENDING", "reason": "Dependency"}
+    again = _submit(_table(), tmp_path, {"p0": "done"})
+    assert again.submitted == [] and again.cancelled == []
+
+
+def test_diverged_blocks_children_and_plan_errors(fake_slurm, tmp_path):
+    s = _submit(_table(), tmp_path, {"p0": "diverged"})
+    reasons = {x["key"]: x["reason"] for x in s.skipped}
+    assert reasons["p0"] == "diverged" and reasons["ef04"].startswith("blocked")
+    with pytest.raises(ValueError, match="neither in the plan nor done"):
+        _submit([J("finetune", "f", {}, ("zz",), "orphan")], tmp_path)
+    with pytest.raises(ValueError, match="cycle"):
+        _submit([J("pretrain", "a", {}, ("b",), "A"), J("pretrain", "b", {}, ("a",), "B")], tmp_path)
+    with pytest.raises(ValueError, match="twice"):
+        _submit([J("pretrain", "a", {}, (), "A"), J("pretrain", "a", {}, (), "A2")], tmp_path)
+    # a parent already done in the store needs no job and no dependency
+    fake_slurm["chunks"].clear()
+    _submit([J("finetune", "x", {}, ("done-parent",), "x")], tmp_path, {"done-parent": "done"})
+    assert fake_slurm["chunks"][0]["deps"] == ()
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_snapshot_copies_tree_once_and_tracks_dirty(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "mod.py").write_text("X = 1\n")
+    (repo / ".gitignore").write_text("ignored.txt\n")
+    (repo / "ignored.txt").write_text("no")
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "big").write_text("no")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "pkg", ".gitignore")
+    _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x")
+    a = sub.snapshot_code(repo, tmp_path / "snaps")
+    assert a.sha and not a.dirty and (a.path / "pkg" / "mod.py").read_text() == "X = 1\n"
+    assert not (a.path / "ignored.txt").exists() and not (a.path / ".venv").exists()
+    assert sub.snapshot_code(repo, tmp_path / "snaps") == a  # reused
+    (repo / "pkg" / "mod.py").write_text("X = 2\n")
+    (repo / "new.py").write_text("")  # untracked, not ignored: copied
+    b = sub.snapshot_code(repo, tmp_path / "snaps")
+    assert b.dirty and b.sha == a.sha and b.id != a.id
+    assert (b.path / "pkg" / "mod.py").read_text() == "X = 2\n" and (b.path / "new.py").exists()
+    assert (a.path / "pkg" / "mod.py").read_text() == "X = 1\n"  # old snapshot untouched
+
+
+def test_stagejob_runs_with_resume_and_checkpoint_waits_for_save(monkeypatch):
+    seen = []
+    job = J("pretrain", "k", {}, (), "l")
+    sj = sub.StageJob("/store", fn=lambda j, root, resume: seen.append((j, root, resume)) or "ok")
+    assert sj(job) == "ok" and seen == [(job, "/store", True)]
+
+    def boom(j, root, resume):
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        sub.StageJob("/s", fn=boom)(job)
+
+    trainer = types.ModuleType("benchmark.trainer")
+    trainer._CHECKPOINT_REQUESTED = False
+
+    def request_checkpoint():
+        trainer._CHECKPOINT_REQUESTED = True
+        threading.Timer(0.3, lambda: setattr(trainer, "_CHECKPOINT_REQUESTED", False)).start()
+
+    trainer.request_checkpoint = request_checkpoint
+    monkeypatch.setitem(sys.modules, "benchmark.trainer", trainer)
+    t0 = time.monotonic()
+    delayed = sj.checkpoint(job)
+    assert 0.25 < time.monotonic() - t0 < 5
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function is sj and delayed.args == (job,)

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from benchmark import trainer as T
+from tests.conftest import MICRO_DATA
+
+
+def test_cosine_schedule_with_warmup():
+    s = T.Schedule(base_lr=1.0, total_steps=110, warmup_steps=10, kind="cosine", warmup_factor=0.0)
+    assert s(0) == 0.0
+    assert s(5) == pytest.approx(0.5)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.5)
+    assert s(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_multistep_schedule_is_detectron2_like():
+    s = T.Schedule(base_lr=0.02, total_steps=90, warmup_steps=10, kind="multistep", milestones=(60, 80))
+    assert s(0) == pytest.approx(0.02 * 0.001)
+    assert s(30) == pytest.approx(0.02)
+    assert s(60) == pytest.approx(0.002)
+    assert s(85) == pytest.approx(0.0002)
+    with pytest.raises(ValueError, match="schedule.kind"):
+        T.Schedule(1.0, 10, kind="poly")
+
+
+def test_cosine_momentum_endpoints():
+    assert T.cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert T.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert T.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+
+
+def test_lars_trust_ratio_scales_update():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))     # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = T.LARS([w, b], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.1)
+    w.grad = torch.tensor([[0.0, 10.0]])                    # ||g|| = 10 -> trust = 0.1 * 5 / 10
+    b.grad = torch.tensor([2.0])                            # 1-d: not adapted
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 3.5]]))
+    assert torch.allclose(b.detach(), torch.tensor([-1.0]))
+
+
+def test_sampler_resumes_the_same_stream():
+    full = T.ResumableBatchSampler(10, 4, seed=3)
+    it = iter(full)
+    batches = [next(it) for _ in range(6)]                  # crosses epoch boundaries
+    again = iter(T.ResumableBatchSampler(10, 4, seed=3, start_step=4))
+    assert [next(again) for _ in range(2)] == batches[4:]
+    flat = [x for b in batches[:5] for x in b]              # 20 items = 2 epochs
+    assert sorted(i for e, i in flat if e == 0) == list(range(10))
+    assert sorted(i for e, i in flat if e == 1) == list(range(10))
+
+
+def test_sampler_shards_across_ranks():
+    a = next(iter(T.ResumableBatchSampler(16, 2, seed=0, rank=0, world_size=2)))
+    b = next(iter(T.ResumableBatchSampler(16, 2, seed=0, rank=1, world_size=2)))
+    one = next(iter(T.ResumableBatchSampler(16, 4, seed=0)))
+    assert a + b == one
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "c.pt"
+    T.save_checkpoint(p, {"x": torch.ones(2)})
+
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-write")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        T.save_checkpoint(p, {"x": torch.zeros(2)})
+    assert torch.equal(T.load_checkpoint(p)["x"], torch.ones(2))   # old file intact
+
+
+def test_loss_nan_raises_diverged(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = T.TrainLoop(model, opt, lambda s: 0.1, T.LoopConfig(total_steps=3), tmp_path)
+    with pytest.raises(T.Diverged):
+        loop.run(iter([None] * 3), lambda b: {"loss": torch.tensor(float("nan"), requires_grad=True)},
+                 None, progress=False)
+
+
+def _pretrain_cfg():
+    from benchmark.config import pretrain_config
+    return pretrain_config("moco_v2", scale="tiny", seed=0, epochs=6,
+                           method_overrides={"queue_size": 32, "crop_size": 32},
+                           recipe_overrides={"batch_size": 4, "steps_per_epoch": 1, "base_lr": 0.5},
+                           data_overrides=MICRO_DATA)
+
+
+def test_pretrain_stop_and_resume_is_bit_exact(isolated):
+    from benchmark.pretrain import run_pretrain
+    cfg = _pretrain_cfg()
+    cfg["runtime"] = {"ckpt_every": 100, "log_every": 1}
+    full = run_pretrain(cfg, isolated / "a", progress=False)
+    part = run_pretrain(cfg, isolated / "b", stop_after=2, progress=False)
+    assert part["steps"] == 2 and not (isolated / "b" / "weights.pt").exists()
+    rest = run_pretrain(cfg, isolated / "b", progress=False)
+    assert rest["steps"] == 6 and full["final"]["loss"] == rest["final"]["loss"]
+    wa = torch.load(isolated / "a" / "weights.pt")["state_dict"]
+    wb = torch.load(isolated / "b" / "weights.pt")["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = (isolated / "a" / "log.jsonl").read_text().splitlines()
+    lb = (isolated / "b" / "log.jsonl").read_text().splitlines()
+    strip = lambda ls: [{k: v for k, v in __import__("json").loads(l).items() if k != "time"} for l in ls]
+    assert strip(la) == strip(lb) and len(la) == 6
