@@ -82,18 +82,24 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     """The fully resolved config of one pretraining run."""
     cls = get_method(method)
     sc = load_scale(scale)
-    mscale = cls.scales.get(scale, {})
+    mscale = cls.scales.get(sc.get("method_scale", scale), {})
     unknown = set(mscale) - {"method", "recipe"}
     if unknown:
         raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
     mcfg = deep_merge(mscale.get("method", {}), method_overrides)
     mcfg = cls.Config.from_dict(mcfg).to_dict()      # validates names and types
     recipe = deep_merge(cls.recipe, mscale.get("recipe", {}))
-    recipe = deep_merge(recipe, {k: v for k, v in sc.get("pretrain", {}).items()})
+    scale_pre = dict(sc.get("pretrain", {}))
+    divisor = scale_pre.pop("batch_divisor", None)
+    recipe = deep_merge(recipe, scale_pre)
     recipe.setdefault("epochs", 100)
     recipe.setdefault("steps_per_epoch", None)
     if epochs is not None:
         recipe["epochs"] = epochs
+    recipe_overrides = dict(recipe_overrides or {})
+    if divisor and "batch_size" in recipe_overrides:
+        # a paper batch size from a table (SoCo Table 5b) runs at B / divisor at small scales
+        recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
     bad = set(recipe) - RECIPE_KEYS
     if bad:

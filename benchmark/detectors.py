@@ -236,9 +236,24 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
         mask_head=MaskRCNNHeads(c, [cfg.mask_head_dim] * cfg.mask_head_convs, 1, norm_layer=head_norm),
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_dim, cfg.mask_head_dim, num_classes),
     )
+    _init_predictors(model)
     model.transform = _Transform(cfg.min_size, cfg.max_size, cfg.test_min_size,
                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     return model
+
+
+def _init_predictors(model: MaskRCNN) -> None:
+    """detectron2's initialisation of the final layers (FastRCNNOutputLayers: cls_score
+    N(0, 0.01), bbox_pred N(0, 0.001); MaskRCNNConvUpsampleHead: predictor N(0, 0.001)).
+    torchvision's default Linear init gives large initial logits and diverges at lr 0.02."""
+    pred = model.roi_heads.box_predictor
+    nn.init.normal_(pred.cls_score.weight, std=0.01)
+    nn.init.normal_(pred.bbox_pred.weight, std=0.001)
+    for layer in (pred.cls_score, pred.bbox_pred):
+        nn.init.zeros_(layer.bias)
+    logits = model.roi_heads.mask_predictor.mask_fcn_logits
+    nn.init.normal_(logits.weight, std=0.001)
+    nn.init.zeros_(logits.bias)
 
 
 def maybe_sync_bn(model: nn.Module) -> nn.Module:

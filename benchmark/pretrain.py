@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from benchmark import trainer as T
-from benchmark.datasets import resolve_data
+from benchmark.datasets import cache_root, resolve_data
 from methods import build_method, get_method
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
               else ImageSource.from_folder(pre["image_root"]))
     proposals = None
     if getattr(method, "needs_proposals", False):
-        proposals = method.prepare_proposals(source, Path(config.get("cache_dir", ".cache/detbench")))
+        proposals = method.prepare_proposals(source, cache_root() / "proposals")
     dataset = PretrainDataset(source, method, seed, labels, proposals)
 
     total, warmup = resolve_steps(recipe, len(source))

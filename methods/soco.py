@@ -178,13 +178,14 @@ class SoCo(PretrainMethod):
               "epochs": 100}
     # Fine-tuning: detectron2_configs/SoCo_FPN_100ep.yaml, SOLVER.WEIGHT_DECAY 0.000025
     finetune_overrides = {"weight_decay": 2.5e-5}
-    # tiny: 128-px synthetic images, 400 steps on 2 CPU cores. FPN 64 / box head conv 64,
-    # fc 256 equal the tiny detector's so every key transfers.
+    # tiny: 128-px synthetic images on 2 CPU cores; views 64/64/32 (V4 56) keep the paper's
+    # V1:V3 ratio of 2. FPN 64 / box head conv 64, fc 256 equal the tiny detector's so every
+    # key transfers.
     scales = {"tiny": {"method": {"backbone": "resnet18", "fpn_channels": 64, "head_conv_dim": 64,
                                   "head_fc_dim": 256, "proj_hidden_dim": 512, "proj_dim": 128,
-                                  "pred_hidden_dim": 512, "view_size": 96, "v3_size": 48,
-                                  "v4_size": 80},
-                       "recipe": {"batch_size": 32}}}
+                                  "pred_hidden_dim": 512, "view_size": 64, "v3_size": 32,
+                                  "v4_size": 56},
+                       "recipe": {"batch_size": 16}}}
     needs_proposals = True
 
     @dataclass
@@ -199,6 +200,7 @@ class SoCo(PretrainMethod):
         multi_view: bool = True          # step 7 (V3)
         # -- Table 5 ------------------------------------------------------------------------
         v3_size: int = 112               # 5a
+        v3_scale: float = 0.0            # 5a at any scale: V3 = round(v3_scale * view_size); 0 = v3_size
         num_proposals: int = 4           # 5c, K per image per step
         momentum: float = 0.99           # 5d, start of the cosine EMA schedule (to 1)
         # -- views --------------------------------------------------------------------------
@@ -264,8 +266,9 @@ class SoCo(PretrainMethod):
         g = {"v1": whole_view(width, height, c.view_size, flip=bool(rng.random() < 0.5)),
              "v2": random_view(width, height, c.view_size, rng, scale=tuple(c.crop_scale))}
         if c.multi_view:
-            g["v3"] = (g["v2"].resized((c.v3_size, c.v3_size)) if c.v3_from_v2
-                       else random_view(width, height, c.v3_size, rng, scale=tuple(c.crop_scale)))
+            v3 = round(c.v3_scale * c.view_size) if c.v3_scale else c.v3_size
+            g["v3"] = (g["v2"].resized((v3, v3)) if c.v3_from_v2
+                       else random_view(width, height, v3, rng, scale=tuple(c.crop_scale)))
         if c.soco_star:
             g["v4"] = g["v2"].resized((c.v4_size, c.v4_size))
         return g

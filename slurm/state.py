@@ -121,3 +121,17 @@ class SlurmState:
 
     def record(self, key: str, **entry: Any) -> dict:
         return self.record_many({key: entry})
+
+    def set_fields(self, **fields: Any) -> dict:
+        """Set top-level fields (e.g. ``plan``: what ``collect`` needs to rebuild the plan).
+
+        ``version``, ``name``, ``runs`` and ``submissions`` are managed by this class.
+        """
+        reserved = {"version", "name", "runs", "submissions"} & set(fields)
+        if reserved:
+            raise ValueError(f"{self.path}: field(s) {sorted(reserved)} are managed by SlurmState")
+        with self._locked():
+            data = self.load()
+            data.update(fields)
+            self._write(data)
+            return data

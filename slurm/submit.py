@@ -23,6 +23,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import submitit
 
@@ -374,13 +375,17 @@ def submit_jobs(
     fn: Callable | str = DEFAULT_STAGE_FN,
     repo_root: str | os.PathLike | None = None,
     threaded: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> SubmitSummary:
     """Submit what the plan still needs and return at once (never waits for jobs).
 
     ``jobs``: ``benchmark.plan.Job``-like objects (``stage``, ``key``, ``config``,
     ``parents``, ``label``).  ``store``: anything with ``status(key)``; by default
     ``benchmark.store.RunStore(store_root)``.  ``fn``: the stage function (or its
-    ``"module:attr"`` path, imported inside the job, i.e. from the snapshot).
+    ``"module:attr"`` path, imported inside the job, i.e. from the snapshot).  ``env``:
+    variables exported in the job script (after the snapshot's, before the stage runs),
+    e.g. absolute ``DETBENCH_RUNS``/``DETBENCH_CACHE``/``DETBENCH_RESULTS``: the jobs run
+    from the snapshot directory, where relative defaults would point elsewhere.
     """
     results_dir = Path(results_dir).resolve()
     store_root = str(Path(store_root).resolve())
@@ -451,6 +456,12 @@ def submit_jobs(
         f"export DETBENCH_SOURCE_ROOT={shlex.quote(str(repo.resolve()))}",
         f"cd {shlex.quote(str(snapshot.path))}",
     ]
+    if snapshot.sha:  # the snapshot has no .git: the run store's env.json reads the sha from here
+        setup.append(f"export DETBENCH_SNAPSHOT_SHA={shlex.quote(snapshot.sha)}")
+    for var, value in (env or {}).items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            raise ValueError(f"env: {var!r} is not a valid environment variable name")
+        setup.append(f"export {var}={shlex.quote(str(value))}")
     log_folder = results_dir / "slurm" / "logs" / name
     callable_ = StageJob(store_root, fn=fn, threaded=threaded)
 

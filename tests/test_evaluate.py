@@ -18,7 +18,7 @@ def _rect_poly(x, y, w, h):
     return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 
 
-def _rle_of_rect(h, w, x, y, bw, bh, counts_str=True):
+def _rle_of_rect(h, w, x, y, bw, bh):
     m = np.zeros((h, w), dtype=np.uint8)
     m[y:y + bh, x:x + bw] = 1
     rle = mask_util.encode(np.asfortranarray(m))

@@ -175,7 +175,7 @@ def test_end_to_end_tiny_coco(tmp_path):
                rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=500,
                rpn_post_nms_top_n_test=200, anchor_sizes=[8, 16, 32, 64, 128], min_size=[112, 128],
                max_size=213, test_min_size=128)
-    recipe = dict(steps=20, batch_size=4, lr=0.02, milestones=[0.75], warmup_steps=5, ckpt_every=10,
+    recipe = dict(steps=20, batch_size=4, lr=0.005, milestones=[0.75], warmup_steps=5, ckpt_every=10,
                   log_every=5, num_workers=0)
     out = run_finetune(det, recipe, data, run_dir=tmp_path / "ft", weights=None, seed=0, device="cpu")
     assert out["steps"] == 20 and math.isfinite(out["final_loss"])
