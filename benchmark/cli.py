@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"detbench: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"detbench: error: {e}", file=sys.stderr)
         return 2
 

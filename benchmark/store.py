@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmark.trainer import atomic_write_json
 
 # Keys that never change a result and so stay out of a run's identity.
-NON_IDENTITY = ("runtime", "label", "cache_dir")
+NON_IDENTITY = ("runtime", "label", "cache_dir", "key")
 
 
 def canonical(config: dict) -> dict:

@@ -6,6 +6,13 @@ from typing import Callable
 _METHODS: dict[str, type] = {}
 
 
+class UnknownMethod(KeyError, ValueError):
+    """A method name that is not registered (a config error that names the field)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def register_method(name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if name in _METHODS and _METHODS[name] is not cls:
@@ -24,7 +31,7 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> type:
     _import_all()
     if name not in _METHODS:
-        raise KeyError(f"method.name: unknown method {name!r} (available: {', '.join(sorted(_METHODS))})")
+        raise UnknownMethod(f"method.name: unknown method {name!r} (available: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
 
 

@@ -15,7 +15,15 @@ def test_scale_is_overrides_not_fork():
     tiny = pretrain_config("moco_v2", scale="tiny", epochs=200)
     assert tiny["method"]["backbone"] == "resnet18"
     assert tiny["method"]["temperature"] == 0.2            # paper default survives the scale
-    assert tiny["recipe"]["epochs"] == 200 and tiny["recipe"]["steps_per_epoch"] == 1
+    assert tiny["recipe"]["epochs"] == 200 and tiny["recipe"]["steps_per_epoch"] == 0.25
+    from benchmark.pretrain import resolve_steps
+    assert resolve_steps(tiny["recipe"], 1000) == (50, 0)
+
+
+def test_paper_batch_sizes_of_a_table_are_divided_at_small_scales():
+    cfg = pretrain_config("soco", scale="tiny", recipe_overrides={"batch_size": 512})
+    assert cfg["recipe"]["batch_size"] == 4                 # 512 / 128
+    assert pretrain_config("soco", scale="tiny")["recipe"]["batch_size"] == 16
 
 
 def test_paper_scale_needs_local_paths(monkeypatch):

@@ -57,12 +57,19 @@ def cluster(tmp_path_factory):
     shared = tmp_path_factory.mktemp("slurm-e2e")
     # one dataset cache and one code snapshot for the whole module; the synthetic data is
     # generated here once, so that concurrent jobs never race to create it
-    os.environ["DETBENCH_CACHE"] = str(shared / "cache")
     from benchmark.datasets import resolve_data
 
-    for spec in (SMOKE, PREEMPT):
-        for data in {json.dumps(j.config["data"], sort_keys=True) for j in plan_table(spec, scale="micro").jobs}:
-            resolve_data(json.loads(data))
+    saved = os.environ.get("DETBENCH_CACHE")
+    os.environ["DETBENCH_CACHE"] = str(shared / "cache")
+    try:
+        for spec in (SMOKE, PREEMPT):
+            for data in {json.dumps(j.config["data"], sort_keys=True) for j in plan_table(spec, scale="micro").jobs}:
+                resolve_data(json.loads(data))
+    finally:
+        if saved is None:
+            os.environ.pop("DETBENCH_CACHE")
+        else:
+            os.environ["DETBENCH_CACHE"] = saved
     return {"cpus": int(out.stdout.split()[1].rstrip("+")), "snapshots": shared / "snapshots",
             "cache": shared / "cache"}
 
@@ -167,8 +174,8 @@ def test_preempted_finetune_resumes_bit_identical_to_uninterrupted_run(ws, clust
         log = run / "log.jsonl"
         return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
 
-    # preempt once a checkpoint (every 3 steps) is on disk and training is still going
-    wait_until(lambda: (run / "checkpoint.pt").exists() and len(logged_steps()) >= 3, 120,
+    # preempt once a checkpoint (every 2 steps) is on disk and training is still going
+    wait_until(lambda: (run / "checkpoint.pt").exists() and len(logged_steps()) >= 2, 120,
                "the fine-tune to save its first checkpoint")
     t_first_ckpt = time.monotonic() - t0
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(cluster["cpus"]), "--mem=100M",

@@ -62,7 +62,11 @@ def bright_bbox(t: torch.Tensor):
 def test_views_shapes_tiny():
     m = build_method("soco", **SoCo.scales["tiny"]["method"])
     s = m.views(record(), np.random.default_rng(0))
-    assert s["v1"].shape == (3, 96, 96) and s["v2"].shape == (3, 96, 96) and s["v3"].shape == (3, 48, 48)
+    assert s["v1"].shape == (3, 64, 64) and s["v2"].shape == (3, 64, 64) and s["v3"].shape == (3, 32, 32)
+    # Table 5a at any scale: V3 as a fraction of V1 (96/224 of a 64-px view -> 27 px)
+    s5 = build_method("soco", **{**SoCo.scales["tiny"]["method"], "v3_scale": 96 / 224}).views(
+        record(), np.random.default_rng(0))
+    assert s5["v3"].shape == (3, 27, 27)
     for v in ("v1", "v2", "v3"):
         assert s[f"boxes_{v}"].shape == (4, 4) and s[f"boxes_{v}"].dtype == torch.float32
     assert s["valid"].shape == (4,) and s["valid"].dtype == torch.bool
@@ -250,7 +254,7 @@ def test_recipe_and_overrides():
     assert SoCo.recipe["optimizer"] == "lars" and SoCo.recipe["base_lr"] == 1.0
     assert SoCo.recipe["weight_decay"] == 1e-5 and SoCo.recipe["batch_size"] == 2048
     assert SoCo.recipe["warmup_epochs"] == 10 and SoCo.finetune_overrides == {"weight_decay": 2.5e-5}
-    assert SoCo.needs_proposals and SoCo.scales["tiny"]["recipe"]["batch_size"] == 32
+    assert SoCo.needs_proposals and SoCo.scales["tiny"]["recipe"]["batch_size"] == 16
 
 
 # --------------------------------------------------------------------------- export
