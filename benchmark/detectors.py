@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from methods.base import dataclass_from_dict
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -54,48 +54,6 @@ GROUPS = ("backbone", "fpn", "box_head", "other")
 
 
 # --------------------------------------------------------------------------- config
-def dataclass_from_dict(cls, d: dict | None, prefix: str):
-    """Build dataclass ``cls`` from a plain dict; unknown keys and badly typed values raise
-    ``ValueError`` naming ``<prefix>.<key>``. Lists become tuples for tuple fields."""
-    d = dict(d or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for k in d:
-        if k not in fields:
-            raise ValueError(f"{prefix}.{k}: unknown key (known: {', '.join(sorted(fields))})")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
-
-
-def _coerce(v: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if args and type(None) in args:  # Optional[X] / X | None
-        if v is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = (v,)
-        if not isinstance(v, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {v!r}")
-        return tuple(_coerce(x, args[0] if args else Any, where) for x in v)
-    if tp is bool:
-        if not isinstance(v, bool):
-            raise ValueError(f"{where}: expected true/false, got {v!r}")
-        return v
-    if tp is int:
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-            raise ValueError(f"{where}: expected an integer, got {v!r}")
-        return int(v)
-    if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {v!r}")
-        return float(v)
-    if tp is str and not isinstance(v, str):
-        raise ValueError(f"{where}: expected a string, got {v!r}")
-    return v
-
-
 @dataclass
 class DetectorConfig:
     """Detector architecture. Defaults: Mask R-CNN R50-FPN as fine-tuned by MoCo v2 / SoCo /

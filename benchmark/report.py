@@ -102,7 +102,6 @@ def render(plan: Plan, store: RunStore, out_root: Path | None = None, runs_link_
         vdir = tdir / f"{version}.{n}"
         n += 1
     vdir.mkdir(parents=True)
-    nseeds = len(plan.seeds)
 
     # ---- csv (one line per cell)
     buf = io.StringIO()

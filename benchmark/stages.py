@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from pathlib import Path
 
 from benchmark.plan import Job, Plan
 from benchmark.store import RunStore

@@ -22,41 +22,37 @@ class MethodConfig:
     def from_dict(cls, d: dict | None, prefix: str = "method") -> "MethodConfig":
         d = dict(d or {})
         d.pop("name", None)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}: unknown key for {cls.__qualname__.split('.')[0]} "
-                              f"(known: {', '.join(sorted(fields))})")
-        hints = typing.get_type_hints(cls)
-        out = {}
-        for k, v in d.items():
-            out[k] = _coerce(v, hints[k], f"{prefix}.{k}")
-        return cls(**out)
+        return dataclass_from_dict(cls, d, prefix)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def dataclass_from_dict(cls, d: dict | None, prefix: str):
+    """Build dataclass ``cls`` from a plain dict; unknown keys and badly typed values raise
+    ``ConfigError`` naming ``<prefix>.<key>``. Lists become tuples for tuple fields."""
+    d = dict(d or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in fields:
+            raise ConfigError(f"{prefix}.{k}: unknown key (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
+
+
 def _coerce(v: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if v is None and type(None) in args:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if args and type(None) in args:  # Optional[X] / X | None
+        if v is None:
             return None
-        errs = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(v, a, where)
-            except ConfigError as e:
-                errs.append(str(e))
-        raise ConfigError(errs[0] if errs else f"{where}: bad value {v!r}")
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = (v,)
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {v!r}")
-        inner = args[0] if args else Any
-        return tuple(_coerce(x, inner, where) for x in v)
+        return tuple(_coerce(x, args[0] if args else Any, where) for x in v)
     if tp is bool:
         if not isinstance(v, bool):
             raise ConfigError(f"{where}: expected true/false, got {v!r}")
@@ -69,10 +65,8 @@ def _coerce(v: Any, tp: Any, where: str) -> Any:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {v!r}")
         return float(v)
-    if tp is str:
-        if not isinstance(v, str):
-            raise ConfigError(f"{where}: expected a string, got {v!r}")
-        return v
+    if tp is str and not isinstance(v, str):
+        raise ConfigError(f"{where}: expected a string, got {v!r}")
     return v
 
 

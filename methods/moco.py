@@ -31,7 +31,9 @@ class MoCoV2(PretrainMethod):
     # SGD lr 0.03 at batch 256, wd 1e-4, momentum 0.9, cosine (MoCo v2 Sec. 3, official repo)
     recipe = {"optimizer": "sgd", "base_lr": 0.03, "lr_batch": 256, "batch_size": 256,
               "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
-    scales = {"tiny": {"method": {"backbone": "resnet18", "queue_size": 4096, "crop_size": 64},
+    # tiny: 50 steps x 64 keys; a 1024-key queue fills in 16 steps (a queue larger than the
+    # keys ever seen keeps its random initial entries as trivially easy negatives)
+    scales = {"tiny": {"method": {"backbone": "resnet18", "queue_size": 1024, "crop_size": 64},
                        "recipe": {"batch_size": 64}},
               "small": {"method": {"backbone": "resnet50", "queue_size": 16384, "crop_size": 160},
                         "recipe": {"batch_size": 128}}}

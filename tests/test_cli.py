@@ -1,6 +1,6 @@
 import pytest
 
-from benchmark.cli import build_parser, main
+from benchmark.cli import main
 
 
 def test_help_lists_the_commands(capsys):
