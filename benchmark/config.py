@@ -86,7 +86,7 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     unknown = set(mscale) - {"method", "recipe"}
     if unknown:
         raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
-    mcfg = deep_merge(mscale.get("method", {}), method_overrides)
+    mcfg = expand_env(deep_merge(mscale.get("method", {}), method_overrides), "method")
     mcfg = cls.Config.from_dict(mcfg).to_dict()      # validates names and types
     recipe = deep_merge(cls.recipe, mscale.get("recipe", {}))
     scale_pre = dict(sc.get("pretrain", {}))

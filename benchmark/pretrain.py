@@ -84,7 +84,7 @@ def build_for_pretrain(config: dict):
     data = resolve_data(config["data"])
     cls = get_method(name)
     labels = None
-    if cls.needs_labels:
+    if cls.needs_labels and not mcfg.get("weights"):
         labels, n_cls = _image_labels(data["pretrain"]["ann_file"])
         mcfg["num_classes"] = mcfg.get("num_classes") or n_cls
     method = build_method(name, **mcfg)
@@ -163,7 +163,7 @@ def _export_given_weights(method, run_dir: Path) -> dict:
     state = load_weights_file(method.cfg.weights)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     T.save_checkpoint(run_dir / "weights.pt", {"state_dict": state, "method": "supervised"})
-    return {"steps": 0, "weights_from": method.cfg.weights, "weights_sha256": sha256_file(run_dir / "weights.pt")}
+    return {"steps": 0, "total_steps": 0, "weights_from": method.cfg.weights, "weights_sha256": sha256_file(run_dir / "weights.pt")}
 
 
 def _to(x: Any, device) -> Any:

@@ -24,8 +24,12 @@ class Supervised(PretrainMethod):
     # the standard ImageNet recipe: SGD lr 0.1 at batch 256, wd 1e-4, cosine
     recipe = {"optimizer": "sgd", "base_lr": 0.1, "lr_batch": 256, "batch_size": 256,
               "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
+    # small/paper: the user's own ImageNet-supervised R50 (torchvision key space), e.g.
+    # export SUPERVISED_WEIGHTS=/models/resnet50-imagenet.pth — nothing is downloaded
     scales = {"tiny": {"method": {"backbone": "resnet18", "crop_size": 64},
-                       "recipe": {"batch_size": 64}}}
+                       "recipe": {"batch_size": 64}},
+              "small": {"method": {"weights": "${SUPERVISED_WEIGHTS}"}},
+              "paper": {"method": {"weights": "${SUPERVISED_WEIGHTS}"}}}
 
     @dataclass
     class Config(MethodConfig):

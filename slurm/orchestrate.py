@@ -224,14 +224,14 @@ def run_plan_submitit_local(plan, store, *, folder: str | os.PathLike | None = N
     job, at most ``max_parallel`` at once), parents before children, and wait.
 
     A failed or diverged run skips its descendants; the rest goes on.  Returns key → status
-    (done | failed | diverged | skipped).  Logs: ``<results>/slurm/local/<name>/<job id>/``.
+    (done | failed | diverged | skipped).  Logs: ``<results>/slurm/local/<name>/<pid>_log.{out,err}``.
     """
     import submitit
 
     store_root = Path(store.root).resolve()
     results = _results_dir()
     log_folder = Path(folder) if folder else results / "slurm" / "local" / plan.spec.name
-    executor = submitit.LocalExecutor(folder=log_folder / "%j")
+    executor = submitit.LocalExecutor(folder=log_folder)
     executor.update_parameters(timeout_min=24 * 60)
     env = job_environment(store_root, results)
     status: dict[str, str] = {j.key: "done" for j in plan.jobs if store.status(j.key) == "done"}

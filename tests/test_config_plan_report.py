@@ -149,3 +149,27 @@ def test_finished_run_is_never_overwritten(isolated):
     assert json.loads((store.run_dir("k1") / "metrics.json").read_text())["a"] == 1
     env = json.loads((store.run_dir("k1") / "env.json").read_text())
     assert {"git", "packages", "hardware"} <= set(env) and "torch" in env["packages"]
+
+
+def test_supervised_row_at_paper_scale_reads_the_users_weights(isolated, monkeypatch):
+    import torch
+    import torchvision
+    from benchmark.plan import Job
+    from benchmark.stages import run_job
+    for v in ("IMAGENET_ROOT", "COCO_ROOT"):
+        monkeypatch.setenv(v, str(isolated))
+    monkeypatch.delenv("SUPERVISED_WEIGHTS", raising=False)
+    with pytest.raises(ConfigError, match="SUPERVISED_WEIGHTS is not set"):
+        pretrain_config("supervised", scale="paper")
+    for d in ("train", "train2017", "val2017", "annotations"):
+        (isolated / d).mkdir(exist_ok=True)
+    for f in ("instances_train2017.json", "instances_val2017.json"):
+        (isolated / "annotations" / f).write_text("{}")
+    w = isolated / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), w)
+    monkeypatch.setenv("SUPERVISED_WEIGHTS", str(w))
+    cfg = pretrain_config("supervised", scale="paper", epochs=90)
+    assert cfg["method"]["weights"] == str(w)
+    m = run_job(Job("pretrain", run_key(cfg), cfg, (), "sup"), str(isolated / "runs"))
+    sd = torch.load(RunStore(isolated / "runs").run_dir(run_key(cfg)) / "weights.pt")["state_dict"]
+    assert m["weights_from"] == str(w) and "layer4.2.conv3.weight" in sd and "fc.weight" not in sd

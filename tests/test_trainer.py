@@ -105,3 +105,30 @@ def test_pretrain_stop_and_resume_is_bit_exact(isolated):
     lb = (isolated / "b" / "log.jsonl").read_text().splitlines()
     strip = lambda ls: [{k: v for k, v in __import__("json").loads(l).items() if k != "time"} for l in ls]
     assert strip(la) == strip(lb) and len(la) == 6
+
+
+def test_ema_tracks_weights():
+    m = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = T.EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(m)
+    ema.update(m)
+    assert ema.shadow["weight"].item() == pytest.approx(0.75)    # 0 -> 0.5 -> 0.75
+
+
+def test_requested_checkpoint_is_written_at_the_end_of_the_step(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = T.TrainLoop(model, opt, lambda s: 0.1, T.LoopConfig(total_steps=10, ckpt_every=1000), tmp_path)
+
+    def step(b):
+        if loop.step == 3:
+            T.request_checkpoint()          # what submitit's checkpoint() / SIGUSR1 call
+        return {"loss": model(torch.ones(1, 2)).sum()}
+    loop.run(iter([None] * 10), step, None, stop_after=6, progress=False)
+    # a checkpoint at step 4 (requested) was superseded by the one at stop (6); the flag is reset
+    assert T.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
+    assert T._CHECKPOINT_REQUESTED is False
