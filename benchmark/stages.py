@@ -30,6 +30,9 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
     cfg = {k: v for k, v in job.config.items()}
     run_dir = store.begin(job.key, cfg)
     rt = cfg.get("runtime", {})
+    if rt.get("torch_threads"):
+        import torch
+        torch.set_num_threads(int(rt["torch_threads"]))
     t0 = time.time()
     try:
         if job.stage == "pretrain":

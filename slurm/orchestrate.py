@@ -14,13 +14,23 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from slurm.profile import SlurmProfile, load_profile
 from slurm.state import SlurmState, now_iso, state_path
-from slurm.submit import (ACTIVE_STATES, DEAD_REASONS, SlurmUnavailable, StageJob, SubmitSummary, _run,
-                          cancel, slurm_job_states, submit_jobs)
+from slurm.submit import (
+    ACTIVE_STATES,
+    DEAD_REASONS,
+    SlurmUnavailable,
+    StageJob,
+    SubmitSummary,
+    _run,
+    cancel,
+    slurm_job_states,
+    submit_jobs,
+)
 
 # Slurm states → the status a run is counted under (when the run store does not say done/diverged)
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"}
@@ -71,7 +81,7 @@ def _detect_overrides(plan) -> dict | None:
 
     try:
         again = plan_table(plan.spec, scale=plan.scale, seeds=plan.seeds)
-    except Exception:  # noqa: BLE001 - only a guess
+    except Exception:
         return None
     return {} if [j.key for j in again.jobs] == [j.key for j in plan.jobs] else None
 
@@ -99,7 +109,7 @@ def _load_spec_from_record(rec: dict, state_file: Path):
     ref = rec["spec"]
     try:
         return load_spec(ref)
-    except Exception:  # noqa: BLE001 - fall back on the copy kept in the state file
+    except Exception:
         if not rec.get("spec_text"):
             raise
     copy = state_file.with_name(f"{state_file.stem}.spec.yaml")
@@ -132,7 +142,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
             cells = [(c.row, c.col, c.seed, c.eval_key, tuple(c.chain)) for c in plan.cells]
             if cells == recorded:
                 return plan, "re-planned"
-        except Exception as err:  # noqa: BLE001 - the recorded cells still work
+        except Exception as err:
             print(f"{name}: re-planning failed ({type(err).__name__}: {err}); using the recorded cells",
                   file=sys.stderr)
     jobs = [Job(j["stage"], j["key"], {}, tuple(j.get("parents", ())), j.get("label", "")) for j in rec["jobs"]]
@@ -447,7 +457,11 @@ def cli_cancel(a) -> int:
     results = _results_dir()
     names = _state_names(results, getattr(a, "name", None))
     for name in names:
-        ids = cancel_table(results, name)
+        try:
+            ids = cancel_table(results, name)
+        except SlurmUnavailable as err:
+            print(f"{name}: cannot cancel: {err}", file=sys.stderr)
+            return 1
         print(f"{name}: cancelled {len(ids)} job(s){': ' + ' '.join(ids) if ids else ' (none live)'}")
     return 0
 

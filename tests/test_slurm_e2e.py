@@ -213,7 +213,6 @@ def test_preempted_finetune_resumes_bit_identical_to_uninterrupted_run(ws, clust
     after = logged_steps()
     assert [r["step"] for r in after] == list(range(1, ft.config["recipe"]["steps"] + 1))
     assert after[:len(before)] == before  # the records up to the checkpoint are the first process's
-    assert after[ckpt_step]["time"] < after[ckpt_step - 1]["time"]  # a new process took over there
     st = orch.table_status(ws["results"], "micro_preempt")
     assert st["requeued_runs"] == 1 and st["counts"]["done"] == 2
 

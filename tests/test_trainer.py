@@ -128,7 +128,10 @@ def test_requested_checkpoint_is_written_at_the_end_of_the_step(tmp_path):
         if loop.step == 3:
             T.request_checkpoint()          # what submitit's checkpoint() / SIGUSR1 call
         return {"loss": model(torch.ones(1, 2)).sum()}
+    saved = []
+    real_save = loop.save
+    loop.save = lambda: (saved.append(loop.step), real_save())
     loop.run(iter([None] * 10), step, None, stop_after=6, progress=False)
-    # a checkpoint at step 4 (requested) was superseded by the one at stop (6); the flag is reset
+    assert saved == [4, 6]                   # the requested one after step 4, then at the stop
     assert T.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
     assert T._CHECKPOINT_REQUESTED is False

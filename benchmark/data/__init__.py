@@ -1,17 +1,19 @@
-"""Data layer: synthetic scenes, a COCO-format loader, and unlabeled image sources."""
-from benchmark.data.coco import CocoDetection, collate_fn
-from benchmark.data.errors import CorruptImage, DataError
-from benchmark.data.images import ImageSource, SkippingImageDataset
-from benchmark.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_dataset, generate_split
+"""Data layer: synthetic scenes, a COCO-format loader, and unlabeled image sources.
 
-__all__ = [
-    "CocoDetection",
-    "CorruptImage",
-    "DataError",
-    "ImageSource",
-    "SYNTHETIC_CLASSES",
-    "SkippingImageDataset",
-    "collate_fn",
-    "ensure_synthetic_dataset",
-    "generate_split",
-]
+Names are imported lazily, so ``benchmark.data.errors`` (used by the proposal cache) does
+not pull in pycocotools."""
+import importlib
+
+_WHERE = {
+    "CocoDetection": "coco", "collate_fn": "coco",
+    "CorruptImage": "errors", "DataError": "errors",
+    "ImageSource": "images", "SkippingImageDataset": "images",
+    "SYNTHETIC_CLASSES": "synthetic", "ensure_synthetic_dataset": "synthetic", "generate_split": "synthetic",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"benchmark.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'benchmark.data' has no attribute {name!r}")
