@@ -98,7 +98,7 @@ def cmd_reproduce(a) -> int:
         return 0
     if a.executor == "slurm":
         from slurm.orchestrate import submit_plan
-        submit_plan(plan, store, profile=a.profile, overrides=parse_overrides(a.slurm_set))
+        submit_plan(plan, store, profile=a.profile, overrides=parse_overrides(a.slurm_set), plan_overrides=ov)
         return 0
     t0 = time.time()
     if a.executor == "submitit-local":

@@ -112,6 +112,13 @@ def git_info(cwd: Path | None = None) -> dict:
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", None
     snap = os.environ.get("DETBENCH_SNAPSHOT_SHA")
+    if snap:  # a Slurm job runs from a code snapshot: its manifest knows the dirty flag
+        manifest = Path(os.environ.get("DETBENCH_SNAPSHOT", "")) / "SNAPSHOT.json"
+        if manifest.is_file():
+            try:
+                dirty = json.loads(manifest.read_text()).get("dirty", dirty)
+            except (OSError, ValueError):
+                pass
     return {"sha": snap or sha or "unknown", "dirty": dirty, "snapshot": bool(snap)}
 
 

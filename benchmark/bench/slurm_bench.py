@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
             cancel(submitted_ids)
         except Exception:  # noqa: BLE001 - already cancelled
             pass
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"Slurm submission, {res['runs']}-run grid (micro scale, MaxArraySize {res['max_array_size']}):")
     rows = [("plan_table", res["plan_s"], ""),
