@@ -8,6 +8,7 @@ SCALE    ?= tiny
 SEEDS    ?= 1
 EXECUTOR ?= local
 PROFILE  ?= local-ci
+JOBS     ?= 0
 ARGS     ?=
 
 .PHONY: setup reproduce grid test test-slow test-slurm test-all bench status collect clean-cache slurm-up slurm-down
@@ -22,11 +23,11 @@ setup: $(BIN)/.installed
 
 # make reproduce TABLE=soco_table1 [SCALE=tiny] [SEEDS=3] [EXECUTOR=local|submitit-local|slurm]
 reproduce: setup
-	$(BIN)/detbench reproduce --table $(TABLE) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) $(ARGS)
+	$(BIN)/detbench reproduce --table $(TABLE) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
 
 # make grid GRID=soco_table5 [EXECUTOR=slurm]
 grid: setup
-	$(BIN)/detbench grid --grid $(GRID) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) $(ARGS)
+	$(BIN)/detbench grid --grid $(GRID) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
 
 status: setup
 	$(BIN)/detbench status $(ARGS)

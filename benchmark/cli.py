@@ -105,7 +105,9 @@ def cmd_reproduce(a) -> int:
         from slurm.orchestrate import run_plan_submitit_local
         run_plan_submitit_local(plan, store)
     else:
-        run_plan_local(plan, a.runs, device=a.device)
+        from benchmark.config import load_scale
+        jobs = a.jobs or int(load_scale(a.scale).get("runtime", {}).get("local_jobs", 1))
+        run_plan_local(plan, a.runs, device=a.device, jobs=jobs)
     vdir = render(plan, store)
     print(f"done in {time.time() - t0:.0f} s; table: {vdir.parent / 'table.md'} (version {vdir.name})")
     return 0
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--slurm-set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a profile field, e.g. partition=gpu")
         s.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+        s.add_argument("--jobs", type=int, default=0,
+                       help="local executor: runs at once (default: the scale's local_jobs; tiny 2)")
         _common(s)
         s.set_defaults(fn=cmd_reproduce)
 

@@ -82,6 +82,11 @@ def test_interrupted_chain_ends_with_identical_metrics(isolated, spec_path):
     mb = RunStore(b).metrics(ev.key)
     assert ma["bbox"] == mb["bbox"] and ma["segm"] == mb["segm"]
     assert RunStore(a).metrics(pre.key)["weights_sha256"] == RunStore(b).metrics(pre.key)["weights_sha256"]
+    # two runs at once in worker processes: same results as one after the other
+    c = str(isolated / "store_c")
+    status = run_plan_local(plan_table(str(p), scale="micro", seeds=(0, 1)), c, jobs=2)
+    assert set(status.values()) == {"done"} and len(status) == 6
+    assert RunStore(c).metrics(ev.key)["bbox"] == ma["bbox"]
 
 
 def test_diverged_run_marks_its_cells_and_the_table_goes_on(isolated, spec_path):
