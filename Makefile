@@ -44,8 +44,9 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # tests that submit real jobs to a single-node Slurm started here (root, Debian)
+# (MaxArraySize 4 so that the array-chunking test submits an array larger than it)
 test-slurm: setup
-	slurm/cluster/start.sh
+	MAX_ARRAY_SIZE=$${MAX_ARRAY_SIZE:-4} slurm/cluster/start.sh
 	. $${SLURM_BASE:-/tmp/detbench-slurm}/env.sh && $(BIN)/python -m pytest -q -m slurm; rc=$$?; \
 	  slurm/cluster/stop.sh; exit $$rc
 
