@@ -16,6 +16,7 @@ Box convention: ``xyxy`` in pixel-edge coordinates, ``x2 = x + w`` (exclusive), 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -471,6 +472,23 @@ def compute_proposals(
     final = cache_dir / f"proposals-{key}.npz"
     if final.exists():
         return ProposalCache.load(final)
+    # one computation per cache: a second process (two SoCo runs started at once) waits for
+    # the first and then loads its file instead of repeating the work
+    lock_path = cache_dir / f"proposals-{key}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists():
+            return ProposalCache.load(final)
+        out = _compute_locked(paths, cache_dir, key, dataset_hash, params, final, mode=mode, max_side=max_side,
+                              num_workers=num_workers, chunk_size=chunk_size, mp_context=mp_context,
+                              progress=progress)
+        lock_path.unlink(missing_ok=True)  # the cache stays one file; waiters find it done
+        return out
+
+
+def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, mode, max_side, num_workers,
+                    chunk_size, mp_context, progress) -> "ProposalCache":
+    fkw = params["filter"]
     work = cache_dir / f"proposals-{key}.parts"
     work.mkdir(exist_ok=True)
 

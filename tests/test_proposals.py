@@ -311,3 +311,24 @@ def test_load_rejects_non_cache(tmp_path):
     p.write_bytes(b"garbage")
     with pytest.raises(DataError, match="x.npz"):
         P.ProposalCache.load(p)
+
+
+def test_two_concurrent_computations_share_one_cache(images, tmp_path, monkeypatch):
+    """Two runs starting at once (the local executor runs two SoCo pretrainings in parallel):
+    the second waits on the first's lock and loads its file; no chunk is computed twice."""
+    import threading
+    cdir = tmp_path / "cache"
+    orig = P._compute_chunk
+    calls = []
+    monkeypatch.setattr(P, "_compute_chunk", lambda job: calls.append(job[0]) or orig(job))
+    out = [None, None]
+
+    def go(i):
+        out[i] = P.compute_proposals(images, cdir, num_workers=0, chunk_size=1, progress=False)
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(calls) == list(range(len(images)))
+    assert out[0].path == out[1].path and list(cdir.iterdir()) == [out[0].path]
