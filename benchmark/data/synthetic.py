@@ -334,11 +334,17 @@ def ensure_synthetic_dataset(
     root.mkdir(parents=True, exist_ok=True)
     counts = {"pretrain": num_pretrain, "train": num_train, "val": num_val}
     out: dict[str, dict] = {}
-    for split, n in counts.items():
-        split_dir = root / split
-        if not _split_complete(split_dir, int(n)):
-            with tqdm(total=int(n), desc=f"synthetic {split}", unit="img", leave=False) as bar:
-                generate_split(root, int(n), image_size, seed, split, min_objects, max_objects,
-                               progress=bar.update)
-        out[split] = {"image_root": str(split_dir / "images"), "ann_file": str(split_dir / "annotations.json")}
+    # runs started at once (the parallel local executor, array jobs) generate the data once:
+    # the others wait on this lock, then find every split complete
+    import fcntl
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for split, n in counts.items():
+            split_dir = root / split
+            if not _split_complete(split_dir, int(n)):
+                with tqdm(total=int(n), desc=f"synthetic {split}", unit="img", leave=False) as bar:
+                    generate_split(root, int(n), image_size, seed, split, min_objects, max_objects,
+                                   progress=bar.update)
+            out[split] = {"image_root": str(split_dir / "images"),
+                          "ann_file": str(split_dir / "annotations.json")}
     return out
