@@ -1,3 +1,5 @@
+import os
+from pathlib import Path
 
 import pytest
 
@@ -12,3 +14,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 MICRO_DATA = {"kind": "synthetic", "image_size": 64, "num_pretrain": 16, "num_train": 8, "num_val": 4, "seed": 0}
+
+# the real COCO excerpt: ../shared/data/tiny_coco beside the checkout (CI and sessions)
+TINY_COCO = Path(os.environ.get("DETBENCH_TINY_COCO",
+                                Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"))

@@ -16,7 +16,7 @@ from benchmark.data.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TINY = Path("/work/shared/data/tiny_coco")
+from tests.conftest import TINY_COCO as TINY
 W, H = 40, 30
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from benchmark.data.errors import CorruptImage, DataError
 from benchmark.data.images import ImageSource, SkippingImageDataset
 
-TINY = Path("/work/shared/data/tiny_coco")
+from tests.conftest import TINY_COCO as TINY
 
 
 def _save(path: Path, seed: int, mode: str = "RGB", size=(12, 9)) -> None:

@@ -161,7 +161,7 @@ def test_bad_data_and_weights_named(tiny_data, tmp_path):
                      device="cpu")
 
 
-TINY_COCO = Path("/work/shared/data/tiny_coco")
+from tests.conftest import TINY_COCO
 
 
 @pytest.mark.slow
