@@ -74,9 +74,10 @@ def _fmt(v: float | None, nd: int = 1) -> str:
 def _ours(c: dict, nseeds: int) -> str:
     if c["mean"] is None:
         return c["status"]
-    s = f"{c['mean']:.1f}"
+    nd = 2 if abs(c["mean"]) < 10 else 1    # tiny-scale APs live below 1: keep their digits
+    s = f"{c['mean']:.{nd}f}"
     if len(c["values"]) > 1:
-        s += f" ± {c['std']:.1f}"
+        s += f" ± {c['std']:.{nd}f}"
     if c["status"] == "partial":
         s += f" ({len(c['values'])}/{nseeds} seeds)"
     return s

@@ -173,3 +173,10 @@ def test_supervised_row_at_paper_scale_reads_the_users_weights(isolated, monkeyp
     m = run_job(Job("pretrain", run_key(cfg), cfg, (), "sup"), str(isolated / "runs"))
     sd = torch.load(RunStore(isolated / "runs").run_dir(run_key(cfg)) / "weights.pt")["state_dict"]
     assert m["weights_from"] == str(w) and "layer4.2.conv3.weight" in sd and "fc.weight" not in sd
+
+
+def test_small_values_keep_two_decimals():
+    from benchmark.report import _ours
+    assert _ours({"mean": 0.123, "std": 0.0, "values": [0.123], "status": "done"}, 1) == "0.12"
+    assert _ours({"mean": 42.26, "std": 0.5, "values": [42.0, 42.5], "status": "done"}, 2) == "42.3 ± 0.5"
+    assert _ours({"mean": 1.0, "std": 0.0, "values": [1.0], "status": "partial"}, 3) == "1.00 (1/3 seeds)"
