@@ -18,3 +18,37 @@ MICRO_DATA = {"kind": "synthetic", "image_size": 64, "num_pretrain": 16, "num_tr
 # the real COCO excerpt: ../shared/data/tiny_coco beside the checkout (CI and sessions)
 TINY_COCO = Path(os.environ.get("DETBENCH_TINY_COCO",
                                 Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"))
+
+
+def connect_slurm_or_skip(base: Path) -> str:
+    """Source ``base/env.sh`` (SLURM_CONF) into os.environ and check that a Slurm cluster with
+    accounting answers; skip the test with the reason otherwise. Returns ``sinfo``'s line."""
+    import shutil
+    import subprocess
+    if shutil.which("sinfo") is None:
+        pytest.skip("Slurm client tools (sinfo) are not installed; run slurm/cluster/start.sh")
+    env_sh = base / "env.sh"
+    if not env_sh.exists():
+        pytest.skip(f"no Slurm cluster: {env_sh} missing; run slurm/cluster/start.sh")
+    for line in env_sh.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            k, _, v = line[len("export "):].partition("=")
+            os.environ[k.strip()] = v.strip().strip("'\"")
+    out = subprocess.run(["sinfo", "-h", "-o", "%T %c"], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        pytest.skip(f"no Slurm cluster answers (sinfo: {out.stderr.strip() or 'no nodes'})")
+    if subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True).returncode != 0:
+        pytest.skip("Slurm accounting (sacct) does not work; submitit needs it")
+    return out.stdout
+
+
+def wait_for(cond, timeout, what, every=1.0):
+    """Poll ``cond`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
 import pytest
+
+from tests.conftest import connect_slurm_or_skip, wait_for
 import submitit
 
 from slurm.profile import cluster_max_array_size, load_profile
@@ -101,24 +101,11 @@ def fake_stage(job, store_root, resume=True):
 def slurm_cluster():
     """Sources $SLURM_BASE/env.sh (SLURM_CONF) and checks that the cluster answers."""
     base = Path(os.environ.get("SLURM_BASE", "/tmp/detbench-slurm"))
-    if shutil.which("sinfo") is None:
-        pytest.skip("Slurm client tools (sinfo) are not installed; run slurm/cluster/start.sh")
     if os.environ.get("DETBENCH_START_SLURM") == "1" and os.geteuid() == 0:
         env = {**os.environ, "SLURM_BASE": str(base), "MAX_ARRAY_SIZE": os.environ.get("MAX_ARRAY_SIZE", "4")}
         subprocess.run([str(REPO / "slurm/cluster/start.sh")], env=env, check=True, capture_output=True)
-    env_sh = base / "env.sh"
-    if not env_sh.exists():
-        pytest.skip(f"no Slurm cluster: {env_sh} missing; run slurm/cluster/start.sh")
-    for line in env_sh.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export "):].partition("=")
-            os.environ[k.strip()] = v.strip().strip("'\"")
-    out = subprocess.run(["sinfo", "-h", "-o", "%T %c"], capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.strip():
-        pytest.skip(f"no Slurm cluster answers (sinfo: {out.stderr.strip() or 'no nodes'})")
-    if subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True).returncode != 0:
-        pytest.skip("Slurm accounting (sacct) does not work; submitit needs it")
-    return {"base": base, "cpus": int(out.stdout.split()[1].rstrip("+"))}
+    sinfo = connect_slurm_or_skip(base)
+    return {"base": base, "cpus": int(sinfo.split()[1].rstrip("+"))}
 
 
 @pytest.fixture
@@ -128,16 +115,6 @@ def workdir(tmp_path):
 
 def _profile(**overrides):
     return load_profile("local-ci", {"mem_gb": 0.25, **overrides})
-
-
-def wait_for(cond, timeout, what, every=1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def states_of(summary_or_ids):

@@ -13,9 +13,9 @@ Every test skips with a reason when no cluster answers.  Timings go to stdout (`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +27,9 @@ from benchmark.store import RunStore
 from slurm import orchestrate as orch
 from slurm.state import SlurmState
 from slurm.submit import slurm_job_states
+from tests.conftest import connect_slurm_or_skip, wait_for
+
+wait_until = functools.partial(wait_for, every=0.5)
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
@@ -40,20 +43,7 @@ PREEMPT = str(SPECS / "micro_preempt.yaml")
 def cluster(tmp_path_factory):
     """SLURM_CONF from $SLURM_BASE/env.sh; skips when no cluster answers."""
     base = Path(os.environ.get("SLURM_BASE", "/tmp/detbench-slurm"))
-    if shutil.which("sinfo") is None:
-        pytest.skip("Slurm client tools (sinfo) are not installed; run slurm/cluster/start.sh")
-    env_sh = base / "env.sh"
-    if not env_sh.exists():
-        pytest.skip(f"no Slurm cluster: {env_sh} missing; run slurm/cluster/start.sh")
-    for line in env_sh.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export "):].partition("=")
-            os.environ[k.strip()] = v.strip().strip("'\"")
-    out = subprocess.run(["sinfo", "-h", "-o", "%T %c"], capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.strip():
-        pytest.skip(f"no Slurm cluster answers (sinfo: {out.stderr.strip() or 'no nodes'})")
-    if subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True).returncode != 0:
-        pytest.skip("Slurm accounting (sacct) does not work; submitit needs it")
+    sinfo = connect_slurm_or_skip(base)
     shared = tmp_path_factory.mktemp("slurm-e2e")
     # one dataset cache and one code snapshot for the whole module; the synthetic data is
     # generated here once, so that concurrent jobs never race to create it
@@ -70,7 +60,7 @@ def cluster(tmp_path_factory):
             os.environ.pop("DETBENCH_CACHE")
         else:
             os.environ["DETBENCH_CACHE"] = saved
-    return {"cpus": int(out.stdout.split()[1].rstrip("+")), "snapshots": shared / "snapshots",
+    return {"cpus": int(sinfo.split()[1].rstrip("+")), "snapshots": shared / "snapshots",
             "cache": shared / "cache"}
 
 
@@ -92,16 +82,6 @@ def ws(cluster, tmp_path, monkeypatch):
 
 def _ns(name=None, runs=None):
     return argparse.Namespace(name=name, runs=runs)
-
-
-def wait_until(cond, timeout, what, every=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def _numbers(metrics: dict) -> dict:
