@@ -175,22 +175,31 @@ def _plot(plan: Plan, cells: dict, path: Path) -> None:
         ours = [cells[(ri, ci)]["mean"] for ri in rows]
         errs = [cells[(ri, ci)]["std"] or 0 for ri in rows]
         refs = [cells[(ri, ci)]["ref"] for ri in rows]
-        y = range(len(rows))
-        ax.barh([i - 0.2 for i in y], [o if o is not None else 0 for o in ours], height=0.4,
-                xerr=errs, color="#3b75af", label=f"ours ({plan.scale})")
-        ax.barh([i + 0.2 for i in y], [r if r is not None and not math.isnan(r) else 0 for r in refs],
-                height=0.4, color="#c9c9c9", label="paper")
+        y = list(range(len(rows)))
+        # ours and the paper's on separate axes: at small scales ours are orders of magnitude
+        # below the paper's, and one shared axis would hide them
+        ax.barh(y, [o if o is not None else 0 for o in ours], height=0.6, xerr=errs,
+                color="#3b75af", label=f"ours ({plan.scale}, bottom axis)")
         for i, (o, c) in enumerate(zip(ours, rows)):
             st = cells[(c, ci)]["status"]
-            if o is None and st not in ("done",):
-                ax.text(0.5, i - 0.2, st, va="center", fontsize=7, color="#a33")
-        ax.set_title(spec.columns[ci].label, fontsize=10)
+            if o is None:
+                ax.text(0, i, f" {st}", va="center", fontsize=7, color="#a33")
+        top = ax.twiny()
+        ry = [i for i, r in zip(y, refs) if r is not None and not math.isnan(r)]
+        rv = [r for r in refs if r is not None and not math.isnan(r)]
+        top.scatter(rv, ry, marker="D", s=18, color="#777", label="paper (top axis)", zorder=3)
+        top.set_xlim(0, max(rv + [1]) * 1.1)
+        top.tick_params(labelsize=7, colors="#777")
+        ax.set_title(spec.columns[ci].label, fontsize=10, pad=18)
         ax.set_yticks(list(y))
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    handles = [plt.Rectangle((0, 0), 1, 1, color="#3b75af"),
+               plt.Line2D([], [], marker="D", ls="", color="#777")]
+    fig.legend(handles, [f"ours ({plan.scale}, bottom axis)", "paper (top axis)"], fontsize=8,
+               loc="lower center", ncol=2)
     fig.suptitle(f"{spec.title} — scale {plan.scale}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
