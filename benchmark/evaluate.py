@@ -145,7 +145,8 @@ def load_final_model(model_path: str | Path) -> torch.nn.Module:
 def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", batch_size: int = 4,
                  num_workers: int = 0, progress: bool = True) -> dict:
     """Evaluate ``model_final.pt`` on ``data["val"]``; writes ``detections.json`` and
-    ``metrics.json`` under ``run_dir`` and returns the metrics."""
+    ``coco_metrics.json`` under ``run_dir`` and returns the metrics (the run store writes
+    the run's own ``metrics.json`` last, as its done-marker)."""
     from benchmark.finetune import open_coco, resolve_device
     from benchmark.trainer import atomic_write_json
     if not isinstance(data, dict) or "val" not in data:
@@ -158,6 +159,6 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "detections.json", results)
     metrics = evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(run_dir / "coco_metrics.json", metrics)
     log.info("evaluation of %s: %s", model_path, metrics)
     return metrics

@@ -56,9 +56,6 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
             model = store.run_dir(cfg["parent"]) / "model_final.pt"
             m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir,
                              **({"device": device} if device else {}))
-            own = run_dir / "metrics.json"
-            if own.exists():  # the store writes metrics.json last, as the run's done-marker
-                own.replace(run_dir / "coco_metrics.json")
             complete = True
         else:
             raise ValueError(f"{job.label}: unknown stage {job.stage!r}")

@@ -161,7 +161,7 @@ def test_run_evaluate_writes_files(gt, tmp_path):
     data = {"val": {"image_root": str(gt["image_root"]), "ann_file": str(gt["ann_file"])}}
     metrics = run_evaluate(str(tmp_path / "model_final.pt"), data, run_dir=tmp_path / "ev", device="cpu",
                            progress=False)
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()).keys() == {"bbox", "segm"}
+    assert json.loads((tmp_path / "ev" / "coco_metrics.json").read_text()).keys() == {"bbox", "segm"}
     dets = json.loads((tmp_path / "ev" / "detections.json").read_text())
     assert len(dets["bbox"]) == len(dets["segm"])
     assert all(d["category_id"] in (2, 9) for d in dets["bbox"])

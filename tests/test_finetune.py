@@ -185,4 +185,4 @@ def test_end_to_end_tiny_coco(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in metrics["bbox"].values() if not math.isnan(v))
     det_json = json.loads((tmp_path / "ev" / "detections.json").read_text())
     assert set(det_json) == {"bbox", "segm"}
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()).keys() == metrics.keys()
+    assert json.loads((tmp_path / "ev" / "coco_metrics.json").read_text()).keys() == metrics.keys()
