@@ -108,7 +108,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
 
     method, data, labels = build_for_pretrain(config)
     method.to(device)
-    if method.cfg.__dict__.get("weights"):  # Supervised at paper scale: user-given ImageNet weights
+    if getattr(method.cfg, "weights", ""):  # Supervised at small/paper scale: the user's ImageNet weights
         return _export_given_weights(method, run_dir)
     if distributed and device.type == "cuda":
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
