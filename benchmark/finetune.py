@@ -19,7 +19,7 @@ import torch
 from benchmark.detectors import (DetectorConfig, build_detector, dataclass_from_dict, load_pretrained,
                                  load_weights_file, maybe_sync_bn)
 from benchmark.trainer import (JsonlLogger, LoopConfig, ResumableBatchSampler, Schedule, TrainLoop,
-                               atomic_write_bytes, build_optimizer, is_main_process, sample_rng, save_checkpoint,
+                               build_optimizer, is_main_process, sample_rng, save_checkpoint,
                                seed_everything, world)
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
                                 amp=rec.amp, grad_clip=rec.grad_clip, desc="finetune"),
                      run_dir)
     start = loop.try_resume() if resume else 0
-    logger = _open_log(run_dir / "log.jsonl", start if resume else None)
+    logger = JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
 
     sampler = ResumableBatchSampler(len(train_base), rec.batch_size // world_size, seed, start_step=start,
                                     rank=rank, world_size=world_size)
@@ -216,17 +216,6 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
         save_checkpoint(run_dir / "model_final.pt", {"state_dict": model.state_dict(), "num_classes": num_classes,
                                                      "detector": det_cfg.to_dict()})
     return {"final_loss": last.get("loss"), "steps": loop.step}
-
-
-def _open_log(path: Path, resume_step: int | None) -> JsonlLogger:
-    """The loop logs ``step`` = steps completed, so a checkpoint at step k keeps records with
-    step <= k (JsonlLogger keeps ``< resume_step``): trim here, then hand over."""
-    if resume_step is None or not is_main_process():
-        return JsonlLogger(path, resume_step)
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", -1) <= resume_step]
-        atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
-    return JsonlLogger(path, resume_step + 1)
 
 
 def _last_logged(path: Path) -> dict:
