@@ -87,6 +87,21 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
         raise CorruptImage(path, "pixels", f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
+def opencv_selective_search(bgr: np.ndarray, mode: str = "fast"):
+    """The bare OpenCV call: (x, y, w, h) rectangles of a BGR image, unsorted, unfiltered."""
+    import cv2
+
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(bgr)
+    if mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    elif mode == "quality":
+        ss.switchToSelectiveSearchQuality()
+    else:
+        ss.switchToSingleStrategy()
+    return ss.process()
+
+
 def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = None) -> np.ndarray:
     """Run OpenCV's selective search on an HxWx3 uint8 RGB image.
 
@@ -114,15 +129,7 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None
         work = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     bgr = np.ascontiguousarray(work[:, :, ::-1])  # OpenCV wants BGR
 
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(bgr)
-    if mode == "fast":
-        ss.switchToSelectiveSearchFast()
-    elif mode == "quality":
-        ss.switchToSelectiveSearchQuality()
-    else:
-        ss.switchToSingleStrategy()
-    rects = ss.process()
+    rects = opencv_selective_search(bgr, mode)
     if rects is None or len(rects) == 0:
         return np.zeros((0, 4), dtype=np.int64)
     rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)  # x, y, w, h

@@ -389,13 +389,19 @@ def format_status(st: dict, verbose_done: bool = False) -> str:
     return "\n".join(lines)
 
 
-def cli_status(a) -> int:
+def _submitted_names(a) -> list[str]:
+    """The tables/grids named on the command line (or all with a state file); says so when
+    there are none."""
     results = _results_dir()
     names = _state_names(results, getattr(a, "name", None))
     if not names:
         print(f"nothing submitted yet (no state files in {results / 'slurm'})")
-        return 0
-    for name in names:
+    return names
+
+
+def cli_status(a) -> int:
+    results = _results_dir()
+    for name in _submitted_names(a):
         rec = SlurmState.for_name(results, name).load().get("plan")
         print(format_status(table_status(results, name, _store_for(getattr(a, "runs", None), rec))))
     return 0
@@ -418,12 +424,8 @@ def collect(results_dir: str | os.PathLike, name: str, store=None, out_root: str
 
 def cli_collect(a) -> int:
     results = _results_dir()
-    names = _state_names(results, getattr(a, "name", None))
-    if not names:
-        print(f"nothing submitted yet (no state files in {results / 'slurm'})")
-        return 0
     rc = 0
-    for name in names:
+    for name in _submitted_names(a):
         rec = SlurmState.for_name(results, name).load().get("plan")
         if not rec:
             print(f"{name}: no plan recorded in {state_path(results, name)}; skipped", file=sys.stderr)
