@@ -218,6 +218,8 @@ def test_checkpointable_job_is_preempted_requeued_and_resumes(slurm_cluster, wor
     assert len(calls) >= 2, calls  # started again after the requeue
     assert calls[-1]["start_step"] > 0, calls  # ... from its saved progress
     assert int(progress.read_text()) == 150
+    # the store's done-marker is written before the job's process exits: wait for Slurm to see the end
+    wait_for(lambda: all_finished([job_id]), 60, "the requeued job to leave the queue")
     assert slurm_job_states([job_id])[job_id]["state"] == "COMPLETED"
 
 
