@@ -120,6 +120,33 @@ def test_object_counts_respect_limits_and_classes_vary():
     assert len(seen) == len(SYNTHETIC_CLASSES)
 
 
+def test_scale_range_bounds_object_size_and_enters_the_cache_key_only_when_set(tmp_path):
+    def full_sides(**kw):
+        sides = []
+        for index in range(40):
+            full = []
+            render_image(image_rng(2, "train", index), 128, min_objects=1, max_objects=2, full_masks=full, **kw)
+            for m in full:  # unoccluded masks; skip those cut by the border
+                ys, xs = np.nonzero(m)
+                if len(xs) and xs.min() > 0 and ys.min() > 0 and xs.max() < 127 and ys.max() < 127:
+                    sides.append(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
+        return np.array(sides)
+
+    big = full_sides(min_scale=0.3, max_scale=0.5)
+    # a shape's extent is at most its drawn size (0.5 * 128 = 64 px, rotation adds <= sqrt(2))
+    assert len(big) > 10 and big.max() <= 64 * 1.42 + 1 and np.median(big) > np.median(full_sides())
+    with pytest.raises(ValueError, match="min_scale"):
+        render_image(image_rng(0, "train", 0), 64, min_scale=0.5, max_scale=0.2)
+    # defaults keep the old key; a different range gets its own dataset
+    kw = dict(image_size=SIZE, num_pretrain=1, num_train=1, num_val=1)
+    default = ensure_synthetic_dataset(tmp_path, **kw)
+    explicit = ensure_synthetic_dataset(tmp_path, **kw, min_scale=synthetic.MIN_SCALE, max_scale=synthetic.MAX_SCALE)
+    other = ensure_synthetic_dataset(tmp_path, **kw, min_scale=0.2, max_scale=0.6)
+    assert default == explicit and other["train"] != default["train"]
+    assert synthetic.dataset_key(image_size=SIZE, num_pretrain=1, num_train=1, num_val=1, seed=0, min_objects=1,
+                                 max_objects=6) in default["train"]["ann_file"]
+
+
 def test_loads_with_coco_detection_and_pycocotools_agrees(split):
     from pycocotools.coco import COCO
 

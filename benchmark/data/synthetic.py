@@ -139,12 +139,13 @@ def _shape_polygons(name: str, size: float, rng: np.random.Generator) -> list[tu
     raise ValueError(f"unknown shape {name!r}")
 
 
-def _draw_object(rng: np.random.Generator, h: int, w: int) -> tuple[int, np.ndarray]:
+def _draw_object(rng: np.random.Generator, h: int, w: int, min_scale: float = MIN_SCALE,
+                 max_scale: float = MAX_SCALE) -> tuple[int, np.ndarray]:
     """Draw one object's full (unoccluded) mask: returns (class index, bool HxW)."""
     cls = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
     side = min(h, w)
-    lo = max(MIN_OBJECT_PIXELS, MIN_SCALE * side)
-    hi = max(lo, MAX_SCALE * side)
+    lo = max(MIN_OBJECT_PIXELS, min_scale * side)
+    hi = max(lo, max_scale * side)
     size = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     # centre anywhere in the image: objects may be cut by the border
     cx = rng.uniform(0, w)
@@ -161,15 +162,19 @@ def _draw_object(rng: np.random.Generator, h: int, w: int) -> tuple[int, np.ndar
 
 def render_image(
     rng: np.random.Generator, image_size: int, min_objects: int = 1, max_objects: int = 6,
-    *, full_masks: list | None = None,
+    *, full_masks: list | None = None, min_scale: float = MIN_SCALE, max_scale: float = MAX_SCALE,
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Render one scene: (uint8 HxWx3 RGB image, [(class index, visible bool mask), ...]).
 
     Instances are returned in drawing order (back to front). If ``full_masks`` is a list,
     the unoccluded mask of every drawn object (kept or dropped) is appended to it.
+    ``min_scale``/``max_scale``: object size range as a fraction of the image side.
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    if not 0 < min_scale <= max_scale <= 1.5:
+        raise ValueError(f"data.min_scale/max_scale: need 0 < min_scale <= max_scale <= 1.5, "
+                         f"got {min_scale}, {max_scale}")
     h = w = int(image_size)
     image = np.array(_texture(rng, h, w), dtype=np.float32)  # writable copy
     ids = np.zeros((h, w), dtype=np.int16)  # 0 = background, k = k-th drawn object
@@ -178,7 +183,7 @@ def render_image(
     bg_mean = image.reshape(-1, 3).mean(0)
 
     def add_object() -> None:
-        cls, full = _draw_object(rng, h, w)
+        cls, full = _draw_object(rng, h, w, min_scale, max_scale)
         # object colour: far enough from the mean background colour to be visible
         for _ in range(8):
             colour = _random_colour(rng)
@@ -237,6 +242,8 @@ def generate_split(
     max_objects: int = 6,
     *,
     progress=None,
+    min_scale: float = MIN_SCALE,
+    max_scale: float = MAX_SCALE,
 ) -> Path:
     """Write ``out_dir/<split>/{images/*.png, annotations.json}``; return the json path.
 
@@ -253,7 +260,8 @@ def generate_split(
         images, annotations = [], []
         for index in range(int(num_images)):
             rng = image_rng(seed, split, index)
-            pixels, instances = render_image(rng, image_size, min_objects, max_objects)
+            pixels, instances = render_image(rng, image_size, min_objects, max_objects,
+                                             min_scale=min_scale, max_scale=max_scale)
             file_name = f"{index:06d}.png"
             Image.fromarray(pixels, "RGB").save(tmp / "images" / file_name, compress_level=1,
                                              compress_type=zlib.Z_HUFFMAN_ONLY)
@@ -271,7 +279,8 @@ def generate_split(
         data = {
             "info": {"description": "detbench synthetic shapes", "version": GENERATOR_VERSION,
                      "seed": int(seed), "split": split, "image_size": int(image_size),
-                     "min_objects": int(min_objects), "max_objects": int(max_objects)},
+                     "min_objects": int(min_objects), "max_objects": int(max_objects),
+                     "min_scale": float(min_scale), "max_scale": float(max_scale)},
             "images": images,
             "annotations": annotations,
             "categories": _categories(),
@@ -319,6 +328,8 @@ def ensure_synthetic_dataset(
     seed: int = 0,
     min_objects: int = 1,
     max_objects: int = 6,
+    min_scale: float = MIN_SCALE,
+    max_scale: float = MAX_SCALE,
 ) -> dict[str, dict]:
     """Generate (once) and locate the synthetic dataset under ``cache_dir/synthetic-<hash>/``.
 
@@ -330,6 +341,9 @@ def ensure_synthetic_dataset(
     params = dict(image_size=int(image_size), num_pretrain=int(num_pretrain), num_train=int(num_train),
                   num_val=int(num_val), seed=int(seed), min_objects=int(min_objects),
                   max_objects=int(max_objects))
+    # the scale range enters the key only when it differs from the defaults (older keys hold)
+    if (float(min_scale), float(max_scale)) != (MIN_SCALE, MAX_SCALE):
+        params.update(min_scale=float(min_scale), max_scale=float(max_scale))
     root = Path(cache_dir) / f"synthetic-{dataset_key(**params)}"
     root.mkdir(parents=True, exist_ok=True)
     counts = {"pretrain": num_pretrain, "train": num_train, "val": num_val}
@@ -344,7 +358,7 @@ def ensure_synthetic_dataset(
             if not _split_complete(split_dir, int(n)):
                 with tqdm(total=int(n), desc=f"synthetic {split}", unit="img", leave=False) as bar:
                     generate_split(root, int(n), image_size, seed, split, min_objects, max_objects,
-                                   progress=bar.update)
+                                   progress=bar.update, min_scale=float(min_scale), max_scale=float(max_scale))
             out[split] = {"image_root": str(split_dir / "images"),
                           "ann_file": str(split_dir / "annotations.json")}
     return out
