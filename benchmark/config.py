@@ -23,11 +23,21 @@ def available_scales() -> list[str]:
     return sorted(p.stem for p in SCALES_DIR.glob("*.yaml"))
 
 
-def load_scale(name: str) -> dict:
+def load_scale(name: str, _seen: tuple = ()) -> dict:
+    """A scale's overrides; ``extends: <scale>`` merges them over another scale's (its methods
+    then use that scale's per-method overrides unless ``method_scale`` says otherwise)."""
     p = SCALES_DIR / f"{name}.yaml"
     if not p.exists():
         raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
-    return yaml.safe_load(p.read_text())
+    sc = yaml.safe_load(p.read_text()) or {}
+    parent = sc.pop("extends", None)
+    if parent is None:
+        return sc
+    if parent in _seen + (name,):
+        raise ConfigError(f"{p}: extends: cycle {' -> '.join(_seen + (name, parent))}")
+    base = load_scale(parent, _seen + (name,))
+    base.setdefault("method_scale", base.get("name", parent))
+    return deep_merge(base, sc)
 
 
 def deep_merge(base: dict, over: dict | None, where: str = "", strict: bool = False) -> dict:

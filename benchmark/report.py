@@ -89,13 +89,22 @@ def version_stamp() -> str:
     return time.strftime("%Y-%m-%d") + f"_{sha}" + ("-dirty" if g.get("dirty") else "")
 
 
+DEFAULT_SCALE = "tiny"
+
+
+def table_dir_name(name: str, scale: str) -> str:
+    """``soco_table1`` at the default scale, ``soco_table1@paper`` at any other: tables of
+    different scales never overwrite each other."""
+    return name if scale == DEFAULT_SCALE else f"{name}@{scale}"
+
+
 def render(plan: Plan, store: RunStore, out_root: Path | None = None, runs_link_root: Path | None = None) -> Path:
     """Write table.md, table.csv, plot.png and cells.json into a new version folder and copy
     them to the table's top folder. Returns the version folder."""
     spec = plan.spec
     cells = cell_values(plan, store)
     out_root = Path(out_root or results_root() / "tables")
-    tdir = out_root / spec.name
+    tdir = out_root / table_dir_name(spec.name, plan.scale)
     version = version_stamp()
     vdir = tdir / version
     n = 2

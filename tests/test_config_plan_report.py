@@ -20,6 +20,25 @@ def test_scale_is_overrides_not_fork():
     assert resolve_steps(tiny["recipe"], 1000) == (50, 0)
 
 
+def test_a_scale_can_extend_another_and_keeps_its_methods_overrides(tmp_path, monkeypatch):
+    long = pretrain_config("moco_v2", scale="tiny_long", epochs=200)
+    tiny = pretrain_config("moco_v2", scale="tiny", epochs=200)
+    # only what tiny_long overrides differs: the method's tiny overrides (ResNet-18) still apply
+    assert long["method"] == tiny["method"] and long["data"] == tiny["data"]
+    assert long["recipe"]["steps_per_epoch"] == 1.0 and tiny["recipe"]["steps_per_epoch"] == 0.25
+    f_long = finetune_config(scale="tiny_long", schedule="2x", parent=None)
+    f_tiny = finetune_config(scale="tiny", schedule="2x", parent=None)
+    assert f_long["recipe"]["steps"] == 3000 and f_long["recipe"]["lr"] == f_tiny["recipe"]["lr"]
+    assert f_long["detector"] == f_tiny["detector"] and run_key(f_long) != run_key(f_tiny)
+    # a cycle is a clear error naming the chain
+    import benchmark.config as config
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setattr(config, "SCALES_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="cycle a -> b -> a"):
+        config.load_scale("a")
+
+
 def test_paper_batch_sizes_of_a_table_are_divided_at_small_scales():
     cfg = pretrain_config("soco", scale="tiny", recipe_overrides={"batch_size": 512})
     assert cfg["recipe"]["batch_size"] == 4                 # 512 / 128
@@ -138,6 +157,10 @@ def test_render_table_mean_std_diff_and_statuses(isolated):
     assert rows[0].startswith("row,column,status")
     v2 = render(plan, store, out_root=isolated / "tables")
     assert v2 != vdir and vdir.exists()                      # earlier versions are kept
+    assert vdir.parent.name == "soco_table1"                  # the default scale keeps the plain name
+    other = render(plan_table("soco_table1", scale="micro", seeds=(0,)), store, out_root=isolated / "tables")
+    assert other.parent.name == "soco_table1@micro"          # another scale never overwrites it
+    assert "12.0 ± 2.8" in md and "12.0 ± 2.8" in (vdir.parent / "table.md").read_text()
 
 
 def test_finished_run_is_never_overwritten(isolated):

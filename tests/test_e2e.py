@@ -37,7 +37,7 @@ def test_reproduce_table_then_nothing_to_do(isolated, spec_path, capsys, monkeyp
     assert main(["reproduce", "--table", str(spec_path), "--scale", "micro"]) == 0
     out = capsys.readouterr().out
     assert "8 runs, 8 to run" in out
-    tdir = isolated / "results" / "tables" / "micro_e2e"
+    tdir = isolated / "results" / "tables" / "micro_e2e@micro"
     md = (tdir / "table.md").read_text()
     assert "not implemented" in md                                   # InfoMin row
     cells = json.loads(next(tdir.glob("20*/cells.json")).read_text())
@@ -94,7 +94,7 @@ def test_diverged_run_marks_its_cells_and_the_table_goes_on(isolated, spec_path)
     rows = [dict(SPEC["rows"][1], label="MoCo v2 lr 1e30", recipe_overrides={"base_lr": 1.0e30}), SPEC["rows"][0]]
     p.write_text(yaml.safe_dump(dict(SPEC, rows=rows)))
     assert main(["reproduce", "--table", str(p), "--scale", "micro"]) == 0
-    cells = json.loads(next((isolated / "results" / "tables" / "micro_e2e").glob("20*/cells.json")).read_text())
+    cells = json.loads(next((isolated / "results" / "tables" / "micro_e2e@micro").glob("20*/cells.json")).read_text())
     assert cells["MoCo v2 lr 1e30 | 1x APbb"]["status"] == "diverged"
     assert cells["Scratch | 1x APbb"]["status"] == "done"
-    assert "diverged" in (isolated / "results" / "tables" / "micro_e2e" / "table.md").read_text()
+    assert "diverged" in (isolated / "results" / "tables" / "micro_e2e@micro" / "table.md").read_text()

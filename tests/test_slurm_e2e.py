@@ -129,7 +129,7 @@ def test_table_submit_collect_and_resubmit_nothing(ws, capsys):
     # collect from "another shell": only the state file and the run store are used
     assert orch.cli_collect(_ns()) == 0
     assert "micro_smoke: 2/2 cells filled" in capsys.readouterr().out
-    table = ws["results"] / "tables" / "micro_smoke"
+    table = ws["results"] / "tables" / "micro_smoke@micro"
     rows = [line.split(",") for line in (table / "table.csv").read_text().splitlines()[1:]]
     assert len(rows) == 2 and all(r[2] == "done" and r[3] for r in rows), rows
     assert "Scratch" in (table / "table.md").read_text()
