@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -105,10 +106,12 @@ class RunStore:
 def git_info(cwd: Path | None = None) -> dict:
     cwd = cwd or Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        # a copy without git history answers "HEAD" with a non-zero status: that is no sha
+        sha = r.stdout.strip() if r.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", r.stdout.strip()) else ""
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                            capture_output=True, text=True, timeout=10)
+        dirty = bool(st.stdout.strip()) if sha and st.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", None
     snap = os.environ.get("DETBENCH_SNAPSHOT_SHA")

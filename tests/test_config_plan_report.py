@@ -203,3 +203,15 @@ def test_small_values_keep_two_decimals():
     assert _ours({"mean": 0.123, "std": 0.0, "values": [0.123], "status": "done"}, 1) == "0.12"
     assert _ours({"mean": 42.26, "std": 0.5, "values": [42.0, 42.5], "status": "done"}, 2) == "42.3 ± 0.5"
     assert _ours({"mean": 1.0, "std": 0.0, "values": [1.0], "status": "partial"}, 3) == "1.00 (1/3 seeds)"
+
+
+def test_git_info_names_the_commit_and_never_invents_one(tmp_path):
+    import subprocess
+
+    from benchmark.store import git_info
+    here = git_info()
+    assert len(here["sha"]) == 40 and isinstance(here["dirty"], bool)
+    # a copy of the code without git history (a device copy, an unpacked archive)
+    assert git_info(tmp_path) == {"sha": "unknown", "dirty": None, "snapshot": False}
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)   # a repository with no commit yet
+    assert git_info(tmp_path)["sha"] == "unknown" and git_info(tmp_path)["dirty"] is None
