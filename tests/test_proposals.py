@@ -226,6 +226,26 @@ def test_cache_hit_recomputes_nothing_and_key_covers_params(images, tmp_path, mo
     assert reordered.path != first.path and reordered.dataset_hash != first.dataset_hash
 
 
+def test_cache_survives_moving_the_dataset_but_not_changing_it(images, tmp_path, monkeypatch):
+    import shutil
+    first = P.compute_proposals(images, tmp_path / "cache", num_workers=0, progress=False)
+    moved = tmp_path / "elsewhere" / "mount"
+    shutil.copytree(tmp_path / "img", moved)
+    calls = []
+    orig = P._compute_chunk
+    monkeypatch.setattr(P, "_compute_chunk", lambda job: calls.append(job[0]) or orig(job))
+    again = P.compute_proposals([str(moved / f"{i}.png") for i in range(3)], tmp_path / "cache", num_workers=0,
+                                progress=False)
+    assert calls == [] and again.path == first.path      # same images elsewhere: the cache holds
+    # same names and sizes, other pixels: another dataset
+    last = moved / "2.png"
+    data = bytearray(last.read_bytes())
+    data[-20] ^= 0xFF
+    last.write_bytes(bytes(data))
+    changed = P.cache_key([str(moved / f"{i}.png") for i in range(3)], {})[0]
+    assert changed != P.cache_key(images, {})[0]
+
+
 def test_resume_computes_only_missing_chunks(images, tmp_path, monkeypatch):
     cdir = tmp_path / "cache"
     orig = P._compute_chunk
