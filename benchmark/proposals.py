@@ -87,6 +87,20 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
         raise CorruptImage(path, "pixels", f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
+def require_selective_search() -> None:
+    """Fail early, with the fix, when OpenCV lacks ximgproc (plain opencv-python installed
+    over or instead of the contrib build: the two share the ``cv2`` module)."""
+    try:
+        import cv2
+    except ImportError as exc:
+        raise RuntimeError(f"selective search needs OpenCV: pip install opencv-contrib-python-headless ({exc})") from None
+    if not hasattr(cv2, "ximgproc"):
+        raise RuntimeError(
+            f"selective search: OpenCV {getattr(cv2, '__version__', '?')} at {getattr(cv2, '__file__', '?')} has no "
+            "ximgproc module; plain opencv-python shadows the contrib build. Fix: pip uninstall -y opencv-python "
+            "opencv-python-headless && pip install --force-reinstall opencv-contrib-python-headless")
+
+
 def opencv_selective_search(bgr: np.ndarray, mode: str = "fast"):
     """The bare OpenCV call: (x, y, w, h) rectangles of a BGR image, unsorted, unfiltered."""
     import cv2
@@ -517,6 +531,8 @@ def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, mode,
             if part is not None and len(part["counts"]) == len(chunks[c]):
                 parts[c] = part
     todo = [c for c in range(len(chunks)) if c not in parts]
+    if todo:
+        require_selective_search()
     if parts:
         log.info("proposals %s: resuming, %d of %d chunks already done", key, len(parts), len(chunks))
 

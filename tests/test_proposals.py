@@ -352,3 +352,14 @@ def test_two_concurrent_computations_share_one_cache(images, tmp_path, monkeypat
         t.join()
     assert sorted(calls) == list(range(len(images)))
     assert out[0].path == out[1].path and list(cdir.iterdir()) == [out[0].path]
+
+
+def test_opencv_without_ximgproc_is_a_clear_error_before_any_work(images, tmp_path, monkeypatch):
+    import sys
+    import types
+    fake = types.ModuleType("cv2")
+    fake.__version__ = "4.x (no contrib)"
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    with pytest.raises(RuntimeError, match="no ximgproc.*opencv-contrib-python-headless"):
+        P.compute_proposals(images, tmp_path, num_workers=0, progress=False)
+    assert not list(tmp_path.glob("proposals-*.npz"))
