@@ -292,7 +292,7 @@ class LoadReport:
                          for g, r in self.groups.items())
 
     def save(self, path: Path) -> None:
-        from benchmark.trainer import atomic_write_json
+        from benchmark.fsutil import atomic_write_json
         atomic_write_json(path, self.to_dict())
 
 

@@ -148,7 +148,7 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     ``coco_metrics.json`` under ``run_dir`` and returns the metrics (the run store writes
     the run's own ``metrics.json`` last, as its done-marker)."""
     from benchmark.finetune import open_coco, resolve_device
-    from benchmark.trainer import atomic_write_json
+    from benchmark.fsutil import atomic_write_json
     if not isinstance(data, dict) or "val" not in data:
         raise ValueError("data.val: missing (expected {'val': {'image_root', 'ann_file'}})")
     dev = resolve_device(device)

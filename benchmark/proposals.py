@@ -16,7 +16,6 @@ Box convention: ``xyxy`` in pixel-edge coordinates, ``x2 = x + w`` (exclusive), 
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmark.data.errors import CorruptImage, DataError
+from benchmark.fsutil import atomic_open, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +293,8 @@ _BOX_DTYPE = np.uint16  # coordinates up to 65535 px; 8 bytes per box
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.savez_compressed(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _dataset_hash(paths: Sequence[str]) -> str:
@@ -505,8 +501,7 @@ def compute_proposals(
     # one computation per cache: a second process (two SoCo runs started at once) waits for
     # the first and then loads its file instead of repeating the work
     lock_path = cache_dir / f"proposals-{key}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):
         if final.exists():
             return ProposalCache.load(final)
         out = _compute_locked(paths, cache_dir, key, dataset_hash, params, final, mode=mode, max_side=max_side,

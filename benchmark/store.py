@@ -16,7 +16,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmark.trainer import atomic_write_json
+from benchmark.fsutil import atomic_write_json
 
 # Keys that never change a result and so stay out of a run's identity.
 NON_IDENTITY = ("runtime", "label", "cache_dir", "key")

@@ -8,14 +8,13 @@ by another submission running at the same time, are never lost.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
+
+from benchmark.fsutil import atomic_write_bytes, file_lock
 
 VERSION = 1
 
@@ -71,30 +70,11 @@ class SlurmState:
         return self.runs.get(key)
 
     # ---------------------------------------------------------------- writing
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.with_name(self.path.name + ".lock")
-        with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _locked(self):
+        return file_lock(self.path.with_name(self.path.name + ".lock"))
 
     def _write(self, data: dict) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
     def record_many(self, entries: Mapping[str, Mapping[str, Any]], submission: Mapping[str, Any] | None = None) -> dict:
         """Merge ``{run_key: entry}`` into the file; a replaced entry moves to ``history``."""

@@ -70,6 +70,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         T.save_checkpoint(p, {"x": torch.zeros(2)})
     assert torch.equal(T.load_checkpoint(p)["x"], torch.ones(2))   # old file intact
+    assert [f.name for f in tmp_path.iterdir()] == ["c.pt"]          # no temporary file left behind
 
 
 def test_loss_nan_raises_diverged(tmp_path):

@@ -350,9 +350,8 @@ def ensure_synthetic_dataset(
     out: dict[str, dict] = {}
     # runs started at once (the parallel local executor, array jobs) generate the data once:
     # the others wait on this lock, then find every split complete
-    import fcntl
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    from benchmark.fsutil import file_lock
+    with file_lock(root / ".lock"):
         for split, n in counts.items():
             split_dir = root / split
             if not _split_complete(split_dir, int(n)):
