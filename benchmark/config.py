@@ -12,11 +12,9 @@ from pathlib import Path
 import yaml
 
 from methods import get_method
-from methods.base import ConfigError
+from methods.base import ConfigError, PretrainRecipe
 
 SCALES_DIR = Path(__file__).parent / "configs" / "scales"
-RECIPE_KEYS = {"optimizer", "base_lr", "lr_batch", "batch_size", "weight_decay", "momentum",
-               "schedule", "warmup_epochs", "epochs", "steps_per_epoch"}
 
 
 def available_scales() -> list[str]:
@@ -92,18 +90,16 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     """The fully resolved config of one pretraining run."""
     cls = get_method(method)
     sc = load_scale(scale)
-    mscale = cls.scales.get(sc.get("method_scale", scale), {})
-    unknown = set(mscale) - {"method", "recipe"}
+    method_scale = cls.scales.get(sc.get("method_scale", scale), {})
+    unknown = set(method_scale) - {"method", "recipe"}
     if unknown:
         raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
-    mcfg = expand_env(deep_merge(mscale.get("method", {}), method_overrides), "method")
+    mcfg = expand_env(deep_merge(method_scale.get("method", {}), method_overrides), "method")
     mcfg = cls.Config.from_dict(mcfg).to_dict()      # validates names and types
-    recipe = deep_merge(cls.recipe, mscale.get("recipe", {}))
+    recipe = deep_merge(cls.recipe.to_dict(), method_scale.get("recipe", {}))
     scale_pre = dict(sc.get("pretrain", {}))
     divisor = scale_pre.pop("batch_divisor", None)
     recipe = deep_merge(recipe, scale_pre)
-    recipe.setdefault("epochs", 100)
-    recipe.setdefault("steps_per_epoch", None)
     if epochs is not None:
         recipe["epochs"] = epochs
     recipe_overrides = dict(recipe_overrides or {})
@@ -111,9 +107,7 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         # a paper batch size from a table (SoCo Table 5b) runs at B / divisor at small scales
         recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
-    bad = set(recipe) - RECIPE_KEYS
-    if bad:
-        raise ConfigError(f"recipe.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(RECIPE_KEYS))})")
+    PretrainRecipe.from_dict(recipe)                 # validates names, types and ranges
     data = expand_env(deep_merge(sc["data"], data_overrides))
     return {"stage": "pretrain", "scale": scale, "seed": int(seed),
             "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmark import trainer as T
+from benchmark import trainer
 from benchmark.datasets import cache_root, resolve_data
 from methods import build_method, get_method
+from methods.base import PretrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __init__(self, source, method, seed: int, labels: dict | None = None, proposals=None):
         self.source, self.method, self.seed = source, method, seed
         self.labels, self.proposals = labels, proposals
+        self.view_source = source if method.needs_source else None   # what ``views`` may draw from
         self.skipped: set[int] = set()
 
     def __len__(self) -> int:
@@ -42,7 +44,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         from benchmark.data.images import CorruptImage
         epoch, index = item
-        rng = T.sample_rng(self.seed, epoch, index)
+        rng = trainer.sample_rng(self.seed, epoch, index)
         for j in range(len(self.source)):
             i = (index + j) % len(self.source)
             try:
@@ -52,7 +54,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                     self.skipped.add(i)
                     log.warning("skipping unreadable image (%d skipped so far): %s", len(self.skipped), e)
                 continue
-            return self.method.views(rec, rng, self.source)
+            return self.method.views(rec, rng, self.view_source)
         raise RuntimeError("every image of the pretraining set is unreadable")
 
 
@@ -68,17 +70,17 @@ def _image_labels(ann_file: str, num_classes: int | None = None) -> tuple[dict[i
     return out, len(cats)
 
 
-def resolve_steps(recipe: dict, n_images: int) -> tuple[int, int]:
+def resolve_steps(recipe: PretrainRecipe, n_images: int) -> tuple[int, int]:
     """(total steps, warmup steps). Paper scale: epochs x ceil(N / B). Scales may fix
     ``steps_per_epoch`` instead (tiny: one paper epoch = a few steps)."""
-    spe = recipe.get("steps_per_epoch") or math.ceil(n_images / recipe["batch_size"])
-    total = max(1, int(round(recipe["epochs"] * spe)))
-    warm = int(round(recipe.get("warmup_epochs", 0) * spe))
+    spe = recipe.steps_per_epoch or math.ceil(n_images / recipe.batch_size)
+    total = max(1, int(round(recipe.epochs * spe)))
+    warm = int(round(recipe.warmup_epochs * spe))
     return total, min(warm, total)
 
 
 def build_for_pretrain(config: dict):
-    """The method with its config, plus the data it reads."""
+    """The method with its config, plus the data and image labels it reads."""
     mcfg = dict(config["method"])
     name = mcfg.pop("name")
     data = resolve_data(config["data"])
@@ -86,7 +88,8 @@ def build_for_pretrain(config: dict):
     labels = None
     if cls.needs_labels and not mcfg.get("weights"):
         labels, n_cls = _image_labels(data["pretrain"]["ann_file"])
-        mcfg["num_classes"] = mcfg.get("num_classes") or n_cls
+        if "num_classes" in mcfg and not mcfg["num_classes"]:   # 0: from the pretraining set
+            mcfg["num_classes"] = n_cls
     method = build_method(name, **mcfg)
     return method, data, labels
 
@@ -96,49 +99,53 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     """Pretrain ``config["method"]`` on ``config["data"]``; writes ``checkpoint.pt`` (every
     ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys)."""
     from benchmark.data.images import ImageSource
+    from benchmark.proposals import compute_proposals
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(config["seed"])
-    recipe = config["recipe"]
-    rt = config.get("runtime", {})
-    T.seed_everything(seed)
-    distributed = T.init_distributed_from_env()
-    rank, world_size = T.world()
+    recipe = PretrainRecipe.from_dict(config["recipe"])
+    runtime = config.get("runtime", {})
+    trainer.seed_everything(seed)
+    distributed = trainer.init_distributed_from_env()
+    rank, world_size = trainer.world()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     method, data, labels = build_for_pretrain(config)
     method.to(device)
-    if getattr(method.cfg, "weights", ""):  # Supervised at small/paper scale: the user's ImageNet weights
-        return _export_given_weights(method, run_dir)
+    given = method.given_weights()
+    if given is not None:
+        return _export_given_weights(given, config["method"], run_dir)
     if distributed and device.type == "cuda":
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     pre = data["pretrain"]
     source = (ImageSource.from_coco(pre["image_root"], pre["ann_file"]) if pre.get("ann_file")
               else ImageSource.from_folder(pre["image_root"]))
     proposals = None
-    if getattr(method, "needs_proposals", False):
-        proposals = method.prepare_proposals(source, cache_root() / "proposals")
+    ss = method.proposal_params()
+    if ss is not None:
+        proposals = compute_proposals([source.path(i) for i in range(len(source))],
+                                      cache_root() / "proposals", **ss)
     dataset = PretrainDataset(source, method, seed, labels, proposals)
 
     total, warmup = resolve_steps(recipe, len(source))
-    B = recipe["batch_size"]
-    lr = recipe["base_lr"] * B * world_size / recipe.get("lr_batch", 256)   # linear scaling rule
-    opt = T.build_optimizer(method.param_groups(), recipe["optimizer"], lr,
-                            recipe["weight_decay"], recipe.get("momentum", 0.9))
-    sched = T.Schedule(lr, total, warmup, kind=recipe.get("schedule", "cosine"), warmup_factor=0.0)
+    B = recipe.batch_size
+    lr = recipe.base_lr * B * world_size / recipe.lr_batch   # linear scaling rule
+    opt = trainer.build_optimizer(method.param_groups(), recipe.optimizer, lr,
+                                  recipe.weight_decay, recipe.momentum)
+    sched = trainer.Schedule(lr, total, warmup, kind=recipe.schedule, warmup_factor=0.0)
     model = method
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False)
-    loop = T.TrainLoop(model, opt, sched,
-                       T.LoopConfig(total_steps=total, ckpt_every=rt.get("ckpt_every", 100),
-                                    log_every=rt.get("log_every", 10), amp=rt.get("amp", True),
-                                    desc=f"pretrain {config['method']['name']}"),
-                       run_dir, after_step=lambda s, logs: method.momentum_update((s + 1) / total))
+    loop = trainer.TrainLoop(model, opt, sched,
+                             trainer.LoopConfig(total_steps=total, ckpt_every=runtime.get("ckpt_every", 100),
+                                                log_every=runtime.get("log_every", 10), amp=runtime.get("amp", True),
+                                                desc=f"pretrain {config['method']['name']}"),
+                             run_dir, after_step=lambda s, logs: method.momentum_update((s + 1) / total))
     start = loop.try_resume() if resume else 0
-    logger = T.JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
-    sampler = T.ResumableBatchSampler(len(dataset), B, seed, start_step=start, rank=rank, world_size=world_size)
+    logger = trainer.JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
+    sampler = trainer.ResumableBatchSampler(len(dataset), B, seed, start_step=start, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=method.collate,
         num_workers=num_workers, persistent_workers=False,
@@ -146,33 +153,31 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         multiprocessing_context="fork" if num_workers else None)
 
     def step_fn(batch):
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         return model(batch)
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
     metrics = {"steps": loop.step, "total_steps": total, "final": last, "skipped_images": len(dataset.skipped)}
-    if loop.step >= total and T.is_main_process():
+    if loop.step >= total and trainer.is_main_process():
         export = {"state_dict": method.export(), "method": config["method"]["name"]}
-        T.save_checkpoint(run_dir / "weights.pt", export)
+        trainer.save_checkpoint(run_dir / "weights.pt", export)
         metrics["weights_sha256"] = sha256_file(run_dir / "weights.pt")
     return metrics
 
 
-def _export_given_weights(method, run_dir: Path) -> dict:
-    from benchmark.detectors import load_weights_file
-    state = load_weights_file(method.cfg.weights)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    T.save_checkpoint(run_dir / "weights.pt", {"state_dict": state, "method": "supervised"})
-    return {"steps": 0, "total_steps": 0, "weights_from": method.cfg.weights, "weights_sha256": sha256_file(run_dir / "weights.pt")}
+def _export_given_weights(state: dict, method_cfg: dict, run_dir: Path) -> dict:
+    trainer.save_checkpoint(run_dir / "weights.pt", {"state_dict": state, "method": method_cfg["name"]})
+    return {"steps": 0, "total_steps": 0, "weights_from": method_cfg.get("weights"),
+            "weights_sha256": sha256_file(run_dir / "weights.pt")}
 
 
-def _to(x: Any, device) -> Any:
+def to_device(x: Any, device) -> Any:
     if torch.is_tensor(x):
         return x.to(device, non_blocking=True)
     if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
+        return type(x)(to_device(v, device) for v in x)
     return x
 
 

@@ -1,4 +1,4 @@
-"""Shared training machinery: resumable sampling, schedules, LARS, EMA, atomic checkpoints,
+"""Shared training machinery: resumable sampling, schedules, LARS, atomic checkpoints,
 JSONL logs and one generic loop used by pretraining and fine-tuning.
 
 Determinism contract (CPU, fixed seed): the batch at step ``s`` is a pure function of
@@ -119,12 +119,6 @@ class Schedule:
         return self.base_lr * f
 
 
-def cosine_momentum(base: float, progress: float, final: float = 1.0) -> float:
-    """BYOL's target momentum: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1)/2 (BYOL Sec. 3.2)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
-
-
 # --------------------------------------------------------------------------- optimizers
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as used by BYOL/SoCo: SGD with momentum whose update for each
@@ -166,28 +160,6 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer: unknown {name!r} (sgd|lars|adamw)")
-
-
-class EMA:
-    """Exponential moving average of a module's parameters and buffers (hook for the loop)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self):
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, s):
-        self.decay, self.shadow = s["decay"], s["shadow"]
 
 
 # --------------------------------------------------------------------------- io

@@ -1,5 +1,8 @@
 """Self-supervised pretraining methods for detection, one file each, behind one interface
-(see ``methods.base.PretrainMethod``) and a decorator registry."""
+(see ``methods.base.PretrainMethod``) and a decorator registry. A new method is one file
+plus one import line here."""
 from methods.registry import build_method, get_method, list_methods, register_method
+
+from methods import moco, soco, supervised  # noqa: E402,F401  (register the methods)
 
 __all__ = ["build_method", "get_method", "list_methods", "register_method"]

@@ -70,6 +70,46 @@ def _coerce(v: Any, tp: Any, where: str) -> Any:
     return v
 
 
+OPTIMIZERS = ("sgd", "lars", "adamw")
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclasses.dataclass
+class PretrainRecipe:
+    """A method's pretraining recipe: the paper's values, overridable per scale and per run
+    (``recipe.*``). The lr is ``base_lr`` per ``lr_batch`` images (linear scaling rule,
+    Goyal et al. 2017); ``warmup_epochs`` and ``epochs`` count paper epochs; a scale may fix
+    ``steps_per_epoch`` (tiny: a few steps per paper epoch), else an epoch is ceil(N / B)."""
+    optimizer: str = "sgd"
+    base_lr: float = 0.03
+    lr_batch: int = 256
+    batch_size: int = 256
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 0
+    epochs: float = 100
+    steps_per_epoch: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "PretrainRecipe":
+        r = dataclass_from_dict(cls, d, prefix)
+        checks = [("optimizer", r.optimizer in OPTIMIZERS, " | ".join(OPTIMIZERS)),
+                  ("schedule", r.schedule in SCHEDULES, " | ".join(SCHEDULES)),
+                  ("base_lr", r.base_lr > 0, "> 0"), ("lr_batch", r.lr_batch > 0, "> 0"),
+                  ("batch_size", r.batch_size > 0, "> 0"), ("weight_decay", r.weight_decay >= 0, ">= 0"),
+                  ("momentum", 0 <= r.momentum < 1, "in [0, 1)"), ("epochs", r.epochs > 0, "> 0"),
+                  ("warmup_epochs", 0 <= r.warmup_epochs <= r.epochs, "in [0, epochs]"),
+                  ("steps_per_epoch", r.steps_per_epoch is None or r.steps_per_epoch > 0, "> 0 or null")]
+        for field, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{prefix}.{field}: expected {want}, got {getattr(r, field)!r}")
+        return r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class PretrainMethod(nn.Module):
     """One self-supervised method.
 
@@ -79,23 +119,22 @@ class PretrainMethod(nn.Module):
       method draw other images. Geometry goes through ``methods.geometry``.
     - ``collate(samples) -> batch``
     - ``forward(batch) -> {"loss": tensor, **scalar logs}``
-    - ``momentum_update(progress)`` for methods with a target network (progress in [0, 1]).
+    - ``momentum_update(progress)`` for methods with a target network (progress in [0, 1]);
+      ``methods.ema`` has the update and the cosine schedule.
     - ``export() -> state dict`` in the canonical key space: bare torchvision ResNet names
       for the backbone, ``fpn.*`` and ``box_head.*`` for the detector parts it pretrains.
     """
 
     name: str = "?"
     Config = MethodConfig
-    # The paper's pretraining recipe (optimizer, lr per ``lr_batch`` images, batch size,
-    # weight decay, schedule, warmup in epochs); overridable per scale and per run.
-    recipe: dict = {"optimizer": "sgd", "base_lr": 0.03, "lr_batch": 256, "batch_size": 256,
-                    "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
+    recipe = PretrainRecipe()
     # A scale is a set of overrides, never a fork: {"tiny": {"method": {...}, "recipe": {...}}}
     scales: dict = {}
     # Overrides of the fine-tuning recipe that belong to this method's rows (SoCo: wd 2.5e-5)
     finetune_overrides: dict = {}
-    needs_labels = False      # the Supervised baseline reads image-level labels
-    needs_proposals = False   # SoCo / AlignDet read cached selective-search boxes
+    # What the pretraining stage hands to ``views`` besides the image:
+    needs_labels = False      # record["labels"]: multi-hot image labels (Supervised at tiny)
+    needs_source = False      # ``source``: the dataset, to draw other images (InsLoc's backgrounds)
 
     def __init__(self, cfg: MethodConfig):
         super().__init__()
@@ -103,6 +142,16 @@ class PretrainMethod(nn.Module):
 
     def views(self, record: dict, rng: np.random.Generator, source: Any = None) -> dict:
         raise NotImplementedError
+
+    def proposal_params(self) -> dict | None:
+        """Selective-search settings (``mode``, ``max_side``) of the proposal cache whose boxes
+        this run reads as ``record["proposals"]``; None: it reads none (the default)."""
+        return None
+
+    def given_weights(self) -> dict[str, torch.Tensor] | None:
+        """A canonical state to export instead of training (Supervised at paper scale: the
+        user's ImageNet weights); None: train (the default)."""
+        return None
 
     def collate(self, samples: list[dict]) -> dict:
         return default_collate(samples)

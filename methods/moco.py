@@ -8,7 +8,6 @@ Pseudo-code (He et al. 2020, Algorithm 1), recognisable in ``forward``:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,8 @@ from PIL import Image
 
 from methods.augment import MOCO_V2_AUG, to_tensor
 from methods.backbones import backbone_state, build_resnet
-from methods.base import MethodConfig, PretrainMethod
+from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
+from methods.ema import momentum_copy, update_momentum
 from methods.geometry import random_view
 from methods.heads import moco_v2_projector
 from methods.losses import info_nce
@@ -29,8 +29,8 @@ from methods.registry import register_method
 @register_method("moco_v2")
 class MoCoV2(PretrainMethod):
     # SGD lr 0.03 at batch 256, wd 1e-4, momentum 0.9, cosine (MoCo v2 Sec. 3, official repo)
-    recipe = {"optimizer": "sgd", "base_lr": 0.03, "lr_batch": 256, "batch_size": 256,
-              "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
+    recipe = PretrainRecipe(optimizer="sgd", base_lr=0.03, lr_batch=256, batch_size=256,
+                            weight_decay=1e-4, momentum=0.9, schedule="cosine", warmup_epochs=0)
     # tiny: 50 steps x 64 keys; a 1024-key queue fills in 16 steps (a queue larger than the
     # keys ever seen keeps its random initial entries as trivially easy negatives)
     scales = {"tiny": {"method": {"backbone": "resnet18", "queue_size": 1024, "crop_size": 64},
@@ -54,10 +54,8 @@ class MoCoV2(PretrainMethod):
         self.encoder_q = build_resnet(cfg.backbone)
         feat = self.encoder_q.feature_dim
         self.proj_q = moco_v2_projector(feat, cfg.hidden_dim or feat, cfg.dim)
-        self.encoder_k = copy.deepcopy(self.encoder_q)
-        self.proj_k = copy.deepcopy(self.proj_q)
-        for p in list(self.encoder_k.parameters()) + list(self.proj_k.parameters()):
-            p.requires_grad = False
+        self.encoder_k = momentum_copy(self.encoder_q)
+        self.proj_k = momentum_copy(self.proj_q)
         self.queue = MemoryQueue(cfg.dim, cfg.queue_size)
 
     # -- views (DataLoader worker) ------------------------------------------------
@@ -73,12 +71,9 @@ class MoCoV2(PretrainMethod):
     def param_groups(self):
         return [{"params": list(self.encoder_q.parameters()) + list(self.proj_q.parameters())}]
 
-    @torch.no_grad()
     def momentum_update(self, progress: float) -> None:
-        m = self.cfg.momentum
-        for q, k in ((self.encoder_q, self.encoder_k), (self.proj_q, self.proj_k)):
-            for pq, pk in zip(q.parameters(), k.parameters()):
-                pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        update_momentum(self.encoder_q, self.encoder_k, self.cfg.momentum)   # constant m (MoCo)
+        update_momentum(self.proj_q, self.proj_k, self.cfg.momentum)
 
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         """Key features with Shuffle-BN (MoCo Sec. 3.3). Distributed: the batch is shuffled

@@ -1,4 +1,5 @@
-"""A decorator registry of pretraining methods (in the style of timm's model registry)."""
+"""A decorator registry of pretraining methods (in the style of timm's model registry).
+Methods register when ``methods/__init__.py`` imports their module: explicitly, one line each."""
 from __future__ import annotations
 
 from typing import Callable
@@ -24,12 +25,10 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def list_methods() -> list[str]:
-    _import_all()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> type:
-    _import_all()
     if name not in _METHODS:
         raise UnknownMethod(f"method.name: unknown method {name!r} (available: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
@@ -39,12 +38,3 @@ def build_method(name: str, **cfg):
     """Build a registered method from its config dict; unknown keys raise, naming the key."""
     cls = get_method(name)
     return cls(cls.Config.from_dict(cfg))
-
-
-def _import_all() -> None:
-    import importlib
-    import pkgutil
-    import methods
-    for m in pkgutil.iter_modules(methods.__path__):
-        if not m.name.startswith("_"):
-            importlib.import_module(f"methods.{m.name}")

@@ -35,43 +35,24 @@ Decisions where paper and official code (hologerry/SoCo) differ or are silent:
 """
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.ops import FeaturePyramidNetwork, roi_align
 
 from methods.augment import BYOL_AUG_1, BYOL_AUG_2, cutout, to_tensor
-from methods.backbones import backbone_state, build_resnet, resnet_stages, stage_channels
-from methods.base import ConfigError, MethodConfig, PretrainMethod
+from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
 from methods.heads import byol_predictor, byol_projector
 from methods.losses import byol_regression
+from methods.proposals import random_proposals, sample_proposals
 from methods.registry import register_method
+from methods.roi import ResNetFPN, assign_levels, box_head, export_parts, multilevel_roi_align
 
 PROPOSAL_SOURCES = ("selective_search", "random", "whole_image")
-FPN_STRIDES = (4, 8, 16, 32)       # P2..P5
-C5_STRIDE = 32
-
-
-def assign_levels(boxes: torch.Tensor, view_size: float, thresholds=(48.0, 96.0, 192.0),
-                  reference_size: float = 224.0) -> torch.Tensor:
-    """SoCo's scale-aware assignment: level index 0..3 (P2..P5) of each xyxy box from its
-    size sqrt(wh) in a ``view_size`` view; the paper's ranges {0-48, 48-96, 96-192, 192-inf}
-    at 224 px are scaled by view_size/224 (upper bounds inclusive, as the official
-    ``size <= aware_range[j]``)."""
-    w = (boxes[..., 2] - boxes[..., 0]).clamp(min=0)
-    h = (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-    size = torch.sqrt(w * h)
-    t = torch.tensor(thresholds, dtype=size.dtype, device=size.device) * (view_size / reference_size)
-    return torch.bucketize(size, t, right=False)
 
 
 def soco_loss(online: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
@@ -100,39 +81,17 @@ def soco_loss(online: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
     return total, logs
 
 
-class SoCoEncoder(nn.Module):
+class SoCoEncoder(ResNetFPN):
     """Backbone + FPN (P2-P5) + RoIAlign + 4conv1fc R-CNN head + projector: the part that has
     an EMA twin. ``forward(images, boxes)`` -> (N, K, L, D)."""
 
     def __init__(self, cfg: "SoCo.Config"):
-        super().__init__()
+        super().__init__(cfg.backbone, cfg.fpn_channels if cfg.fpn else 0, cfg.head_norm)
         self.cfg = cfg
-        norm = nn.BatchNorm2d if cfg.head_norm == "bn" else None
-        self.backbone = build_resnet(cfg.backbone)
-        chans = stage_channels(cfg.backbone)
-        if cfg.fpn:
-            # the very class (and arguments) torchvision's BackboneWithFPN builds; its
-            # LastLevelMaxPool P6 has no parameters, so the keys match the detector's
-            self.fpn = FeaturePyramidNetwork(chans, cfg.fpn_channels, norm_layer=norm)
-            roi_c, self.strides = cfg.fpn_channels, FPN_STRIDES
-        else:
-            self.fpn = None
-            roi_c, self.strides = chans[-1], (C5_STRIDE,)
-        r = cfg.roi_size
-        if cfg.box_head:
-            self.box_head = FastRCNNConvFCHead((roi_c, r, r), [cfg.head_conv_dim] * cfg.head_num_convs,
-                                               [cfg.head_fc_dim], norm_layer=norm)
-            feat = cfg.head_fc_dim
-        else:
-            self.box_head = None
-            feat = roi_c
-        self.projector = byol_projector(feat, cfg.proj_hidden_dim, cfg.proj_dim)
-
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        cs = resnet_stages(self.backbone, x)
-        if self.fpn is None:
-            return [cs[-1]]
-        return list(self.fpn(OrderedDict((f"p{i + 2}", c) for i, c in enumerate(cs))).values())
+        self.box_head = (box_head(self.out_channels, cfg.roi_size, cfg.head_conv_dim, cfg.head_num_convs,
+                                  cfg.head_fc_dim, cfg.head_norm) if cfg.box_head else None)
+        self.projector = byol_projector(cfg.head_fc_dim if cfg.box_head else self.out_channels,
+                                        cfg.proj_hidden_dim, cfg.proj_dim)
 
     def levels(self, boxes: torch.Tensor, view_size: int) -> torch.Tensor:
         """(N, K, L) level index per box (L = 1 with scale-aware assignment or without FPN,
@@ -141,30 +100,14 @@ class SoCoEncoder(nn.Module):
         if self.fpn is None:
             return torch.zeros(N, K, 1, dtype=torch.long, device=boxes.device)
         if self.cfg.scale_aware:
-            return assign_levels(boxes, view_size, self.cfg.level_thresholds, self.cfg.level_reference)[..., None]
+            scale = view_size / self.cfg.level_reference
+            return assign_levels(boxes, self.cfg.level_thresholds, scale)[..., None]
         return torch.arange(4, device=boxes.device).expand(N, K, 4)
-
-    def pool(self, feats: list[torch.Tensor], boxes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """RoIAlign (roi_size x roi_size, sampling_ratio 2, aligned) of each (box, level)."""
-        N, K, L = levels.shape
-        b = boxes[:, :, None, :].expand(N, K, L, 4).reshape(-1, 4).to(feats[0].dtype)
-        lv = levels.reshape(-1)
-        idx = torch.arange(N, device=boxes.device)[:, None, None].expand(N, K, L).reshape(-1)
-        r = self.cfg.roi_size
-        out = feats[0].new_zeros(b.shape[0], feats[0].shape[1], r, r)
-        for level, (f, s) in enumerate(zip(feats, self.strides)):
-            sel = (lv == level).nonzero(as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            rois = torch.cat([idx[sel, None].to(f.dtype), b[sel].to(f.dtype)], 1)
-            out = out.index_put((sel,), roi_align(f, rois, (r, r), spatial_scale=1.0 / s,
-                                                   sampling_ratio=2, aligned=True).to(out.dtype))
-        return out
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         N, K = boxes.shape[:2]
         levels = self.levels(boxes, x.shape[-1])
-        roi = self.pool(self.feature_maps(x), boxes, levels)
+        roi = multilevel_roi_align(self.feature_maps(x), self.strides, boxes, levels, self.cfg.roi_size)
         v = self.box_head(roi) if self.box_head is not None else roi.mean((2, 3))
         return self.projector(v).reshape(N, K, levels.shape[2], -1)
 
@@ -173,9 +116,8 @@ class SoCoEncoder(nn.Module):
 class SoCo(PretrainMethod):
     # SoCo Sec. 4.1 / tools/SoCo_FPN_100ep.sh: LARS, base lr 1.0 (x batch/256), wd 1e-5,
     # batch 2048 (Table 5b), cosine decay, 10 warm-up epochs, 100 epochs (Tables 4-5).
-    recipe = {"optimizer": "lars", "base_lr": 1.0, "lr_batch": 256, "batch_size": 2048,
-              "weight_decay": 1e-5, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 10,
-              "epochs": 100}
+    recipe = PretrainRecipe(optimizer="lars", base_lr=1.0, lr_batch=256, batch_size=2048,
+                            weight_decay=1e-5, momentum=0.9, schedule="cosine", warmup_epochs=10, epochs=100)
     # Fine-tuning: detectron2_configs/SoCo_FPN_100ep.yaml, SOLVER.WEIGHT_DECAY 0.000025
     finetune_overrides = {"weight_decay": 2.5e-5}
     # tiny: 128-px synthetic images on 2 CPU cores; views 64/64/32 (V4 56) keep the paper's
@@ -186,7 +128,6 @@ class SoCo(PretrainMethod):
                                   "pred_hidden_dim": 512, "view_size": 64, "v3_size": 32,
                                   "v4_size": 56},
                        "recipe": {"batch_size": 16}}}
-    needs_proposals = True
 
     @dataclass
     class Config(MethodConfig):
@@ -238,9 +179,7 @@ class SoCo(PretrainMethod):
         super().__init__(cfg)
         self.online = SoCoEncoder(cfg)
         self.predictor = byol_predictor(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
-        self.target = copy.deepcopy(self.online)
-        for p in self.target.parameters():
-            p.requires_grad = False
+        self.target = momentum_copy(self.online)
         self.current_momentum = cfg.momentum
 
     @property
@@ -252,13 +191,11 @@ class SoCo(PretrainMethod):
             v.append("v4")
         return v
 
-    # -- proposals (once, before training) --------------------------------------------------
-    def prepare_proposals(self, source, cache_dir: str | Path):
+    # -- proposals (computed once per dataset by the harness, cached) -----------------------
+    def proposal_params(self) -> dict | None:
         if self.cfg.proposal_source != "selective_search":
             return None
-        from benchmark.proposals import compute_proposals
-        return compute_proposals([source.path(i) for i in range(len(source))], cache_dir,
-                                 mode=self.cfg.ss_mode, max_side=self.cfg.ss_max_side or None)
+        return {"mode": self.cfg.ss_mode, "max_side": self.cfg.ss_max_side or None}
 
     # -- views (DataLoader worker) --------------------------------------------------------
     def view_geometries(self, width: int, height: int, rng: np.random.Generator) -> dict[str, ViewGeometry]:
@@ -278,17 +215,15 @@ class SoCo(PretrainMethod):
         if src == "whole_image":
             return np.array([[0, 0, width, height]], dtype=np.float64)
         if src == "random":
-            from benchmark.proposals import random_proposals
             return random_proposals(width, height, self.cfg.random_candidates, rng).astype(np.float64)
         if record.get("proposals") is None:
             raise ValueError(f"soco: record {record.get('index', '?')} has no 'proposals' "
-                             f"(method.proposal_source=selective_search needs prepare_proposals' cache)")
+                             f"(method.proposal_source=selective_search reads the proposal cache)")
         return np.asarray(record["proposals"], dtype=np.float64).reshape(-1, 4)
 
     def sample_boxes(self, record: dict, geoms: dict[str, ViewGeometry], width: int, height: int,
                      rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """K proposals valid in every view, as (view -> (K', 4) float32 view boxes, valid (K',))."""
-        from benchmark.proposals import sample_proposals
         c = self.cfg
         cand = self._candidates(record, width, height, rng)
         whole = c.proposal_source == "whole_image"
@@ -337,11 +272,8 @@ class SoCo(PretrainMethod):
     @torch.no_grad()
     def momentum_update(self, progress: float) -> None:
         """tau = 1 - (1 - tau_0)(cos(pi progress) + 1)/2 (BYOL Sec. 3.2; official SoCo)."""
-        from benchmark.trainer import cosine_momentum
-        m = cosine_momentum(self.cfg.momentum, progress)
-        self.current_momentum = m
-        for po, pt in zip(self.online.parameters(), self.target.parameters()):
-            pt.mul_(m).add_(po.detach(), alpha=1 - m)
+        self.current_momentum = cosine_schedule(progress, self.cfg.momentum)
+        update_momentum(self.online, self.target, self.current_momentum)
 
     def forward(self, batch: dict) -> dict:
         names = self.view_names
@@ -359,11 +291,7 @@ class SoCo(PretrainMethod):
 
     def export(self) -> dict[str, torch.Tensor]:
         """Online backbone (bare torchvision names), ``fpn.*`` and ``box_head.*``."""
-        out = backbone_state(self.online.backbone)
-        for prefix, m in (("fpn", self.online.fpn), ("box_head", self.online.box_head)):
-            if m is not None:
-                out.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in m.state_dict().items()})
-        return out
+        return export_parts(self.online.backbone, fpn=self.online.fpn, box_head=self.online.box_head)
 
 
 def _clip(b: np.ndarray, size: tuple[int, int]) -> np.ndarray:

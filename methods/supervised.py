@@ -4,6 +4,7 @@ training — the user gives a local path to ImageNet weights (nothing is downloa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from methods.augment import Photometric, to_tensor
 from methods.backbones import backbone_state, build_resnet
-from methods.base import MethodConfig, PretrainMethod
+from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
 from methods.geometry import random_view
 from methods.registry import register_method
 
@@ -22,8 +23,8 @@ from methods.registry import register_method
 class Supervised(PretrainMethod):
     needs_labels = True
     # the standard ImageNet recipe: SGD lr 0.1 at batch 256, wd 1e-4, cosine
-    recipe = {"optimizer": "sgd", "base_lr": 0.1, "lr_batch": 256, "batch_size": 256,
-              "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
+    recipe = PretrainRecipe(optimizer="sgd", base_lr=0.1, lr_batch=256, batch_size=256,
+                            weight_decay=1e-4, momentum=0.9, schedule="cosine", warmup_epochs=0)
     # small/paper: the user's own ImageNet-supervised R50 (torchvision key space), e.g.
     # export SUPERVISED_WEIGHTS=/models/resnet50-imagenet.pth — nothing is downloaded
     scales = {"tiny": {"method": {"backbone": "resnet18", "crop_size": 64},
@@ -52,6 +53,24 @@ class Supervised(PretrainMethod):
         # accepted, as with ImageNet's single label under random crops)
         return {"image": to_tensor(self.aug(g.apply_image(img), rng)),
                 "target": torch.as_tensor(record["labels"], dtype=torch.float32)}
+
+    def given_weights(self) -> dict[str, torch.Tensor] | None:
+        """The user's ImageNet weights (torchvision names; a ``state_dict``/``model`` wrapper
+        and a ``module.`` prefix are accepted), without the classifier ``fc``."""
+        if not self.cfg.weights:
+            return None
+        path = Path(self.cfg.weights)
+        if not path.is_file():
+            raise ConfigError(f"method.weights: {path} does not exist (a local ImageNet checkpoint; nothing is downloaded)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"method.weights: cannot read {path} ({type(e).__name__}: {e})") from None
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
     def forward(self, batch: dict) -> dict:
         logits = self.classifier(self.encoder(batch["image"]))

@@ -17,7 +17,8 @@ def test_scale_is_overrides_not_fork():
     assert tiny["method"]["temperature"] == 0.2            # paper default survives the scale
     assert tiny["recipe"]["epochs"] == 200 and tiny["recipe"]["steps_per_epoch"] == 0.25
     from benchmark.pretrain import resolve_steps
-    assert resolve_steps(tiny["recipe"], 1000) == (50, 0)
+    from methods.base import PretrainRecipe
+    assert resolve_steps(PretrainRecipe.from_dict(tiny["recipe"]), 1000) == (50, 0)
 
 
 def test_a_scale_can_extend_another_and_keeps_its_methods_overrides(tmp_path, monkeypatch):

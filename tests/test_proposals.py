@@ -1,4 +1,5 @@
-"""Behavioural tests for benchmark.proposals (SoCo's selective-search proposals)."""
+"""Behavioural tests for benchmark.proposals (the selective-search cache) and methods.proposals
+(SoCo's filter, sampler and random boxes)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from benchmark import proposals as P
+from methods import proposals as MP
 from benchmark.data.errors import CorruptImage, DataError
 
 W, H = 100, 100  # image used for the filter edge cases; sqrt(W*H) = 100
@@ -45,7 +47,7 @@ def images(tmp_path):
 def _direct(path, **kw):
     img = P.load_rgb(path)
     h, w = img.shape[:2]
-    return P.filter_proposals(P.selective_search(img, mode="fast"), w, h, **kw)
+    return MP.filter_proposals(P.selective_search(img, mode="fast"), w, h, **kw)
 
 
 def _box(cx, cy, bw, bh):
@@ -56,7 +58,7 @@ def _box(cx, cy, bw, bh):
 
 
 def test_default_filter_is_socos():
-    assert P.DEFAULT_FILTER == dict(min_ratio=1 / 3, max_ratio=3.0, min_scale=0.3, max_scale=0.8, min_size=32)
+    assert MP.DEFAULT_FILTER == dict(min_ratio=1 / 3, max_ratio=3.0, min_scale=0.3, max_scale=0.8, min_size=32)
 
 
 @pytest.mark.parametrize(
@@ -77,26 +79,26 @@ def test_default_filter_is_socos():
 def test_filter_ratio_and_scale_edges(wh, kept):
     bw, bh = wh
     boxes = np.array([[0, 0, bw, bh]])
-    out = P.filter_proposals(boxes, W, H, min_size=0)
+    out = MP.filter_proposals(boxes, W, H, min_size=0)
     assert (len(out) == 1) is kept
 
 
 def test_filter_min_size_edge():
     # In a 200x200 image scale 0.3 is 60 px, so use a loose scale to isolate min_size.
     boxes = np.array([[0, 0, 32, 32], [0, 0, 31, 40], [10, 10, 50, 41]])
-    out = P.filter_proposals(boxes, 200, 200, min_scale=0.0)
+    out = MP.filter_proposals(boxes, 200, 200, min_scale=0.0)
     np.testing.assert_array_equal(out, boxes[[0]])
-    assert len(P.filter_proposals(boxes, 200, 200, min_scale=0.0, min_size=31)) == 3
+    assert len(MP.filter_proposals(boxes, 200, 200, min_scale=0.0, min_size=31)) == 3
 
 
 def test_filter_preserves_order_dtype_and_handles_degenerate():
     boxes = np.array([[0, 0, 50, 50], [5, 5, 5, 60], [10, 10, 60, 60], [0, 0, 0, 0]], dtype=np.int32)
-    out = P.filter_proposals(boxes, W, H)
+    out = MP.filter_proposals(boxes, W, H)
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, boxes[[0, 2]])
-    assert P.filter_proposals(np.zeros((0, 4)), W, H).shape == (0, 4)
+    assert MP.filter_proposals(np.zeros((0, 4)), W, H).shape == (0, 4)
     with pytest.raises(ValueError):
-        P.filter_proposals(np.zeros((3, 5)), W, H)
+        MP.filter_proposals(np.zeros((3, 5)), W, H)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -104,8 +106,8 @@ def test_filter_preserves_order_dtype_and_handles_degenerate():
 
 def test_sample_enough_boxes_distinct_and_deterministic():
     boxes = np.arange(40).reshape(10, 4)
-    a, va = P.sample_proposals(boxes, 4, np.random.default_rng(0))
-    b, vb = P.sample_proposals(boxes, 4, np.random.default_rng(0))
+    a, va = MP.sample_proposals(boxes, 4, np.random.default_rng(0))
+    b, vb = MP.sample_proposals(boxes, 4, np.random.default_rng(0))
     assert a.shape == (4, 4) and a.dtype == np.float32 and va.all()
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(va, vb)
@@ -115,7 +117,7 @@ def test_sample_enough_boxes_distinct_and_deterministic():
 
 def test_sample_pads_by_repeating_and_marks_padding():
     boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20]])
-    out, valid = P.sample_proposals(boxes, 5, np.random.default_rng(1))
+    out, valid = MP.sample_proposals(boxes, 5, np.random.default_rng(1))
     assert out.shape == (5, 4)
     np.testing.assert_array_equal(valid, [True, True, False, False, False])
     # every original box appears among the valid rows, padding repeats originals
@@ -124,11 +126,11 @@ def test_sample_pads_by_repeating_and_marks_padding():
 
 
 def test_sample_without_boxes_falls_back_to_whole_image():
-    out, valid = P.sample_proposals(np.zeros((0, 4)), 4, np.random.default_rng(0), image_size=(64, 48))
+    out, valid = MP.sample_proposals(np.zeros((0, 4)), 4, np.random.default_rng(0), image_size=(64, 48))
     np.testing.assert_array_equal(out, np.tile([0, 0, 64, 48], (4, 1)))
     assert not valid.any()
     with pytest.raises(ValueError, match="image_size"):
-        P.sample_proposals(np.zeros((0, 4)), 4, np.random.default_rng(0))
+        MP.sample_proposals(np.zeros((0, 4)), 4, np.random.default_rng(0))
 
 
 # --------------------------------------------------------------------------- random proposals
@@ -137,17 +139,17 @@ def test_sample_without_boxes_falls_back_to_whole_image():
 @pytest.mark.parametrize("size", [(224, 224), (320, 180), (64, 96)])
 def test_random_proposals_obey_filter_and_are_seeded(size):
     w, h = size
-    boxes = P.random_proposals(w, h, 50, np.random.default_rng(3))
+    boxes = MP.random_proposals(w, h, 50, np.random.default_rng(3))
     assert boxes.shape == (50, 4)
-    np.testing.assert_array_equal(P.filter_proposals(boxes, w, h), boxes)
+    np.testing.assert_array_equal(MP.filter_proposals(boxes, w, h), boxes)
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
-    np.testing.assert_array_equal(boxes, P.random_proposals(w, h, 50, np.random.default_rng(3)))
+    np.testing.assert_array_equal(boxes, MP.random_proposals(w, h, 50, np.random.default_rng(3)))
     # they are not all the same box: the source really is random
     assert len({tuple(b) for b in boxes}) > 40
 
 
 def test_random_proposals_infeasible_returns_empty():
-    assert P.random_proposals(20, 20, 4, np.random.default_rng(0), max_tries=5).shape == (0, 4)
+    assert MP.random_proposals(20, 20, 4, np.random.default_rng(0), max_tries=5).shape == (0, 4)
 
 
 # --------------------------------------------------------------------------- selective search
@@ -192,7 +194,7 @@ def test_cache_round_trip_matches_direct_computation(images, tmp_path):
     assert len(cache) == 3
     total = 0
     for i, p in enumerate(images):
-        direct = _direct(p, **{**P.DEFAULT_FILTER, **fkw})
+        direct = _direct(p, **{**MP.DEFAULT_FILTER, **fkw})
         np.testing.assert_array_equal(cache.boxes(i), direct)
         total += len(direct)
         w, h = Image.open(p).size
@@ -300,12 +302,7 @@ def test_corrupt_image_is_a_counted_skip(images, tmp_path, caplog):
     assert cache.boxes(1).shape == (0, 4)
     np.testing.assert_array_equal(cache.boxes(2), _direct(images[1]))
     assert str(bad) in caplog.text
-    # its size is unknown to the cache: sampling needs the caller's decoded size
-    out, valid = cache.sample(1, 4, np.random.default_rng(0), image_size=(50, 40))
-    np.testing.assert_array_equal(out, np.tile([0, 0, 50, 40], (4, 1)))
-    assert not valid.any()
-    with pytest.raises(ValueError, match="image_size"):
-        cache.sample(1, 4, np.random.default_rng(0))
+    assert cache.image_size(1) == (0, 0)   # unknown: a method samples with its decoded size
     with pytest.raises(CorruptImage, match="bad.jpg"):
         P.load_rgb(bad)
     assert issubclass(CorruptImage, ValueError)

@@ -12,7 +12,8 @@ from methods import build_method
 from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric
 from methods.base import ConfigError
 from methods.geometry import ViewGeometry, whole_view
-from methods.soco import SoCo, assign_levels, soco_loss
+from methods.roi import assign_levels
+from methods.soco import SoCo, soco_loss
 
 # a micro model: every forward/backward here takes well under a second on CPU
 MICRO = dict(backbone="resnet18", fpn_channels=16, head_conv_dim=16, head_fc_dim=32,
@@ -153,7 +154,8 @@ def test_random_and_whole_image_sources_need_no_cache():
     m = make(proposal_source="whole_image")
     s = m.views(rec, np.random.default_rng(0))
     assert s["boxes_v1"].tolist() == [[0, 0, 48, 48]] and s["boxes_v2"].tolist() == [[0, 0, 48, 48]]
-    assert m.prepare_proposals(None, "/nonexistent") is None
+    assert m.proposal_params() is None and make(proposal_source="random").proposal_params() is None
+    assert make().proposal_params() == {"mode": "fast", "max_side": None}
     with pytest.raises(ValueError, match="proposals"):
         make().views(rec, np.random.default_rng(0))
 
@@ -162,12 +164,12 @@ def test_random_and_whole_image_sources_need_no_cache():
 def test_scale_aware_assignment():
     sizes = torch.tensor([10, 47.9, 48, 60, 96, 100, 191, 192.5, 300])
     boxes = torch.stack([torch.zeros_like(sizes), torch.zeros_like(sizes), sizes, sizes], 1)
-    assert assign_levels(boxes, 224).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert assign_levels(boxes).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
     # a 112-px view halves the ranges: 24 | 48 | 96
     half = torch.tensor([[0, 0, 20, 20], [0, 0, 30, 30], [0, 0, 60, 60], [0, 0, 100, 100.]])
-    assert assign_levels(half, 112).tolist() == [0, 1, 2, 3]
+    assert assign_levels(half, scale=0.5).tolist() == [0, 1, 2, 3]
     # sqrt(wh), not the longer side: 16 x 144 has size 48
-    assert assign_levels(torch.tensor([[0, 0, 16, 144.]]), 224).tolist() == [0]
+    assert assign_levels(torch.tensor([[0, 0, 16, 144.]])).tolist() == [0]
     enc = make().online
     b = torch.tensor([[[0, 0, 10, 10], [0, 0, 60, 60.]]])
     assert enc.levels(b, 64).shape == (1, 2, 1)
@@ -251,10 +253,10 @@ def test_config_errors_name_the_key():
 
 
 def test_recipe_and_overrides():
-    assert SoCo.recipe["optimizer"] == "lars" and SoCo.recipe["base_lr"] == 1.0
-    assert SoCo.recipe["weight_decay"] == 1e-5 and SoCo.recipe["batch_size"] == 2048
-    assert SoCo.recipe["warmup_epochs"] == 10 and SoCo.finetune_overrides == {"weight_decay": 2.5e-5}
-    assert SoCo.needs_proposals and SoCo.scales["tiny"]["recipe"]["batch_size"] == 16
+    assert SoCo.recipe.optimizer == "lars" and SoCo.recipe.base_lr == 1.0
+    assert SoCo.recipe.weight_decay == 1e-5 and SoCo.recipe.batch_size == 2048
+    assert SoCo.recipe.warmup_epochs == 10 and SoCo.finetune_overrides == {"weight_decay": 2.5e-5}
+    assert SoCo.scales["tiny"]["recipe"]["batch_size"] == 16
 
 
 # --------------------------------------------------------------------------- export

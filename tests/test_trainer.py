@@ -25,10 +25,6 @@ def test_multistep_schedule_is_detectron2_like():
         T.Schedule(1.0, 10, kind="poly")
 
 
-def test_cosine_momentum_endpoints():
-    assert T.cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
-    assert T.cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
-    assert T.cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
 
 
 def test_lars_trust_ratio_scales_update():
@@ -106,18 +102,6 @@ def test_pretrain_stop_and_resume_is_bit_exact(isolated):
     lb = (isolated / "b" / "log.jsonl").read_text().splitlines()
     strip = lambda ls: [{k: v for k, v in __import__("json").loads(l).items() if k != "time"} for l in ls]
     assert strip(la) == strip(lb) and len(la) == 6
-
-
-def test_ema_tracks_weights():
-    m = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        m.weight.fill_(0.0)
-    ema = T.EMA(m, decay=0.5)
-    with torch.no_grad():
-        m.weight.fill_(1.0)
-    ema.update(m)
-    ema.update(m)
-    assert ema.shadow["weight"].item() == pytest.approx(0.75)    # 0 -> 0.5 -> 0.75
 
 
 def test_requested_checkpoint_is_written_at_the_end_of_the_step(tmp_path):

@@ -13,38 +13,23 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from benchmark.bench import inputs
 from benchmark.config import load_scale
+from benchmark.pretrain import to_device
 from benchmark.trainer import build_optimizer
 from methods import build_method, get_method
-
-
-def method_config(name: str, scale: str) -> dict:
-    sc = load_scale(scale)
-    cfg = dict(get_method(name).scales.get(sc.get("method_scale", scale), {}).get("method", {}))
-    cfg.pop("weights", None)
-    if name == "soco":
-        cfg["proposal_source"] = "random"     # no selective-search cache needed to time the model
-    if name == "supervised":
-        cfg["num_classes"] = 8
-    return cfg
 
 
 def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp: bool,
                 image_size: int) -> dict:
     torch.manual_seed(0)
-    m = build_method(name, **method_config(name, scale)).to(device)
-    rng = np.random.default_rng(0)
-    recs = [{"index": i, "image_id": i + 1,
-             "image": (rng.random((image_size, image_size, 3)) * 255).astype(np.uint8),
-             "labels": (rng.random(8) > 0.5).astype(np.float32)} for i in range(batch)]
-    samples = [m.views(r, np.random.default_rng(i)) for i, r in enumerate(recs)]
-    b = m.collate(samples)
-    b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-    rec = get_method(name).recipe
-    opt = build_optimizer(m.param_groups(), rec["optimizer"], 0.01, rec["weight_decay"])
+    cls = get_method(name)
+    sc = load_scale(scale)
+    m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale)))).to(device)
+    b = to_device(m.collate(inputs.samples(m, batch, image_size)), device)
+    opt = build_optimizer(m.param_groups(), cls.recipe.optimizer, 0.01, cls.recipe.weight_decay)
     scaler = torch.amp.GradScaler(device, enabled=amp and device == "cuda")
 
     def step():

@@ -1,0 +1,60 @@
+"""Stand-in inputs for timing or checking any registered method without a dataset: random
+images carrying what the method declares it reads (labels, proposals, other images)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from methods import get_method
+from methods.proposals import random_proposals
+
+NUM_CLASSES = 8
+
+
+class ListSource:
+    """An in-memory image source (``len`` and ``record(i)``, as ``benchmark.data.images.ImageSource``)."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, i: int) -> dict:
+        return dict(self.records[i])
+
+
+def method_config(name: str, method_scale: dict | None = None) -> dict:
+    """A method's config at a scale's overrides, made self-contained: no weights file, and
+    ``num_classes`` filled in for a method that reads labels."""
+    cls = get_method(name)
+    cfg = dict((method_scale or {}).get("method", {}))
+    cfg.pop("weights", None)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    if cls.needs_labels and "num_classes" in fields and not cfg.get("num_classes"):
+        cfg["num_classes"] = NUM_CLASSES
+    return cfg
+
+
+def records(method, n: int, size: int | tuple[int, int], seed: int = 0) -> list[dict]:
+    """``n`` random RGB records of ``size`` (W or (W, H)); with labels when the method reads
+    them and random filtered boxes standing in for cached proposals when it reads those."""
+    w, h = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        r = {"index": i, "image_id": i + 1, "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)}
+        if method.needs_labels:
+            r["labels"] = (rng.random(NUM_CLASSES) > 0.5).astype(np.float32)
+        if method.proposal_params() is not None:
+            r["proposals"] = random_proposals(w, h, 16, rng)
+        out.append(r)
+    return out
+
+
+def samples(method, n: int, size, seed: int = 0) -> list[dict]:
+    """The views of ``n`` random records, each drawn with its own seeded rng."""
+    recs = records(method, n, size, seed)
+    source = ListSource(recs) if method.needs_source else None
+    return [method.views(r, np.random.default_rng([seed, i]), source) for i, r in enumerate(recs)]

@@ -1,0 +1,104 @@
+"""Object-level features from a ResNet-FPN: feature maps, scale-aware level assignment,
+RoIAlign over pyramid levels, the R-CNN box head, and export of the detector parts under
+the canonical keys (bare torchvision ResNet names, ``fpn.*``, ``box_head.*``) that the
+fine-tuning detectors load. Shared by SoCo (one level per box), InsLoc (every level) and
+AlignDet (the detectors' own necks and heads)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.ops import FeaturePyramidNetwork, roi_align
+
+from methods.backbones import backbone_state, build_resnet, resnet_stages, stage_channels
+
+FPN_STRIDES = (4, 8, 16, 32)       # P2..P5
+C5_STRIDE = 32
+
+
+class ResNetFPN(nn.Module):
+    """ResNet + FPN (P2-P5), or the bare C5 map when ``fpn_channels`` is 0.
+
+    The FPN is the very class (and arguments) torchvision's ``BackboneWithFPN`` builds for the
+    detectors; its ``LastLevelMaxPool`` P6 has no parameters, so ``fpn.*`` keys transfer as is.
+    ``norm`` = "bn" puts BatchNorm in the FPN (SoCo/InsLoc official ``norm_cfg=BN``;
+    detectron2 fine-tuning ``FPN.NORM: SyncBN``)."""
+
+    def __init__(self, backbone: str = "resnet50", fpn_channels: int = 256, norm: str = "bn",
+                 zero_init_residual: bool = False):
+        super().__init__()
+        self.backbone = build_resnet(backbone, zero_init_residual=zero_init_residual)
+        chans = stage_channels(backbone)
+        if fpn_channels:
+            self.fpn = FeaturePyramidNetwork(chans, fpn_channels, norm_layer=norm_layer(norm))
+            self.out_channels, self.strides = fpn_channels, FPN_STRIDES
+        else:
+            self.fpn = None
+            self.out_channels, self.strides = chans[-1], (C5_STRIDE,)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        cs = resnet_stages(self.backbone, x)
+        if self.fpn is None:
+            return [cs[-1]]
+        return list(self.fpn(OrderedDict((f"p{i + 2}", c) for i, c in enumerate(cs))).values())
+
+
+def norm_layer(norm: str):
+    if norm not in ("bn", "none"):
+        raise ValueError(f"norm: unknown {norm!r} (bn | none)")
+    return nn.BatchNorm2d if norm == "bn" else None
+
+
+def box_head(in_channels: int, roi_size: int = 7, conv_dim: int = 256, num_convs: int = 4,
+             fc_dim: int = 1024, norm: str = "bn") -> nn.Module:
+    """The 4conv1fc R-CNN box head (detectron2 ``FastRCNNConvFCHead``; torchvision's class, so
+    ``box_head.*`` keys load into the fine-tuning Mask R-CNN as is)."""
+    return FastRCNNConvFCHead((in_channels, roi_size, roi_size), [conv_dim] * num_convs, [fc_dim],
+                              norm_layer=norm_layer(norm))
+
+
+def assign_levels(boxes: torch.Tensor, thresholds=(48.0, 96.0, 192.0), scale: float = 1.0) -> torch.Tensor:
+    """Scale-aware assignment (SoCo ``assign_bboxs_to_feature_map``): level index 0..3 (P2..P5)
+    of each xyxy box from its size sqrt(wh): <= t0 -> P2, <= t1 -> P3, <= t2 -> P4, else P5
+    (upper bounds inclusive, as the official ``size <= aware_range[j]``); thresholds are
+    multiplied by ``scale``."""
+    w = (boxes[..., 2] - boxes[..., 0]).clamp(min=0)
+    h = (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    size = torch.sqrt(w * h)
+    t = torch.tensor(thresholds, dtype=size.dtype, device=size.device) * scale
+    return torch.bucketize(size, t, right=False)
+
+
+def multilevel_roi_align(feats: list[torch.Tensor], strides, boxes: torch.Tensor, levels: torch.Tensor,
+                         roi_size: int = 7, sampling_ratio: int = 2) -> torch.Tensor:
+    """RoIAlign (``roi_size`` x ``roi_size``, aligned) of every (box, level) pair.
+
+    ``boxes``: (N, K, 4) xyxy in image pixels, one row of K per image; ``levels``: (N, K, L)
+    indices into ``feats`` (L levels per box: 1 for scale-aware assignment, all for InsLoc).
+    Returns (N * K * L, C, roi_size, roi_size) in (n, k, l) order."""
+    N, K, L = levels.shape
+    b = boxes[:, :, None, :].expand(N, K, L, 4).reshape(-1, 4)
+    lv = levels.reshape(-1)
+    idx = torch.arange(N, device=boxes.device)[:, None, None].expand(N, K, L).reshape(-1)
+    out = feats[0].new_zeros(b.shape[0], feats[0].shape[1], roi_size, roi_size)
+    for level, (f, s) in enumerate(zip(feats, strides)):
+        sel = (lv == level).nonzero(as_tuple=True)[0]
+        if sel.numel() == 0:
+            continue
+        rois = torch.cat([idx[sel, None].to(f.dtype), b[sel].to(f.dtype)], 1)
+        pooled = roi_align(f, rois, (roi_size, roi_size), spatial_scale=1.0 / s,
+                           sampling_ratio=sampling_ratio, aligned=True)
+        out = out.index_put((sel,), pooled.to(out.dtype))
+    return out
+
+
+def export_parts(backbone: nn.Module, **parts: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The canonical export: the backbone under bare torchvision names, each other part under
+    ``<name>.*`` (``fpn=...``, ``box_head=...``); ``None`` parts are left out."""
+    out = backbone_state(backbone)
+    for prefix, m in parts.items():
+        if m is not None:
+            out.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in m.state_dict().items()})
+    return out

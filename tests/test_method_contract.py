@@ -1,0 +1,82 @@
+"""One contract over every registered method (as timm tests every registered model): views ->
+collate -> forward -> backward -> optimizer step -> momentum update -> export -> load into the
+fine-tuning detector with every exported group loaded. A new method is covered the day it
+registers."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmark.bench import inputs
+from benchmark.config import SCALES_DIR
+from benchmark.detectors import DetectorConfig, build_detector, load_pretrained
+from benchmark.trainer import build_optimizer
+from methods import build_method, get_method, list_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = yaml.safe_load((SCALES_DIR / "micro.yaml").read_text())
+
+
+def test_methods_import_nothing_from_the_harness():
+    offenders = []
+    for f in sorted((ROOT / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{f.name}: {n}" for n in names if n.split(".")[0] in ("benchmark", "slurm")]
+    assert not offenders, offenders
+    code = ("import sys, methods; methods.list_methods(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmark', 'slurm')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_registry_lists_the_methods_imported_explicitly():
+    assert {"moco_v2", "soco", "supervised"} <= set(list_methods())
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_method_contract(name):
+    torch.manual_seed(0)
+    cls = get_method(name)
+    method = build_method(name, **inputs.method_config(name, cls.scales.get("tiny")))
+    # views: every sample has the same keys; tensors are finite
+    samples = inputs.samples(method, 4, 64)
+    assert all(s.keys() == samples[0].keys() for s in samples)
+    batch = method.collate(samples)
+    method.train()
+    out = method(batch)
+    loss = out["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: loss {loss}"
+    assert all(torch.as_tensor(v).numel() == 1 for v in out.values()), f"{name}: logs must be scalars"
+    # backward: the trained parameters get gradients; an optimizer step changes them
+    groups = method.param_groups()
+    trained = [p for g in groups for p in g["params"]]
+    assert trained and all(p.requires_grad for p in trained)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained), f"{name}: no gradient"
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    build_optimizer(groups, cls.recipe.optimizer, 0.1, cls.recipe.weight_decay).step()
+    method.momentum_update(0.5)
+    after = method.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, f"{name}: nothing changed after a step"
+    # parameters outside the optimizer (target networks) change only through the momentum update
+    trained_ids = {id(p) for p in trained}
+    frozen = [n for n, p in method.named_parameters() if id(p) not in trained_ids]
+    assert all(not p.requires_grad for n, p in method.named_parameters() if n in frozen)
+    # export: canonical keys, loadable into the fine-tuning detector, every exported group loaded
+    state = method.export()
+    assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
+    det = build_detector(DetectorConfig.from_dict(MICRO["detector"]), num_classes=9)
+    exported = {k.split(".")[0] if k.startswith(("fpn.", "box_head.")) else "backbone" for k in state}
+    report = load_pretrained(det, state, require=tuple(sorted(exported)), source=name)
+    for g in exported:
+        r = report.groups[g]
+        assert r.loaded and not r.unexpected and not r.mismatched and not r.missing, f"{name}: {g}: {r}"
