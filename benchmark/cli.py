@@ -16,6 +16,46 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. method.queue_size=1024 (repeatable)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    _nproc(p)
+
+
+def _nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per run on this machine (torch.distributed: NCCL on GPU, gloo on CPU)")
+
+
+# the --set sections each command reads; anything else is an error, never silently ignored
+SECTIONS = {"pretrain": ("method", "recipe"), "finetune": ("detector", "finetune"),
+            "reproduce": ("method", "recipe", "detector", "finetune")}
+
+
+def _overrides(a, command: str) -> dict:
+    import difflib
+
+    from benchmark.config import parse_overrides
+    ov = parse_overrides(a.overrides)
+    allowed = SECTIONS[command]
+    for section, value in ov.items():
+        if section not in allowed:
+            near = difflib.get_close_matches(section, allowed, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"--set {section}.…: `detbench {command}` reads no section {section!r} "
+                              f"(it reads: {', '.join(allowed)}){hint}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"--set {section}={value!r}: expected {section}.<key>=<value>")
+    return ov
+
+
+def _run(job, a) -> dict:
+    """One stage in this process, or in ``--nproc`` processes (as torchrun would start them)."""
+    from benchmark.stages import run_job, run_processes
+    from benchmark.store import RunStore
+    if a.nproc > 1:
+        status = run_processes(job, str(RunStore(a.runs).root), nproc=a.nproc, device=a.device)
+        if status != "done":
+            raise RuntimeError(f"{job.label}: {status} (see {RunStore(a.runs).run_dir(job.key)})")
+        return RunStore(a.runs).metrics(job.key)
+    return run_job(job, a.runs, resume=not getattr(a, "no_resume", False), device=a.device)
 
 
 def _seeds(n: int, first: int) -> tuple[int, ...]:
@@ -23,26 +63,24 @@ def _seeds(n: int, first: int) -> tuple[int, ...]:
 
 
 def cmd_pretrain(a) -> int:
-    from benchmark.config import parse_overrides, pretrain_config
+    from benchmark.config import pretrain_config
     from benchmark.plan import Job
-    from benchmark.stages import run_job
     from benchmark.store import RunStore, run_key
-    ov = parse_overrides(a.overrides)
+    ov = _overrides(a, "pretrain")
     cfg = pretrain_config(a.method, scale=a.scale, seed=a.seed, epochs=a.epochs,
                           method_overrides=ov.get("method"), recipe_overrides=ov.get("recipe"))
     key = run_key(cfg)
     job = Job("pretrain", key, {**cfg, "label": f"pretrain/{a.method}/seed{a.seed}"}, (), f"pretrain/{a.method}")
-    m = run_job(job, a.runs, resume=not a.no_resume, device=a.device)
+    m = _run(job, a)
     print(json.dumps({"key": key, "run_dir": str(RunStore(a.runs).run_dir(key)), **m}, indent=1, default=str))
     return 0
 
 
 def cmd_finetune(a) -> int:
-    from benchmark.config import finetune_config, parse_overrides
+    from benchmark.config import finetune_config
     from benchmark.plan import Job
-    from benchmark.stages import run_job
     from benchmark.store import RunStore, run_key
-    ov = parse_overrides(a.overrides)
+    ov = _overrides(a, "finetune")
     store = RunStore(a.runs)
     parent = None if a.init == "scratch" else a.init
     method = None
@@ -56,7 +94,7 @@ def cmd_finetune(a) -> int:
     key = run_key(cfg)
     job = Job("finetune", key, {**cfg, "label": f"finetune/{a.init}/{a.schedule}"}, (parent,) if parent else (),
               f"finetune/{a.init}/{a.schedule}")
-    m = run_job(job, a.runs, resume=not a.no_resume, device=a.device)
+    m = _run(job, a)
     print(json.dumps({"key": key, "run_dir": str(store.run_dir(key)), **m}, indent=1, default=str))
     return 0
 
@@ -64,7 +102,6 @@ def cmd_finetune(a) -> int:
 def cmd_evaluate(a) -> int:
     from benchmark.config import evaluate_config
     from benchmark.plan import Job
-    from benchmark.stages import run_job
     from benchmark.store import RunStore, run_key
     store = RunStore(a.runs)
     pc = store.config(a.init)
@@ -72,8 +109,7 @@ def cmd_evaluate(a) -> int:
         raise ConfigError(f"--from: {a.init!r} is not a finished fine-tuning run in {store.root}")
     cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"])
     key = run_key(cfg)
-    m = run_job(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"),
-                a.runs, device=a.device)
+    m = _run(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"), a)
     print(json.dumps({"key": key, **m}, indent=1, default=str))
     return 0
 
@@ -85,7 +121,7 @@ def cmd_reproduce(a) -> int:
     from benchmark.stages import run_plan_local
     from benchmark.store import RunStore
     name = a.table or a.grid
-    ov = parse_overrides(a.overrides)
+    ov = _overrides(a, "reproduce")
     plan = plan_table(name, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed), overrides=ov)
     store = RunStore(a.runs)
     missing = [j for j in plan.jobs if store.status(j.key) != "done"]
@@ -98,28 +134,25 @@ def cmd_reproduce(a) -> int:
         return 0
     if a.executor == "slurm":
         from slurm.orchestrate import submit_plan
-        submit_plan(plan, store, profile=a.profile, overrides=parse_overrides(a.slurm_set), plan_overrides=ov)
+        submit_plan(plan, store, profile=a.profile, overrides=parse_overrides(a.slurm_set))
         return 0
     t0 = time.time()
+    from benchmark.config import load_scale
+    jobs = a.jobs or int(load_scale(a.scale).get("runtime", {}).get("local_jobs", 1))
     if a.executor == "submitit-local":
-        from slurm.orchestrate import run_plan_submitit_local
-        run_plan_submitit_local(plan, store)
-    else:
-        from benchmark.config import load_scale
-        jobs = a.jobs or int(load_scale(a.scale).get("runtime", {}).get("local_jobs", 1))
-        run_plan_local(plan, a.runs, device=a.device, jobs=jobs)
+        jobs = a.jobs or 1
+    run_plan_local(plan, a.runs, device=a.device, jobs=jobs, nproc=a.nproc, executor=a.executor)
     vdir = render(plan, store)
     print(f"done in {time.time() - t0:.0f} s; table: {vdir.parent / 'table.md'} (version {vdir.name})")
     return 0
 
 
 def cmd_render(a) -> int:
-    from benchmark.config import parse_overrides
     from benchmark.plan import plan_table
     from benchmark.report import render
     from benchmark.store import RunStore
     plan = plan_table(a.table, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed),
-                      overrides=parse_overrides(a.overrides))
+                      overrides=_overrides(a, "reproduce"))
     vdir = render(plan, RunStore(a.runs))
     print(vdir.parent / "table.md")
     return 0
@@ -183,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="init", required=True, help="fine-tuning run key")
     s.add_argument("--runs", default=None)
     s.add_argument("--device", default=None)
+    _nproc(s)
     s.set_defaults(fn=cmd_evaluate)
 
     for name, arg in (("reproduce", "--table"), ("grid", "--grid")):

@@ -36,9 +36,7 @@ class Plan:
     seeds: tuple
     jobs: list[Job]
     cells: list[Cell]
-
-    def job(self, key: str) -> Job:
-        return next(j for j in self.jobs if j.key == key)
+    overrides: dict = field(default_factory=dict)   # the ``--set`` overrides it was planned with
 
 
 def row_implemented(row: Row) -> bool:
@@ -86,4 +84,4 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                 cells.append(Cell(ri, ci, seed, ekey, tuple(k for k in (pkey, fkey, ekey) if k)))
     order = {"pretrain": 0, "finetune": 1, "evaluate": 2}
     ordered = sorted(jobs.values(), key=lambda j: order[j.stage])  # parents always come first
-    return Plan(spec, scale, tuple(seeds), ordered, cells)
+    return Plan(spec, scale, tuple(seeds), ordered, cells, dict(ov))

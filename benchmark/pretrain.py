@@ -115,7 +115,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     given = method.given_weights()
     if given is not None:
         return _export_given_weights(given, config["method"], run_dir)
-    if distributed and device.type == "cuda":
+    if distributed and device.type == "cuda" and method.sync_bn:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     pre = data["pretrain"]
     source = (ImageSource.from_coco(pre["image_root"], pre["ann_file"]) if pre.get("ann_file")
@@ -157,7 +157,10 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         return model(batch)
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
-    metrics = {"steps": loop.step, "total_steps": total, "final": last, "skipped_images": len(dataset.skipped)}
+    metrics = {"steps": loop.step, "total_steps": total, "final": last, "skipped_images": len(dataset.skipped),
+               "world_size": world_size, "batch_per_process": B, "batch": B * world_size, "lr": lr}
+    if distributed:
+        metrics["replicas_in_sync"] = trainer.replicas_in_sync(method)
     if loop.step >= total and trainer.is_main_process():
         export = {"state_dict": method.export(), "method": config["method"]["name"]}
         trainer.save_checkpoint(run_dir / "weights.pt", export)

@@ -1,10 +1,15 @@
-"""Running one job of a plan (any executor calls ``run_job``) and a plan locally."""
+"""Running one job of a plan (every executor calls ``run_job``, in one process or in each of
+N) and the one local scheduler that runs a plan on this machine."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+from benchmark import trainer
 from benchmark.plan import Job, Plan
 from benchmark.store import RunStore
 from benchmark.trainer import Diverged
@@ -19,7 +24,14 @@ class ParentNotDone(RuntimeError):
 def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, device: str | None = None,
             progress: bool = True, stop_after: int | None = None, runtime: dict | None = None) -> dict:
     """Run one stage, idempotently: a finished run returns its stored metrics; an unfinished
-    one resumes from its last checkpoint. A NaN loss marks the run diverged."""
+    one resumes from its last checkpoint. A NaN loss marks the run diverged.
+
+    Launched as N processes (torchrun, ``--nproc N``, or N Slurm tasks through the job
+    wrapper), every process calls this: torch.distributed is set up from the environment,
+    all ranks train and resume from the same checkpoint, only rank 0 writes the run store, and
+    evaluation runs on rank 0 alone (its metrics equal a one-process evaluation)."""
+    trainer.init_distributed_from_env()
+    main = trainer.is_main_process()
     store = RunStore(store_root)
     if store.status(job.key) == "done":
         return store.metrics(job.key)
@@ -28,11 +40,15 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
         if st != "done":
             raise ParentNotDone(f"{job.label}: parent run {p} is {st}")
     cfg = {k: v for k, v in job.config.items()}
-    run_dir = store.begin(job.key, cfg)
+    if main:
+        store.begin(job.key, cfg, extra_env={"distributed": trainer.distributed_env()})
+    trainer.barrier()   # the run directory exists before any rank reads or resumes from it
+    run_dir = store.run_dir(job.key)
     rt = {**cfg.get("runtime", {}), **(runtime or {})}
     if rt.get("torch_threads"):
         import torch
         torch.set_num_threads(int(rt["torch_threads"]))
+    device = device or str(trainer.default_device())
     t0 = time.time()
     try:
         if job.stage == "pretrain":
@@ -48,34 +64,36 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
                 weights = str(store.run_dir(cfg["parent"]) / "weights.pt")
             m = run_finetune(cfg["detector"], {**cfg["recipe"], **_rt(rt)}, resolve_data(cfg["data"]),
                              run_dir=run_dir, weights=weights, seed=cfg["seed"], resume=resume,
-                             stop_after=stop_after, **({"device": device} if device else {}))
+                             stop_after=stop_after, device=device)
             complete = (run_dir / "model_final.pt").exists()
         elif job.stage == "evaluate":
-            from benchmark.datasets import resolve_data
-            from benchmark.evaluate import run_evaluate
-            model = store.run_dir(cfg["parent"]) / "model_final.pt"
-            m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir,
-                             **({"device": device} if device else {}))
-            complete = True
+            m, complete = {}, True
+            if main:
+                from benchmark.datasets import resolve_data
+                from benchmark.evaluate import run_evaluate
+                model = store.run_dir(cfg["parent"]) / "model_final.pt"
+                m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir, device=device)
         else:
             raise ValueError(f"{job.label}: unknown stage {job.stage!r}")
     except Diverged as e:
-        store.fail(job.key, f"diverged: {e}", diverged=True)
+        if main:
+            store.fail(job.key, f"diverged: {e}", diverged=True)
         raise
     except KeyboardInterrupt:
         raise
     except BaseException:
-        store.fail(job.key, traceback.format_exc())
+        if main:
+            store.fail(job.key, traceback.format_exc())
         raise
-    if not complete:
-        return m
-    m = {**m, "wall_s": round(time.time() - t0, 1)}
-    ck = run_dir / "checkpoint.pt"
-    if ck.exists():  # the final weights are kept; the resumable state is no longer needed
-        from benchmark.pretrain import sha256_file
-        m["checkpoint_sha256"] = sha256_file(ck)
-        ck.unlink()
-    store.finish(job.key, m)
+    if complete and main:
+        m = {**m, "wall_s": round(time.time() - t0, 1)}
+        ck = run_dir / "checkpoint.pt"
+        if ck.exists():  # the final weights are kept; the resumable state is no longer needed
+            from benchmark.pretrain import sha256_file
+            m["checkpoint_sha256"] = sha256_file(ck)
+            ck.unlink()
+        store.finish(job.key, m)
+    trainer.barrier()   # no rank leaves before the run is recorded
     return m
 
 
@@ -84,75 +102,48 @@ def _rt(rt: dict) -> dict:
     return {k: rt[k] for k in ("num_workers",) if k in rt}
 
 
+# --------------------------------------------------------------------------- the local scheduler
 def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | None = None,
-                   progress: bool = True, jobs: int = 1) -> dict[str, str]:
-    """Run the plan's missing jobs locally, parents first. ``jobs`` > 1 runs that many
-    independent runs at once in worker processes (one torch thread each, views built
-    in-process: on 2 cores two runs at once nearly halve a tiny table). A failed or diverged
-    run skips its descendants; the rest of the table goes on. Returns key -> status."""
-    if jobs > 1:
-        return _run_plan_parallel(plan, store_root, device=device, jobs=jobs)
+                   progress: bool = True, jobs: int = 1, nproc: int = 1, executor: str = "local") -> dict[str, str]:
+    """Run the plan's missing runs on this machine, parents first, and wait.
+
+    ``jobs`` independent runs at once; each run in ``nproc`` processes (torch.distributed,
+    gloo on CPU / NCCL on GPU). ``executor="local"``: one run in this process when
+    ``jobs == nproc == 1`` (progress bars), else each run in freshly spawned processes with
+    one torch thread each (on 2 cores two tiny runs at once nearly halve a table);
+    ``"submitit-local"``: each run as a job of submitit's LocalExecutor through the Slurm job
+    wrapper (the cluster's code path, without a cluster). A failed or diverged run skips its
+    descendants; the rest of the table goes on. Returns key -> status."""
     store = RunStore(store_root)
-    status: dict[str, str] = {}
-    todo = [j for j in plan.jobs if store.status(j.key) != "done"]
-    log.info("%s: %d runs planned, %d to run", plan.spec.name, len(plan.jobs), len(todo))
-    for i, job in enumerate(plan.jobs):
-        st = store.status(job.key)
-        if st == "done":
-            status[job.key] = "done"
-            continue
-        bad = [p for p in job.parents if status.get(p, store.status(p)) != "done"]
-        if bad:
-            status[job.key] = "skipped"
-            log.warning("skip %s: parent %s is %s", job.label, bad[0], status.get(bad[0]))
-            continue
-        print(f"[{i + 1}/{len(plan.jobs)}] {job.stage} {job.label} ({job.key})", flush=True)
-        try:
-            run_job(job, store_root, device=device, progress=progress)
-            status[job.key] = "done"
-        except Diverged as e:
-            status[job.key] = "diverged"
-            print(f"    diverged: {e}", flush=True)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
-            status[job.key] = "failed"
-            print(f"    FAILED: {type(e).__name__}: {e} (see {store.run_dir(job.key)}/FAILED)", flush=True)
-    return status
-
-
-def _run_in_worker(job: Job, store_root: str | None, device: str | None) -> str:
-    try:
-        run_job(job, store_root, device=device, progress=False,
-                runtime={"torch_threads": 1, "num_workers": 0})
-        return "done"
-    except Diverged:
-        return "diverged"
-
-
-def _run_plan_parallel(plan: Plan, store_root: str | None, *, device: str | None, jobs: int) -> dict[str, str]:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    store = RunStore(store_root)
+    launch = _launcher(plan, store, device=device, progress=progress, jobs=jobs, nproc=nproc, executor=executor)
     status = {j.key: "done" for j in plan.jobs if store.status(j.key) == "done"}
     waiting = [j for j in plan.jobs if j.key not in status]
-    n_total, n_done = len(waiting), 0
-    t0 = time.time()
+    print(f"{plan.spec.name}: {len(plan.jobs)} runs, {len(waiting)} to run "
+          f"({executor}, {jobs} at once, {nproc} process(es) each)", flush=True)
+    n_total, n_done, t0 = len(waiting), 0, time.time()
     running: dict = {}
-    # spawn: a forked child would inherit the parent's OpenMP thread pool state
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
         while waiting or running:
             for job in list(waiting):
                 ps = [status.get(p) for p in job.parents]
                 if any(s not in (None, "done") for s in ps):
                     status[job.key] = "skipped"
                     waiting.remove(job)
-                    log.warning("skip %s: a parent did not finish", job.label)
-                elif all(s == "done" for s in ps) and len(running) < jobs:
+                    print(f"  skip {job.label}: a parent did not finish", flush=True)
+                elif all(s == "done" for s in ps) and len(running) < max(1, jobs):
                     waiting.remove(job)
-                    running[ex.submit(_run_in_worker, job, store_root, device)] = job
                     print(f"[start] {job.stage} {job.label} ({job.key})", flush=True)
+                    if jobs <= 1 and nproc <= 1 and executor == "local":
+                        status[job.key] = launch(job)       # in this process: progress bars, Ctrl-C
+                        n_done += 1
+                        _report(job, status[job.key], n_done, n_total, t0, store)
+                    else:
+                        running[pool.submit(launch, job)] = job
             if not running:
+                if waiting and not any(all(status.get(p) == "done" for p in j.parents) for j in waiting):
+                    for job in waiting:   # parents neither done nor running: cannot happen in a sound plan
+                        status[job.key] = "skipped"
+                    break
                 continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -163,5 +154,95 @@ def _run_plan_parallel(plan: Plan, store_root: str | None, *, device: str | None
                     status[job.key] = "failed"
                     print(f"    FAILED: {job.label}: {type(e).__name__}: {e}", flush=True)
                 n_done += 1
-                print(f"[{n_done}/{n_total}, {time.time() - t0:.0f} s] {status[job.key]}: {job.label}", flush=True)
+                _report(job, status[job.key], n_done, n_total, t0, store)
     return status
+
+
+def _report(job: Job, st: str, n_done: int, n_total: int, t0: float, store: RunStore) -> None:
+    where = f" (see {store.run_dir(job.key)})" if st in ("failed", "diverged") else ""
+    print(f"[{n_done}/{n_total}, {time.time() - t0:.0f} s] {st}: {job.label}{where}", flush=True)
+
+
+def _launcher(plan: Plan, store: RunStore, *, device, progress, jobs, nproc, executor):
+    """``launch(job) -> "done" | "failed" | "diverged"``, blocking until the run ends."""
+    store_root = str(store.root)
+    if executor == "submitit-local":
+        import submitit
+
+        from benchmark.report import results_root
+        from slurm.orchestrate import job_environment
+        from slurm.submit import StageJob
+        ex = submitit.LocalExecutor(folder=results_root() / "slurm" / "local" / plan.spec.name)
+        ex.update_parameters(timeout_min=24 * 60, tasks_per_node=nproc)
+        os.environ.update(job_environment(store.root, results_root()))   # the jobs inherit these
+
+        def launch(job: Job) -> str:
+            sjob = ex.submit(StageJob(store_root), job)
+            try:
+                sjob.results()
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s failed: %s (log %s)", job.label, e, sjob.paths.stderr)
+            return _final_status(store, job)
+        return launch
+    if executor != "local":
+        raise ValueError(f"executor: unknown {executor!r} (local | submitit-local | slurm)")
+    if jobs <= 1 and nproc <= 1:
+        def launch(job: Job) -> str:
+            try:
+                run_job(job, store_root, device=device, progress=progress)
+                return "done"
+            except Diverged as e:
+                print(f"    diverged: {e}", flush=True)
+                return "diverged"
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
+                print(f"    FAILED: {type(e).__name__}: {e} (see {store.run_dir(job.key)}/FAILED)", flush=True)
+                return "failed"
+        return launch
+    runtime = {"torch_threads": 1, "num_workers": 0} if nproc == 1 and jobs > 1 else None
+    return lambda job: run_processes(job, store_root, nproc=nproc, device=device, runtime=runtime)
+
+
+def run_processes(job: Job, store_root: str, *, nproc: int, device: str | None = None,
+                  runtime: dict | None = None) -> str:
+    """Run one job in ``nproc`` freshly spawned processes on this machine, wired as torchrun
+    wires them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT on a free local port)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")   # a forked child would inherit this process's thread pools
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(job, store_root, rank, nproc, port, device, runtime),
+                         name=f"{job.label}/rank{rank}") for rank in range(nproc)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        log.warning("%s: process exit codes %s", job.label, codes)
+    return _final_status(RunStore(store_root), job)
+
+
+def _rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:
+    if nproc > 1:
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        run_job(job, store_root, device=device, progress=False, runtime=runtime)
+    except Diverged:
+        pass   # recorded in the store
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _final_status(store: RunStore, job: Job) -> str:
+    st = store.status(job.key)
+    return st if st in ("done", "diverged") else "failed"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -65,7 +65,7 @@ class RunStore:
         p = self.run_dir(key) / "config.json"
         return json.loads(p.read_text()) if p.exists() else None
 
-    def begin(self, key: str, config: dict) -> Path:
+    def begin(self, key: str, config: dict, extra_env: dict | None = None) -> Path:
         d = self.run_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         p = d / "config.json"
@@ -77,7 +77,7 @@ class RunStore:
             atomic_write_json(p, {**config, "key": key})
         for marker in ("FAILED", "DIVERGED"):
             (d / marker).unlink(missing_ok=True)
-        atomic_write_json(d / "env.json", environment())
+        atomic_write_json(d / "env.json", {**environment(), **(extra_env or {})})
         return d
 
     def finish(self, key: str, metrics: dict) -> None:

@@ -36,6 +36,11 @@ def request_checkpoint(*_args) -> None:
     _CHECKPOINT_REQUESTED = True
 
 
+def checkpoint_pending() -> bool:
+    """True from ``request_checkpoint`` until the loop has saved."""
+    return _CHECKPOINT_REQUESTED
+
+
 class Diverged(RuntimeError):
     """The loss became NaN or infinite: the run stops and its table cells read 'diverged'."""
 
@@ -98,7 +103,6 @@ class Schedule:
     milestones: tuple[int, ...] = ()     # multistep: steps where lr *= gamma
     gamma: float = 0.1
     warmup_factor: float = 0.001         # detectron2's default start of warmup
-    final_lr: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("cosine", "multistep", "constant"):
@@ -112,7 +116,7 @@ class Schedule:
             f = 1.0
         if self.kind == "cosine":
             t = min(1.0, max(0, step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            lr = self.final_lr + (self.base_lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
+            lr = self.base_lr * 0.5 * (1 + math.cos(math.pi * t))
             return lr * (f if step < self.warmup_steps else 1.0)
         if self.kind == "multistep":
             return self.base_lr * f * self.gamma ** sum(step >= m for m in self.milestones)
@@ -222,15 +226,54 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed_from_env() -> bool:
-    """torch.distributed from env:// when launched with several processes (torchrun or
-    Slurm via submitit). NCCL on GPU, gloo on CPU. Returns True when distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_available() and dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    """torch.distributed from the environment when the job has several processes: torchrun's
+    (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), which the Slurm
+    job wrapper exports from Slurm's through submitit. NCCL on GPU, gloo on CPU; each process
+    takes GPU ``LOCAL_RANK``. Returns True when distributed (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: launch "
+                           f"with torchrun, `detbench ... --nproc N`, or the Slurm executor")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
     return True
+
+
+def default_device() -> torch.device:
+    """This process's device: GPU ``LOCAL_RANK`` when there is CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def distributed_env() -> dict:
+    """What a run records about its processes (``env.json``)."""
+    rank, world_size = world()
+    return {"world_size": world_size, "backend": dist.get_backend() if world_size > 1 else None}
+
+
+@torch.no_grad()
+def replicas_in_sync(model: torch.nn.Module) -> bool:
+    """Whether every process holds the same parameters (a checksum compared across ranks):
+    DDP keeps them equal; a method that updates state outside it must too."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])   # on the model's device (NCCL)
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # --------------------------------------------------------------------------- loop
@@ -246,22 +289,19 @@ class LoopConfig:
 
 class TrainLoop:
     """One generic loop: ``step_fn(batch) -> dict`` (with a ``loss`` tensor) is called for
-    steps ``[start, total)``; checkpoints (model, optimizer, scaler, RNG, step, extra state)
-    go to ``run_dir/checkpoint.pt`` every ``ckpt_every`` steps and at the end.
+    steps ``[start, total)``; checkpoints (model, optimizer, scaler, RNG, step) go to
+    ``run_dir/checkpoint.pt`` every ``ckpt_every`` steps, when asked (``request_checkpoint``:
+    preemption) and at the end; only rank 0 writes, every rank resumes from it.
 
-    ``after_step(step, logs)`` runs after the optimizer step (momentum updates, EMA).
-    ``extra_state`` objects with ``state_dict``/``load_state_dict`` are checkpointed too.
+    ``after_step(step, logs)`` runs after the optimizer step (momentum updates).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: Callable[[int], float], cfg: LoopConfig, run_dir: Path,
-                 extra_state: dict[str, Any] | None = None,
-                 after_step: Callable[[int, dict], None] | None = None,
-                 lr_scale: dict[int, float] | None = None):
+                 after_step: Callable[[int, dict], None] | None = None):
         self.model, self.opt, self.schedule, self.cfg = model, optimizer, schedule, cfg
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
-        self.extra_state = extra_state or {}
         self.after_step = after_step
         self.device = next(model.parameters()).device
         use_amp = cfg.amp and self.device.type == "cuda"
@@ -275,8 +315,7 @@ class TrainLoop:
     def state_dict(self) -> dict:
         model = self.model.module if hasattr(self.model, "module") else self.model
         return {"step": self.step, "model": model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "extra": {k: v.state_dict() for k, v in self.extra_state.items()}}
+                "scaler": self.scaler.state_dict(), "rng": rng_state()}
 
     def save(self) -> None:
         if is_main_process():
@@ -291,8 +330,6 @@ class TrainLoop:
         self.opt.load_state_dict(s["optimizer"])
         self.scaler.load_state_dict(s["scaler"])
         set_rng_state(s["rng"])
-        for k, v in self.extra_state.items():
-            v.load_state_dict(s["extra"][k])
         self.step = s["step"]
         log.info("resumed %s at step %d", self.ckpt_path, self.step)
         return self.step

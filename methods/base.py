@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from typing import Any
 
@@ -35,7 +36,9 @@ def dataclass_from_dict(cls, d: dict | None, prefix: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     for k in d:
         if k not in fields:
-            raise ConfigError(f"{prefix}.{k}: unknown key (known: {', '.join(sorted(fields))})")
+            near = difflib.get_close_matches(str(k), sorted(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{prefix}.{k}: unknown key (known: {', '.join(sorted(fields))}){hint}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
 
@@ -135,6 +138,9 @@ class PretrainMethod(nn.Module):
     # What the pretraining stage hands to ``views`` besides the image:
     needs_labels = False      # record["labels"]: multi-hot image labels (Supervised at tiny)
     needs_source = False      # ``source``: the dataset, to draw other images (InsLoc's backgrounds)
+    # BatchNorm across processes when distributed on GPUs (BYOL/SoCo/PixPro: SyncBN). MoCo-style
+    # Shuffle-BN needs per-process BN on a shuffled key batch (MoCo Sec. 3.3): False.
+    sync_bn = True
 
     def __init__(self, cfg: MethodConfig):
         super().__init__()

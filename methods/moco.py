@@ -29,6 +29,7 @@ from methods.registry import register_method
 @register_method("moco_v2")
 class MoCoV2(PretrainMethod):
     # SGD lr 0.03 at batch 256, wd 1e-4, momentum 0.9, cosine (MoCo v2 Sec. 3, official repo)
+    sync_bn = False   # Shuffle-BN: per-process BN on a key batch shuffled across processes (Sec. 3.3)
     recipe = PretrainRecipe(optimizer="sgd", base_lr=0.03, lr_batch=256, batch_size=256,
                             weight_decay=1e-4, momentum=0.9, schedule="cosine", warmup_epochs=0)
     # tiny: 50 steps x 64 keys; a 1024-key queue fills in 16 steps (a queue larger than the

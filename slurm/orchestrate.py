@@ -4,19 +4,15 @@
   and returns at once; it records the plan's parameters in the table's state file
   (``<results>/slurm/<name>.json``) so that ``detbench collect`` can rebuild the plan later,
   from any shell.
-* :func:`run_plan_submitit_local` runs a plan through submitit's ``LocalExecutor``
-  (``--executor submitit-local``), in dependency order, and waits.
 * ``cli_status`` / ``cli_collect`` / ``cli_cancel`` back ``detbench status|collect|cancel``.
 """
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from slurm.profile import SlurmProfile, load_profile
 from slurm.state import SlurmState, now_iso, state_path
@@ -24,7 +20,6 @@ from slurm.submit import (
     ACTIVE_STATES,
     DEAD_REASONS,
     SlurmUnavailable,
-    StageJob,
     SubmitSummary,
     _run,
     cancel,
@@ -74,29 +69,17 @@ def _cell_rows(plan) -> list[list]:
     return [[c.row, c.col, c.seed, c.eval_key, list(c.chain)] for c in plan.cells]
 
 
-def _detect_overrides(plan) -> dict | None:
-    """The plan's ``--set`` overrides are not kept on the Plan: {} when planning without
-    overrides gives the same runs, else None (unknown; collect then uses the recorded cells)."""
-    from benchmark.plan import plan_table
-
-    try:
-        again = plan_table(plan.spec, scale=plan.scale, seeds=plan.seeds)
-    except Exception:
-        return None
-    return {} if [j.key for j in again.jobs] == [j.key for j in plan.jobs] else None
-
-
-def plan_record(plan, store_root: str | os.PathLike, plan_overrides: Mapping | None) -> dict:
+def plan_record(plan, store_root: str | os.PathLike) -> dict:
     """What the state file keeps about a plan: enough to rebuild it (``rebuild_plan``)."""
     spec = plan.spec
     spec_text = None
     if getattr(spec, "path", None) and Path(spec.path).is_file():
         spec_text = Path(spec.path).read_text()
-    overrides = dict(plan_overrides) if plan_overrides is not None else _detect_overrides(plan)
+    overrides = dict(plan.overrides)
     return {
         "table": spec.name, "kind": getattr(spec, "kind", "table"), "spec": _spec_ref(spec),
         "spec_text": spec_text, "scale": plan.scale, "seeds": list(plan.seeds),
-        "overrides": overrides, "overrides_known": overrides is not None,
+        "overrides": overrides,
         "store_root": str(Path(store_root).resolve()),
         "jobs": [{"key": j.key, "stage": j.stage, "label": j.label, "parents": list(j.parents)} for j in plan.jobs],
         "cells": _cell_rows(plan), "recorded_at": now_iso(),
@@ -136,7 +119,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
                          f"--executor slurm` first)")
     spec = _load_spec_from_record(rec, state.path)
     recorded = [(r, c, s, k, tuple(ch)) for r, c, s, k, ch in rec["cells"]]
-    if rec.get("overrides_known", True) and rec.get("overrides") is not None:
+    if rec.get("overrides") is not None:
         try:
             plan = plan_table(spec, scale=rec["scale"], seeds=tuple(rec["seeds"]), overrides=rec["overrides"])
             cells = [(c.row, c.col, c.seed, c.eval_key, tuple(c.chain)) for c in plan.cells]
@@ -178,14 +161,13 @@ def _store_for(a_runs, rec: dict | None):
 
 # ====================================================================== submit
 def submit_plan(plan, store, *, profile: str | SlurmProfile = "local-ci", overrides: Mapping | None = None,
-                plan_overrides: Mapping | None = None, results_dir: str | os.PathLike | None = None,
+                results_dir: str | os.PathLike | None = None,
                 repo_root: str | os.PathLike | None = None, quiet: bool = False) -> SubmitSummary:
     """Submit the plan's missing runs to Slurm and return without waiting.
 
     ``profile``: a profile name (``slurm/profiles/<name>.yaml``), a path, or a
     :class:`SlurmProfile`; ``overrides``: profile fields (``--slurm-set k=v``).
-    ``plan_overrides``: the ``--set`` overrides the plan was made with (recorded so that
-    ``collect`` re-plans identically; guessed when not given).  Results (state file, logs,
+    The plan's ``--set`` overrides are recorded so that ``collect`` re-plans identically.  Results (state file, logs,
     snapshots) go under ``results_dir`` (default ``$DETBENCH_RESULTS`` or ``./results``).
     """
     prof = profile if isinstance(profile, SlurmProfile) else load_profile(profile, dict(overrides or {}))
@@ -198,7 +180,7 @@ def submit_plan(plan, store, *, profile: str | SlurmProfile = "local-ci", overri
     name = plan.spec.name
     state = SlurmState.for_name(results, name)
     # recorded first: a submission that fails half-way can still be followed up and collected
-    state.set_fields(plan=plan_record(plan, store_root, plan_overrides))
+    state.set_fields(plan=plan_record(plan, store_root))
     summary = submit_jobs(plan.jobs, name=name, results_dir=results, store_root=store_root, profile=prof,
                           store=store, repo_root=repo_root, env=job_environment(store_root, results))
     if not quiet:
@@ -225,74 +207,6 @@ def format_summary(summary: SubmitSummary, profile: SlurmProfile | None = None) 
     if summary.submitted:
         lines.append(f"  follow up: detbench status {summary.name}; detbench collect {summary.name}")
     return "\n".join(lines)
-
-
-# ====================================================================== submitit local
-def run_plan_submitit_local(plan, store, *, folder: str | os.PathLike | None = None, max_parallel: int = 1,
-                            poll_s: float = 1.0) -> dict[str, str]:
-    """Run the plan's missing jobs with submitit's ``LocalExecutor`` (one subprocess per
-    job, at most ``max_parallel`` at once), parents before children, and wait.
-
-    A failed or diverged run skips its descendants; the rest goes on.  Returns key → status
-    (done | failed | diverged | skipped).  Logs: ``<results>/slurm/local/<name>/<pid>_log.{out,err}``.
-    """
-    import submitit
-
-    store_root = Path(store.root).resolve()
-    results = _results_dir()
-    log_folder = Path(folder) if folder else results / "slurm" / "local" / plan.spec.name
-    executor = submitit.LocalExecutor(folder=log_folder)
-    executor.update_parameters(timeout_min=24 * 60)
-    env = job_environment(store_root, results)
-    status: dict[str, str] = {j.key: "done" for j in plan.jobs if store.status(j.key) == "done"}
-    todo = [j for j in plan.jobs if j.key not in status]
-    print(f"{plan.spec.name}: {len(plan.jobs)} runs, {len(todo)} to run (submitit LocalExecutor, "
-          f"logs in {log_folder})", flush=True)
-    running: dict[str, Any] = {}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the LocalExecutor's subprocesses inherit these
-    try:
-        while todo or running:
-            for job in list(todo):
-                if len(running) >= max_parallel:
-                    break
-                bad = [p for p in job.parents if status.get(p, "done" if store.status(p) == "done" else None)
-                       in ("failed", "diverged", "skipped")]
-                if bad:
-                    status[job.key] = "skipped"
-                    todo.remove(job)
-                    print(f"  skip {job.label}: parent {bad[0]} is {status[bad[0]]}", flush=True)
-                    continue
-                if all(status.get(p) == "done" or store.status(p) == "done" for p in job.parents):
-                    todo.remove(job)
-                    running[job.key] = (job, executor.submit(StageJob(str(store_root)), job))
-                    print(f"  started {job.stage:<9} {job.label} (job {running[job.key][1].job_id})", flush=True)
-            if not running and todo:  # parents neither done nor running: cannot happen in a sound plan
-                for job in todo:
-                    status[job.key] = "skipped"
-                break
-            time.sleep(poll_s)
-            for key, (job, sjob) in list(running.items()):
-                if not sjob.done():
-                    continue
-                del running[key]
-                st = store.status(key)
-                if st == "done":
-                    status[key] = "done"
-                else:
-                    status[key] = "diverged" if st == "diverged" else "failed"
-                    err = sjob.exception()
-                    print(f"  {status[key].upper()} {job.label}: {type(err).__name__ if err else st} "
-                          f"(log {sjob.paths.stderr})", flush=True)
-                if status[key] == "done":
-                    print(f"  done    {job.stage:<9} {job.label}", flush=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return status
 
 
 # ====================================================================== status
@@ -466,20 +380,3 @@ def cli_cancel(a) -> int:
             return 1
         print(f"{name}: cancelled {len(ids)} job(s){': ' + ' '.join(ids) if ids else ' (none live)'}")
     return 0
-
-
-def wait_for_jobs(job_ids, timeout_s: float = 3600, poll_s: float = 2.0) -> dict[str, dict]:
-    """Poll until none of ``job_ids`` is queued or running any more; returns their final states."""
-    ids = [str(j) for j in job_ids]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = slurm_job_states(ids)
-        if all(i in states and states[i]["state"] not in ACTIVE_STATES for i in ids):
-            return states
-        if all(i in states and (states[i]["state"] not in ACTIVE_STATES or states[i].get("reason") in DEAD_REASONS)
-               for i in ids):
-            return states
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"jobs still queued after {timeout_s:.0f} s: "
-                               + ", ".join(f"{i} {states.get(i, {}).get('state', '?')}" for i in ids))
-        time.sleep(poll_s)

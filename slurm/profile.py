@@ -5,7 +5,8 @@ A profile is a small YAML file (``slurm/profiles/<name>.yaml``)::
     partition: gpu
     account: my-lab
     time_min: 4320          # Slurm time limit, minutes
-    gpus_per_node: 8        # also the number of tasks per node (one process per GPU)
+    gpus_per_node: 8        # also the number of tasks per node (one process per GPU),
+                            # unless tasks_per_node says otherwise (gloo on a CPU cluster)
     nodes: 2
     stage_overrides:        # per-stage changes, e.g. evaluation needs one node only
       evaluate: {nodes: 1, gpus_per_node: 1}
@@ -50,6 +51,7 @@ class SlurmProfile:
     qos: str | None = None
     time_min: int = 60
     gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # processes per node; None: one per GPU (1 without GPUs)
     nodes: int = 1
     cpus_per_task: int = 1
     mem_gb: float | None = None
@@ -62,10 +64,10 @@ class SlurmProfile:
     stage_overrides: dict = field(default_factory=dict)  # {stage: {field: value}}
     source: str = "<defaults>"  # file the profile was read from (not a YAML key)
 
-    @property
-    def tasks_per_node(self) -> int:
-        """One process per GPU; one task when the profile has no GPUs."""
-        return max(1, self.gpus_per_node)
+    def processes_per_node(self) -> int:
+        """One torch.distributed process per GPU (one without GPUs) unless ``tasks_per_node``
+        says otherwise (a CPU cluster running gloo with several processes per node)."""
+        return self.tasks_per_node or max(1, self.gpus_per_node)
 
     def for_stage(self, stage: str) -> "SlurmProfile":
         """The profile with ``stage_overrides[stage]`` applied (itself if none)."""
@@ -84,7 +86,7 @@ class SlurmProfile:
         params: dict[str, Any] = {
             "timeout_min": self.time_min,
             "nodes": self.nodes,
-            "tasks_per_node": self.tasks_per_node,
+            "tasks_per_node": self.processes_per_node(),
             "cpus_per_task": self.cpus_per_task,
             "slurm_array_parallelism": self.array_parallelism,
         }
@@ -109,6 +111,7 @@ _TYPES: dict[str, tuple] = {
     "qos": (str, type(None)),
     "time_min": (int,),
     "gpus_per_node": (int,),
+    "tasks_per_node": (int, type(None)),
     "nodes": (int,),
     "cpus_per_task": (int,),
     "mem_gb": (int, float, type(None)),
@@ -119,7 +122,7 @@ _TYPES: dict[str, tuple] = {
     "snapshot_dir": (str, type(None)),
     "stage_overrides": (dict,),
 }
-_MIN = {"time_min": 1, "gpus_per_node": 0, "nodes": 1, "cpus_per_task": 1, "mem_gb": 0,
+_MIN = {"time_min": 1, "gpus_per_node": 0, "tasks_per_node": 1, "nodes": 1, "cpus_per_task": 1, "mem_gb": 0,
         "max_array_size": 1, "array_parallelism": 1}
 _STAGES = ("pretrain", "finetune", "evaluate")
 

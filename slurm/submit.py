@@ -145,6 +145,13 @@ def snapshot_code(repo_root: str | os.PathLike, snapshot_dir: str | os.PathLike)
 
 
 # ====================================================================== the job callable
+def _num_tasks() -> int:
+    try:
+        return submitit.JobEnvironment().num_tasks
+    except RuntimeError:   # not inside a submitit job (a direct call)
+        return 1
+
+
 def _resolve(fn: Callable | str) -> Callable:
     if callable(fn):
         return fn
@@ -155,44 +162,13 @@ def _resolve(fn: Callable | str) -> Callable:
     return obj
 
 
-def request_stage_checkpoint(wait_s: float = 20.0) -> bool:
-    """Ask the running stage to checkpoint (``benchmark.trainer.request_checkpoint``) and
-    wait up to ``wait_s`` until it has saved.
-
-    Saved means: the handle returned by ``request_checkpoint()`` (e.g. a
-    ``threading.Event``) is set, or else the trainer's ``checkpoint_pending()`` /
-    ``_CHECKPOINT_REQUESTED`` flag is cleared again (the trainer clears it after its atomic
-    save at the end of the current step).  Returns whether a request could be made.
-    """
-    try:
-        trainer = importlib.import_module("benchmark.trainer")
-    except ImportError:
-        return False
-    request = getattr(trainer, "request_checkpoint", None)
-    if not callable(request):
-        return False
-    try:
-        handle = request()
-        if hasattr(handle, "wait"):
-            saved = handle.wait(wait_s)
-        else:
-            pending = getattr(trainer, "checkpoint_pending", None)
-            if not callable(pending):
-                pending = lambda: bool(getattr(trainer, "_CHECKPOINT_REQUESTED", False))  # noqa: E731
-            deadline = time.monotonic() + wait_s
-            while pending() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            saved = not pending()
-        if not saved:
-            log.warning("checkpoint not confirmed within %.0f s; requeueing from the last saved one", wait_s)
-    except Exception:  # the job must still be requeued
-        log.exception("request_checkpoint failed; requeueing from the last saved checkpoint")
-    return True
-
-
 class StageJob(submitit.helpers.Checkpointable):
-    """What runs on the cluster: ``StageJob(store_root)(job)`` → ``fn(job, store_root, resume=True)``.
+    """What runs on the cluster: ``StageJob(store_root)(job)`` → ``fn(job, store_root, resume=True)``
+    in each of the job's tasks.
 
+    With several tasks (``gpus_per_node`` > 1 or several nodes) it exports torchrun's
+    variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) from Slurm's through submitit,
+    so the stage joins one torch.distributed group (``benchmark.stages.run_job``).
     With ``threaded=True`` (default) the stage runs in a worker thread while the main thread
     waits, so that the preemption signal handler (which submitit runs in the main thread)
     can ask the trainer for a checkpoint and wait for it while training goes on.
@@ -206,6 +182,8 @@ class StageJob(submitit.helpers.Checkpointable):
         self.checkpoint_wait_s = checkpoint_wait_s
 
     def __call__(self, job: Any) -> Any:
+        if _num_tasks() > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         fn = _resolve(self.fn)
         if not self.threaded:
             return fn(job, self.store_root, resume=True)
@@ -226,27 +204,17 @@ class StageJob(submitit.helpers.Checkpointable):
         return box.get("result")
 
     def checkpoint(self, job: Any, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        request_stage_checkpoint(self.checkpoint_wait_s)
+        """On preemption or timeout: ask the training loop to save at the end of its current
+        step, wait for it (at most ``checkpoint_wait_s``), then requeue."""
+        trainer = importlib.import_module("benchmark.trainer")
+        trainer.request_checkpoint()
+        deadline = time.monotonic() + self.checkpoint_wait_s
+        while trainer.checkpoint_pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if trainer.checkpoint_pending():
+            log.warning("checkpoint not saved within %.0f s; requeueing from the last saved one",
+                        self.checkpoint_wait_s)
         return submitit.helpers.DelayedSubmission(self, job)
-
-
-def init_distributed_from_slurm(backend: str | None = None):
-    """Inside a Slurm task: export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK… and init.
-
-    Returns submitit's ``TorchDistributedEnvironment`` (``rank``, ``world_size``,
-    ``local_rank``…).  Backend: NCCL with CUDA, else gloo.
-    """
-    import torch
-    import torch.distributed as dist
-
-    env = submitit.helpers.TorchDistributedEnvironment().export()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), init_method="env://",
-                                rank=env.rank, world_size=env.world_size)
-    return env
 
 
 # ====================================================================== Slurm queries
@@ -521,25 +489,3 @@ def _submit_chunk(chunk, stage, deps, profile, log_folder, setup, callable_, nam
     state.record_many(entries)  # recorded chunk by chunk: a later failure loses nothing
     summary.arrays.append({"stage": stage, "array_job_id": str(submitted[0].job_id).partition("_")[0],
                            "size": len(chunk), "dependency": dependency})
-
-
-# ====================================================================== following up
-def run_status(results_dir: str | os.PathLike, name: str, store: Any = None) -> list[dict]:
-    """One row per run in the state file: key, label, stage, job id, Slurm state and reason
-    (e.g. ``PENDING``/``DependencyNeverSatisfied`` for a child of a failed run), and the
-    store's status when ``store`` is given."""
-    runs = SlurmState.for_name(results_dir, name).runs
-    try:
-        slurm = slurm_job_states(e.get("job_id") for e in runs.values())
-    except SlurmUnavailable:
-        slurm = {}
-    rows = []
-    for key, entry in runs.items():
-        info = slurm.get(str(entry.get("job_id"))) or {"state": "UNKNOWN", "reason": ""}
-        row = {"key": key, "label": entry.get("label"), "stage": entry.get("stage"),
-               "job_id": entry.get("job_id"), "slurm_state": info["state"], "reason": info.get("reason", ""),
-               "stdout": entry.get("stdout")}
-        if store is not None:
-            row["store_status"] = store.status(key)
-        rows.append(row)
-    return rows

@@ -52,3 +52,22 @@ def wait_for(cond, timeout, what, every=1.0):
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for_slurm_jobs(job_ids, timeout_s: float = 3600, poll_s: float = 2.0) -> dict[str, dict]:
+    """Poll until none of ``job_ids`` is queued or running any more (or only held by a
+    dependency that can never be met); returns their final states."""
+    import time
+
+    from slurm.submit import ACTIVE_STATES, DEAD_REASONS, slurm_job_states
+    ids = [str(j) for j in job_ids]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = slurm_job_states(ids)
+        if all(i in states and (states[i]["state"] not in ACTIVE_STATES or states[i].get("reason") in DEAD_REASONS)
+               for i in ids):
+            return states
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"jobs still queued after {timeout_s:.0f} s: "
+                               + ", ".join(f"{i} {states.get(i, {}).get('state', '?')}" for i in ids))
+        time.sleep(poll_s)

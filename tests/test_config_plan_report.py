@@ -134,13 +134,14 @@ def test_render_table_mean_std_diff_and_statuses(isolated):
     moco = next(r for r, row in enumerate(plan.spec.rows) if row.method == "moco_v2")
     scratch = next(r for r, row in enumerate(plan.spec.rows) if row.method == "scratch")
     aps = {0: 10.0, 1: 14.0}
+    jobs = {j.key: j for j in plan.jobs}
     for cell in plan.cells:
         if cell.row == moco:
             for k in cell.chain[:-1]:
                 if store.status(k) != "done":
-                    _fake_finish(store, plan.job(k))
+                    _fake_finish(store, jobs[k])
             if store.status(cell.eval_key) != "done":
-                _fake_finish(store, plan.job(cell.eval_key),
+                _fake_finish(store, jobs[cell.eval_key],
                              {"bbox": {"AP": aps[cell.seed]}, "segm": {"AP": aps[cell.seed] / 2}})
         if cell.row == scratch and cell.seed == 0:
             store.fail(cell.chain[0], "nan", diverged=True)

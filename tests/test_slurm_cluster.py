@@ -20,11 +20,12 @@ import cloudpickle
 import pytest
 
 from tests.conftest import connect_slurm_or_skip, wait_for
-import submitit
+
 
 from slurm.profile import cluster_max_array_size, load_profile
 from slurm.state import SlurmState
-from slurm.submit import init_distributed_from_slurm, run_status, slurm_job_states, submit_jobs
+from slurm.orchestrate import table_status
+from slurm.submit import slurm_job_states, submit_jobs
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +157,7 @@ def test_array_split_by_max_array_size_runs_from_snapshot_and_resubmits_nothing(
 
     wait_for(lambda: all_finished(summary.job_ids.values()), 180, "the array to finish")
     store = FakeStore(workdir["store"])
-    assert all(store.status(j.key) == "done" for j in jobs), run_status(workdir["results"], "arr")
+    assert all(store.status(j.key) == "done" for j in jobs), table_status(workdir["results"], "arr", store)["rows"]
     call = json.loads((workdir["store"] / "p00" / "calls.jsonl").read_text().splitlines()[0])
     snap = Path(entry["snapshot"]["path"])
     assert Path(call["module"]).resolve() == (snap / "slurm" / "submit.py").resolve()  # imports from the snapshot
@@ -184,7 +185,7 @@ def test_afterok_chain_with_failing_parent_then_resubmission_repairs_it(slurm_cl
 
     wait_for(lambda: states_of([ids["c-pre"]]).get(ids["c-pre"], {}).get("state") == "FAILED", 120, "parent to fail")
     rows = wait_for(
-        lambda: (r := {x["key"]: x for x in run_status(workdir["results"], "chain")})
+        lambda: (r := {x["key"]: x for x in table_status(workdir["results"], "chain", FakeStore(workdir["store"]))["rows"]})
         and r["c-ft"]["reason"] == "DependencyNeverSatisfied" and r, 60, "child to be marked never satisfiable")
     assert rows["c-ft"]["slurm_state"] == "PENDING"
     assert rows["c-pre"]["slurm_state"] == "FAILED"
@@ -221,26 +222,6 @@ def test_checkpointable_job_is_preempted_requeued_and_resumes(slurm_cluster, wor
     # the store's done-marker is written before the job's process exits: wait for Slurm to see the end
     wait_for(lambda: all_finished([job_id]), 60, "the requeued job to leave the queue")
     assert slurm_job_states([job_id])[job_id]["state"] == "COMPLETED"
-
-
-def _ddp_probe():
-    import torch
-    import torch.distributed as dist
-
-    env = init_distributed_from_slurm()
-    t = torch.tensor([float(env.rank + 1)])
-    dist.all_reduce(t)
-    dist.destroy_process_group()
-    return env.rank, env.world_size, t.item()
-
-
-def test_init_distributed_from_slurm_two_tasks_gloo(slurm_cluster, workdir):
-    ex = submitit.AutoExecutor(folder=workdir["results"] / "ddp" / "%j", cluster="slurm")
-    ex.update_parameters(timeout_min=60, tasks_per_node=2, cpus_per_task=1, mem_gb=1, slurm_partition="debug")
-    job = ex.submit(_ddp_probe)
-    results = job.results()  # one per task
-    assert sorted(r[0] for r in results) == [0, 1]
-    assert all(r[1] == 2 and r[2] == 3.0 for r in results)
 
 
 def test_usr2_calls_checkpoint_which_asks_the_stage_to_save_then_requeues(slurm_cluster, workdir):

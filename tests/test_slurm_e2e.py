@@ -27,7 +27,7 @@ from benchmark.store import RunStore
 from slurm import orchestrate as orch
 from slurm.state import SlurmState
 from slurm.submit import slurm_job_states
-from tests.conftest import connect_slurm_or_skip, wait_for
+from tests.conftest import connect_slurm_or_skip, wait_for, wait_for_slurm_jobs
 
 wait_until = functools.partial(wait_for, every=0.5)
 
@@ -110,7 +110,7 @@ def test_table_submit_collect_and_resubmit_nothing(ws, capsys):
     assert again.submitted == [] and all(s["reason"].startswith("already") or s["reason"] == "done"
                                          for s in again.skipped)
 
-    states = orch.wait_for_jobs(summary.job_ids.values(), timeout_s=240, poll_s=1)
+    states = wait_for_slurm_jobs(summary.job_ids.values(), timeout_s=240, poll_s=1)
     t_jobs = time.monotonic() - t0
     assert {s["state"] for s in states.values()} == {"COMPLETED"}, orch.format_status(
         orch.table_status(ws["results"], "micro_smoke"))
@@ -183,7 +183,7 @@ def test_preempted_finetune_resumes_bit_identical_to_uninterrupted_run(ws, clust
 
     wait_until(lambda: store.status(ft.key) == "done", 180, "the requeued fine-tune to finish")
     t_resumed = time.monotonic() - t0
-    states = orch.wait_for_jobs([job_id, summary.job_ids[plan.jobs[-1].key], high_id], timeout_s=120, poll_s=1)
+    states = wait_for_slurm_jobs([job_id, summary.job_ids[plan.jobs[-1].key], high_id], timeout_s=120, poll_s=1)
     t_all = time.monotonic() - t0
     assert states[job_id]["state"] == "COMPLETED" and states[high_id]["state"] == "COMPLETED"
 
@@ -220,7 +220,7 @@ def test_cancel_scancels_live_jobs_and_marks_them(ws, capsys):
     capsys.readouterr()
     assert orch.cli_cancel(_ns("micro_smoke")) == 0
     assert "micro_smoke: cancelled 5 job(s)" in capsys.readouterr().out
-    states = orch.wait_for_jobs(ids, timeout_s=60, poll_s=0.5)
+    states = wait_for_slurm_jobs(ids, timeout_s=60, poll_s=0.5)
     assert {s["state"] for s in states.values()} == {"CANCELLED"}, states
     runs = SlurmState.for_name(ws["results"], "micro_smoke").runs
     assert all(runs[k]["cancelled"] and runs[k]["cancelled_at"] for k in summary.job_ids)

@@ -6,14 +6,14 @@ from slurm.profile import PROFILES_DIR, ProfileError, load_profile
 
 def test_shipped_profiles_load():
     ci = load_profile("local-ci")
-    assert ci.partition == "debug" and ci.gpus_per_node == 0 and ci.tasks_per_node == 1
+    assert ci.partition == "debug" and ci.gpus_per_node == 0 and ci.processes_per_node() == 1
     gpu = load_profile(PROFILES_DIR / "example-gpu-cluster.yaml")
-    assert gpu.gpus_per_node == 8 and gpu.tasks_per_node == 8
+    assert gpu.gpus_per_node == 8 and gpu.processes_per_node() == 8
     params = gpu.executor_parameters()
     assert params["gpus_per_node"] == 8 and params["tasks_per_node"] == 8
     assert params["slurm_partition"] == "gpu" and params["timeout_min"] == 4320
     ev = gpu.for_stage("evaluate")
-    assert ev.gpus_per_node == 1 and ev.tasks_per_node == 1 and ev.partition == "gpu"
+    assert ev.gpus_per_node == 1 and ev.processes_per_node() == 1 and ev.partition == "gpu"
 
 
 def test_overrides_are_checked_and_strings_converted():

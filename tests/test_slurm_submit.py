@@ -173,6 +173,7 @@ def test_stagejob_runs_with_resume_and_checkpoint_waits_for_save(monkeypatch):
         threading.Timer(0.3, lambda: setattr(trainer, "_CHECKPOINT_REQUESTED", False)).start()
 
     trainer.request_checkpoint = request_checkpoint
+    trainer.checkpoint_pending = lambda: trainer._CHECKPOINT_REQUESTED
     monkeypatch.setitem(sys.modules, "benchmark.trainer", trainer)
     t0 = time.monotonic()
     delayed = sj.checkpoint(job)

@@ -38,7 +38,6 @@ class Row:
     finetune_overrides: dict = field(default_factory=dict)
     detector_overrides: dict = field(default_factory=dict)
     ref_match: dict = field(default_factory=dict)
-    group: str = ""
 
 
 @dataclass
