@@ -151,6 +151,14 @@ def cmd_tables(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from benchmark.export import export_run
+    from benchmark.store import RunStore
+    report = export_run(RunStore(a.runs), a.run, a.to, a.out, allow_unmapped=a.allow_unmapped)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _slurm_cmd(fn_name):
     def run(a) -> int:
         import slurm.orchestrate as o
@@ -213,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", default=None)
     s.add_argument("--status", default=None)
     s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("export", help="write a run's weights for detectron2, mmdet or torchvision")
+    s.add_argument("--run", required=True, help="pretraining (weights.pt) or fine-tuning run key")
+    s.add_argument("--to", required=True, choices=["detectron2", "mmdet", "torchvision"])
+    s.add_argument("--out", default=None, help="file to write (default results/exports/<run>/<framework>.pkl|.pth)")
+    s.add_argument("--allow-unmapped", action="store_true",
+                   help="leave out keys the framework has no name for (listed in the output) instead of failing")
+    s.add_argument("--runs", default=None)
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("tables", help="list tables, grids and methods")
     s.set_defaults(fn=cmd_tables)
