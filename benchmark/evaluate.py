@@ -165,8 +165,10 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "detections.json", results)
     if protocol == "voc":
+        from benchmark.data.voc import VocProtocol
         from benchmark.voc_eval import voc_summary
-        metrics = {"bbox": voc_summary(dataset.ann_file, results["bbox"], img_ids=dataset.ids)}
+        metrics = {"bbox": voc_summary(dataset.ann_file, results["bbox"], img_ids=dataset.ids,
+                                       eleven_point=VocProtocol.eleven_point)}
     else:
         metrics = evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
     atomic_write_json(run_dir / f"{protocol}_metrics.json", metrics)

@@ -111,6 +111,9 @@ def test_missing_files_are_named(tmp_path):
         voc_to_coco(root, ["VOC2007/empty"], CLASSES)
     with pytest.raises(DataError, match="VOC devkit folder not found"):
         resolve_voc({"kind": "voc", "root": str(tmp_path / "nowhere")}, tmp_path / "c")
+    with pytest.raises(DataError, match="expected a non-empty list") as e:
+        resolve_voc({"kind": "voc", "root": str(root), "train": "VOC2007/trainval"}, tmp_path / "c")
+    assert e.value.field == "data.train"
     with pytest.raises(DataError, match="unknown key"):
         resolve_voc({"kind": "voc", "root": str(root), "years": 2007}, tmp_path / "c")
 
@@ -136,7 +139,7 @@ def test_protocol_defaults_are_the_papers():
 def test_synthetic_scenes_in_voc_layout(isolated):
     from benchmark.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_dataset
     from benchmark.datasets import cache_root, resolve_data
-    params = {"image_size": 64, "num_pretrain": 2, "num_train": 6, "num_val": 4, "seed": 0}
+    params = {"image_size": 128, "num_pretrain": 2, "num_train": 4, "num_val": 8, "seed": 0}
     coco = ensure_synthetic_dataset(cache_root(), **params)
     before = {s: Path(v["ann_file"]).read_bytes() for s, v in coco.items()}
     data = resolve_data({"kind": "voc", "synthetic": params})
@@ -144,17 +147,18 @@ def test_synthetic_scenes_in_voc_layout(isolated):
     assert ensure_synthetic_dataset(cache_root(), **params) == coco          # same COCO cache key
     assert {s: Path(v["ann_file"]).read_bytes() for s, v in coco.items()} == before
     main = root / "voc" / "VOC2007" / "ImageSets" / "Main"
-    assert (main / "trainval.txt").read_text().split() == [f"{i:06d}" for i in range(6)]
-    assert (main / "test.txt").read_text().split() == [f"{i:06d}" for i in range(6, 10)]
+    assert (main / "trainval.txt").read_text().split() == [f"{i:06d}" for i in range(4)]
+    assert (main / "test.txt").read_text().split() == [f"{i:06d}" for i in range(4, 12)]
     # the VOC val split holds the COCO val boxes, classes and image sizes
     src = json.loads(Path(coco["val"]["ann_file"]).read_text())
     got = json.loads(Path(data["val"]["ann_file"]).read_text())
     assert [c["name"] for c in got["categories"]] == SYNTHETIC_CLASSES
     assert [(a["image_id"], a["category_id"], a["bbox"]) for a in got["annotations"]] == \
         [(a["image_id"], a["category_id"], [float(v) for v in a["bbox"]]) for a in src["annotations"]]
-    small = [a["area"] < 0.004 * 64 * 64 for a in src["annotations"]]
-    assert [a["difficult"] for a in got["annotations"]] == [int(s) for s in small]
+    small = [a["area"] < 0.004 * 128 * 128 for a in src["annotations"]]
+    assert any(small) and [a["difficult"] for a in got["annotations"]] == [int(s) for s in small]
+    assert [a["iscrowd"] for a in got["annotations"]] == [int(s) for s in small]   # ignored at test time
     ds = CocoDetection(data["val"]["image_root"], data["val"]["ann_file"], with_masks=False)
     img, _ = ds[0]
     ref = np.asarray(Image.open(Path(coco["val"]["image_root"]) / "000000.png"), dtype=np.float32) / 255
-    assert img.shape == (3, 64, 64) and np.abs(img.permute(1, 2, 0).numpy() - ref).mean() < 0.03  # JPEG q95
+    assert img.shape == (3, 128, 128) and np.abs(img.permute(1, 2, 0).numpy() - ref).mean() < 0.03  # JPEG q95

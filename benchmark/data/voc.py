@@ -285,8 +285,13 @@ def resolve_voc(data: dict, cache_dir: str | Path) -> dict[str, dict]:
         classes, train, test = tuple(SYNTHETIC_CLASSES), ["VOC2007/trainval"], "VOC2007/test"
     else:
         root = Path(data["root"])
-        classes = tuple(data.get("classes", p.classes))
-        train, test = list(data.get("train", p.train_sets)), data.get("test", p.test_set)
+        classes, train, test = data.get("classes", p.classes), data.get("train", p.train_sets), data.get("test", p.test_set)
+        for key, v in (("classes", classes), ("train", train)):
+            if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v):
+                raise DataError("<config>", f"data.{key}", f"expected a non-empty list of names, got {v!r}")
+        if not isinstance(test, str):
+            raise DataError("<config>", "data.test", f"expected '<year folder>/<image set>', got {test!r}")
+        classes, train = tuple(classes), list(train)
     crowd_train = not bool(data.get("train_difficult", p.train_difficult))
     return {"train": ensure_voc_split(root, train, classes, cache_dir=cache_dir, difficult_as_crowd=crowd_train),
             "val": ensure_voc_split(root, [test], classes, cache_dir=cache_dir, difficult_as_crowd=True)}
