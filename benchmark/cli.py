@@ -70,7 +70,8 @@ def cmd_evaluate(a) -> int:
     pc = store.config(a.init)
     if pc is None or store.status(a.init) != "done" or pc.get("stage") != "finetune":
         raise ConfigError(f"--from: {a.init!r} is not a finished fine-tuning run in {store.root}")
-    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"])
+    protocol = "voc" if pc["data"].get("kind") == "voc" else "coco"   # VOC data: VOC's AP (benchmark.voc_eval)
+    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"], protocol=protocol)
     key = run_key(cfg)
     m = run_job(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"),
                 a.runs, device=a.device)

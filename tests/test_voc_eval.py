@@ -152,8 +152,9 @@ def test_run_evaluate_with_the_voc_protocol(isolated):
     from benchmark.datasets import resolve_data
     from benchmark.detectors import DetectorConfig, build_detector
     from benchmark.evaluate import run_evaluate
-    data = resolve_data({"kind": "voc", "synthetic": {"image_size": 64, "num_pretrain": 2, "num_train": 2,
-                                                      "num_val": 3, "seed": 1}})
+    voc_data = {"kind": "voc", "synthetic": {"image_size": 64, "num_pretrain": 2, "num_train": 2, "num_val": 3,
+                                             "seed": 1}}
+    data = resolve_data(voc_data)
     cfg = DetectorConfig.from_dict(dict(backbone="resnet18", fpn_channels=32, box_head_conv_dim=32,
                                         box_head_fc_dim=64, mask_head_dim=32, mask_head_convs=2,
                                         anchor_sizes=[8, 16, 32, 64, 128], min_size=[64], max_size=128,
@@ -171,6 +172,19 @@ def test_run_evaluate_with_the_voc_protocol(isolated):
     assert keys <= set(m["bbox"]) and all(0 <= m["bbox"][k] <= 100 for k in keys)
     with pytest.raises(ValueError, match="protocol: unknown 'pascal'"):
         run_evaluate(str(path), data, run_dir=isolated / "ev2", device="cpu", protocol="pascal")
+    # ``detbench evaluate`` of a fine-tuning run on VOC data evaluates with the VOC protocol
+    import shutil
+
+    from benchmark.cli import main
+    from benchmark.store import RunStore
+    store = RunStore()
+    d = store.begin("ft", {"stage": "finetune", "scale": "tiny", "seed": 0, "data": voc_data})
+    shutil.copy(path, d / "model_final.pt")
+    store.finish("ft", {"steps": 1})
+    assert main(["evaluate", "--from", "ft"]) == 0
+    (ev,) = [r for r in store.list() if r["stage"] == "evaluate"]
+    assert store.config(ev["key"])["protocol"] == "voc"
+    assert json.loads((store.run_dir(ev["key"]) / "voc_metrics.json").read_text()) == m
     # the switch enters an evaluation run's identity only when it is not coco
     assert "protocol" not in evaluate_config(parent="k", data={}, scale="tiny")
     assert evaluate_config(parent="k", data={}, scale="tiny", protocol="voc")["protocol"] == "voc"
