@@ -5,20 +5,20 @@ The canonical key space (``methods/base.py``): bare torchvision ResNet names for
 ``fpn.*`` (torchvision ``FeaturePyramidNetwork``) and ``box_head.*`` (torchvision
 ``FastRCNNConvFCHead`` or ``TwoMLPHead``). Per framework:
 
-==============================  ===============================  ==================================
-canonical                       detectron2 (.pkl)                mmdet (.pth, ``state_dict``)
-==============================  ===============================  ==================================
-``conv1.weight``, ``bn1.*``     ``stem.conv1.weight``, ``.norm``  ``backbone.conv1``, ``backbone.bn1``
-``layer1.0.conv1.weight``       ``res2.0.conv1.weight``          ``backbone.layer1.0.conv1.weight``
-``layer1.0.bn1.*``              ``res2.0.conv1.norm.*``          ``backbone.layer1.0.bn1.*``
-``layer1.0.downsample.0/1``     ``res2.0.shortcut(.norm)``       ``backbone.layer1.0.downsample.0/1``
-``fpn.inner_blocks.i.0/1``      ``backbone.fpn_lateral{l}``      ``neck.lateral_convs.i.conv/bn``
-``fpn.layer_blocks.i.0/1``      ``backbone.fpn_output{l}``       ``neck.fpn_convs.i.conv/bn``
-``fpn.extra_blocks.p6/p7``      ``backbone.top_block.p6/p7``     ``neck.fpn_convs.{n}/{n+1}.conv``
-``box_head.i.0/1`` (conv i)     ``roi_heads.box_head.conv{i+1}``  ``roi_head.bbox_head.shared_convs.i``
-``box_head.{n+1+2j}`` (fc j)    ``roi_heads.box_head.fc{j+1}``   ``roi_head.bbox_head.shared_fcs.j``
-``box_head.fc6/fc7``            ``roi_heads.box_head.fc1/fc2``   ``roi_head.bbox_head.shared_fcs.0/1``
-==============================  ===============================  ==================================
+============================  ================================  =====================================
+canonical                     detectron2 (.pkl)                 mmdet (.pth, ``state_dict``)
+============================  ================================  =====================================
+``conv1.weight``, ``bn1.*``   ``stem.conv1.weight``, ``.norm``  ``backbone.conv1``, ``backbone.bn1``
+``layer1.0.conv1.weight``     ``res2.0.conv1.weight``           ``backbone.layer1.0.conv1.weight``
+``layer1.0.bn1.*``            ``res2.0.conv1.norm.*``           ``backbone.layer1.0.bn1.*``
+``layer1.0.downsample.0/1``   ``res2.0.shortcut(.norm)``        ``backbone.layer1.0.downsample.0/1``
+``fpn.inner_blocks.i.0/1``    ``backbone.fpn_lateral{l}``       ``neck.lateral_convs.i.conv/bn``
+``fpn.layer_blocks.i.0/1``    ``backbone.fpn_output{l}``        ``neck.fpn_convs.i.conv/bn``
+``fpn.extra_blocks.p6/p7``    ``backbone.top_block.p6/p7``      ``neck.fpn_convs.{n}/{n+1}.conv``
+``box_head.i.0/1`` (conv i)   ``roi_heads.box_head.conv{i+1}``  ``roi_head.bbox_head.shared_convs.i``
+``box_head.{n+1+2j}`` (fc j)  ``roi_heads.box_head.fc{j+1}``    ``roi_head.bbox_head.shared_fcs.j``
+``box_head.fc6/fc7``          ``roi_heads.box_head.fc1/fc2``    ``roi_head.bbox_head.shared_fcs.0/1``
+============================  ================================  =====================================
 
 Names follow detectron2's ``ResNet``/``FPN``/``FastRCNNConvFCHead`` and mmdetection's
 ``ResNet``/``FPN``/``ConvFCBBoxHead`` (``ConvModule``: ``conv`` + ``bn``/``gn``). The ResNet

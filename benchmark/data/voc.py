@@ -198,18 +198,18 @@ def read_image_set(root: Path, split: str, where: str = "data") -> list[str]:
 
 
 def voc_to_coco(root: str | Path, splits: tuple[str, ...] | list[str], class_names=VOC_CLASSES, *,
-                difficult_as_crowd: bool = True, _files: dict | None = None) -> dict:
+                difficult_as_crowd: bool = True, xml_bytes: dict | None = None) -> dict:
     """COCO json dict of the images listed in ``splits`` (e.g. ``["VOC2007/trainval",
     "VOC2012/trainval"]``). Image ids are 1..N in listing order; ``file_name`` is relative to
     ``root``; each annotation carries ``difficult`` and, when ``difficult_as_crowd``,
-    ``iscrowd = difficult``."""
+    ``iscrowd = difficult``. ``xml_bytes``: ``{xml path: bytes}`` already read (not read again)."""
     root = Path(root)
     images, annotations = [], []
     for si, split in enumerate(splits):
         year, _ = _split_name(split, f"splits[{si}]")
         for image_key in read_image_set(root, split, f"splits[{si}]"):
             xml_path = root / year / "Annotations" / f"{image_key}.xml"
-            rec = parse_voc_xml(xml_path, class_names, data=(_files or {}).get(xml_path))
+            rec = parse_voc_xml(xml_path, class_names, data=(xml_bytes or {}).get(xml_path))
             image_id = len(images) + 1
             images.append({"id": image_id, "file_name": f"{year}/JPEGImages/{image_key}.jpg",
                            "width": rec["width"], "height": rec["height"], "voc_id": f"{year}/{image_key}"})
@@ -260,7 +260,7 @@ def ensure_voc_split(root: str | Path, splits, class_names=VOC_CLASSES, *, cache
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, voc_to_coco(root, splits, class_names, difficult_as_crowd=difficult_as_crowd,
-                                           _files=files))
+                                           xml_bytes=files))
     return {"image_root": str(root), "ann_file": str(out)}
 
 
