@@ -107,7 +107,8 @@ def cmd_evaluate(a) -> int:
     pc = store.config(a.init)
     if pc is None or store.status(a.init) != "done" or pc.get("stage") != "finetune":
         raise ConfigError(f"--from: {a.init!r} is not a finished fine-tuning run in {store.root}")
-    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"])
+    protocol = "voc" if pc["data"].get("kind") == "voc" else "coco"   # VOC data: VOC's AP (benchmark.voc_eval)
+    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"], protocol=protocol)
     key = run_key(cfg)
     m = _run(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"), a)
     print(json.dumps({"key": key, **m}, indent=1, default=str))
@@ -184,6 +185,14 @@ def cmd_tables(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from benchmark.export import export_run
+    from benchmark.store import RunStore
+    report = export_run(RunStore(a.runs), a.run, a.to, a.out, allow_unmapped=a.allow_unmapped)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _slurm_cmd(fn_name):
     def run(a) -> int:
         import slurm.orchestrate as o
@@ -247,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", default=None)
     s.add_argument("--status", default=None)
     s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("export", help="write a run's weights for detectron2, mmdet or torchvision")
+    s.add_argument("--run", required=True, help="pretraining (weights.pt) or fine-tuning run key")
+    s.add_argument("--to", required=True, choices=["detectron2", "mmdet", "torchvision"])
+    s.add_argument("--out", default=None, help="file to write (default results/exports/<run>/<framework>.pkl|.pth)")
+    s.add_argument("--allow-unmapped", action="store_true",
+                   help="leave out keys the framework has no name for (listed in the output) instead of failing")
+    s.add_argument("--runs", default=None)
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("tables", help="list tables, grids and methods")
     s.set_defaults(fn=cmd_tables)

@@ -139,5 +139,9 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
             "runtime": dict(sc.get("runtime", {}))}
 
 
-def evaluate_config(*, parent: str, data: dict, scale: str) -> dict:
-    return {"stage": "evaluate", "scale": scale, "parent": parent, "data": data}
+def evaluate_config(*, parent: str, data: dict, scale: str, protocol: str = "coco") -> dict:
+    """``protocol``: coco | voc (recorded only when not coco, so COCO run keys are unchanged)."""
+    cfg = {"stage": "evaluate", "scale": scale, "parent": parent, "data": data}
+    if protocol != "coco":
+        cfg["protocol"] = protocol
+    return cfg

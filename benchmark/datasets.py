@@ -15,7 +15,8 @@ def cache_root() -> Path:
 def resolve_data(data: dict) -> dict[str, dict]:
     """{"kind": "synthetic", ...generator params} or {"kind": "coco", "pretrain": {...},
     "train": {...}, "val": {...}} with image_root/ann_file per split (pretrain may instead
-    give {"image_root": folder} for an unlabeled folder)."""
+    give {"image_root": folder} for an unlabeled folder), or {"kind": "voc", "root": ...} /
+    {"kind": "voc", "synthetic": {...}} (train and val only; see ``benchmark.data.voc``)."""
     kind = data.get("kind")
     if kind == "synthetic":
         from benchmark.data.synthetic import ensure_synthetic_dataset
@@ -32,4 +33,7 @@ def resolve_data(data: dict) -> dict[str, dict]:
                     raise DataError(s[f], f"data.{split}.{f}", "does not exist")
             out[split] = s
         return out
-    raise DataError("<config>", "data.kind", f"unknown {kind!r} (synthetic|coco)")
+    if kind == "voc":
+        from benchmark.data.voc import resolve_voc
+        return resolve_voc(data, cache_root())
+    raise DataError("<config>", "data.kind", f"unknown {kind!r} (synthetic|coco|voc)")

@@ -142,15 +142,21 @@ def load_final_model(model_path: str | Path) -> torch.nn.Module:
     return model
 
 
+PROTOCOLS = ("coco", "voc")
+
+
 def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", batch_size: int = 4,
-                 num_workers: int = 0, progress: bool = True) -> dict:
+                 num_workers: int = 0, progress: bool = True, protocol: str = "coco") -> dict:
     """Evaluate ``model_final.pt`` on ``data["val"]``; writes ``detections.json`` and
-    ``coco_metrics.json`` under ``run_dir`` and returns the metrics (the run store writes
-    the run's own ``metrics.json`` last, as its done-marker)."""
+    ``coco_metrics.json`` (``protocol: voc``: ``voc_metrics.json``, VOC box AP as the papers'
+    VOC tables report it, see ``benchmark.voc_eval``) under ``run_dir`` and returns the metrics
+    (the run store writes the run's own ``metrics.json`` last, as its done-marker)."""
     from benchmark.finetune import open_coco, resolve_device
     from benchmark.fsutil import atomic_write_json
     if not isinstance(data, dict) or "val" not in data:
         raise ValueError("data.val: missing (expected {'val': {'image_root', 'ann_file'}})")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: unknown {protocol!r} ({' | '.join(PROTOCOLS)})")
     dev = resolve_device(device)
     dataset = open_coco(data["val"], "data.val", with_masks=False)
     model = load_final_model(model_path)
@@ -158,7 +164,13 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
                       progress=progress)
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "detections.json", results)
-    metrics = evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
-    atomic_write_json(run_dir / "coco_metrics.json", metrics)
+    if protocol == "voc":
+        from benchmark.data.voc import VocProtocol
+        from benchmark.voc_eval import voc_summary
+        metrics = {"bbox": voc_summary(dataset.ann_file, results["bbox"], img_ids=dataset.ids,
+                                       eleven_point=VocProtocol.eleven_point)}
+    else:
+        metrics = evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
+    atomic_write_json(run_dir / f"{protocol}_metrics.json", metrics)
     log.info("evaluation of %s: %s", model_path, metrics)
     return metrics

@@ -72,7 +72,8 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
                 from benchmark.datasets import resolve_data
                 from benchmark.evaluate import run_evaluate
                 model = store.run_dir(cfg["parent"]) / "model_final.pt"
-                m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir, device=device)
+                m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir, device=device,
+                                 protocol=cfg.get("protocol", "coco"))
         else:
             raise ValueError(f"{job.label}: unknown stage {job.stage!r}")
     except Diverged as e:

@@ -1,4 +1,5 @@
-"""Data layer: synthetic scenes, a COCO-format loader, and unlabeled image sources.
+"""Data layer: synthetic scenes, a COCO-format loader, PASCAL VOC converted to COCO records,
+and unlabeled image sources.
 
 Names are imported lazily, so ``benchmark.data.errors`` (used by the proposal cache) does
 not pull in pycocotools."""
@@ -9,6 +10,8 @@ _WHERE = {
     "CorruptImage": "errors", "DataError": "errors",
     "ImageSource": "images", "SkippingImageDataset": "images",
     "SYNTHETIC_CLASSES": "synthetic", "ensure_synthetic_dataset": "synthetic", "generate_split": "synthetic",
+    "ensure_synthetic_voc": "synthetic",
+    "VOC_CLASSES": "voc", "VocProtocol": "voc", "resolve_voc": "voc",
 }
 __all__ = sorted(_WHERE)
 

@@ -13,6 +13,10 @@ the same bytes). The output is a COCO-format dataset::
 
     <root>/<split>/images/000000.png ...
     <root>/<split>/annotations.json
+
+``ensure_synthetic_voc`` also writes the train and val splits in PASCAL VOC layout
+(``<root>/voc/VOC2007/{JPEGImages, Annotations, ImageSets/Main/{trainval,test}.txt}``), so the
+VOC loader and evaluator run on the tiny scale; the COCO output and its cache key are unchanged.
 """
 from __future__ import annotations
 
@@ -360,4 +364,74 @@ def ensure_synthetic_dataset(
                                    progress=bar.update, min_scale=float(min_scale), max_scale=float(max_scale))
             out[split] = {"image_root": str(split_dir / "images"),
                           "ann_file": str(split_dir / "annotations.json")}
+    return out
+
+
+# ------------------------------------------------------------------ VOC layout
+# A synthetic instance is "difficult" (VOC's flag for objects too small or too occluded to
+# recognise, ignored in evaluation) when its visible area is below this fraction of the image:
+# 0.004 is a 8x8-pixel object at 128 px.
+DIFFICULT_FRACTION = 0.004
+VOC_SPLITS = {"train": "trainval", "val": "test"}
+
+
+def write_voc_layout(splits: dict[str, dict], out_dir: Path) -> Path:
+    """Write the COCO-format synthetic ``splits`` (``{"train": {"image_root", "ann_file"},
+    "val": ...}``) as a VOC devkit folder ``out_dir/VOC2007`` (train -> trainval, val -> test;
+    images as JPEG, quality 95; ids numbered across both splits). Written to a temporary folder
+    and moved into place, so an interrupted run leaves nothing half-written. Returns out_dir."""
+    from benchmark.data.voc import write_voc_xml
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".voc-tmp-", dir=out_dir.parent))
+    try:
+        year = tmp / "VOC2007"
+        for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+            (year / sub).mkdir(parents=True)
+        next_id = 0
+        for split, image_set in VOC_SPLITS.items():
+            with open(splits[split]["ann_file"]) as f:
+                coco = json.load(f)
+            names = {c["id"]: c["name"] for c in coco["categories"]}
+            anns: dict[int, list] = {}
+            for a in coco["annotations"]:
+                anns.setdefault(a["image_id"], []).append(a)
+            ids = []
+            for img in coco["images"]:
+                key = f"{next_id:06d}"
+                next_id += 1
+                W, H = img["width"], img["height"]
+                with Image.open(Path(splits[split]["image_root"]) / img["file_name"]) as im:
+                    im.convert("RGB").save(year / "JPEGImages" / f"{key}.jpg", quality=95)
+                objects = []
+                for a in anns.get(img["id"], []):
+                    x, y, w, h = a["bbox"]  # integer pixel edges (pycocotools toBbox of a mask)
+                    objects.append({"name": names[a["category_id"]], "box": (x, y, x + w, y + h),
+                                    "difficult": int(a["area"] < DIFFICULT_FRACTION * W * H),
+                                    "truncated": int(x <= 0 or y <= 0 or x + w >= W or y + h >= H)})
+                write_voc_xml(year / "Annotations" / f"{key}.xml", folder="VOC2007", filename=f"{key}.jpg",
+                              width=W, height=H, objects=objects)
+                ids.append(key)
+            (year / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(k + "\n" for k in ids))
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def ensure_synthetic_voc(cache_dir: Path, **params) -> Path:
+    """The synthetic dataset of ``ensure_synthetic_dataset(cache_dir, **params)`` in VOC layout:
+    ``<synthetic root>/voc`` (written once, beside the COCO splits). Returns the devkit folder."""
+    from benchmark.fsutil import file_lock
+    splits = ensure_synthetic_dataset(cache_dir, **params)
+    root = Path(splits["train"]["ann_file"]).parent.parent
+    out = root / "voc"
+    with file_lock(root / ".voc.lock"):
+        done = all((out / "VOC2007" / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in VOC_SPLITS.values())
+        if not done:
+            write_voc_layout(splits, out)
     return out
