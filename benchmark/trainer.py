@@ -137,32 +137,45 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                adapt = not (g["exclude_1d"] and p.ndim <= 1)
-                if adapt:
-                    if g["weight_decay"]:
-                        d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = torch.norm(p), torch.norm(d)
-                    trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
-                    d = d.mul(trust)
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            adapt = [p for p in params if not (g["exclude_1d"] and p.ndim <= 1)]
+            plain = [p for p in params if g["exclude_1d"] and p.ndim <= 1]
+            # one fused kernel per operation over the group (no per-tensor host round trips)
+            d = [p.grad.clone() for p in adapt]
+            if adapt:
+                if g["weight_decay"]:
+                    torch._foreach_add_(d, adapt, alpha=g["weight_decay"])
+                pn = torch.stack(torch._foreach_norm(adapt))
+                dn = torch.stack(torch._foreach_norm(d))
+                trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
+                torch._foreach_mul_(d, list(trust.unbind()))
+            d += [p.grad for p in plain]
+            ordered = adapt + plain
+            bufs = []
+            for p, dp in zip(ordered, d):
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                    self.state[p]["momentum_buffer"] = dp.clone()
                 else:
-                    buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+                    bufs.append((buf, dp))
+            if bufs:
+                torch._foreach_mul_([b for b, _ in bufs], g["momentum"])
+                torch._foreach_add_([b for b, _ in bufs], [dp for _, dp in bufs])
+            torch._foreach_add_(ordered, [self.state[p]["momentum_buffer"] for p in ordered], alpha=-g["lr"])
 
 
-def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
+def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                    fused: bool = False):
+    """``fused``: one CUDA kernel for the whole SGD/AdamW step (same update, no host syncs)."""
+    fused = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
     if name == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
     raise ValueError(f"optimizer: unknown {name!r} (sgd|lars|adamw)")
 
 
@@ -293,7 +306,8 @@ class TrainLoop:
     ``run_dir/checkpoint.pt`` every ``ckpt_every`` steps, when asked (``request_checkpoint``:
     preemption) and at the end; only rank 0 writes, every rank resumes from it.
 
-    ``after_step(step, logs)`` runs after the optimizer step (momentum updates).
+    ``after_step(step, out)`` runs after the optimizer step (momentum updates); ``out`` holds
+    the step's tensors, unread (reading them would sync the host with the GPU).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -363,7 +377,12 @@ class TrainLoop:
                 with self.autocast():
                     out = step_fn(batch)
                 loss = out["loss"]
-                if not torch.isfinite(loss.detach()).all():
+                # no host sync on ordinary steps: losses are read (and checked for NaN) only
+                # on the steps that log, checkpoint or stop
+                nxt = self.step + 1
+                sync = (nxt % cfg.log_every == 0 or nxt % cfg.ckpt_every == 0 or nxt == cfg.total_steps
+                        or _CHECKPOINT_REQUESTED or (stop_after is not None and done_here + 1 >= stop_after))
+                if sync and not torch.isfinite(loss.detach()).all():
                     raise Diverged(f"loss is {loss.item()} at step {self.step}")
                 self.opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -372,12 +391,14 @@ class TrainLoop:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.scaler.step(self.opt)
                 self.scaler.update()
-                logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
                 if self.after_step is not None:
-                    self.after_step(self.step, logs)
+                    self.after_step(self.step, out)
                 self.step += 1
                 done_here += 1
                 bar.update(1)
+                if not sync:
+                    continue
+                logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
                 last = logs
                 if logger is not None and (self.step % cfg.log_every == 0 or self.step == cfg.total_steps):
                     rec = {"step": self.step, "lr": lr, "time": round(time.time() - t0, 3), **logs}
