@@ -117,6 +117,9 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         return _export_given_weights(given, config["method"], run_dir)
     if distributed and device.type == "cuda" and method.sync_bn:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    fast = fast_path(runtime, device)
+    if fast["channels_last"]:
+        method.to(memory_format=torch.channels_last)
     pre = data["pretrain"]
     source = (ImageSource.from_coco(pre["image_root"], pre["ann_file"]) if pre.get("ann_file")
               else ImageSource.from_folder(pre["image_root"]))
@@ -130,8 +133,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     total, warmup = resolve_steps(recipe, len(source))
     B = recipe.batch_size
     lr = recipe.base_lr * B * world_size / recipe.lr_batch   # linear scaling rule
-    opt = trainer.build_optimizer(method.param_groups(), recipe.optimizer, lr,
-                                  recipe.weight_decay, recipe.momentum)
+    opt = trainer.build_optimizer(method.param_groups(), recipe.optimizer, lr, recipe.weight_decay,
+                                  recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars")
     sched = trainer.Schedule(lr, total, warmup, kind=recipe.schedule, warmup_factor=0.0)
     model = method
     if distributed:
@@ -152,13 +155,15 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         generator=torch.Generator().manual_seed(seed),
         multiprocessing_context="fork" if num_workers else None)
 
+    step_model = torch.compile(model) if fast["compile"] else model
+
     def step_fn(batch):
-        batch = to_device(batch, device)
-        return model(batch)
+        return step_model(to_device(batch, device, channels_last=fast["channels_last"]))
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
     metrics = {"steps": loop.step, "total_steps": total, "final": last, "skipped_images": len(dataset.skipped),
-               "world_size": world_size, "batch_per_process": B, "batch": B * world_size, "lr": lr}
+               "world_size": world_size, "batch_per_process": B, "batch": B * world_size, "lr": lr,
+               "fast_path": fast}
     if distributed:
         metrics["replicas_in_sync"] = trainer.replicas_in_sync(method)
     if loop.step >= total and trainer.is_main_process():
@@ -174,13 +179,26 @@ def _export_given_weights(state: dict, method_cfg: dict, run_dir: Path) -> dict:
             "weights_sha256": sha256_file(run_dir / "weights.pt")}
 
 
-def to_device(x: Any, device) -> Any:
+def fast_path(runtime: dict, device: torch.device) -> dict:
+    """Speed settings that leave the training the same to float tolerance (issue: paper-scale
+    speed): channels-last memory format, fused optimizer kernels (CUDA), ``torch.compile``.
+    ``runtime.*`` keys, so never part of a run's identity; the paper scale turns them on."""
+    cuda = device.type == "cuda"
+    return {"channels_last": bool(runtime.get("channels_last", False)),
+            "fused": bool(runtime.get("fused_optimizer", cuda)) and cuda,
+            "compile": bool(runtime.get("compile", False))}
+
+
+def to_device(x: Any, device, channels_last: bool = False) -> Any:
     if torch.is_tensor(x):
-        return x.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.ndim == 4 and x.is_floating_point():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
     if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
+        return {k: to_device(v, device, channels_last) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
+        return type(x)(to_device(v, device, channels_last) for v in x)
     return x
 
 

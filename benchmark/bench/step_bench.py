@@ -4,7 +4,10 @@ process, at a scale's method config. Views are built once and reused, so only th
 is timed.
 
     python -m benchmark.bench.step_bench --scale tiny --batch 16 --steps 10
-    python -m benchmark.bench.step_bench --scale paper --batch 64 --device cuda --amp
+    python -m benchmark.bench.step_bench --scale paper --batch 64 --device cuda --amp [--fast [--compile]]
+
+``--fast`` times each method again with the fast path of ``runtime`` (channels-last, fused
+optimizer; ``--compile`` adds torch.compile) and reports its speed-up over the plain step.
 """
 from __future__ import annotations
 
@@ -23,18 +26,22 @@ from methods import build_method, get_method
 
 
 def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp: bool,
-                image_size: int) -> dict:
+                image_size: int, fast: bool = False, compile: bool = False) -> dict:
     torch.manual_seed(0)
     cls = get_method(name)
     sc = load_scale(scale)
     m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale)))).to(device)
-    b = to_device(m.collate(inputs.samples(m, batch, image_size)), device)
-    opt = build_optimizer(m.param_groups(), cls.recipe.optimizer, 0.01, cls.recipe.weight_decay)
+    if fast:
+        m.to(memory_format=torch.channels_last)
+    b = to_device(m.collate(inputs.samples(m, batch, image_size)), device, channels_last=fast)
+    fused = fast and device == "cuda" and cls.recipe.optimizer != "lars"
+    opt = build_optimizer(m.param_groups(), cls.recipe.optimizer, 0.01, cls.recipe.weight_decay, fused=fused)
+    fwd = torch.compile(m) if compile else m
     scaler = torch.amp.GradScaler(device, enabled=amp and device == "cuda")
 
     def step():
         with torch.autocast(device, enabled=amp and device == "cuda"):
-            loss = m(b)["loss"]
+            loss = fwd(b)["loss"]
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -51,7 +58,7 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
     if device == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return {"method": name, "s_per_step": dt, "images_per_s": batch / dt}
+    return {"method": name, "s_per_step": dt, "images_per_s": batch / dt, "fast": fast, "compile": compile}
 
 
 def main(argv=None) -> int:
@@ -63,12 +70,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--methods", default="moco_v2,supervised,soco")
+    p.add_argument("--fast", action="store_true",
+                   help="also time the fast path (channels-last, fused optimizer) of each method")
+    p.add_argument("--compile", action="store_true", help="with --fast: torch.compile the method too")
     p.add_argument("--out", default="results/benchmarks/step_bench.json")
     a = p.parse_args(argv)
     names = a.methods.split(",")
     if "moco_v2" not in names:
         names = ["moco_v2"] + names
-    rows = [time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size) for n in names]
+    rows = []
+    for n in names:
+        rows.append(time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size))
+        if a.fast:
+            fast = time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size, True, a.compile)
+            fast["method"] = f"{n}+fast"
+            fast["speedup_vs_plain"] = rows[-1]["s_per_step"] / fast["s_per_step"]
+            rows.append(fast)
     base = next(r for r in rows if r["method"] == "moco_v2")["s_per_step"]
     dev = torch.cuda.get_device_name(0) if a.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"scale {a.scale}, batch {a.batch}, {dev}, amp={a.amp}")

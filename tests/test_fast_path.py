@@ -1,0 +1,78 @@
+"""The paper-scale fast path trains the same model: channels-last gives the same loss and
+gradients as the plain layout, the multi-tensor LARS equals the per-tensor update, and the
+loop that reads losses only on logging steps still stops a diverged run."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from benchmark.bench import inputs
+from benchmark.pretrain import to_device
+from benchmark.trainer import LARS, Diverged, LoopConfig, TrainLoop
+from methods import build_method, get_method
+
+
+@pytest.mark.parametrize("name", ["moco_v2", "soco"])
+def test_channels_last_gives_the_same_loss_and_gradients(name):
+    # in float64, so that a difference is a different computation, not float32 round-off
+    # amplified by BatchNorm over 4 images
+    torch.manual_seed(0)
+    plain = build_method(name, **inputs.method_config(name, get_method(name).scales.get("tiny"))).double()
+    fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in plain.collate(inputs.samples(plain, 4, 64)).items()}
+    out = {}
+    for tag, m, cl in (("plain", plain, False), ("fast", fast, True)):
+        torch.manual_seed(1)            # MoCo's key shuffle draws from the global generator
+        loss = m(to_device(batch, "cpu", channels_last=cl))["loss"]
+        loss.backward()
+        out[tag] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert torch.allclose(out["plain"][0], out["fast"][0], rtol=1e-12)
+    assert out["plain"][1].keys() == out["fast"][1].keys()
+    for n, g in out["plain"][1].items():
+        assert torch.allclose(g, out["fast"][1][n], rtol=1e-7, atol=1e-10), n
+
+
+def _lars_reference(params, lr, momentum, wd, eta, bufs):
+    """LARS one tensor at a time (You et al. 2017; BYOL Appendix C: 1-d tensors excluded)."""
+    for i, p in enumerate(params):
+        d = p.grad.clone()
+        if p.ndim > 1:
+            d += wd * p
+            pn, dn = p.norm(), d.norm()
+            d *= eta * pn / dn if pn > 0 and dn > 0 else 1.0
+        bufs[i] = d.clone() if bufs[i] is None else bufs[i] * momentum + d
+        p.data -= lr * bufs[i]
+
+
+def test_multi_tensor_lars_equals_the_per_tensor_update():
+    torch.manual_seed(0)
+    ps = [torch.randn(5, 3), torch.randn(5), torch.zeros(2, 2), torch.randn(4, 4, 3, 3)]
+    ref = [p.clone() for p in ps]
+    opt = LARS([p.requires_grad_() for p in ps], lr=0.5, momentum=0.9, weight_decay=1e-2, eta=0.02)
+    bufs = [None] * len(ref)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, r, g in zip(ps, ref, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        _lars_reference(ref, 0.5, 0.9, 1e-2, 0.02, bufs)
+        for p, r in zip(ps, ref):
+            assert torch.allclose(p.detach(), r, rtol=1e-6, atol=1e-7), step
+
+
+def test_a_nan_between_logging_steps_still_stops_the_run(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = TrainLoop(model, opt, lambda s: 0.1, LoopConfig(total_steps=20, log_every=5, ckpt_every=100), tmp_path)
+    x = torch.ones(1, 2)
+
+    def step(i):
+        return {"loss": model(x).sum() * (float("nan") if i >= 6 else 1.0)}
+
+    with pytest.raises(Diverged):
+        loop.run(iter(range(100)), step, None, progress=False)
+    assert loop.step <= 10   # found at the next step that reads the loss (step 10 at the latest)
+    assert not (tmp_path / "checkpoint.pt").exists()   # no NaN weights were saved
