@@ -245,8 +245,8 @@ def init_distributed_from_env() -> bool:
     takes GPU ``LOCAL_RANK``. Returns True when distributed (idempotent)."""
     if dist.is_available() and dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+    if "WORLD_SIZE" not in os.environ or (int(os.environ["WORLD_SIZE"]) <= 1 and "RANK" not in os.environ):
+        return False   # (torchrun with one process still takes the distributed path: RANK is set)
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: launch "
@@ -268,7 +268,8 @@ def default_device() -> torch.device:
 def distributed_env() -> dict:
     """What a run records about its processes (``env.json``)."""
     rank, world_size = world()
-    return {"world_size": world_size, "backend": dist.get_backend() if world_size > 1 else None}
+    on = dist.is_available() and dist.is_initialized()
+    return {"world_size": world_size, "backend": dist.get_backend() if on else None}
 
 
 @torch.no_grad()

@@ -232,3 +232,24 @@ def test_cancel_scancels_live_jobs_and_marks_them(ws, capsys):
     again = orch.submit_plan(plan, ws["store"], profile="local-ci", overrides=ws["profile"], quiet=True)
     assert {s["key"] for s in again.submitted} == {j.key for j in plan.jobs}
     assert not set(again.job_ids.values()) & ids
+
+
+# ---------------------------------------------------------------- (d) two tasks per job: torch.distributed
+def test_table_with_two_tasks_per_job_trains_as_one_distributed_run(ws, capsys):
+    """Each job runs 2 Slurm tasks; the job wrapper exports torchrun's variables from Slurm's
+    (submitit), every stage joins one gloo group, rank 0 alone writes."""
+    plan = plan_table(SMOKE, scale="micro")
+    store = ws["store"]
+    summary = orch.submit_plan(plan, store, profile="local-ci", quiet=True,
+                               overrides={**ws["profile"], "tasks_per_node": 2})
+    states = wait_for_slurm_jobs(summary.job_ids.values(), timeout_s=300, poll_s=1)
+    assert {s["state"] for s in states.values()} == {"COMPLETED"}, orch.format_status(
+        orch.table_status(ws["results"], "micro_smoke"))
+    for job in plan.jobs:
+        d = store.run_dir(job.key)
+        env = json.loads((d / "env.json").read_text())
+        assert env["distributed"] == {"world_size": 2, "backend": "gloo"}, (job.label, env.get("distributed"))
+        assert store.status(job.key) == "done"
+    pre = next(j for j in plan.jobs if j.stage == "pretrain")
+    m = store.metrics(pre.key)
+    assert m["world_size"] == 2 and m["replicas_in_sync"] is True and m["batch"] == 2 * m["batch_per_process"]
