@@ -48,7 +48,12 @@ def _coerce(v: Any, tp: Any, where: str) -> Any:
     if args and type(None) in args:  # Optional[X] / X | None
         if v is None:
             return None
-        tp = next(a for a in args if a is not type(None))
+        others = [a for a in args if a is not type(None)]
+        if len(others) > 1:   # int | float | None: a value of any of them is kept as it is
+            if any(isinstance(v, a) and not (isinstance(v, bool) and a is not bool) for a in others):
+                return v
+            raise ConfigError(f"{where}: expected {' or '.join(a.__name__ for a in others)}, got {v!r}")
+        tp = others[0]
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
