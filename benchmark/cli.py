@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from benchmark.store import STAGES, STATUSES
 from methods.base import ConfigError
 
 
@@ -126,17 +127,25 @@ def cmd_render(a) -> int:
 
 
 def cmd_runs(a) -> int:
+    import pandas as pd
+
+    from benchmark.results import load_runs
     from benchmark.store import RunStore
-    rows = RunStore(a.runs).list()
-    if a.stage:
-        rows = [r for r in rows if r["stage"] == a.stage]
-    if a.status:
-        rows = [r for r in rows if r["status"] == a.status]
-    rows.sort(key=lambda r: r["mtime"])
-    for r in rows:
-        print(f"{r['key']}  {r['status']:9s} {r['stage'] or '?':9s} "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['mtime']))}  {r['label']}")
-    print(f"{len(rows)} runs in {RunStore(a.runs).root}")
+    df = load_runs(a.runs)
+    for col in ("stage", "status", "scale"):
+        if getattr(a, col):
+            df = df[df[col] == getattr(a, col)]
+    if a.format == "csv":
+        sys.stdout.write(df.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S"))
+        return 0
+    if a.format == "json":
+        recs = df.astype(object).where(df.notna(), None).to_dict(orient="records")
+        sys.stdout.write(json.dumps(recs, indent=1, default=str) + "\n")
+        return 0
+    for _, r in df.iterrows():
+        made = "unknown date    " if pd.isna(r["created"]) else f"{r['created']:%Y-%m-%d %H:%M}"
+        print(f"{r['key']}  {r['status']:9s} {r['stage'] or '?':9s} {r['scale'] or '?':10s} {made}  {r['label']}")
+    print(f"{len(df)} runs in {RunStore(a.runs).root} (date: when the run started, from its env.json)")
     return 0
 
 
@@ -208,10 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.set_defaults(fn=cmd_render)
 
-    s = sub.add_parser("runs", help="list the run store")
+    s = sub.add_parser("runs", help="list the run store (--format csv|json: every column of load_runs())")
     s.add_argument("--runs", default=None)
-    s.add_argument("--stage", default=None)
-    s.add_argument("--status", default=None)
+    s.add_argument("--stage", default=None, choices=STAGES)
+    s.add_argument("--status", default=None, choices=STATUSES)
+    s.add_argument("--scale", default=None, help="only runs of this scale (tiny, tiny_long, ...)")
+    s.add_argument("--format", default="table", choices=["table", "csv", "json"])
     s.set_defaults(fn=cmd_runs)
 
     s = sub.add_parser("tables", help="list tables, grids and methods")
