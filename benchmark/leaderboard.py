@@ -135,7 +135,8 @@ def _plot(key, b, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cols = b["columns"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.4 * len(cols) + 0.6, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.4 * len(cols) + 0.6, 3.4), squeeze=False,
+                             layout="constrained")
     unit = None
     for ax, col in zip(axes[0], cols):
         for i, r in enumerate(b["rows"]):
@@ -146,7 +147,8 @@ def _plot(key, b, path: Path) -> None:
             err = c["std"] if c["n"] >= MIN_SEEDS_FOR_TEST else None
             ax.errorbar([c["cost"]], [c["mean"]], yerr=None if err is None else [err], fmt="o", ms=4,
                         capsize=2, color=f"C{i % 10}")
-            ax.annotate(r["label"], (c["cost"], c["mean"]), xytext=(3, 2), textcoords="offset points", fontsize=6)
+            ax.annotate(r["label"], (c["cost"], c["mean"]), xytext=(3, 2), textcoords="offset points",
+                        fontsize=6).set_in_layout(False)
         ax.set_title(f"{col} (ours, scale {key[2]})", fontsize=8)
         ax.set_xlabel(f"{unit or 'hours'} per seed (pretrain + fine-tune + eval)", fontsize=7)
         ax.tick_params(labelsize=7)
@@ -154,7 +156,6 @@ def _plot(key, b, path: Path) -> None:
     axes[0][0].set_ylabel("AP", fontsize=8)
     fig.suptitle(f"{DETECTOR_NAMES.get(key[0], key[0])} · {key[1].upper()} · {key[2]}: AP against compute",
                  fontsize=9)
-    fig.tight_layout()
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmark.fsutil import atomic_open, atomic_write_bytes, atomic_write_json
+from benchmark.fsutil import atomic_write_bytes, atomic_write_json
 from benchmark.plan import Plan
 from benchmark.store import RunStore, git_info
 from benchmark.tables import mean_std
@@ -254,7 +254,7 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
                              for (r, c), v in sorted(cells.items())}, indent=1, default=str, sort_keys=True)
     md_probe = _markdown(plan, cells, df, "VERSION", "RUNS", None)
     content = hashlib.sha256("\0".join((csv_text, cells_text, md_probe)).encode()).hexdigest()
-    current = _read_version(tdir)
+    current = read_version(tdir)
     if current and current.get("content_sha256") == content and (tdir / current["version"]).is_dir():
         return tdir / current["version"]
 
@@ -265,9 +265,10 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
         vdir = tdir / f"{version}.{n}"
         n += 1
     vdir.mkdir(parents=True)
+    png = _plot(plan, cells, df)
     for d in (vdir, tdir):
         atomic_write_bytes(d / "table.csv", csv_text.encode())
-        _plot(plan, cells, df, d / "plot.png")
+        atomic_write_bytes(d / "plot.png", png)
     atomic_write_bytes(vdir / "cells.json", cells_text.encode())
     atomic_write_bytes(vdir / "table.md", _markdown(plan, cells, df, vdir.name,
                                                     os.path.relpath(runs_root, vdir), None).encode())
@@ -280,7 +281,7 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
     return vdir
 
 
-def _read_version(tdir: Path) -> dict | None:
+def read_version(tdir: Path) -> dict | None:
     p = tdir / "version.json"
     try:
         return json.loads(p.read_text()) if p.exists() else None
@@ -290,7 +291,7 @@ def _read_version(tdir: Path) -> dict | None:
 
 def table_seeds(name: str, scale: str, out_root: Path | None = None) -> tuple[int, ...] | None:
     """The seeds the table's newest version was built with (None: never built here)."""
-    v = _read_version(Path(out_root or results_root() / "tables") / table_dir_name(name, scale))
+    v = read_version(Path(out_root or results_root() / "tables") / table_dir_name(name, scale))
     return tuple(v["seeds"]) if v and v.get("seeds") else None
 
 
@@ -386,7 +387,7 @@ def _markdown(plan: Plan, cells: dict, df, version: str, rel_runs: str, version_
     return "\n".join(lines)
 
 
-def _plot(plan: Plan, cells: dict, df, path: Path) -> None:
+def _plot(plan: Plan, cells: dict, df) -> bytes:
     """Top row: ours per column (bars with ± std error bars and the seeds as dots from 3
     seeds on; dots with their value below); bottom row: the paper's. Never a shared axis:
     at small scales ours are orders of magnitude below the paper's."""
@@ -402,7 +403,7 @@ def _plot(plan: Plan, cells: dict, df, path: Path) -> None:
     nr = 2 if has_ref else 1
     width = 3.0 * ncol + 0.07 * max((len(spec.rows[ri].label) for ri in rows), default=10) + 0.6
     fig, axes = plt.subplots(nr, ncol, figsize=(width, (0.32 * len(rows) + 1.3) * nr + 0.6),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     labels = [spec.rows[ri].label for ri in rows]
     y = list(range(len(rows)))
     for ci in range(ncol):
@@ -410,14 +411,14 @@ def _plot(plan: Plan, cells: dict, df, path: Path) -> None:
         for i, ri in enumerate(rows):
             c = cells[(ri, ci)]
             if c["mean"] is None:
-                ax.text(0, i, f" {c['status']}", va="center", fontsize=7, color="#a33")
+                ax.text(0, i, f" {c['status']}", va="center", fontsize=7, color="#a33").set_in_layout(False)
             elif c["n"] >= MIN_SEEDS_FOR_TEST:
                 ax.barh(i, c["mean"], height=0.6, xerr=c["std"], color="#3b75af", capsize=2)
                 ax.scatter(c["values"], [i] * c["n"], s=6, color="k", zorder=3)
             else:
                 ax.scatter([c["mean"]], [i], s=18, color="#3b75af", zorder=3)
                 ax.annotate(f"{c['mean']:.2f}" + (f" (n={c['n']})" if c["n"] > 1 else ""), (c["mean"], i),
-                            xytext=(4, 0), textcoords="offset points", va="center", fontsize=6)
+                            xytext=(4, 0), textcoords="offset points", va="center", fontsize=6).set_in_layout(False)
         ax.set_title(f"{spec.columns[ci].label}: ours ({plan.scale})", fontsize=8)
         if has_ref:
             rax = axes[1][ci]
@@ -432,7 +433,7 @@ def _plot(plan: Plan, cells: dict, df, path: Path) -> None:
             a.tick_params(axis="x", labelsize=7)
             a.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{spec.name} at {plan.scale}: {what_ran(plan, df)}", fontsize=9)
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+    return buf.getvalue()

@@ -243,4 +243,4 @@ def describe_reuse(df: pd.DataFrame, keys) -> str:
     machines = done.apply(lambda r: f"{_text(r['host'], '?')} ({_text(r['gpus'], 'CPU only')})",
                           axis=1).value_counts()
     where = ", ".join(f"{m} ×{n}" for m, n in machines.items())
-    return f"{len(done)} finished runs reused, {when}; commits {commits}; machines {where}"
+    return f"{len(done)} finished runs, {when}, at commits {commits}, on {where}"

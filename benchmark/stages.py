@@ -6,6 +6,7 @@ import time
 import traceback
 
 from benchmark.plan import Job, Plan
+from benchmark.progress import TableProgress
 from benchmark.store import RunStore
 from benchmark.trainer import Diverged
 
@@ -94,9 +95,8 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
         return _run_plan_parallel(plan, store_root, device=device, jobs=jobs)
     store = RunStore(store_root)
     status: dict[str, str] = {}
-    todo = [j for j in plan.jobs if store.status(j.key) != "done"]
-    log.info("%s: %d runs planned, %d to run", plan.spec.name, len(plan.jobs), len(todo))
-    for i, job in enumerate(plan.jobs):
+    tp = TableProgress(plan, store_root, jobs=1)
+    for job in plan.jobs:
         st = store.status(job.key)
         if st == "done":
             status[job.key] = "done"
@@ -105,19 +105,20 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
         if bad:
             status[job.key] = "skipped"
             log.warning("skip %s: parent %s is %s", job.label, bad[0], status.get(bad[0]))
+            tp.finish(job, "skipped")
             continue
-        print(f"[{i + 1}/{len(plan.jobs)}] {job.stage} {job.label} ({job.key})", flush=True)
+        tp.start(job)
+        err = None
         try:
             run_job(job, store_root, device=device, progress=progress)
             status[job.key] = "done"
         except Diverged as e:
-            status[job.key] = "diverged"
-            print(f"    diverged: {e}", flush=True)
+            status[job.key], err = "diverged", str(e)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
-            status[job.key] = "failed"
-            print(f"    FAILED: {type(e).__name__}: {e} (see {store.run_dir(job.key)}/FAILED)", flush=True)
+            status[job.key], err = "failed", f"{type(e).__name__}: {e}"
+        tp.finish(job, status[job.key], err)
     return status
 
 
@@ -136,8 +137,7 @@ def _run_plan_parallel(plan: Plan, store_root: str | None, *, device: str | None
     store = RunStore(store_root)
     status = {j.key: "done" for j in plan.jobs if store.status(j.key) == "done"}
     waiting = [j for j in plan.jobs if j.key not in status]
-    n_total, n_done = len(waiting), 0
-    t0 = time.time()
+    tp = TableProgress(plan, store_root, jobs=jobs)
     running: dict = {}
     # spawn: a forked child would inherit the parent's OpenMP thread pool state
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
@@ -148,20 +148,20 @@ def _run_plan_parallel(plan: Plan, store_root: str | None, *, device: str | None
                     status[job.key] = "skipped"
                     waiting.remove(job)
                     log.warning("skip %s: a parent did not finish", job.label)
+                    tp.finish(job, "skipped")
                 elif all(s == "done" for s in ps) and len(running) < jobs:
                     waiting.remove(job)
                     running[ex.submit(_run_in_worker, job, store_root, device)] = job
-                    print(f"[start] {job.stage} {job.label} ({job.key})", flush=True)
+                    tp.start(job)
             if not running:
                 continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 job = running.pop(fut)
+                err = None
                 try:
                     status[job.key] = fut.result()
                 except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
-                    status[job.key] = "failed"
-                    print(f"    FAILED: {job.label}: {type(e).__name__}: {e}", flush=True)
-                n_done += 1
-                print(f"[{n_done}/{n_total}, {time.time() - t0:.0f} s] {status[job.key]}: {job.label}", flush=True)
+                    status[job.key], err = "failed", f"{type(e).__name__}: {e}"
+                tp.finish(job, status[job.key], err)
     return status
