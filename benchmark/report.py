@@ -149,7 +149,7 @@ def spearman_vs_paper(plan: Plan, cells: dict) -> dict[str, tuple[float, int]]:
     for ci, col in enumerate(plan.spec.columns):
         pairs = [(c["mean"], c["ref"]) for (r, cc), c in sorted(cells.items())
                  if cc == ci and c["mean"] is not None and c["ref"] is not None and not math.isnan(c["ref"])]
-        if len(pairs) >= 3:
+        if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
             rho = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
             if not math.isnan(rho):
                 out[col.label] = (rho, len(pairs))
@@ -395,9 +395,9 @@ def _plot(plan: Plan, cells: dict, df) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     spec = plan.spec
+    # the rows that ran (a row not implemented or not run yet has nothing of ours to show)
     rows = [ri for ri in range(len(spec.rows))
-            if any(cells[(ri, ci)]["mean"] is not None or cells[(ri, ci)]["ref"] is not None
-                   for ci in range(len(spec.columns)))]
+            if any(cells[(ri, ci)]["status"] != "not implemented" for ci in range(len(spec.columns)))]
     ncol = len(spec.columns)
     has_ref = any(_num(cells[(ri, ci)]["ref"]) is not None for ri in rows for ci in range(ncol))
     nr = 2 if has_ref else 1
