@@ -71,7 +71,8 @@ class TableProgress:
             estimates = duration_estimates(self._frames(store.root))
         self.est = {k: self._estimate(j, estimates) for k, j in self.todo.items()}
         self.running: dict[str, float] = {}
-        self.finished: Counter = Counter()
+        self.finished: Counter = Counter()  # status -> runs
+        self.done_keys: set[str] = set()
         self.ratio: list[float] = []          # actual / estimated, for this session's runs
         self.errors: dict[str, str] = {}      # error text -> first label that had it
         self.t0 = time.time()
@@ -104,7 +105,7 @@ class TableProgress:
         print(msg, file=self.out, flush=True)
 
     def eta(self) -> float | None:
-        left = [k for k in self.todo if k not in self.finished]
+        left = [k for k in self.todo if k not in self.done_keys]
         if not left:
             return 0.0
         ests = [self.est.get(k) for k in left]
@@ -132,6 +133,7 @@ class TableProgress:
     def finish(self, job: Job, status: str, error: str | None = None) -> None:
         t = self.running.pop(job.key, None)
         self.finished[status] += 1
+        self.done_keys.add(job.key)
         if t is not None and status == "done" and self.est.get(job.key):
             self.ratio.append((time.time() - t) / self.est[job.key])
         if error:

@@ -240,3 +240,7 @@ def test_progress_line_eta_and_errors_once(isolated):
     text = out.getvalue()
     assert text.count("OSError: disk full") == 1 and f"the same error as {a.label}" in text
     assert f"2/{len(plan.jobs)} runs (2 failed)" in text and "ETA" in text
+    assert tp.eta() == pytest.approx((100 * (n_pre - 2) + 50 * n_ft + 10 * n_ev) / 2)   # the two are done
+    for j in plan.jobs[2:]:
+        tp.finish(j, "done")
+    assert tp.eta() == 0.0 and tp.line().endswith("ETA 0 s")
