@@ -87,12 +87,12 @@ def _table_seeds(a, spec, df=None) -> tuple[tuple[int, ...], str]:
         return _seeds(a.seeds, a.first_seed), ""
     kept = table_seeds(spec.name, a.scale)
     if kept:
-        return kept, f"keeping the table's seeds {list(kept)} (--seeds N to change)"
+        return kept, "keeping the table's seeds; --seeds N to change"
     if df is not None:
         from benchmark.leaderboard import stored_seeds
         found = stored_seeds(spec, a.scale, df)
         if found:
-            return found, f"seeds {list(found)}: the ones the run store has for it"
+            return found, "the seeds the run store has for it; --seeds N to change"
     return _seeds(1, a.first_seed), ""
 
 

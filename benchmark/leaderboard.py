@@ -123,7 +123,7 @@ def _cost(b, df) -> tuple[str, float, str]:
     gpu = float(sub["gpu_hours"].fillna(0).sum())
     cpu = float(sub.loc[sub["gpu_hours"].fillna(0) == 0, "cpu_hours"].fillna(0).sum())
     unit = "GPU-h" if gpu and not cpu else "CPU-h" if cpu and not gpu else "h"
-    text = " + ".join(x for x in (f"{gpu:.2f} GPU-hours" if gpu else "", f"{cpu:.2f} CPU-hours" if cpu else "") if x)
+    text = " + ".join(x for x in (f"{gpu:.3g} GPU-hours" if gpu else "", f"{cpu:.3g} CPU-hours" if cpu else "") if x)
     return text or "0 hours", len(sub), unit
 
 

@@ -126,9 +126,9 @@ class TableProgress:
         return (f"[{self.plan.spec.name}] {done}/{self.total} runs" + (f" ({bad})" if bad else "")
                 + f" · running: {now} · {_fmt_s(time.time() - self.t0)} elapsed · ETA {_fmt_s(self.eta())}")
 
-    def start(self, job: Job) -> None:
+    def start(self, job: Job, note: str = "") -> None:
         self.running[job.key] = time.time()
-        self._print(f"[start] {job.stage} {job.label} ({job.key})")
+        self._print(f"[start] {job.stage} {job.label} ({job.key}{', ' + note if note else ''})")
 
     def finish(self, job: Job, status: str, error: str | None = None) -> None:
         t = self.running.pop(job.key, None)

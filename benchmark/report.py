@@ -327,8 +327,8 @@ def _cost_line(plan: Plan, df) -> str:
     gpu = sub["gpu_hours"].fillna(0).sum()
     cpu = sub.loc[sub["gpu_hours"].fillna(0) == 0, "cpu_hours"].fillna(0).sum()
     by_stage = sub.groupby("stage")["hours"].sum()
-    stages = ", ".join(f"{s} {by_stage[s]:.2f} h" for s in ("pretrain", "finetune", "evaluate") if s in by_stage)
-    parts = [f"{gpu:.2f} GPU-hours" if gpu else "", f"{cpu:.2f} CPU-hours" if cpu else ""]
+    stages = ", ".join(f"{s} {by_stage[s]:.3g} h" for s in ("pretrain", "finetune", "evaluate") if s in by_stage)
+    parts = [f"{gpu:.3g} GPU-hours" if gpu else "", f"{cpu:.3g} CPU-hours" if cpu else ""]
     src = "sacct" if (sub["cost_source"] == "sacct").any() else "the runs' own wall clocks"
     return (f"Compute: {' + '.join(p for p in parts if p)} over {len(sub)} finished runs "
             f"(wall clock by stage: {stages}; from {src}).")

@@ -236,7 +236,8 @@ def describe_reuse(df: pd.DataFrame, keys) -> str:
         return "no finished runs to reuse"
     c = done["created"].dropna()
     when = ("at unknown times" if c.empty else
-            f"made {c.min():%Y-%m-%d %H:%M}" + ("" if c.max() == c.min() else f" to {c.max():%Y-%m-%d %H:%M}"))
+            f"made {c.min():%Y-%m-%d %H:%M}" + ("" if f"{c.max():%Y%m%d%H%M}" == f"{c.min():%Y%m%d%H%M}"
+                                                else f" to {c.max():%Y-%m-%d %H:%M}"))
     shas = done["git_sha"].fillna("unknown").str[:7]
     dirty = done.loc[done["git_dirty"] == True, "git_sha"].fillna("unknown").str[:7]  # noqa: E712
     commits = ", ".join(f"{s}{' (dirty)' if s in set(dirty) else ''} ×{n}" for s, n in shas.value_counts().items())

@@ -248,6 +248,8 @@ def run_plan_submitit_local(plan, store, *, folder: str | os.PathLike | None = N
     todo = [j for j in plan.jobs if j.key not in status]
     print(f"{plan.spec.name}: {len(plan.jobs)} runs, {len(todo)} to run (submitit LocalExecutor, "
           f"logs in {log_folder})", flush=True)
+    from benchmark.progress import TableProgress
+    tp = TableProgress(plan, store_root, jobs=max_parallel)
     running: dict[str, Any] = {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the LocalExecutor's subprocesses inherit these
@@ -266,7 +268,7 @@ def run_plan_submitit_local(plan, store, *, folder: str | os.PathLike | None = N
                 if all(status.get(p) == "done" or store.status(p) == "done" for p in job.parents):
                     todo.remove(job)
                     running[job.key] = (job, executor.submit(StageJob(str(store_root)), job))
-                    print(f"  started {job.stage:<9} {job.label} (job {running[job.key][1].job_id})", flush=True)
+                    tp.start(job, f"job {running[job.key][1].job_id}")
             if not running and todo:  # parents neither done nor running: cannot happen in a sound plan
                 for job in todo:
                     status[job.key] = "skipped"
@@ -284,8 +286,7 @@ def run_plan_submitit_local(plan, store, *, folder: str | os.PathLike | None = N
                     err = sjob.exception()
                     print(f"  {status[key].upper()} {job.label}: {type(err).__name__ if err else st} "
                           f"(log {sjob.paths.stderr})", flush=True)
-                if status[key] == "done":
-                    print(f"  done    {job.stage:<9} {job.label}", flush=True)
+                tp.finish(job, status[key])
     finally:
         for k, v in saved.items():
             if v is None:
