@@ -244,3 +244,23 @@ def test_progress_line_eta_and_errors_once(isolated):
     for j in plan.jobs[2:]:
         tp.finish(j, "done")
     assert tp.eta() == 0.0 and tp.line().endswith("ETA 0 s")
+
+
+def test_results_folder_never_makes_the_tree_dirty(tmp_path):
+    import subprocess
+
+    from benchmark.store import git_info
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "results" / "tables").mkdir(parents=True)
+    (tmp_path / "results" / "tables" / "table.md").write_text("v1")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    assert git_info(tmp_path)["dirty"] is False
+    (tmp_path / "results" / "tables" / "table.md").write_text("v2")    # the tool's own output
+    assert git_info(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2")                         # the code
+    assert git_info(tmp_path)["dirty"] is True
