@@ -161,6 +161,11 @@ def _plot(key, b, path: Path) -> None:
     plt.close(fig)
 
 
+def _marked(b) -> str:
+    hits = sum(1 for r in b["rows"] for c in r["cells"].values() if _markers(c))
+    return f"{hits} cells marked" if hits else "no cell is significantly above either"
+
+
 def _board_md(key, b, df, results: Path, plot_rel: str, runs_rel: str) -> list[str]:
     det, proto, scale = key
     cols = b["columns"]
@@ -173,7 +178,8 @@ def _board_md(key, b, df, results: Path, plot_rel: str, runs_rel: str) -> list[s
              "evaluation)." + ("" if is_paper else f" At `{scale}` absolute APs are not comparable with the "
                                "paper's: read the order."),
              "", f"Compute of these cells: {cost} over {nruns} finished runs. "
-             + ("▲S / ▲M: above the Scratch / MoCo v2 row, " + TEST_NAME + "." if tested else ""), "",
+             + ("▲S / ▲M: above the Scratch / MoCo v2 row, " + TEST_NAME + f" ({_marked(b)})." if tested else ""),
+             "",
              f"![AP against compute]({plot_rel})", ""]
     header = ["#", "method", "table", "n"] + cols + [f"cost ({unit})"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
