@@ -5,7 +5,8 @@ BIN      := $(VENV)/bin
 TABLE    ?= soco_table1
 GRID     ?= soco_table5
 SCALE    ?= tiny
-SEEDS    ?= 1
+SEEDS    ?=
+FRESH    ?=
 EXECUTOR ?= local
 PROFILE  ?= local-ci
 JOBS     ?= 0
@@ -21,13 +22,14 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# make reproduce TABLE=soco_table1 [SCALE=tiny] [SEEDS=3] [EXECUTOR=local|submitit-local|slurm]
+# make reproduce TABLE=soco_table1 [SCALE=tiny] [SEEDS=3] [FRESH=1] [EXECUTOR=local|submitit-local|slurm]
+# (SEEDS unset: the seeds the table was last built with; FRESH=1: a new, empty run store)
 reproduce: setup
-	$(BIN)/detbench reproduce --table $(TABLE) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
+	$(BIN)/detbench reproduce --table $(TABLE) --scale $(SCALE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(FRESH),--fresh) --executor $(EXECUTOR) --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
 
 # make grid GRID=soco_table5 [EXECUTOR=slurm]
 grid: setup
-	$(BIN)/detbench grid --grid $(GRID) --scale $(SCALE) --seeds $(SEEDS) --executor $(EXECUTOR) --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
+	$(BIN)/detbench grid --grid $(GRID) --scale $(SCALE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(FRESH),--fresh) --executor $(EXECUTOR) --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
 
 status: setup
 	$(BIN)/detbench status $(ARGS)

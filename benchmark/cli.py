@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from benchmark.store import STAGES, STATUSES
 from methods.base import ConfigError
 
 
@@ -51,9 +52,9 @@ def _run(job, a) -> dict:
     from benchmark.stages import run_job, run_processes
     from benchmark.store import RunStore
     if a.nproc > 1:
-        status = run_processes(job, str(RunStore(a.runs).root), nproc=a.nproc, device=a.device)
+        status, err = run_processes(job, str(RunStore(a.runs).root), nproc=a.nproc, device=a.device)
         if status != "done":
-            raise RuntimeError(f"{job.label}: {status} (see {RunStore(a.runs).run_dir(job.key)})")
+            raise RuntimeError(f"{job.label}: {status}: {err} (see {RunStore(a.runs).run_dir(job.key)})")
         return RunStore(a.runs).metrics(job.key)
     return run_job(job, a.runs, resume=not getattr(a, "no_resume", False), device=a.device)
 
@@ -115,20 +116,64 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _table_seeds(a, spec, df=None) -> tuple[tuple[int, ...], str]:
+    """--seeds N; else the seeds the table was last built with (a 1-seed rerun never
+    replaces a 3-seed table unasked); else the seeds the store has for it; else seed 0."""
+    from benchmark.report import table_seeds
+    if a.seeds is not None:
+        return _seeds(a.seeds, a.first_seed), ""
+    kept = table_seeds(spec.name, a.scale)
+    if kept:
+        return kept, "keeping the table's seeds; --seeds N to change"
+    if df is not None:
+        from benchmark.leaderboard import stored_seeds
+        found = stored_seeds(spec, a.scale, df)
+        if found:
+            return found, "the seeds the run store has for it; --seeds N to change"
+    return _seeds(1, a.first_seed), ""
+
+
+def _fresh_store(a) -> str:
+    """--fresh: a new, empty run store, so that nothing is reused."""
+    from pathlib import Path
+
+    from benchmark.report import results_root
+    root = Path(a.runs) if a.runs else results_root() / f"runs-fresh-{time.strftime('%Y%m%d-%H%M%S')}"
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"--fresh: run store {root} is not empty (give an empty or new --runs folder)")
+    return str(root)
+
+
 def cmd_reproduce(a) -> int:
     from benchmark.config import parse_overrides
     from benchmark.plan import plan_table
+    from benchmark.progress import failure_summary
     from benchmark.report import render
+    from benchmark.results import describe_reuse, load_runs
     from benchmark.stages import run_plan_local
-    from benchmark.store import RunStore
+    from benchmark.store import RunStore, default_root
+    from benchmark.tables import load_spec
     name = a.table or a.grid
     ov = _overrides(a, "reproduce")
-    plan = plan_table(name, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed), overrides=ov)
+    if a.fresh:
+        a.runs = _fresh_store(a)
     store = RunStore(a.runs)
+    df = load_runs(store.root)
+    spec = load_spec(name)
+    seeds, why = _table_seeds(a, spec, df)
+    plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=ov)
     missing = [j for j in plan.jobs if store.status(j.key) != "done"]
     n_impl = len({c.row for c in plan.cells if c.eval_key})
     print(f"{plan.spec.name}: {len(plan.spec.rows)} rows ({n_impl} implemented), "
-          f"{len(plan.jobs)} runs, {len(missing)} to run, scale {a.scale}, seeds {list(plan.seeds)}")
+          f"{len(plan.jobs)} runs, {len(missing)} to run, scale {a.scale}, seeds {list(plan.seeds)}"
+          + (f" ({why})" if why else ""))
+    if len(missing) < len(plan.jobs):
+        print(f"  reused from {store.root}: {describe_reuse(df, [j.key for j in plan.jobs])}"
+              + ("; nothing to train" if not missing else "")
+              + ". To recompute from scratch: --fresh (a new, empty run store).")
+    elif a.fresh:
+        print(f"  --fresh: nothing reused; runs go to {store.root} (generated data and proposals stay cached "
+              f"in .cache/detbench: delete it to rebuild them too)")
     if a.dry_run:
         for j in plan.jobs:
             print(f"  {store.status(j.key):8s} {j.stage:9s} {j.key} {j.label}")
@@ -143,34 +188,76 @@ def cmd_reproduce(a) -> int:
     if a.executor == "submitit-local":
         jobs = a.jobs or 1
     run_plan_local(plan, a.runs, device=a.device, jobs=jobs, nproc=a.nproc, executor=a.executor)
-    vdir = render(plan, store)
-    print(f"done in {time.time() - t0:.0f} s; table: {vdir.parent / 'table.md'} (version {vdir.name})")
+    df = load_runs(store.root)
+    n_failed, filled, failures = failure_summary(plan, df)
+    if n_failed and not filled:
+        print(failures, file=sys.stderr)
+        return 1
+    before = _current_version(spec.name, a.scale)
+    vdir = render(plan, store, runs=df)
+    if store.root.resolve() == default_root().resolve():
+        from benchmark.leaderboard import write_readme
+        from benchmark.report import results_root
+        write_readme(df, results_root(), store.root)
+    what = "unchanged, " if vdir.name == before else ""
+    print(f"finished in {time.time() - t0:.0f} s; table: {vdir.parent / 'table.md'} ({what}version {vdir.name})")
+    if n_failed:
+        print(failures, file=sys.stderr)
+        return 1
     return 0
+
+
+def _current_version(name: str, scale: str) -> str | None:
+    from benchmark.report import read_version, results_root, table_dir_name
+    v = read_version(results_root() / "tables" / table_dir_name(name, scale))
+    return v.get("version") if v else None
 
 
 def cmd_render(a) -> int:
     from benchmark.plan import plan_table
     from benchmark.report import render
+    from benchmark.results import load_runs
     from benchmark.store import RunStore
-    plan = plan_table(a.table, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed),
-                      overrides=_overrides(a, "reproduce"))
-    vdir = render(plan, RunStore(a.runs))
-    print(vdir.parent / "table.md")
+    from benchmark.tables import load_spec
+    if a.all:
+        from benchmark.leaderboard import render_all
+        vdirs, readme = render_all(a.runs)
+        for v in vdirs:
+            print(f"{v.parent / 'table.md'} (version {v.name})")
+        print(readme)
+        return 0
+    if not a.table:
+        raise ValueError("render: give --table NAME, or --all for every table and the leaderboards")
+    store = RunStore(a.runs)
+    df = load_runs(store.root)
+    spec = load_spec(a.table)
+    seeds, why = _table_seeds(a, spec, df)
+    plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=_overrides(a, "reproduce"))
+    vdir = render(plan, store, runs=df)
+    print(f"{vdir.parent / 'table.md'} (version {vdir.name}{'; ' + why if why else ''})")
     return 0
 
 
 def cmd_runs(a) -> int:
+    import pandas as pd
+
+    from benchmark.results import load_runs
     from benchmark.store import RunStore
-    rows = RunStore(a.runs).list()
-    if a.stage:
-        rows = [r for r in rows if r["stage"] == a.stage]
-    if a.status:
-        rows = [r for r in rows if r["status"] == a.status]
-    rows.sort(key=lambda r: r["mtime"])
-    for r in rows:
-        print(f"{r['key']}  {r['status']:9s} {r['stage'] or '?':9s} "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['mtime']))}  {r['label']}")
-    print(f"{len(rows)} runs in {RunStore(a.runs).root}")
+    df = load_runs(a.runs)
+    for col in ("stage", "status", "scale"):
+        if getattr(a, col):
+            df = df[df[col] == getattr(a, col)]
+    if a.format == "csv":
+        sys.stdout.write(df.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S"))
+        return 0
+    if a.format == "json":
+        recs = df.astype(object).where(df.notna(), None).to_dict(orient="records")
+        sys.stdout.write(json.dumps(recs, indent=1, default=str) + "\n")
+        return 0
+    for _, r in df.iterrows():
+        made = "unknown date    " if pd.isna(r["created"]) else f"{r['created']:%Y-%m-%d %H:%M}"
+        print(f"{r['key']}  {r['status']:9s} {r['stage'] or '?':9s} {r['scale'] or '?':10s} {made}  {r['label']}")
+    print(f"{len(df)} runs in {RunStore(a.runs).root} (date: when the run started, from its env.json)")
     return 0
 
 
@@ -232,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"plan and run every run a {arg[2:]} needs, then write it")
         s.add_argument(arg, dest=arg[2:], required=True)
         s.set_defaults(**{"table" if arg == "--grid" else "grid": None})
-        s.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
+        s.add_argument("--seeds", type=int, default=None,
+                       help="number of seeds (0, 1, ...); default: the seeds the table was last built with, else 1")
+        s.add_argument("--fresh", action="store_true",
+                       help="recompute from scratch: a new, empty run store (results/runs-fresh-<time>, "
+                            "or an empty --runs folder); nothing is reused")
         s.add_argument("--first-seed", type=int, default=0)
         s.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"])
         s.add_argument("--profile", default="local-ci", help="Slurm cluster profile (slurm/profiles/)")
@@ -244,17 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
         _common(s)
         s.set_defaults(fn=cmd_reproduce)
 
-    s = sub.add_parser("render", help="rebuild a table from the run store (no training)")
-    s.add_argument("--table", required=True)
-    s.add_argument("--seeds", type=int, default=1)
+    s = sub.add_parser("render", help="rebuild a table (or --all: every table and results/README.md's "
+                                      "leaderboards) from the run store, no training")
+    s.add_argument("--table", default=None)
+    s.add_argument("--all", action="store_true", help="every table and grid at every scale in the store, "
+                                                      "then the leaderboards in results/README.md")
+    s.add_argument("--seeds", type=int, default=None, help="default: the seeds the table was built with")
     s.add_argument("--first-seed", type=int, default=0)
     _common(s)
     s.set_defaults(fn=cmd_render)
 
-    s = sub.add_parser("runs", help="list the run store")
+    s = sub.add_parser("runs", help="list the run store (--format csv|json: every column of load_runs())")
     s.add_argument("--runs", default=None)
-    s.add_argument("--stage", default=None)
-    s.add_argument("--status", default=None)
+    s.add_argument("--stage", default=None, choices=STAGES)
+    s.add_argument("--status", default=None, choices=STATUSES)
+    s.add_argument("--scale", default=None, help="only runs of this scale (tiny, tiny_long, ...)")
+    s.add_argument("--format", default="table", choices=["table", "csv", "json"])
     s.set_defaults(fn=cmd_runs)
 
     s = sub.add_parser("export", help="write a run's weights for detectron2, mmdet or torchvision")

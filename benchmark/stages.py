@@ -11,6 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from benchmark import trainer
 from benchmark.plan import Job, Plan
+from benchmark.progress import TableProgress
 from benchmark.store import RunStore
 from benchmark.trainer import Diverged
 
@@ -119,9 +120,7 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
     launch = _launcher(plan, store, device=device, progress=progress, jobs=jobs, nproc=nproc, executor=executor)
     status = {j.key: "done" for j in plan.jobs if store.status(j.key) == "done"}
     waiting = [j for j in plan.jobs if j.key not in status]
-    print(f"{plan.spec.name}: {len(plan.jobs)} runs, {len(waiting)} to run "
-          f"({executor}, {jobs} at once, {nproc} process(es) each)", flush=True)
-    n_total, n_done, t0 = len(waiting), 0, time.time()
+    tp = TableProgress(plan, store_root, jobs=jobs)
     running: dict = {}
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         while waiting or running:
@@ -130,14 +129,13 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
                 if any(s not in (None, "done") for s in ps):
                     status[job.key] = "skipped"
                     waiting.remove(job)
-                    print(f"  skip {job.label}: a parent did not finish", flush=True)
+                    tp.finish(job, "skipped")
                 elif all(s == "done" for s in ps) and len(running) < max(1, jobs):
                     waiting.remove(job)
-                    print(f"[start] {job.stage} {job.label} ({job.key})", flush=True)
+                    tp.start(job)
                     if jobs <= 1 and nproc <= 1 and executor == "local":
-                        status[job.key] = launch(job)       # in this process: progress bars, Ctrl-C
-                        n_done += 1
-                        _report(job, status[job.key], n_done, n_total, t0, store)
+                        status[job.key], err = launch(job)    # in this process: progress bars, Ctrl-C
+                        tp.finish(job, status[job.key], err)
                     else:
                         running[pool.submit(launch, job)] = job
             if not running:
@@ -150,22 +148,15 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
             for fut in finished:
                 job = running.pop(fut)
                 try:
-                    status[job.key] = fut.result()
+                    status[job.key], err = fut.result()
                 except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
-                    status[job.key] = "failed"
-                    print(f"    FAILED: {job.label}: {type(e).__name__}: {e}", flush=True)
-                n_done += 1
-                _report(job, status[job.key], n_done, n_total, t0, store)
+                    status[job.key], err = "failed", f"{type(e).__name__}: {e}"
+                tp.finish(job, status[job.key], err)
     return status
 
 
-def _report(job: Job, st: str, n_done: int, n_total: int, t0: float, store: RunStore) -> None:
-    where = f" (see {store.run_dir(job.key)})" if st in ("failed", "diverged") else ""
-    print(f"[{n_done}/{n_total}, {time.time() - t0:.0f} s] {st}: {job.label}{where}", flush=True)
-
-
 def _launcher(plan: Plan, store: RunStore, *, device, progress, jobs, nproc, executor):
-    """``launch(job) -> "done" | "failed" | "diverged"``, blocking until the run ends."""
+    """``launch(job) -> (status, error)``: "done" | "failed" | "diverged", blocking until the run ends."""
     store_root = str(store.root)
     if executor == "submitit-local":
         import submitit
@@ -181,32 +172,31 @@ def _launcher(plan: Plan, store: RunStore, *, device, progress, jobs, nproc, exe
             sjob = ex.submit(StageJob(store_root), job)
             try:
                 sjob.results()
+                err = None
             except Exception as e:  # noqa: BLE001
-                log.warning("%s failed: %s (log %s)", job.label, e, sjob.paths.stderr)
-            return _final_status(store, job)
+                err = f"{type(e).__name__}: {e} (log {sjob.paths.stderr})"
+            return _final_status(store, job), err
         return launch
     if executor != "local":
         raise ValueError(f"executor: unknown {executor!r} (local | submitit-local | slurm)")
     if jobs <= 1 and nproc <= 1:
-        def launch(job: Job) -> str:
+        def launch(job: Job) -> tuple[str, str | None]:
             try:
                 run_job(job, store_root, device=device, progress=progress)
-                return "done"
+                return "done", None
             except Diverged as e:
-                print(f"    diverged: {e}", flush=True)
-                return "diverged"
+                return "diverged", str(e)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
-                print(f"    FAILED: {type(e).__name__}: {e} (see {store.run_dir(job.key)}/FAILED)", flush=True)
-                return "failed"
+                return "failed", f"{type(e).__name__}: {e}"
         return launch
     runtime = {"torch_threads": 1, "num_workers": 0} if nproc == 1 and jobs > 1 else None
     return lambda job: run_processes(job, store_root, nproc=nproc, device=device, runtime=runtime)
 
 
 def run_processes(job: Job, store_root: str, *, nproc: int, device: str | None = None,
-                  runtime: dict | None = None) -> str:
+                  runtime: dict | None = None) -> tuple[str, str | None]:
     """Run one job in ``nproc`` freshly spawned processes on this machine, wired as torchrun
     wires them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT on a free local port)."""
     import multiprocessing as mp
@@ -219,9 +209,14 @@ def run_processes(job: Job, store_root: str, *, nproc: int, device: str | None =
     for p in procs:
         p.join()
     codes = [p.exitcode for p in procs]
-    if any(codes):
-        log.warning("%s: process exit codes %s", job.label, codes)
-    return _final_status(RunStore(store_root), job)
+    store = RunStore(store_root)
+    st = _final_status(store, job)
+    err = None
+    if st != "done":
+        marker = store.run_dir(job.key) / ("DIVERGED" if st == "diverged" else "FAILED")
+        last = marker.read_text().strip().splitlines()[-1:] if marker.exists() else []
+        err = last[0] if last else f"process exit codes {codes}"
+    return st, err
 
 
 def _rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:

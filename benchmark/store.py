@@ -18,6 +18,9 @@ from pathlib import Path
 
 from benchmark.fsutil import atomic_write_json
 
+STAGES = ("pretrain", "finetune", "evaluate")
+STATUSES = ("done", "diverged", "failed", "running")   # what RunStore.status says of a run folder
+
 # Keys that never change a result and so stay out of a run's identity.
 NON_IDENTITY = ("runtime", "label", "cache_dir", "key")
 
@@ -109,8 +112,9 @@ def git_info(cwd: Path | None = None) -> dict:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         # a copy without git history answers "HEAD" with a non-zero status: that is no sha
         sha = r.stdout.strip() if r.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", r.stdout.strip()) else ""
-        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                            capture_output=True, text=True, timeout=10)
+        # the tool's own outputs (tables, leaderboards, runs under results/) never make a tree dirty
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                             ":(exclude)results"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = bool(st.stdout.strip()) if sha and st.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", None

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from benchmark.config import finetune_config, parse_overrides, pretrain_config
-from benchmark.plan import plan_table
+from benchmark.plan import Plan, plan_table
 from benchmark.report import cell_values, render
 from benchmark.store import RunStore, run_key
 from benchmark.tables import load_spec
@@ -147,22 +147,28 @@ def test_render_table_mean_std_diff_and_statuses(isolated):
             store.fail(cell.chain[0], "nan", diverged=True)
     cells = cell_values(plan, store)
     c = cells[(moco, 0)]
-    assert c["mean"] == 12.0 and c["std"] == pytest.approx(2 ** 0.5 * 2)
-    assert c["ref"] == 40.4 and c["diff"] == pytest.approx(12.0 - 40.4)
+    assert c["mean"] == 12.0 and c["std"] == pytest.approx(2 ** 0.5 * 2) and c["n"] == 2
+    assert c["ref"] == 40.4 and c["diff"] is None            # ours − paper only at the paper's scale
     assert cells[(scratch, 0)]["status"] == "diverged"
     assert cells[(moco + 1, 0)]["status"] in ("not implemented", "pending")
     vdir = render(plan, store, out_root=isolated / "tables")
     md = (vdir.parent / "table.md").read_text()
-    assert "12.0 ± 2.8 / 40.4 [-28.4]" in md and "diverged" in md and "not implemented" in md
+    assert "[12.0 ± 2.8 / 40.4](" in md                        # ours ± std over 2 seeds / paper, linked
+    assert "[-28.4]" not in md and "diverged" in md and "not implemented" in md
+    assert "At the `tiny` scale" in md and "R50-FPN on COCO val2017" not in md.splitlines()[0]
     assert (vdir / "plot.png").stat().st_size > 1000
     rows = (vdir / "table.csv").read_text().splitlines()
-    assert rows[0].startswith("row,column,status")
-    v2 = render(plan, store, out_root=isolated / "tables")
-    assert v2 != vdir and vdir.exists()                      # earlier versions are kept
+    assert rows[0].startswith("table,scale,row,method,column,status,n_seeds,seeds")
+    assert render(plan, store, out_root=isolated / "tables") == vdir   # same content: no new version
+    assert len([d for d in vdir.parent.iterdir() if d.is_dir()]) == 1
     assert vdir.parent.name == "soco_table1"                  # the default scale keeps the plain name
     other = render(plan_table("soco_table1", scale="micro", seeds=(0,)), store, out_root=isolated / "tables")
     assert other.parent.name == "soco_table1@micro"          # another scale never overwrites it
-    assert "12.0 ± 2.8" in md and "12.0 ± 2.8" in (vdir.parent / "table.md").read_text()
+    # the same runs read as the paper's scale: now the difference is printed
+    paper = Plan(plan.spec, "paper", plan.seeds, plan.jobs, plan.cells)
+    assert cell_values(paper, store)[(moco, 0)]["diff"] == pytest.approx(12.0 - 40.4)
+    v2 = render(paper, store, out_root=isolated / "tables")
+    assert "[-28.4]" in (v2 / "table.md").read_text()
 
 
 def test_finished_run_is_never_overwritten(isolated):

@@ -25,7 +25,7 @@ def _pretrain(method, **over):
 def test_two_process_moco_v2_pretrain_trains_as_one(isolated):
     job = _pretrain("moco_v2")
     store = RunStore(isolated / "runs")
-    assert run_processes(job, str(store.root), nproc=2) == "done"
+    assert run_processes(job, str(store.root), nproc=2) == ("done", None)
     d = store.run_dir(job.key)
     env = json.loads((d / "env.json").read_text())
     assert env["distributed"] == {"world_size": 2, "backend": "gloo"}
@@ -45,10 +45,10 @@ def test_two_process_moco_v2_pretrain_trains_as_one(isolated):
 def test_two_process_finetune_and_evaluate_equal_one_process_evaluation(isolated):
     store = RunStore(isolated / "runs")
     ft = _job("finetune", finetune_config(scale="micro", seed=0, schedule="1x", parent=None))
-    assert run_processes(ft, str(store.root), nproc=2) == "done"
+    assert run_processes(ft, str(store.root), nproc=2) == ("done", None)
     assert json.loads((store.run_dir(ft.key) / "env.json").read_text())["distributed"]["world_size"] == 2
     ev = _job("evaluate", evaluate_config(parent=ft.key, data=ft.config["data"], scale="micro"), (ft.key,))
-    assert run_processes(ev, str(store.root), nproc=2) == "done"
+    assert run_processes(ev, str(store.root), nproc=2) == ("done", None)
     two = store.metrics(ev.key)
     # the same model evaluated by one process, in another store
     alone = RunStore(isolated / "alone")

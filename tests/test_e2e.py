@@ -59,8 +59,9 @@ def test_reproduce_table_then_nothing_to_do(isolated, spec_path, capsys, monkeyp
     import benchmark.stages as stages
     monkeypatch.setattr(stages, "run_job", lambda *a, **k: calls.append(a) or {})
     assert main(["reproduce", "--table", str(spec_path), "--scale", "micro"]) == 0
-    assert "8 runs, 0 to run" in capsys.readouterr().out and calls == []
-    assert len(list(tdir.glob("20*"))) == 2                          # a new version, the old kept
+    out = capsys.readouterr().out
+    assert "8 runs, 0 to run" in out and "8 finished runs" in out and "nothing to train" in out and calls == []
+    assert len(list(tdir.glob("20*"))) == 1                          # same content: no new version
 
 
 def test_interrupted_chain_ends_with_identical_metrics(isolated, spec_path):

@@ -13,7 +13,9 @@ Every test skips with a reason when no cluster answers.  Timings go to stdout (`
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
+import io
 import json
 import os
 import subprocess
@@ -130,8 +132,8 @@ def test_table_submit_collect_and_resubmit_nothing(ws, capsys):
     assert orch.cli_collect(_ns()) == 0
     assert "micro_smoke: 2/2 cells filled" in capsys.readouterr().out
     table = ws["results"] / "tables" / "micro_smoke@micro"
-    rows = [line.split(",") for line in (table / "table.csv").read_text().splitlines()[1:]]
-    assert len(rows) == 2 and all(r[2] == "done" and r[3] for r in rows), rows
+    rows = list(csv.DictReader(io.StringIO((table / "table.csv").read_text())))
+    assert len(rows) == 2 and all(r["status"] == "done" and r["ours_mean"] for r in rows), rows
     assert "Scratch" in (table / "table.md").read_text()
 
     done = orch.submit_plan(plan, store, profile="local-ci", overrides=ws["profile"], quiet=True)
