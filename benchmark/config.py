@@ -16,7 +16,7 @@ from methods.base import ConfigError
 
 SCALES_DIR = Path(__file__).parent / "configs" / "scales"
 RECIPE_KEYS = {"optimizer", "base_lr", "lr_batch", "batch_size", "weight_decay", "momentum",
-               "schedule", "warmup_epochs", "epochs", "steps_per_epoch"}
+               "schedule", "warmup_epochs", "epochs", "steps_per_epoch", "loader"}
 
 
 def available_scales() -> list[str]:
@@ -114,10 +114,26 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     bad = set(recipe) - RECIPE_KEYS
     if bad:
         raise ConfigError(f"recipe.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(RECIPE_KEYS))})")
+    _check_loader(recipe, cls)
     data = expand_env(deep_merge(sc["data"], data_overrides))
     return {"stage": "pretrain", "scale": scale, "seed": int(seed),
             "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
             "runtime": dict(sc.get("runtime", {}))}
+
+
+def _check_loader(recipe: dict, cls) -> None:
+    """``recipe.loader`` (benchmark.data.images.LOADERS) changes pixels, so it is part of a
+    run's identity; the default ``cpu`` is dropped so that it never changes a run key."""
+    from benchmark.data.images import LOADERS
+    loader = recipe.pop("loader", "cpu")
+    if loader not in LOADERS:
+        raise ConfigError(f"recipe.loader: unknown {loader!r} ({' | '.join(LOADERS)})")
+    supported = getattr(cls, "loaders", ("cpu",))
+    if loader not in supported:
+        raise ConfigError(f"recipe.loader: {loader!r} is not supported by method {cls.name!r} "
+                          f"(supported: {' | '.join(supported)})")
+    if loader != "cpu":
+        recipe["loader"] = loader
 
 
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,

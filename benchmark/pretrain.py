@@ -95,7 +95,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
                  device: str | None = None, num_workers: int = 0, progress: bool = True) -> dict:
     """Pretrain ``config["method"]`` on ``config["data"]``; writes ``checkpoint.pt`` (every
     ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys)."""
-    from benchmark.data.images import ImageSource
+    from benchmark.data.images import ImageSource, render_deferred
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(config["seed"])
@@ -115,6 +115,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     pre = data["pretrain"]
     source = (ImageSource.from_coco(pre["image_root"], pre["ann_file"]) if pre.get("ann_file")
               else ImageSource.from_folder(pre["image_root"]))
+    source.loader = recipe.get("loader", "cpu")   # where images are decoded and augmented
     proposals = None
     if getattr(method, "needs_proposals", False):
         proposals = method.prepare_proposals(source, cache_root() / "proposals")
@@ -146,7 +147,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         multiprocessing_context="fork" if num_workers else None)
 
     def step_fn(batch):
-        batch = _to(batch, device)
+        batch = render_deferred(_to(batch, device), device)   # loader "device": pixels made here
         return model(batch)
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
