@@ -166,7 +166,7 @@ def draft_reduction(geom: ViewGeometry) -> int:
     """The largest JPEG DCT scale 1/r (r in 1, 2, 4, 8) at which the source still has a pixel
     for every view pixel."""
     m = geom.max_reduction()
-    return next(r for r in (8, 4, 2, 1) if r <= m + 1e-9)
+    return next((r for r in (8, 4, 2) if r <= m + 1e-9), 1)
 
 
 def render_view(image: Any, geom: ViewGeometry, aug: Photometric, rng: np.random.Generator):

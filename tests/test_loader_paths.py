@@ -160,6 +160,13 @@ def test_draft_decode_keeps_boxes_on_their_pixels(tmp_path, geom, reduce):
     assert (t - full).abs().mean() < 0.05           # close to the full-size decode's view
 
 
+def test_draft_reduction():
+    assert A.draft_reduction(ViewGeometry((0, 0, 40, 30), (64, 64))) == 1          # upsampled
+    assert A.draft_reduction(ViewGeometry((0, 0, 500, 375), (224, 224))) == 1      # 375 -> 224: 1.67
+    assert A.draft_reduction(ViewGeometry((0, 0, 1000, 750), (224, 224))) == 2     # 750 -> 224: 3.35
+    assert A.draft_reduction(ViewGeometry((0, 0, 1800, 1800), (224, 224))) == 8
+
+
 def test_read_rgb_reduce_and_errors(tmp_path):
     _scene(tmp_path / "s.jpg")
     assert read_rgb(tmp_path / "s.jpg", reduce=4).size == (202, 150)
@@ -232,3 +239,16 @@ def test_loader_in_config_and_run_key():
         pretrain_config("moco_v2", scale="tiny", recipe_overrides={"loader": "gpu"})
     with pytest.raises(ConfigError, match="recipe.loader.*supervised"):
         pretrain_config("supervised", scale="tiny", recipe_overrides={"loader": "device"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,loader", [("soco", "device"), ("moco_v2", "cpu_draft")])
+def test_pretrain_runs_with_the_loader_recorded(isolated, method, loader):
+    from benchmark.plan import Job
+    from benchmark.stages import run_job
+    from benchmark.store import RunStore
+    cfg = pretrain_config(method, scale="micro", recipe_overrides={"loader": loader})
+    key = run_key(cfg)
+    m = run_job(Job("pretrain", key, cfg, (), f"pretrain/{method}"), progress=False)
+    assert m["steps"] == m["total_steps"] and np.isfinite(m["final"]["loss"])
+    assert RunStore().config(key)["recipe"]["loader"] == loader

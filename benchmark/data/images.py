@@ -143,7 +143,7 @@ def decode_on_device(images: Sequence[EncodedImage], device: torch.device | str)
             out[i] = t
     for i, im in enumerate(images):
         if out[i] is None:
-            arr = np.asarray(read_rgb(im.path))
+            arr = np.array(read_rgb(im.path), dtype=np.uint8)   # writable: torch shares it
             out[i] = torch.from_numpy(arr).permute(2, 0, 1).to(device, non_blocking=True)
         if tuple(out[i].shape[1:]) != (im.size[1], im.size[0]):
             raise CorruptImage(im.path, "image", f"decoded {tuple(out[i].shape[1:])} (H, W), header says {im.size}")
