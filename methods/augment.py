@@ -209,21 +209,12 @@ def _rgb2hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv2rgb(x: torch.Tensor) -> torch.Tensor:
-    # torchvision transforms/_functional_tensor.py _hsv2rgb
+    # the closed form of the piecewise HSV -> RGB (torchvision's _hsv2rgb) without its
+    # (6 x 3)-way selection: channel n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
     h, s, v = x.unbind(-3)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int32)
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    i = i % 6
-    mask = i.unsqueeze(-3) == torch.arange(6, device=i.device).view(-1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), -3)
-    a2 = torch.stack((t, v, v, q, p, p), -3)
-    a3 = torch.stack((p, p, t, v, v, q), -3)
-    a4 = torch.stack((a1, a2, a3), -4)
-    return torch.einsum("...ijk,...xijk->...xjk", mask.to(x.dtype), a4)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    k = torch.remainder(n + 6 * h.unsqueeze(-3), 6)
+    return v.unsqueeze(-3) * (1 - s.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def _jitter_op(op: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -262,13 +253,14 @@ def photometric_batch(x: torch.Tensor, params: list[PhotoParams]) -> torch.Tenso
     sample by sample (tested)."""
     n = x.shape[0]
     dev = x.device
+    x = x.clone()
     for pos in range(max((len(p.jitter) for p in params), default=0)):
         for op in ("brightness", "contrast", "saturation", "hue"):
             idx = [i for i, p in enumerate(params) if len(p.jitter) > pos and p.jitter[pos][0] == op]
             if idx:
                 f = torch.tensor([params[i].jitter[pos][1] for i in idx], dtype=x.dtype, device=dev)
                 sel = torch.tensor(idx, device=dev)
-                x = x.index_copy(0, sel, _jitter_op(op, x[sel], f.view(-1, 1, 1, 1)))
+                x.index_copy_(0, sel, _jitter_op(op, x[sel], f.view(-1, 1, 1, 1)))
     gray = torch.tensor([p.gray for p in params], device=dev).view(n, 1, 1, 1)
     x = torch.where(gray, _gray(x).expand_as(x), x)
     idx = [i for i, p in enumerate(params) if p.blur_sigma > 0]
@@ -281,7 +273,7 @@ def photometric_batch(x: torch.Tensor, params: list[PhotoParams]) -> torch.Tenso
         pad = size // 2
         y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), k[:, None, None, :], groups=k.shape[0])
         y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), k[:, None, :, None], groups=k.shape[0])
-        x = x.index_copy(0, sel, y.reshape(len(idx), 3, *x.shape[-2:]))
+        x.index_copy_(0, sel, y.reshape(len(idx), 3, *x.shape[-2:]))
     sol = torch.tensor([p.solarize for p in params], device=dev).view(n, 1, 1, 1)
     return torch.where(sol & (x >= SOLARIZE_THRESHOLD / 255), 1 - x, x)
 

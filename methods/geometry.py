@@ -95,14 +95,14 @@ class ViewGeometry:
         the same bilinear resampling as :meth:`apply_image` (PIL's separable triangle filter
         widened by the downscale factor, over the same ``crop`` box), computed as two
         matrix products without PIL's uint8 rounding between the passes."""
-        import torch
         _, H, W = img.shape
-        x = img.float()
-        wx = resample_weights(self.crop[0], self.crop[2], W, self.out_size[0], x.device)
-        wy = resample_weights(self.crop[1], self.crop[3], H, self.out_size[1], x.device)
+        wx = resample_weights(self.crop[0], self.crop[2], W, self.out_size[0], img.device)
+        wy = resample_weights(self.crop[1], self.crop[3], H, self.out_size[1], img.device)
         if self.flip:
             wx = wx.flip(0)
-        return torch.einsum("yh,chw,xw->cyx", wy, x, wx)
+        (x0, x1), (y0, y1) = _support(wx), _support(wy)     # only the source pixels used
+        x = img[:, y0:y1, x0:x1].float()
+        return (wy[:, y0:y1] @ x) @ wx[:, x0:x1].T
 
     def max_reduction(self) -> float:
         """How many times the view shrinks its crop in its less shrunk direction: a source
@@ -137,6 +137,11 @@ def resample_weights(in0: float, in1: float, in_size: int, out_size: int, device
     w = (1 - ((x - centre[:, None] + 0.5) / fs).abs()).clamp(min=0) * ((x >= lo) & (x < hi))
     w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
     return w.float()
+
+
+def _support(w: "torch.Tensor") -> tuple[int, int]:
+    nz = (w != 0).any(0).nonzero()
+    return int(nz[0]), int(nz[-1]) + 1
 
 
 def random_resized_crop(width: int, height: int, rng: np.random.Generator,

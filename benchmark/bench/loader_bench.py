@@ -1,7 +1,8 @@
 """Benchmark (not a test): how many CPU cores one GPU needs to be fed, per method.
 
-For each method and image size it times, on ONE core (one torch thread, as in a DataLoader
-worker), what a worker does per sample: read + decode the file and build the views. Paths:
+For each method and image size it times, in CPU seconds of one core (one torch thread, as
+in a DataLoader worker; CPU time, so other load on the machine does not count), what a
+worker does per sample: read + decode the file and build the views. Paths:
   before     the code before recipe.loader existed (PIL decode, PIL views, TF.to_tensor +
              TF.normalize): the baseline, measured in this process
   cpu        recipe.loader=cpu (the default; same pixels as before)
@@ -101,9 +102,9 @@ def time_worker(method, source: ImageSource, loader: str, n: int) -> tuple[float
             return method.views(_record(method, source, i, rng, before), rng)
         for k in range(2):
             one(k)
-        t0 = time.perf_counter()
+        t0 = time.process_time()     # CPU seconds: robust to other processes on the machine
         samples = [one(k) for k in range(n)]
-        return n / (time.perf_counter() - t0), samples
+        return n / (time.process_time() - t0), samples
     finally:
         augment.to_tensor = saved
 
@@ -111,14 +112,17 @@ def time_worker(method, source: ImageSource, loader: str, n: int) -> tuple[float
 def time_render(method, samples: list, batch: int, device: str, reps: int) -> float:
     """Samples/s of ``render_deferred`` (decode + crops + photometric) on ``device``."""
     b = method.collate((samples * (batch // len(samples) + 1))[:batch])
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time    # GPU: wall time; CPU: CPU time
     render_deferred(b, device)
-    sync()
-    t0 = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = clock()
     for _ in range(reps):
         render_deferred(b, device)
-    sync()
-    return batch * reps / (time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize()
+    return batch * reps / (clock() - t0)
 
 
 def run(methods: list[str], sizes: list[str], n: int, batch: int, device: str, step: dict,
