@@ -169,6 +169,14 @@ def draft_reduction(geom: ViewGeometry) -> int:
     return next((r for r in (8, 4, 2) if r <= m + 1e-9), 1)
 
 
+def decode_for(image: Any, geoms) -> None:
+    """Decode a lazily decoded image once, at the finest DCT scale any of ``geoms`` needs
+    (a method that draws all its geometries first calls it before rendering them; without
+    it a later, larger view re-decodes). Other images: nothing to do."""
+    if hasattr(image, "pixels"):
+        image.pixels(min(draft_reduction(g) for g in geoms))
+
+
 def render_view(image: Any, geom: ViewGeometry, aug: Photometric, rng: np.random.Generator):
     """``to_tensor(aug(geom.apply_image(image), rng))`` for a PIL image; for a lazily decoded
     one (``pixels(r)``), the same from the smallest DCT-scaled decode that serves ``geom``;

@@ -47,7 +47,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import FeaturePyramidNetwork, roi_align
 
-from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout, render_view
+from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout, decode_for, render_view
 from methods.backbones import backbone_state, build_resnet, resnet_stages, stage_channels
 from methods.base import ConfigError, MethodConfig, PretrainMethod
 from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
@@ -320,6 +320,7 @@ class SoCo(PretrainMethod):
         W, H = img.size
         geoms = self.view_geometries(W, H, rng)
         boxes, valid = self.sample_boxes(record, geoms, W, H, rng)
+        decode_for(img, geoms.values())
         out = {}
         for name, g in geoms.items():
             aug = BYOL_AUG_1 if name == "v1" else BYOL_AUG_2   # BYOL's asymmetric pair, per view

@@ -20,6 +20,9 @@ from methods.geometry import ViewGeometry, whole_view
 
 ALL_ON = A.Photometric(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=1.0, gray_p=0.4, blur_p=0.5, solarize_p=0.4)
 NO_AUG = A.Photometric(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+SOCO_SMALL = {"proposal_source": "random", "view_size": 64, "v3_size": 32, "fpn_channels": 16,
+              "head_conv_dim": 16, "head_fc_dim": 32, "proj_hidden_dim": 32, "proj_dim": 16,
+              "pred_hidden_dim": 32, "backbone": "resnet18"}
 
 
 def _smooth(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -167,6 +170,20 @@ def test_draft_reduction():
     assert A.draft_reduction(ViewGeometry((0, 0, 1800, 1800), (224, 224))) == 8
 
 
+def test_soco_decodes_a_lazy_image_once_at_the_finest_scale_its_views_need(tmp_path, monkeypatch):
+    from benchmark.data import images as I
+    Image.fromarray(_smooth(1000, 750)).save(tmp_path / "big.jpg", quality=90)
+    calls = []
+    orig = I.read_rgb
+    monkeypatch.setattr(I, "read_rgb", lambda path, reduce=1: calls.append(reduce) or orig(path, reduce))
+    m = build_method("soco", **{**SOCO_SMALL, "view_size": 224, "v3_size": 112})
+    lazy = LazyImage(str(tmp_path / "big.jpg"))
+    geoms = m.view_geometries(1000, 750, np.random.default_rng(5))
+    m.views({"index": 0, "image_id": 1, "image": lazy}, np.random.default_rng(5))
+    want = min(A.draft_reduction(g) for g in geoms.values())
+    assert want == 2 and calls == [2] and lazy.pixels()[1] == 1 and calls == [2, 1]
+
+
 def test_read_rgb_reduce_and_errors(tmp_path):
     _scene(tmp_path / "s.jpg")
     assert read_rgb(tmp_path / "s.jpg", reduce=4).size == (202, 150)
@@ -190,11 +207,6 @@ class _Broken(EncodedImage):
 
 
 # -- the switch on whole samples ---------------------------------------------------------
-SOCO_SMALL = {"proposal_source": "random", "view_size": 64, "v3_size": 32, "fpn_channels": 16,
-              "head_conv_dim": 16, "head_fc_dim": 32, "proj_hidden_dim": 32, "proj_dim": 16,
-              "pred_hidden_dim": 32, "backbone": "resnet18"}
-
-
 def test_boxes_unchanged_by_the_switch_and_device_batch_renders(jpegs):
     m = build_method("soco", **SOCO_SMALL)
     batches = {}

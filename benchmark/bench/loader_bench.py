@@ -12,8 +12,10 @@ plus, for ``device``, the other half on ``--device``: batched decode (nvJPEG on 
 photometric (``render``, samples/s of batches of ``--batch``). Cores per GPU = the step's
 img/s (``--step``, default the README's H100 AMP batch-64 figures) / worker samples/s per
 core. Sizes: ``tiny`` = the method's tiny config on 128-px PNGs (the synthetic set);
-``paper`` = its paper config on 500x375 JPEGs (ImageNet's typical size), written to a
-temporary folder. Files are read from the page cache.
+``paper`` = its paper config on 500x375 JPEGs (ImageNet's typical size); ``large`` = the
+paper config on 1000x750 JPEGs (where DCT-scaled decode can apply); images are written to
+a temporary folder and read from the page cache. ``reduced``: the fraction of samples that
+``cpu_draft`` decoded at 1/2 or less.
 
     python -m benchmark.bench.loader_bench
     python -m benchmark.bench.loader_bench --methods moco_v2,soco,pixpro --step pixpro=700 --device cuda
@@ -35,7 +37,8 @@ from methods import augment, build_method, get_method, list_methods
 
 # H100, AMP, batch 64: python -m benchmark.bench.step_bench --scale paper --batch 64 --device cuda --amp
 DEFAULT_STEP = {"moco_v2": 1544.0, "soco": 490.0}
-SIZES = {"tiny": ((128, 128), ".png"), "paper": ((500, 375), ".jpg")}
+SIZES = {"tiny": ((128, 128), ".png"), "paper": ((500, 375), ".jpg"),
+         "large": ((1000, 750), ".jpg")}   # large: where DCT-scaled decode can pay
 
 
 def _before_to_tensor(img):
@@ -89,7 +92,8 @@ def read_size_of(rec: dict) -> tuple[int, int]:
 
 
 def time_worker(method, source: ImageSource, loader: str, n: int) -> tuple[float, list]:
-    """Samples/s of one core doing ``record + views`` for ``n`` samples; and the samples."""
+    """Samples/s of one core doing ``record + views`` for ``n`` samples, the samples, and
+    the fraction of them whose image was decoded at reduced size."""
     before = loader == "before"
     source.loader = "cpu" if before else loader
     saved = augment.to_tensor
@@ -99,12 +103,17 @@ def time_worker(method, source: ImageSource, loader: str, n: int) -> tuple[float
         def one(k):
             rng = np.random.default_rng([0, k])
             i = k % len(source)
-            return method.views(_record(method, source, i, rng, before), rng)
+            rec = _record(method, source, i, rng, before)
+            sample = method.views(rec, rng)
+            reduced.append(getattr(rec["image"], "_reduce", 1) > 1)
+            return sample
+        reduced: list[bool] = []
         for k in range(2):
             one(k)
+        reduced.clear()
         t0 = time.process_time()     # CPU seconds: robust to other processes on the machine
         samples = [one(k) for k in range(n)]
-        return n / (time.process_time() - t0), samples
+        return n / (time.process_time() - t0), samples, float(np.mean(reduced))
     finally:
         augment.to_tensor = saved
 
@@ -142,8 +151,10 @@ def run(methods: list[str], sizes: list[str], n: int, batch: int, device: str, s
                 row = {"method": name, "size": s, "image": "x".join(map(str, SIZES[s][0])),
                        "step_img_s": step.get(name)}
                 for p in paths:
-                    rate, samples = time_worker(m, sources[s], p, n)
+                    rate, samples, reduced = time_worker(m, sources[s], p, n)
                     row[f"{p}_per_core"] = rate
+                    if p == "cpu_draft":
+                        row["draft_reduced_frac"] = reduced    # samples decoded at 1/2..1/8
                     if p == "device":
                         row["device_render_per_s"] = time_render(m, samples, batch, device, reps)
                 base = row["before_per_core"]
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="moco_v2,soco",
                    help="comma-separated registered method names (any of: %s)" % ", ".join(list_methods()))
-    p.add_argument("--sizes", default="tiny,paper")
+    p.add_argument("--sizes", default="tiny,paper,large")
     p.add_argument("--samples", type=int, default=48, help="samples timed per path")
     p.add_argument("--batch", type=int, default=64, help="batch size of the device render")
     p.add_argument("--reps", type=int, default=3, help="device render repetitions")
@@ -190,7 +201,8 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu, 1 thread"
     print(f"worker samples/s per core (1 thread); device render on {dev}; cores/GPU at the step's img/s")
     hdr = (f"{'method':10s} {'size':6s} {'before':>7s} {'cpu':>7s} {'draft':>7s} {'device':>7s} "
-           f"{'render':>7s} {'step':>6s} {'cores before':>12s} {'cpu':>5s} {'draft':>5s} {'device':>6s}")
+           f"{'render':>7s} {'step':>6s} {'cores before':>12s} {'cpu':>5s} {'draft':>5s} {'device':>6s} "
+           f"{'reduced':>7s}")
     print(hdr)
     for r in rows:
         print(f"{r['method']:10s} {r['size']:6s} {_fmt(r.get('before_per_core'), '7.0f')} "
@@ -198,7 +210,7 @@ def main(argv=None) -> int:
               f"{_fmt(r.get('device_per_core'), '7.0f')} {_fmt(r.get('device_render_per_s'), '7.0f')} "
               f"{_fmt(r['step_img_s'], '6.0f')} {_fmt(r.get('before_cores_per_gpu'), '12.1f')} "
               f"{_fmt(r.get('cpu_cores_per_gpu'), '5.1f')} {_fmt(r.get('cpu_draft_cores_per_gpu'), '5.1f')} "
-              f"{_fmt(r.get('device_cores_per_gpu'), '6.2f')}")
+              f"{_fmt(r.get('device_cores_per_gpu'), '6.2f')} {_fmt(r.get('draft_reduced_frac'), '7.0%')}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "samples": a.samples,
