@@ -121,9 +121,11 @@ class EncodedImage:
 
 def decode_on_device(images: Sequence[EncodedImage], device: torch.device | str) -> list[torch.Tensor]:
     """uint8 (3, H, W) tensors on ``device``. JPEGs are decoded by
-    ``torchvision.io.decode_jpeg`` (nvJPEG, batched, on CUDA; libjpeg on CPU); other formats
-    with PIL (:func:`read_rgb`) and copied over. A size differing from the header's, or an
-    undecodable file, raises :class:`CorruptImage` naming the file."""
+    ``torchvision.io.decode_jpeg`` (nvJPEG, batched, on CUDA; libjpeg on CPU); other formats,
+    and JPEGs the device decoder rejects (CMYK, say), with PIL (:func:`read_rgb`) and copied
+    over. A size differing from the header's, or a file PIL cannot decode either, raises
+    :class:`CorruptImage` naming the file: with this loader the pixels are first decoded in
+    the training process, so a truncated file stops the run instead of being skipped."""
     from torchvision.io import ImageReadMode, decode_jpeg
     device = torch.device(device)
     out: list[torch.Tensor | None] = [None] * len(images)
@@ -132,13 +134,13 @@ def decode_on_device(images: Sequence[EncodedImage], device: torch.device | str)
         data = [torch.frombuffer(bytearray(images[i].data), dtype=torch.uint8) for i in jpeg]
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:   # one bad file fails the batch: find it
+        except RuntimeError:   # one file fails the batch: decode one by one, PIL for the rejected
             decoded = []
-            for i, d in zip(jpeg, data):
+            for d in data:
                 try:
                     decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as e:
-                    raise CorruptImage(images[i].path, "image", f"cannot decode JPEG on {device} ({e})") from None
+                except RuntimeError:
+                    decoded.append(None)
         for i, t in zip(jpeg, decoded):
             out[i] = t
     for i, im in enumerate(images):
