@@ -222,8 +222,6 @@ def test_boxes_unchanged_by_the_switch_and_device_batch_renders(jpegs):
         for v in ("v1", "v2", "v3"):
             assert b[v].shape == cpu[v].shape and b[v].dtype == torch.float32
             assert (b[v] - cpu[v]).abs().mean() < 0.06, (loader, v)
-    with torch.no_grad():
-        assert torch.isfinite(m(batches["device"])["loss"])
 
 
 def test_default_cpu_loader_is_the_unchanged_pil_path(jpegs):

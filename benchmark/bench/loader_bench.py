@@ -104,7 +104,7 @@ def time_worker(method, source: ImageSource, loader: str, n: int) -> tuple[float
             rng = np.random.default_rng([0, k])
             i = k % len(source)
             rec = _record(method, source, i, rng, before)
-            sample = method.views(rec, rng)
+            sample = method.views(rec, rng, source if getattr(method, "needs_source", False) else None)
             reduced.append(getattr(rec["image"], "_reduce", 1) > 1)
             return sample
         reduced: list[bool] = []
@@ -167,7 +167,7 @@ def run(methods: list[str], sizes: list[str], n: int, batch: int, device: str, s
 
 
 def _fmt(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
+    return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(int(spec.split(".")[0]))
 
 
 def main(argv=None) -> int:
