@@ -122,9 +122,9 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
 
 
 def _check_loader(recipe: dict, cls) -> None:
-    """``recipe.loader`` (benchmark.data.images.LOADERS) changes pixels, so it is part of a
+    """``recipe.loader`` (methods.augment.LOADERS) changes pixels, so it is part of a
     run's identity; the default ``cpu`` is dropped so that it never changes a run key."""
-    from benchmark.data.images import LOADERS
+    from methods.augment import LOADERS
     loader = recipe.pop("loader", "cpu")
     if loader not in LOADERS:
         raise ConfigError(f"recipe.loader: unknown {loader!r} ({' | '.join(LOADERS)})")

@@ -28,6 +28,16 @@ from PIL import Image, ImageFilter, ImageOps
 
 from methods.geometry import ViewGeometry
 
+# recipe.loader: where a pretraining run decodes its images and applies the photometric
+# augmentations (crops, flips and boxes always go through methods.geometry in the worker).
+#   cpu        full-size PIL decode + PIL photometric in DataLoader workers (the default; the
+#              official implementations' torchvision pipeline)
+#   cpu_draft  as cpu, but a JPEG is decoded at 1/2, 1/4 or 1/8 size (DCT scaling) when every
+#              view of the sample is downsampled at least that much anyway
+#   device     workers read the file bytes and draw every random parameter; decode
+#              (torchvision.io.decode_jpeg) and photometric run batched on the training device
+LOADERS = ("cpu", "cpu_draft", "device")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)    # torchvision rgb_to_grayscale (ITU-R 601-2)

@@ -3,7 +3,7 @@
 :func:`read_rgb` is the one image decoder of the code base (COCO loader, proposal cache,
 pretraining). :class:`ImageSource` lists images (a folder tree or the images of a COCO json)
 and loads one as a record; how a record carries its pixels depends on the run's
-``recipe.loader`` (see :data:`LOADERS`). :class:`SkippingImageDataset` turns a source plus a view function
+``recipe.loader`` (see ``methods.augment.LOADERS``). :class:`SkippingImageDataset` turns a source plus a view function
 into a torch Dataset that skips unreadable images (counted, logged once per file) and
 gives the view function a ``numpy.random.Generator`` derived from (seed, epoch, index),
 so the views do not depend on the number of DataLoader workers.
@@ -20,20 +20,12 @@ import torch
 from PIL import Image
 
 from benchmark.data.errors import CorruptImage, DataError
+from methods.augment import LOADERS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXTS = (".jpg", ".jpeg", ".png")
 
-# recipe.loader: where a pretraining run decodes its images and applies the photometric
-# augmentations (crops, flips and boxes always go through methods.geometry in the worker).
-#   cpu        full-size PIL decode + PIL photometric in DataLoader workers (the default; the
-#              official implementations' torchvision pipeline)
-#   cpu_draft  as cpu, but a JPEG is decoded at 1/2, 1/4 or 1/8 size (DCT scaling) when every
-#              view of the sample is downsampled at least that much anyway
-#   device     workers read the file bytes and draw every random parameter; decode
-#              (torchvision.io.decode_jpeg) and photometric run batched on the training device
-LOADERS = ("cpu", "cpu_draft", "device")
 
 
 def read_rgb(path: str | Path, reduce: int = 1) -> Image.Image:
