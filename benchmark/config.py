@@ -108,10 +108,26 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
     PretrainRecipe.from_dict(recipe)                 # validates names, types and ranges
+    _check_loader(recipe, cls)
     data = expand_env(deep_merge(sc["data"], data_overrides))
     return {"stage": "pretrain", "scale": scale, "seed": int(seed),
             "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
             "runtime": dict(sc.get("runtime", {}))}
+
+
+def _check_loader(recipe: dict, cls) -> None:
+    """``recipe.loader`` (methods.augment.LOADERS) changes pixels, so it is part of a
+    run's identity; the default ``cpu`` is dropped so that it never changes a run key."""
+    from methods.augment import LOADERS
+    loader = recipe.pop("loader", "cpu")
+    if loader not in LOADERS:
+        raise ConfigError(f"recipe.loader: unknown {loader!r} ({' | '.join(LOADERS)})")
+    supported = getattr(cls, "loaders", ("cpu",))
+    if loader not in supported:
+        raise ConfigError(f"recipe.loader: {loader!r} is not supported by method {cls.name!r} "
+                          f"(supported: {' | '.join(supported)})")
+    if loader != "cpu":
+        recipe["loader"] = loader
 
 
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,

@@ -98,7 +98,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
                  device: str | None = None, num_workers: int = 0, progress: bool = True) -> dict:
     """Pretrain ``config["method"]`` on ``config["data"]``; writes ``checkpoint.pt`` (every
     ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys)."""
-    from benchmark.data.images import ImageSource
+    from benchmark.data.images import ImageSource, render_deferred
     from benchmark.proposals import compute_proposals
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     pre = data["pretrain"]
     source = (ImageSource.from_coco(pre["image_root"], pre["ann_file"]) if pre.get("ann_file")
               else ImageSource.from_folder(pre["image_root"]))
+    source.loader = recipe.loader   # where images are decoded and augmented
     proposals = None
     ss = method.proposal_params()
     if ss is not None:
@@ -158,6 +159,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     step_model = torch.compile(model) if fast["compile"] else model
 
     def step_fn(batch):
+        batch = render_deferred(to_device(batch, device), device)   # loader "device": pixels made here
         return step_model(to_device(batch, device, channels_last=fast["channels_last"]))
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)

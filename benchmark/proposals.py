@@ -53,21 +53,12 @@ _MODES = ("fast", "quality", "single")
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file into an HxWx3 uint8 RGB array.
+    """Decode an image file into an HxWx3 uint8 RGB array with the project's one decoder
+    (:func:`benchmark.data.images.read_rgb`): a missing or undecodable file raises
+    :class:`~benchmark.data.errors.CorruptImage` (a ``ValueError``) naming it."""
+    from benchmark.data.images import read_rgb
 
-    Raises :class:`~benchmark.data.errors.CorruptImage` (a ``ValueError``) naming the file
-    when it exists but cannot be decoded, and ``FileNotFoundError`` when it is missing.
-    """
-    from PIL import Image
-
-    path = str(path)
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # PIL raises several types for bad files
-        raise CorruptImage(path, "pixels", f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    return np.asarray(read_rgb(path), dtype=np.uint8)
 
 
 def require_selective_search() -> None:

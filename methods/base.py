@@ -98,6 +98,7 @@ class PretrainRecipe:
     warmup_epochs: float = 0
     epochs: float = 100
     steps_per_epoch: float | None = None
+    loader: str = "cpu"      # cpu | cpu_draft | device (methods.augment.LOADERS): where pixels are made
 
     @classmethod
     def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "PretrainRecipe":
@@ -146,6 +147,10 @@ class PretrainMethod(nn.Module):
     # BatchNorm across processes when distributed on GPUs (BYOL/SoCo/PixPro: SyncBN). MoCo-style
     # Shuffle-BN needs per-process BN on a shuffled key batch (MoCo Sec. 3.3): False.
     sync_bn = True
+    # where pixels may be made (``recipe.loader``): "cpu" in workers; "cpu_draft" decodes JPEGs
+    # at reduced size when every view shrinks them anyway; "device" decodes and colour-jitters
+    # batched on the training device
+    loaders: tuple[str, ...] = ("cpu",)
 
     def __init__(self, cfg: MethodConfig):
         super().__init__()

@@ -90,9 +90,58 @@ class ViewGeometry:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         return out
 
+    def apply_tensor(self, img: "torch.Tensor") -> "torch.Tensor":
+        """The view of a (C, H, W) image tensor (any device), as float in the input's range:
+        the same bilinear resampling as :meth:`apply_image` (PIL's separable triangle filter
+        widened by the downscale factor, over the same ``crop`` box), computed as two
+        matrix products without PIL's uint8 rounding between the passes."""
+        _, H, W = img.shape
+        wx = resample_weights(self.crop[0], self.crop[2], W, self.out_size[0], img.device)
+        wy = resample_weights(self.crop[1], self.crop[3], H, self.out_size[1], img.device)
+        if self.flip:
+            wx = wx.flip(0)
+        (x0, x1), (y0, y1) = _support(wx), _support(wy)     # only the source pixels used
+        x = img[:, y0:y1, x0:x1].float()
+        return (wy[:, y0:y1] @ x) @ wx[:, x0:x1].T
+
+    def max_reduction(self) -> float:
+        """How many times the view shrinks its crop in its less shrunk direction: a source
+        decoded at 1/r size (r <= this) still has a pixel for every view pixel."""
+        sx, sy = self.scale
+        return 1.0 / max(sx, sy)
+
+    def on_reduced_source(self, r: int) -> "ViewGeometry":
+        """The same view read from the source decoded at 1/r size (JPEG DCT scaling maps x to
+        x / r): the crop in the reduced image's coordinates. Boxes keep using ``self``: both
+        give the same view coordinates."""
+        return replace(self, crop=tuple(v / r for v in self.crop)) if r != 1 else self
+
     def resized(self, out_size: tuple[int, int]) -> "ViewGeometry":
         """The same view at another resolution (SoCo's V3 derived from V2)."""
         return replace(self, out_size=tuple(out_size))
+
+
+def resample_weights(in0: float, in1: float, in_size: int, out_size: int, device=None) -> "torch.Tensor":
+    """(out_size, in_size) weights of PIL's bilinear resampling of source interval
+    [in0, in1) onto ``out_size`` pixels (Pillow ``Resample.c`` ``precompute_coeffs``: a
+    triangle filter whose support grows with the downscale factor, window rounded as PIL
+    rounds it, weights normalised per output pixel)."""
+    import torch
+    scale = (in1 - in0) / out_size
+    fs = max(scale, 1.0)
+    support = 1.0 * fs
+    centre = in0 + (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale
+    lo = torch.trunc(centre - support + 0.5).clamp(min=0)[:, None]
+    hi = torch.trunc(centre + support + 0.5).clamp(max=in_size)[:, None]
+    x = torch.arange(in_size, dtype=torch.float64, device=device)[None, :]
+    w = (1 - ((x - centre[:, None] + 0.5) / fs).abs()).clamp(min=0) * ((x >= lo) & (x < hi))
+    w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
+    return w.float()
+
+
+def _support(w: "torch.Tensor") -> tuple[int, int]:
+    nz = (w != 0).any(0).nonzero()
+    return int(nz[0]), int(nz[-1]) + 1
 
 
 def random_resized_crop(width: int, height: int, rng: np.random.Generator,

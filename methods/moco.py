@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
-from methods.augment import MOCO_V2_AUG, to_tensor
+from methods.augment import MOCO_V2_AUG, as_image, render_view
 from methods.backbones import backbone_state, build_resnet
 from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import momentum_copy, update_momentum
@@ -60,12 +59,14 @@ class MoCoV2(PretrainMethod):
         self.queue = MemoryQueue(cfg.dim, cfg.queue_size)
 
     # -- views (DataLoader worker) ------------------------------------------------
+    loaders = ("cpu", "cpu_draft", "device")   # recipe.loader values its views support
+
     def views(self, record: dict, rng: np.random.Generator, source=None) -> dict:
-        img = Image.fromarray(record["image"])
+        img = as_image(record["image"])
         out = {}
         for name in ("im_q", "im_k"):
             g = random_view(img.width, img.height, self.cfg.crop_size, rng, scale=tuple(self.cfg.crop_scale))
-            out[name] = to_tensor(MOCO_V2_AUG(g.apply_image(img), rng))
+            out[name] = render_view(img, g, MOCO_V2_AUG, rng)
         return out
 
     # -- model --------------------------------------------------------------------

@@ -40,9 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from methods.augment import BYOL_AUG_1, BYOL_AUG_2, cutout, to_tensor
+from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout, decode_for, render_view
 from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
@@ -248,16 +247,19 @@ class SoCo(PretrainMethod):
             out[name] = m.astype(np.float32)
         return out, valid
 
+    loaders = ("cpu", "cpu_draft", "device")   # recipe.loader values its views support
+
     def views(self, record: dict, rng: np.random.Generator, source: Any = None) -> dict:
         c = self.cfg
-        img = Image.fromarray(record["image"])
+        img = as_image(record["image"])
         W, H = img.size
         geoms = self.view_geometries(W, H, rng)
         boxes, valid = self.sample_boxes(record, geoms, W, H, rng)
+        decode_for(img, geoms.values())
         out = {}
         for name, g in geoms.items():
             aug = BYOL_AUG_1 if name == "v1" else BYOL_AUG_2   # BYOL's asymmetric pair, per view
-            t = to_tensor(aug(g.apply_image(img), rng))
+            t = render_view(img, g, aug, rng)
             if c.cutout and name in c.cutout_views:
                 t = cutout(t, rng, p=c.cutout_prob, area=tuple(c.cutout_area))
             out[name] = t

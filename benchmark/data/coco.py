@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from benchmark.data.errors import CorruptImage, DataError
+from benchmark.data.errors import DataError
+from benchmark.data.images import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,6 @@ def parse_images(data: dict, ann_file: Path) -> dict[int, dict]:
 
 
 # ---------------------------------------------------------------------- images
-def read_rgb(path: str | Path) -> Image.Image:
-    """Open an image fully decoded as RGB; unreadable files raise CorruptImage."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise CorruptImage(path, "image", "file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CorruptImage(path, "image", f"cannot decode image ({type(e).__name__}: {e})") from None
-
-
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 [3,H,W] in [0,1]."""
     arr = np.asarray(img, dtype=np.uint8)
