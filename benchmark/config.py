@@ -27,7 +27,11 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     p = SCALES_DIR / f"{name}.yaml"
     if not p.exists():
         raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
-    sc = yaml.safe_load(p.read_text()) or {}
+    try:
+        sc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    validate_scale(sc, p)
     parent = sc.pop("extends", None)
     if parent is None:
         return sc
@@ -36,6 +40,54 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     base = load_scale(parent, _seen + (name,))
     base.setdefault("method_scale", base.get("name", parent))
     return deep_merge(base, sc)
+
+
+SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detector", "finetune")
+# runtime: how a run executes, never part of its identity; (type, lowest value)
+RUNTIME = {"num_workers": (int, 0), "torch_threads": (int, 1), "local_jobs": (int, 1), "ckpt_every": (int, 1),
+           "log_every": (int, 1), "amp": (bool, None)}
+
+
+def validate_scale(sc, path: Path) -> None:
+    """Check one scale file's keys, types and ranges when it is loaded, naming the file and
+    the field (a bad ``ckpt_every`` used to crash after the first step)."""
+    from methods.base import _coerce
+    if not isinstance(sc, dict):
+        raise ConfigError(f"{path}: expected a mapping of {', '.join(SCALE_KEYS)}")
+    for k in sc:
+        if k not in SCALE_KEYS:
+            raise ConfigError(f"{path}: {k}: unknown key (known: {', '.join(SCALE_KEYS)})")
+    for k in ("data", "pretrain", "runtime", "detector", "finetune"):
+        if k in sc and not isinstance(sc[k], dict):
+            raise ConfigError(f"{path}: {k}: expected a mapping, got {sc[k]!r}")
+    try:
+        for k, v in sc.get("runtime", {}).items():
+            if k not in RUNTIME:
+                raise ConfigError(f"runtime.{k}: unknown key (known: {', '.join(RUNTIME)})")
+            tp, low = RUNTIME[k]
+            v = _coerce(v, tp, f"runtime.{k}")
+            if low is not None and v < low:
+                raise ConfigError(f"runtime.{k}: expected >= {low}, got {v!r}")
+        pre = dict(sc.get("pretrain", {}))
+        div = pre.pop("batch_divisor", None)
+        if div is not None and _coerce(div, int, "pretrain.batch_divisor") < 1:
+            raise ConfigError(f"pretrain.batch_divisor: expected >= 1, got {div!r}")
+        hints = __import__("typing").get_type_hints(PretrainRecipe)
+        for k, v in pre.items():
+            if k not in hints:
+                raise ConfigError(f"pretrain.{k}: unknown key (known: batch_divisor, {', '.join(hints)})")
+            _coerce(v, hints[k], f"pretrain.{k}")
+        if "detector" in sc or "finetune" in sc:
+            from benchmark.detectors import DetectorConfig
+            from benchmark.finetune import FinetuneRecipe
+            if "detector" in sc:
+                DetectorConfig.from_dict(sc["detector"])
+            for sched, rec in sc.get("finetune", {}).items():
+                if not isinstance(rec, dict):
+                    raise ConfigError(f"finetune.{sched}: expected a mapping of recipe values, got {rec!r}")
+                FinetuneRecipe.from_dict(rec)
+    except ValueError as e:   # ConfigError, and the range checks of the detector and recipe
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def deep_merge(base: dict, over: dict | None, where: str = "", strict: bool = False) -> dict:
@@ -84,10 +136,26 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+def resolve_data_config(sc: dict, data: dict | None, data_overrides: dict | None,
+                        splits: tuple[str, ...] = ()) -> dict:
+    """The scale's data (``${VAR}`` expanded) or, given, the user's dataset instead, with only
+    the ``splits`` the stage reads (a fixed validation file does not recompute pretraining);
+    a dataset given by path carries its content identity (``benchmark.data.user.with_identity``)."""
+    from benchmark.data.user import with_identity
+    if data is not None:
+        if splits == ("pretrain",) and "pretrain" in data:   # unlabeled images, whatever labels come with them
+            data = {"kind": "coco", "pretrain": data["pretrain"]}
+        elif data.get("kind") == "coco" or "pretrain" not in splits:
+            data = {k: v for k, v in data.items() if k not in ("pretrain", "train", "val") or k in splits}
+        return with_identity(data)
+    return with_identity(expand_env(deep_merge(sc["data"], data_overrides)))
+
+
 def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: float | None = None,
                     method_overrides: dict | None = None, recipe_overrides: dict | None = None,
-                    data_overrides: dict | None = None) -> dict:
-    """The fully resolved config of one pretraining run."""
+                    data_overrides: dict | None = None, data: dict | None = None) -> dict:
+    """The fully resolved config of one pretraining run. ``data``: a dataset that replaces
+    the scale's (``--data``)."""
     cls = get_method(method)
     sc = load_scale(scale)
     method_scale = cls.scales.get(sc.get("method_scale", scale), {})
@@ -108,7 +176,7 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
     PretrainRecipe.from_dict(recipe)                 # validates names, types and ranges
-    data = expand_env(deep_merge(sc["data"], data_overrides))
+    data = resolve_data_config(sc, data, data_overrides, ("pretrain",))
     return {"stage": "pretrain", "scale": scale, "seed": int(seed),
             "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
             "runtime": dict(sc.get("runtime", {}))}
@@ -116,7 +184,8 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
 
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,
                     method: str | None = None, detector_overrides: dict | None = None,
-                    recipe_overrides: dict | None = None, data_overrides: dict | None = None) -> dict:
+                    recipe_overrides: dict | None = None, data_overrides: dict | None = None,
+                    data: dict | None = None) -> dict:
     """One fine-tuning run from the weights of ``parent`` (None: Scratch, random init).
     ``method`` brings its own fine-tuning overrides (SoCo: weight decay 2.5e-5), which are
     recorded in the run's identity."""
@@ -126,14 +195,17 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     if schedule not in sc.get("finetune", {}) and schedule not in RECIPES:
         raise ConfigError(f"schedule: unknown {schedule!r} (known: {', '.join(sorted(RECIPES))})")
     det = deep_merge(sc.get("detector", {}), detector_overrides)
-    det = DetectorConfig.from_dict(det).to_dict()
+    try:
+        det = DetectorConfig.from_dict(det).to_dict()
+    except ValueError as e:   # the detector's range checks: a config error like any other
+        raise ConfigError(str(e)) from None
     base = RECIPES[schedule] if schedule in RECIPES else {}
     base = base.to_dict() if hasattr(base, "to_dict") else dict(base)
     rec = deep_merge(base, sc.get("finetune", {}).get(schedule, {}))
     if method:
         rec = deep_merge(rec, get_method(method).finetune_overrides)
     rec = FinetuneRecipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
-    data = expand_env(deep_merge(sc["data"], data_overrides))
+    data = resolve_data_config(sc, data, data_overrides, ("train", "val"))
     return {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
             "parent": parent, "detector": det, "recipe": rec, "data": data,
             "runtime": dict(sc.get("runtime", {}))}
