@@ -84,13 +84,15 @@ def _seeds(n: int, first: int) -> tuple[int, ...]:
 
 
 def cmd_pretrain(a) -> int:
-    from benchmark.config import pretrain_config
+    from benchmark.config import check_inputs, pretrain_config
     from benchmark.plan import Job
     from benchmark.store import RunStore, run_key
     ov = _overrides(a, "pretrain")
+    data = _user_data(a, "pretrain", ("pretrain",))
+    check_inputs(a.scale, (a.method,), user_data=data is not None)
     cfg = pretrain_config(a.method, scale=a.scale, seed=a.seed, epochs=a.epochs,
                           method_overrides=ov.get("method"), recipe_overrides=ov.get("recipe"),
-                          data=_user_data(a, "pretrain", ("pretrain",)))
+                          data=data)
     key = run_key(cfg)
     job = Job("pretrain", key, {**cfg, "label": f"pretrain/{a.method}/seed{a.seed}"}, (), f"pretrain/{a.method}")
     m = _run(job, a)
@@ -99,7 +101,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    from benchmark.config import finetune_config
+    from benchmark.config import check_inputs, finetune_config
     from benchmark.plan import Job
     from benchmark.store import RunStore, run_key
     ov = _overrides(a, "finetune")
@@ -111,9 +113,11 @@ def cmd_finetune(a) -> int:
         if pc is None or store.status(parent) != "done":
             raise ConfigError(f"--from: pretraining run {parent!r} is not finished in {store.root}")
         method = pc["method"]["name"]
+    data = _user_data(a, "finetune", ("train", "val"))
+    check_inputs(a.scale, user_data=data is not None)
     cfg = finetune_config(scale=a.scale, seed=a.seed, schedule=a.schedule, parent=parent, method=method,
                           detector_overrides=ov.get("detector"), recipe_overrides=ov.get("finetune"),
-                          data=_user_data(a, "finetune", ("train", "val")))
+                          data=data)
     key = run_key(cfg)
     job = Job("finetune", key, {**cfg, "label": f"finetune/{a.init}/{a.schedule}"}, (parent,) if parent else (),
               f"finetune/{a.init}/{a.schedule}")
@@ -143,15 +147,20 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_reproduce(a) -> int:
-    from benchmark.config import parse_overrides
+    from benchmark.config import check_inputs, parse_overrides
+    from methods import list_methods
     from benchmark.plan import plan_table
     from benchmark.report import render
     from benchmark.stages import run_plan_local
     from benchmark.store import RunStore
     name = a.table or a.grid
     ov = _overrides(a, "reproduce")
-    plan = plan_table(name, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed), overrides=ov,
-                      data=_user_data(a, "reproduce", ("pretrain", "train", "val")))
+    data = _user_data(a, "reproduce", ("pretrain", "train", "val"))
+    from benchmark.tables import load_spec
+    if not a.dry_run:
+        check_inputs(a.scale, [r.method for r in load_spec(name).rows if r.method in list_methods()],
+                     user_data=data is not None)
+    plan = plan_table(name, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed), overrides=ov, data=data)
     store = RunStore(a.runs)
     missing = [j for j in plan.jobs if store.status(j.key) != "done"]
     n_impl = len({c.row for c in plan.cells if c.eval_key})

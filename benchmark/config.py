@@ -121,6 +121,41 @@ def expand_env(obj, where: str = "data"):
     return obj
 
 
+def check_inputs(scale: str, methods=(), *, user_data: bool = False) -> None:
+    """Every environment variable and local path a plan at ``scale`` needs (the scale's data
+    unless the user gives a dataset; ``methods``' own per-scale paths, e.g. Supervised's
+    ``${SUPERVISED_WEIGHTS}``), checked before the first run starts: all that are missing in
+    one ``ConfigError``, rather than the first one after hours of other runs."""
+    sc = load_scale(scale)
+    items = []   # (where, value) of every path-valued setting
+
+    def walk(obj, where):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(obj, str) and where.rsplit(".", 1)[-1] in ("image_root", "ann_file", "root", "weights"):
+            items.append((where, obj))
+    if not user_data:
+        walk(sc.get("data", {}), "data")
+    for m in dict.fromkeys(methods):
+        walk(get_method(m).scales.get(sc.get("method_scale", scale), {}).get("method", {}), f"{m}: method")
+    missing, unset = [], {}
+    for where, value in items:
+        names = [n for n in _ENV.findall(value) if n not in os.environ]
+        for n in names:
+            unset.setdefault(n, []).append(where)
+        if names:
+            continue
+        path = _ENV.sub(lambda m: os.environ[m.group(1)], value)
+        if path and not Path(path).exists():
+            missing.append(f"{path} does not exist ({where} = {value!r})")
+    missing = [f"environment variable {n} is not set (for {', '.join(w)})" for n, w in unset.items()] + missing
+    if missing:
+        raise ConfigError(f"scale {scale} needs, before any run starts:\n  - " + "\n  - ".join(dict.fromkeys(missing))
+                          + "\n(export the variables, e.g. COCO_ROOT=/path/to/coco; or give your own dataset "
+                            "with --data)")
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
     """["method.queue_size=1024", "recipe.base_lr=0.1"] -> nested dict (values parsed as YAML)."""
     out: dict = {}

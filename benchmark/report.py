@@ -9,10 +9,10 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
+from benchmark.fsutil import UnwritableError, atomic_open, atomic_write_bytes, unwritable
 from benchmark.plan import Plan
 from benchmark.store import RunStore, git_info
 from benchmark.tables import get_metric, mean_std
@@ -105,6 +105,10 @@ def render(plan: Plan, store: RunStore, out_root: Path | None = None, runs_link_
     cells = cell_values(plan, store)
     out_root = Path(out_root or results_root() / "tables")
     tdir = out_root / table_dir_name(spec.name, plan.scale)
+    why = unwritable(tdir)
+    if why:
+        raise UnwritableError(f"results folder {tdir} is not writable ({why}): set DETBENCH_RESULTS to a "
+                              f"folder you can write (the runs are in {store.root})")
     version = version_stamp()
     vdir = tdir / version
     n = 2
@@ -123,19 +127,20 @@ def render(plan: Plan, store: RunStore, out_root: Path | None = None, runs_link_
                     "" if c["mean"] is None else f"{c['std']:.3f}", len(c["values"]),
                     "" if c["ref"] is None else c["ref"], "" if c["diff"] is None else f"{c['diff']:.3f}",
                     " ".join(c["runs"])])
-    (vdir / "table.csv").write_text(buf.getvalue())
+    atomic_write_bytes(vdir / "table.csv", buf.getvalue().encode())
 
     # ---- markdown (links are relative to the folder the file sits in)
     runs_root = runs_link_root or store.root
-    (vdir / "table.md").write_text(_markdown(plan, cells, vdir.name, os.path.relpath(runs_root, vdir), None))
-    (tdir / "table.md").write_text(_markdown(plan, cells, vdir.name, os.path.relpath(runs_root, tdir),
-                                             f"{vdir.name}/table.md"))
+    atomic_write_bytes(vdir / "table.md", _markdown(plan, cells, vdir.name, os.path.relpath(runs_root, vdir),
+                                                    None).encode())
+    atomic_write_bytes(tdir / "table.md", _markdown(plan, cells, vdir.name, os.path.relpath(runs_root, tdir),
+                                                    f"{vdir.name}/table.md").encode())
     _plot(plan, cells, vdir / "plot.png")
-    (vdir / "cells.json").write_text(json.dumps(
+    atomic_write_bytes(vdir / "cells.json", json.dumps(
         {f"{spec.rows[r].label} | {spec.columns[c].label}": v for (r, c), v in sorted(cells.items())},
-        indent=1, default=str))
-    for f in ("table.csv", "plot.png"):
-        shutil.copyfile(vdir / f, tdir / f)
+        indent=1, default=str).encode())
+    for f in ("table.csv", "plot.png"):   # written whole or not at all, like runs (fsutil.atomic_open)
+        atomic_write_bytes(tdir / f, (vdir / f).read_bytes())
     return vdir
 
 
@@ -210,5 +215,6 @@ def _plot(plan: Plan, cells: dict, path: Path) -> None:
                loc="lower center", ncol=2)
     fig.suptitle(f"{spec.title} — scale {plan.scale}", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
