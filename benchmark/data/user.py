@@ -15,7 +15,8 @@
 A dataset given by path enters a run's key by its content (``identity``): each annotation
 file's sha256 and a fingerprint of its images (names and sizes of all, bytes of the first,
 middle and last), so a fixed annotation file is a new run, never a stale reuse. Hashes of
-annotation files are cached by path, mtime and size under the dataset cache.
+annotation files are cached by path, mtime and size under the dataset cache; image
+fingerprints are taken once per process (one command sees one state of its data).
 """
 from __future__ import annotations
 
