@@ -190,7 +190,8 @@ def cmd_render(a) -> int:
     from benchmark.report import render
     from benchmark.store import RunStore
     plan = plan_table(a.table, scale=a.scale, seeds=_seeds(a.seeds, a.first_seed),
-                      overrides=_overrides(a, "reproduce"))
+                      overrides=_overrides(a, "reproduce"),
+                      data=_user_data(a, "render", ("pretrain", "train", "val")))
     vdir = render(plan, RunStore(a.runs))
     print(vdir.parent / "table.md")
     return 0

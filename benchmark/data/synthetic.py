@@ -430,8 +430,12 @@ def ensure_synthetic_voc(cache_dir: Path, **params) -> Path:
     splits = ensure_synthetic_dataset(cache_dir, **params)
     root = Path(splits["train"]["ann_file"]).parent.parent
     out = root / "voc"
+
+    def done() -> bool:
+        return all((out / "VOC2007" / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in VOC_SPLITS.values())
+    if done():   # complete: read without the lock (a read-only shared cache works)
+        return out
     with file_lock(root / ".voc.lock"):
-        done = all((out / "VOC2007" / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in VOC_SPLITS.values())
-        if not done:
+        if not done():
             write_voc_layout(splits, out)
     return out
