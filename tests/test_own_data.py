@@ -182,3 +182,15 @@ def test_pretraining_counts_images_skipped_in_loader_workers(isolated, monkeypat
     cfg["runtime"] = {**cfg["runtime"], "num_workers": 1}
     m = run_job(Job("pretrain", run_key(cfg), cfg), progress=False)
     assert m["skipped_images"] == 1 and m["skipped_files"] == [str(bad)]
+
+
+def test_a_voc_folder_by_path_fine_tunes_and_evaluates_with_vocs_ap(isolated, capsys):
+    from benchmark.data.synthetic import ensure_synthetic_voc
+    devkit = ensure_synthetic_voc(isolated / "gen", **{k: v for k, v in MICRO_DATA.items() if k != "kind"})
+    assert main(["finetune", "--from", "scratch", "--scale", "micro", "--data", str(devkit / "VOC2007")]) == 0
+    ft = json.loads(capsys.readouterr().out)
+    data = RunStore().config(ft["key"])["data"]
+    assert data["kind"] == "voc" and "ellipse" in data["classes"]      # its own classes, from the XML files
+    assert main(["evaluate", "--from", ft["key"]]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert RunStore().config(ev["key"])["protocol"] == "voc" and "AP50_11pt" in ev["bbox"]

@@ -81,11 +81,14 @@ def _folder(path: Path) -> dict:
         if test is None or not (sets / f"{train}.txt").is_file():
             raise DataError(sets, "ImageSets/Main", "a VOC folder needs trainval.txt (or train.txt) and test.txt "
                                                    "(or val.txt)")
-        return {"kind": "voc", "root": str(path.parent.resolve()), "train": [f"{path.name}/{train}"],
-                "test": f"{path.name}/{test}"}
+        out = {"kind": "voc", "root": str(path.parent.resolve()), "train": [f"{path.name}/{train}"],
+               "test": f"{path.name}/{test}"}
+        classes = _voc_classes([path])
+        return {**out, "classes": classes} if classes else out
     years = sorted(p.name for p in path.glob("VOC*") if (p / "Annotations").is_dir())
     if years:
-        return {"kind": "voc", "root": str(path.resolve())}
+        classes = _voc_classes([path / y for y in years])
+        return {"kind": "voc", "root": str(path.resolve()), **({"classes": classes} if classes else {})}
     anns = {p.stem[len("instances_"):]: p for p in sorted((path / "annotations").glob("instances_*.json"))}
     if anns:
         train = next((s for s in anns if s.startswith("train")), None)
@@ -97,6 +100,23 @@ def _folder(path: Path) -> dict:
                                                                                         ("val", val))}, path)
     raise DataError(path, "--data", "not a dataset folder: expected a VOC folder (Annotations/, ImageSets/Main/), "
                                     "a VOC devkit (VOC2007/, ...) or a COCO layout (annotations/instances_*.json)")
+
+
+def _voc_classes(years: list[Path]) -> list[str] | None:
+    """The object names of a VOC folder's XML files, when they are not PASCAL VOC's 20 classes
+    (your own classes, sorted); None when they are (VOC's order and ids)."""
+    import xml.etree.ElementTree as ET
+
+    from benchmark.data.voc import VOC_CLASSES
+    names = set()
+    for y in years:
+        for x in sorted((y / "Annotations").glob("*.xml")):
+            try:
+                names.update((o.findtext("name") or "").strip() for o in ET.parse(x).getroot().iter("object"))
+            except ET.ParseError:
+                continue   # the loader names the malformed file
+    names.discard("")
+    return None if names <= set(VOC_CLASSES) else sorted(names)
 
 
 def load_dataset_yaml(path: Path) -> dict:
