@@ -10,7 +10,6 @@ import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
 from pathlib import Path
 
 from benchmark import trainer
@@ -110,7 +109,7 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
                                      protocol=cfg.get("protocol", "coco"))
             else:
                 raise ValueError(f"{job.label}: unknown stage {job.stage!r}")
-        skips.check()   # a worker's TooManyUnreadable reaches here as the loader's RuntimeError
+        skips.check()   # the threshold over the skips of every process together
     except Diverged as e:
         if main:
             store.fail(job.key, f"diverged: {e}", diverged=True)
@@ -121,7 +120,7 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
         if main:
             store.fail(job.key, traceback.format_exc())
         if not isinstance(e, TooManyUnreadable):
-            skips.check()   # the clear error, when the loader's wrapped one hides it
+            skips.check()   # a loader worker's TooManyUnreadable arrives wrapped in a RuntimeError: say it plainly
         raise
     if complete and main:
         m = {**m, **skips.summary(), "wall_s": round(time.time() - t0, 1)}
