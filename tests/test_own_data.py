@@ -194,3 +194,13 @@ def test_a_voc_folder_by_path_fine_tunes_and_evaluates_with_vocs_ap(isolated, ca
     assert main(["evaluate", "--from", ft["key"]]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert RunStore().config(ev["key"])["protocol"] == "voc" and "AP50_11pt" in ev["bbox"]
+
+
+def test_a_missing_image_read_in_a_loader_worker_is_one_line_naming_it(coco_folder, capsys):
+    gone = sorted((coco_folder / "train").iterdir())[2]
+    gone.unlink()
+    assert main(["finetune", "--from", "scratch", "--scale", "micro", "--set", "finetune.num_workers=1",
+                 *_args(coco_folder)]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("finetune:")]
+    assert len(err) == 1 and err[0].startswith("detbench: error: ") and "Traceback" not in err[0]
+    assert str(gone) in err[0] and "image file not found" in err[0]

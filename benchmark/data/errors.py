@@ -14,13 +14,22 @@ class DataError(ValueError):
     ``str(err)`` reads ``"<path>: field '<field>': <message>"``.
     """
 
-    def __init__(self, path: str | PathLike, field: str, message: str):
+    def __init__(self, path: str | PathLike, field: str | None = None, message: str | None = None):
+        if field is None and message is None:
+            # one string: how a DataLoader re-raises a worker's error (its traceback as text);
+            # the error itself is its last line
+            last = [l for l in str(path).splitlines() if l.strip()][-1:] or [""]
+            text = last[0].split(f"{type(self).__name__}: ", 1)[-1]
+            path, field, message = (text.split(": field '", 1)[0], "?", text)
+            self.worker_text = True
         self.path = str(path)
         self.field = str(field)
         self.message = str(message)
         super().__init__(self.path, self.field, self.message)
 
     def __str__(self) -> str:
+        if getattr(self, "worker_text", False):
+            return self.message
         return f"{self.path}: field '{self.field}': {self.message}"
 
     def __reduce__(self):  # picklable across DataLoader worker processes
