@@ -227,8 +227,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line; on resume, lines past the resumed step (logged after its checkpoint) are dropped
-    so the log reads as one uninterrupted run."""
+    """Appends one JSON object per line. On resume, lines past the resumed step (logged after
+    its checkpoint) are dropped, so the log reads as one uninterrupted run plus one
+    ``{"event": "resumed"}`` record (``TrainLoop.run``); a torn last line (a kill mid-append) is
+    dropped too, a bad line elsewhere is a ``ResumeError`` naming the file and the line."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)

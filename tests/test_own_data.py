@@ -55,7 +55,8 @@ def test_data_args_name_splits_yaml_and_folders(coco_folder, tmp_path, monkeypat
     assert parse_data_args([str(coco_folder / "dataset.yaml")]) == d
     # a COCO layout folder and a VOC year folder
     lay = parse_data_args([str(TINY_COCO)])
-    assert lay["train"]["image_root"].endswith("train2017") and lay["val"]["ann_file"].endswith("instances_val2017.json")
+    assert lay["train"]["image_root"].endswith("train2017")
+    assert lay["val"]["ann_file"].endswith("instances_val2017.json")
     voc = tmp_path / "VOC2007"
     (voc / "Annotations").mkdir(parents=True)
     (voc / "ImageSets" / "Main").mkdir(parents=True)
