@@ -17,7 +17,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. method.queue_size=1024 (repeatable)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    _data(p)
     _nproc(p)
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", default=[], metavar="SPLIT=ANN.json:IMAGES/ | DATASET",
+                   help="your own dataset instead of the scale's: train=ann.json:images/ val=... [pretrain=images/] "
+                        "(repeat), or one dataset.yaml, VOC folder or COCO-layout folder (README: Your own data)")
+
+
+def _user_data(a, command: str, splits: tuple[str, ...]) -> dict | None:
+    from benchmark.data.user import parse_data_args, require_splits
+    data = parse_data_args(getattr(a, "data", None))
+    if data is not None:
+        require_splits(data, splits, command)
+    return data
+
+
+def _number(text: str) -> int | float:
+    """``--epochs 200`` is the tables' ``200``, not ``200.0``: one run key, one run."""
+    v = float(text)
+    return int(v) if v.is_integer() else v
 
 
 def _nproc(p: argparse.ArgumentParser) -> None:
@@ -64,12 +85,15 @@ def _seeds(n: int, first: int) -> tuple[int, ...]:
 
 
 def cmd_pretrain(a) -> int:
-    from benchmark.config import pretrain_config
+    from benchmark.config import check_inputs, pretrain_config
     from benchmark.plan import Job
     from benchmark.store import RunStore, run_key
     ov = _overrides(a, "pretrain")
+    data = _user_data(a, "pretrain", ("pretrain",))
+    check_inputs(a.scale, (a.method,), user_data=data is not None)
     cfg = pretrain_config(a.method, scale=a.scale, seed=a.seed, epochs=a.epochs,
-                          method_overrides=ov.get("method"), recipe_overrides=ov.get("recipe"))
+                          method_overrides=ov.get("method"), recipe_overrides=ov.get("recipe"),
+                          data=data)
     key = run_key(cfg)
     job = Job("pretrain", key, {**cfg, "label": f"pretrain/{a.method}/seed{a.seed}"}, (), f"pretrain/{a.method}")
     m = _run(job, a)
@@ -78,7 +102,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    from benchmark.config import finetune_config
+    from benchmark.config import check_inputs, finetune_config
     from benchmark.plan import Job
     from benchmark.store import RunStore, run_key
     ov = _overrides(a, "finetune")
@@ -90,8 +114,11 @@ def cmd_finetune(a) -> int:
         if pc is None or store.status(parent) != "done":
             raise ConfigError(f"--from: pretraining run {parent!r} is not finished in {store.root}")
         method = pc["method"]["name"]
+    data = _user_data(a, "finetune", ("train", "val"))
+    check_inputs(a.scale, user_data=data is not None)
     cfg = finetune_config(scale=a.scale, seed=a.seed, schedule=a.schedule, parent=parent, method=method,
-                          detector_overrides=ov.get("detector"), recipe_overrides=ov.get("finetune"))
+                          detector_overrides=ov.get("detector"), recipe_overrides=ov.get("finetune"),
+                          data=data)
     key = run_key(cfg)
     job = Job("finetune", key, {**cfg, "label": f"finetune/{a.init}/{a.schedule}"}, (parent,) if parent else (),
               f"finetune/{a.init}/{a.schedule}")
@@ -108,8 +135,12 @@ def cmd_evaluate(a) -> int:
     pc = store.config(a.init)
     if pc is None or store.status(a.init) != "done" or pc.get("stage") != "finetune":
         raise ConfigError(f"--from: {a.init!r} is not a finished fine-tuning run in {store.root}")
-    protocol = "voc" if pc["data"].get("kind") == "voc" else "coco"   # VOC data: VOC's AP (benchmark.voc_eval)
-    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"], protocol=protocol)
+    from benchmark.data.user import with_identity
+    # the fine-tuning run's validation data (its content now: a fixed file is a new evaluation),
+    # or another dataset given with --data
+    data = _user_data(a, "evaluate", ("val",)) or pc["data"]
+    protocol = "voc" if data.get("kind") == "voc" else "coco"   # VOC data: VOC's AP (benchmark.voc_eval)
+    cfg = evaluate_config(parent=a.init, data=with_identity(data), scale=pc["scale"], protocol=protocol)
     key = run_key(cfg)
     m = _run(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"), a)
     print(json.dumps({"key": key, **m}, indent=1, default=str))
@@ -140,12 +171,13 @@ def _fresh_store(a) -> str:
     from benchmark.report import results_root
     root = Path(a.runs) if a.runs else results_root() / f"runs-fresh-{time.strftime('%Y%m%d-%H%M%S')}"
     if root.exists() and any(root.iterdir()):
-        raise ValueError(f"--fresh: run store {root} is not empty (give an empty or new --runs folder)")
+        raise ConfigError(f"--fresh: run store {root} is not empty (give an empty or new --runs folder)")
     return str(root)
 
 
 def cmd_reproduce(a) -> int:
-    from benchmark.config import parse_overrides
+    from benchmark.config import check_inputs, parse_overrides
+    from methods import list_methods
     from benchmark.plan import plan_table
     from benchmark.progress import failure_summary
     from benchmark.report import render
@@ -157,11 +189,15 @@ def cmd_reproduce(a) -> int:
     ov = _overrides(a, "reproduce")
     if a.fresh:
         a.runs = _fresh_store(a)
+    data = _user_data(a, "reproduce", ("pretrain", "train", "val"))
+    if not a.dry_run:
+        check_inputs(a.scale, [r.method for r in load_spec(name).rows if r.method in list_methods()],
+                     user_data=data is not None)
     store = RunStore(a.runs)
     df = load_runs(store.root)
     spec = load_spec(name)
     seeds, why = _table_seeds(a, spec, df)
-    plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=ov)
+    plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=ov, data=data)
     missing = [j for j in plan.jobs if store.status(j.key) != "done"]
     n_impl = len({c.row for c in plan.cells if c.eval_key})
     print(f"{plan.spec.name}: {len(plan.spec.rows)} rows ({n_impl} implemented), "
@@ -227,12 +263,13 @@ def cmd_render(a) -> int:
         print(readme)
         return 0
     if not a.table:
-        raise ValueError("render: give --table NAME, or --all for every table and the leaderboards")
+        raise ConfigError("render: give --table NAME, or --all for every table and the leaderboards")
     store = RunStore(a.runs)
     df = load_runs(store.root)
     spec = load_spec(a.table)
     seeds, why = _table_seeds(a, spec, df)
-    plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=_overrides(a, "reproduce"))
+    plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=_overrides(a, "reproduce"),
+                      data=_user_data(a, "render", ("pretrain", "train", "val")))
     vdir = render(plan, store, runs=df)
     print(f"{vdir.parent / 'table.md'} (version {vdir.name}{'; ' + why if why else ''})")
     return 0
@@ -280,6 +317,40 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_data_check(a) -> int:
+    from benchmark.data.user import check_dataset, parse_data_args
+    data = parse_data_args(a.path)
+    r = check_dataset(data, decode=not a.no_decode)
+    bad = 0
+    print(f"dataset: {data.get('kind')}")
+    for name, e in r["splits"].items():
+        print(f"{name}: {e['images']} images in {e['image_root']}" + (f" ({e['ann_file']})" if "ann_file" in e else ""))
+        if "boxes" in e:
+            b = e["boxes_per_image"]
+            print(f"  boxes: {e['boxes']} ({b['mean']} per image, {b['min']}..{b['max']}); "
+                  f"{e['images_without_boxes']} images without boxes; {e['crowd_regions']} crowd regions")
+            if e["boxes_clipped"] or e["boxes_dropped"]:
+                print(f"  {e['boxes_clipped']} boxes clipped to their image, {e['boxes_dropped']} empty boxes dropped")
+            per = sorted(e["boxes_per_class"].items(), key=lambda kv: -kv[1])
+            empty = [k for k, v in per if not v]
+            print(f"  classes: {e['classes']}; most boxes: " + ", ".join(f"{k} {v}" for k, v in per[:8] if v)
+                  + (f"; {len(empty)} without boxes" if empty else ""))
+            sz = e["image_size"]
+            print(f"  image size (w x h): min {sz['min'][0]}x{sz['min'][1]}, median {sz['median'][0]}x"
+                  f"{sz['median'][1]}, max {sz['max'][0]}x{sz['max'][1]}")
+        for what in ("missing_files", "unreadable_files"):
+            for f in e[what]:
+                print(f"  {what.split('_')[0]}: {f}")
+            bad += len(e[what])
+        if not e["missing_files"] and not e["unreadable_files"]:
+            print("  every image file " + ("decodes" if not a.no_decode else "exists"))
+    if a.json:
+        print(json.dumps(r, indent=1))
+    print("ok" if not bad else f"{bad} image file(s) missing or unreadable: a run skips unreadable images "
+                               f"(recorded in the run) and stops above 1% of a split (DETBENCH_MAX_UNREADABLE)")
+    return 0 if not bad else 1
+
+
 def _slurm_cmd(fn_name):
     def run(a) -> int:
         import slurm.orchestrate as o
@@ -294,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", help="pretrain one method (resumable)")
     s.add_argument("--method", required=True)
-    s.add_argument("--epochs", type=float, default=None, help="paper epochs (scaled by the scale)")
+    s.add_argument("--epochs", type=_number, default=None, help="paper epochs (scaled by the scale)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-resume", action="store_true")
     _common(s)
@@ -312,8 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="init", required=True, help="fine-tuning run key")
     s.add_argument("--runs", default=None)
     s.add_argument("--device", default=None)
+    _data(s)
     _nproc(s)
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("data", help="your own data: `detbench data check PATH` validates it before a long run")
+    dsub = s.add_subparsers(dest="data_cmd", required=True)
+    c = dsub.add_parser("check", help="validate a dataset and print its statistics (images, boxes per image, "
+                                      "classes, sizes, unreadable files)")
+    c.add_argument("path", nargs="+", help="as --data: split=ANN.json:IMAGES/ ..., or a dataset.yaml, VOC folder "
+                                           "or COCO-layout folder")
+    c.add_argument("--no-decode", action="store_true", help="check that image files exist, without decoding them")
+    c.add_argument("--json", action="store_true", help="also print the statistics as JSON")
+    c.set_defaults(fn=cmd_data_check)
 
     for name, arg in (("reproduce", "--table"), ("grid", "--grid")):
         s = sub.add_parser(name, help=f"plan and run every run a {arg[2:]} needs, then write it")
@@ -382,14 +464,28 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from benchmark.trainer import Stopped
     try:
         return a.fn(a)
+    except Stopped:   # the loop saved and said "stopped at step N; the same command resumes"
+        return 130
+    except KeyboardInterrupt:
+        print("detbench: interrupted (the same command resumes from the last checkpoint)", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"detbench: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except Exception as e:
+        if not _named(e):   # a bug, or an error nobody named: the traceback is the report
+            raise
         print(f"detbench: error: {e}", file=sys.stderr)
         return 2
+
+
+def _named(e: BaseException) -> bool:
+    """The project's own errors (ConfigError, DataError, StoreError, ...: classes defined in
+    its packages) carry a message meant for the user; everything else is shown in full."""
+    return type(e).__module__.split(".")[0] in ("benchmark", "methods", "slurm")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     p = SCALES_DIR / f"{name}.yaml"
     if not p.exists():
         raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
-    sc = yaml.safe_load(p.read_text()) or {}
+    try:
+        sc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    validate_scale(sc, p)
     parent = sc.pop("extends", None)
     if parent is None:
         return sc
@@ -36,6 +40,56 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     base = load_scale(parent, _seen + (name,))
     base.setdefault("method_scale", base.get("name", parent))
     return deep_merge(base, sc)
+
+
+SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detector", "finetune")
+# runtime: how a run executes, never part of its identity; (type, lowest value)
+RUNTIME = {"num_workers": (int, 0), "torch_threads": (int, 1), "local_jobs": (int, 1), "ckpt_every": (int, 1),
+           "log_every": (int, 1), "amp": (bool, None),
+           # the fast path (benchmark.pretrain.fast_path): same training, to float tolerance
+           "channels_last": (bool, None), "fused_optimizer": (bool, None), "compile": (bool, None)}
+
+
+def validate_scale(sc, path: Path) -> None:
+    """Check one scale file's keys, types and ranges when it is loaded, naming the file and
+    the field (a bad ``ckpt_every`` used to crash after the first step)."""
+    from methods.base import _coerce
+    if not isinstance(sc, dict):
+        raise ConfigError(f"{path}: expected a mapping of {', '.join(SCALE_KEYS)}")
+    for k in sc:
+        if k not in SCALE_KEYS:
+            raise ConfigError(f"{path}: {k}: unknown key (known: {', '.join(SCALE_KEYS)})")
+    for k in ("data", "pretrain", "runtime", "detector", "finetune"):
+        if k in sc and not isinstance(sc[k], dict):
+            raise ConfigError(f"{path}: {k}: expected a mapping, got {sc[k]!r}")
+    try:
+        for k, v in sc.get("runtime", {}).items():
+            if k not in RUNTIME:
+                raise ConfigError(f"runtime.{k}: unknown key (known: {', '.join(RUNTIME)})")
+            tp, low = RUNTIME[k]
+            v = _coerce(v, tp, f"runtime.{k}")
+            if low is not None and v < low:
+                raise ConfigError(f"runtime.{k}: expected >= {low}, got {v!r}")
+        pre = dict(sc.get("pretrain", {}))
+        div = pre.pop("batch_divisor", None)
+        if div is not None and _coerce(div, int, "pretrain.batch_divisor") < 1:
+            raise ConfigError(f"pretrain.batch_divisor: expected >= 1, got {div!r}")
+        hints = __import__("typing").get_type_hints(PretrainRecipe)
+        for k, v in pre.items():
+            if k not in hints:
+                raise ConfigError(f"pretrain.{k}: unknown key (known: batch_divisor, {', '.join(hints)})")
+            _coerce(v, hints[k], f"pretrain.{k}")
+        if "detector" in sc or "finetune" in sc:
+            from benchmark.detectors import DetectorConfig
+            from benchmark.finetune import FinetuneRecipe
+            if "detector" in sc:
+                DetectorConfig.from_dict(sc["detector"])
+            for sched, rec in sc.get("finetune", {}).items():
+                if not isinstance(rec, dict):
+                    raise ConfigError(f"finetune.{sched}: expected a mapping of recipe values, got {rec!r}")
+                FinetuneRecipe.from_dict(rec)
+    except ValueError as e:   # ConfigError, and the range checks of the detector and recipe
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def deep_merge(base: dict, over: dict | None, where: str = "", strict: bool = False) -> dict:
@@ -69,6 +123,41 @@ def expand_env(obj, where: str = "data"):
     return obj
 
 
+def check_inputs(scale: str, methods=(), *, user_data: bool = False) -> None:
+    """Every environment variable and local path a plan at ``scale`` needs (the scale's data
+    unless the user gives a dataset; ``methods``' own per-scale paths, e.g. Supervised's
+    ``${SUPERVISED_WEIGHTS}``), checked before the first run starts: all that are missing in
+    one ``ConfigError``, rather than the first one after hours of other runs."""
+    sc = load_scale(scale)
+    items = []   # (where, value) of every path-valued setting
+
+    def walk(obj, where):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(obj, str) and where.rsplit(".", 1)[-1] in ("image_root", "ann_file", "root", "weights"):
+            items.append((where, obj))
+    if not user_data:
+        walk(sc.get("data", {}), "data")
+    for m in dict.fromkeys(methods):
+        walk(get_method(m).scales.get(sc.get("method_scale", scale), {}).get("method", {}), f"{m}: method")
+    missing, unset = [], {}
+    for where, value in items:
+        names = [n for n in _ENV.findall(value) if n not in os.environ]
+        for n in names:
+            unset.setdefault(n, []).append(where)
+        if names:
+            continue
+        path = _ENV.sub(lambda m: os.environ[m.group(1)], value)
+        if path and not Path(path).exists():
+            missing.append(f"{path} does not exist ({where} = {value!r})")
+    missing = [f"environment variable {n} is not set (for {', '.join(w)})" for n, w in unset.items()] + missing
+    if missing:
+        raise ConfigError(f"scale {scale} needs, before any run starts:\n  - " + "\n  - ".join(dict.fromkeys(missing))
+                          + "\n(export the variables, e.g. COCO_ROOT=/path/to/coco; or give your own dataset "
+                            "with --data)")
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
     """["method.queue_size=1024", "recipe.base_lr=0.1"] -> nested dict (values parsed as YAML)."""
     out: dict = {}
@@ -84,10 +173,26 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+def resolve_data_config(sc: dict, data: dict | None, data_overrides: dict | None,
+                        splits: tuple[str, ...] = ()) -> dict:
+    """The scale's data (``${VAR}`` expanded) or, given, the user's dataset instead, with only
+    the ``splits`` the stage reads (a fixed validation file does not recompute pretraining);
+    a dataset given by path carries its content identity (``benchmark.data.user.with_identity``)."""
+    from benchmark.data.user import with_identity
+    if data is not None:
+        if splits == ("pretrain",) and "pretrain" in data:   # unlabeled images, whatever labels come with them
+            data = {"kind": "coco", "pretrain": data["pretrain"]}
+        elif data.get("kind") == "coco" or "pretrain" not in splits:
+            data = {k: v for k, v in data.items() if k not in ("pretrain", "train", "val") or k in splits}
+        return with_identity(data)
+    return with_identity(expand_env(deep_merge(sc["data"], data_overrides)))
+
+
 def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: float | None = None,
                     method_overrides: dict | None = None, recipe_overrides: dict | None = None,
-                    data_overrides: dict | None = None) -> dict:
-    """The fully resolved config of one pretraining run."""
+                    data_overrides: dict | None = None, data: dict | None = None) -> dict:
+    """The fully resolved config of one pretraining run. ``data``: a dataset that replaces
+    the scale's (``--data``)."""
     cls = get_method(method)
     sc = load_scale(scale)
     method_scale = cls.scales.get(sc.get("method_scale", scale), {})
@@ -109,7 +214,7 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     recipe = deep_merge(recipe, recipe_overrides)
     PretrainRecipe.from_dict(recipe)                 # validates names, types and ranges
     _check_loader(recipe, cls)
-    data = expand_env(deep_merge(sc["data"], data_overrides))
+    data = resolve_data_config(sc, data, data_overrides, ("pretrain",))
     return {"stage": "pretrain", "scale": scale, "seed": int(seed),
             "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
             "runtime": dict(sc.get("runtime", {}))}
@@ -132,7 +237,8 @@ def _check_loader(recipe: dict, cls) -> None:
 
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,
                     method: str | None = None, detector_overrides: dict | None = None,
-                    recipe_overrides: dict | None = None, data_overrides: dict | None = None) -> dict:
+                    recipe_overrides: dict | None = None, data_overrides: dict | None = None,
+                    data: dict | None = None) -> dict:
     """One fine-tuning run from the weights of ``parent`` (None: Scratch, random init).
     ``method`` brings its own fine-tuning overrides (SoCo: weight decay 2.5e-5), which are
     recorded in the run's identity."""
@@ -142,14 +248,17 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     if schedule not in sc.get("finetune", {}) and schedule not in RECIPES:
         raise ConfigError(f"schedule: unknown {schedule!r} (known: {', '.join(sorted(RECIPES))})")
     det = deep_merge(sc.get("detector", {}), detector_overrides)
-    det = DetectorConfig.from_dict(det).to_dict()
+    try:
+        det = DetectorConfig.from_dict(det).to_dict()
+    except ValueError as e:   # the detector's range checks: a config error like any other
+        raise ConfigError(str(e)) from None
     base = RECIPES[schedule] if schedule in RECIPES else {}
     base = base.to_dict() if hasattr(base, "to_dict") else dict(base)
     rec = deep_merge(base, sc.get("finetune", {}).get(schedule, {}))
     if method:
         rec = deep_merge(rec, get_method(method).finetune_overrides)
     rec = FinetuneRecipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
-    data = expand_env(deep_merge(sc["data"], data_overrides))
+    data = resolve_data_config(sc, data, data_overrides, ("train", "val"))
     return {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
             "parent": parent, "detector": det, "recipe": rec, "data": data,
             "runtime": dict(sc.get("runtime", {}))}

@@ -17,6 +17,7 @@ def resolve_data(data: dict) -> dict[str, dict]:
     "train": {...}, "val": {...}} with image_root/ann_file per split (pretrain may instead
     give {"image_root": folder} for an unlabeled folder), or {"kind": "voc", "root": ...} /
     {"kind": "voc", "synthetic": {...}} (train and val only; see ``benchmark.data.voc``)."""
+    data = {k: v for k, v in data.items() if k != "identity"}   # content identity: for run keys only
     kind = data.get("kind")
     if kind == "synthetic":
         from benchmark.data.synthetic import ensure_synthetic_dataset
@@ -24,9 +25,11 @@ def resolve_data(data: dict) -> dict[str, dict]:
         return ensure_synthetic_dataset(cache_root(), **params)
     if kind == "coco":
         out = {}
+        if not any(split in data for split in ("pretrain", "train", "val")):
+            raise DataError("<config>", "data.train", "missing (need image_root and ann_file)")
         for split in ("pretrain", "train", "val"):
-            if split not in data:
-                raise DataError("<config>", f"data.{split}", "missing (need image_root and ann_file)")
+            if split not in data:   # the stage that reads it says so
+                continue
             s = dict(data[split])
             for f in ("image_root", "ann_file"):
                 if f in s and s[f] and not Path(s[f]).exists():

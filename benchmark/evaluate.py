@@ -25,14 +25,23 @@ IOU_TYPES = ("bbox", "segm")
 
 
 class _Indexed(torch.utils.data.Dataset):
+    """``(image, i)``; an unreadable image gives ``(CorruptImage, i)``: it is left out of the
+    evaluation (no detections, no ground truth) and counted by ``predict`` in this process."""
+
     def __init__(self, base):
         self.base = base
+        if hasattr(base, "skip_unreadable"):
+            base.skip_unreadable = False   # never evaluate another image's detections under this id
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
-        return self.base[i][0], i
+        from benchmark.data.errors import CorruptImage
+        try:
+            return self.base[i][0], i
+        except CorruptImage as e:
+            return e, i
 
 
 def _collate(batch):
@@ -42,7 +51,9 @@ def _collate(batch):
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu", num_workers: int = 0,
             progress: bool = True, mask_threshold: float = 0.5) -> dict[str, list[dict]]:
-    """Run ``model`` over ``dataset``; returns ``{"bbox": [...], "segm": [...]}`` COCO results."""
+    """Run ``model`` over ``dataset``; returns ``{"bbox": [...], "segm": [...]}`` COCO results
+    and ``"unreadable"``: ``{image_id: error}`` of the images that could not be decoded."""
+    from benchmark.data.errors import CorruptImage
     from tqdm.auto import tqdm
     device = torch.device(device)
     model = model.module if hasattr(model, "module") else model
@@ -51,9 +62,17 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu
     loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_collate)
     mapping = dataset.contiguous_to_cat_id
-    results: dict[str, list[dict]] = {"bbox": [], "segm": []}
+    results: dict = {"bbox": [], "segm": [], "unreadable": {}}
     try:
         for images, idxs in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+            for im, i in zip(images, idxs):
+                if isinstance(im, CorruptImage):
+                    log.warning("evaluation leaves out an unreadable image: %s", im)
+                    results["unreadable"][int(dataset.ids[i])] = str(im)
+            keep = [(im, i) for im, i in zip(images, idxs) if not isinstance(im, CorruptImage)]
+            if not keep:
+                continue
+            images, idxs = zip(*keep)
             outputs = model([im.to(device) for im in images])
             for out, i in zip(outputs, idxs):
                 image_id = int(dataset.ids[i])
@@ -123,7 +142,8 @@ def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, d
     """``{"bbox": {"AP", "AP50", ...}, "segm": {...}}`` in percent over ``dataset``'s images."""
     results = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
                       progress=progress)
-    return evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
+    bad = results.pop("unreadable")
+    return evaluate_results(dataset.ann_file, results, img_ids=[i for i in dataset.ids if i not in bad])
 
 
 def load_final_model(model_path: str | Path) -> torch.nn.Module:
@@ -162,15 +182,22 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     model = load_final_model(model_path)
     results = predict(model, dataset, batch_size=batch_size, device=dev, num_workers=num_workers,
                       progress=progress)
+    bad = results.pop("unreadable")
+    img_ids = [i for i in dataset.ids if i not in bad]
+    if bad:   # counted here, in the main process; recorded in the run; above the threshold an error
+        from benchmark.data.errors import SkipLog
+        skip = SkipLog.active() or SkipLog(Path(run_dir) / "skipped_images.jsonl")
+        for image_id, err in bad.items():
+            skip.record(dataset.image_path(image_id), err, len(dataset.ids))
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "detections.json", results)
     if protocol == "voc":
         from benchmark.data.voc import VocProtocol
         from benchmark.voc_eval import voc_summary
-        metrics = {"bbox": voc_summary(dataset.ann_file, results["bbox"], img_ids=dataset.ids,
+        metrics = {"bbox": voc_summary(dataset.ann_file, results["bbox"], img_ids=img_ids,
                                        eleven_point=VocProtocol.eleven_point)}
     else:
-        metrics = evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
+        metrics = evaluate_results(dataset.ann_file, results, img_ids=img_ids)
     atomic_write_json(run_dir / f"{protocol}_metrics.json", metrics)
     log.info("evaluation of %s: %s", model_path, metrics)
     return metrics

@@ -286,7 +286,7 @@ def load_export(path: str | Path, framework: str) -> dict:
     """Read a file written by ``save_export`` back to canonical tensors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: exported weights not found")
+        raise ExportError(f"{path}: exported weights not found")
     if framework == "detectron2":
         with open(path, "rb") as f:
             obj = pickle.load(f)
@@ -309,7 +309,7 @@ def run_state(store, key: str) -> tuple[dict, dict]:
     Returns (state, run config)."""
     cfg = store.config(key)
     if cfg is None:
-        raise FileNotFoundError(f"--run: no run {key!r} in {store.root}")
+        raise ExportError(f"--run: no run {key!r} in {store.root}")
     if store.status(key) != "done":
         raise ExportError(f"--run: run {key} is {store.status(key)}, not done")
     stage = cfg.get("stage")

@@ -21,6 +21,7 @@ from benchmark.detectors import (DetectorConfig, build_detector, dataclass_from_
 from benchmark.trainer import (JsonlLogger, LoopConfig, ResumableBatchSampler, Schedule, TrainLoop,
                                build_optimizer, is_main_process, sample_rng, save_checkpoint,
                                seed_everything, world)
+from methods.base import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ class FinetuneRecipe:
     def from_dict(cls, d: dict | None) -> "FinetuneRecipe":
         r = dataclass_from_dict(cls, d, "recipe")
         if r.steps <= 0 or r.batch_size <= 0:
-            raise ValueError(f"recipe.steps/batch_size: expected positive, got {r.steps}/{r.batch_size}")
+            raise ConfigError(f"recipe.steps/batch_size: expected positive, got {r.steps}/{r.batch_size}")
         if any(not 0 < m <= 1 for m in r.milestones):
-            raise ValueError(f"recipe.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
+            raise ConfigError(f"recipe.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
         if not 0 <= r.hflip_prob <= 1:
-            raise ValueError(f"recipe.hflip_prob: expected a probability, got {r.hflip_prob}")
+            raise ConfigError(f"recipe.hflip_prob: expected a probability, got {r.hflip_prob}")
         return r
 
     def to_dict(self) -> dict:
@@ -167,7 +168,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     dev = resolve_device(device)
     rank, world_size = world()
     if rec.batch_size % world_size:
-        raise ValueError(f"recipe.batch_size: {rec.batch_size} is not divisible by {world_size} processes")
+        raise ConfigError(f"recipe.batch_size: {rec.batch_size} is not divisible by {world_size} processes")
 
     train_base = open_coco(data["train"], "data.train", with_masks=True)
     num_classes = train_base.num_classes + 1   # + background

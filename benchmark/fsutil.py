@@ -39,13 +39,39 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
     atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n").encode())
 
 
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``folder`` (created if missing), or None when they can."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create it: {e.strerror or e}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None
+
+
+class UnwritableError(OSError):
+    """A folder the harness must write into cannot be written; the message names it."""
+
+
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, what: str = "cache") -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (created if missing) for the block: concurrent
-    runs (parallel local jobs, array tasks) build a shared artifact once."""
+    runs (parallel local jobs, array tasks) build a shared artifact once. A folder where the
+    lock cannot be created raises ``UnwritableError`` naming it (a complete read-only cache
+    is read by its callers without taking the lock)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    why = unwritable(path.parent)
+    fix = (": point DETBENCH_CACHE at a writable folder, or fill this one once from an account that can "
+           "write it" if what == "cache" else "")
+    if why:
+        raise UnwritableError(f"{what} {path.parent} is not writable ({why}){fix}")
+    try:
+        fh = open(path, "a")
+    except PermissionError as e:
+        raise UnwritableError(f"{what} {path.parent}: cannot open the lock {path} ({e.strerror}){fix}") from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

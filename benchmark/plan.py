@@ -43,9 +43,10 @@ def row_implemented(row: Row) -> bool:
     return row.method == "scratch" or row.method in list_methods()
 
 
-def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict | None = None) -> Plan:
+def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict | None = None,
+               data: dict | None = None) -> Plan:
     """``overrides``: {"method": {...}, "recipe": {...}, "finetune": {...}, "detector": {...}}
-    applied to every row (CLI ``--set``)."""
+    applied to every row (CLI ``--set``); ``data``: a dataset replacing the scale's (``--data``)."""
     spec = name_or_spec if isinstance(name_or_spec, TableSpec) else load_spec(name_or_spec)
     ov = overrides or {}
     jobs: dict[str, Job] = {}
@@ -67,7 +68,8 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
             if row.method != "scratch":
                 pcfg = pretrain_config(row.method, scale=scale, seed=seed, epochs=row.pretrain_epochs,
                                        method_overrides={**row.method_overrides, **ov.get("method", {})},
-                                       recipe_overrides={**row.recipe_overrides, **ov.get("recipe", {})})
+                                       recipe_overrides={**row.recipe_overrides, **ov.get("recipe", {})},
+                                       data=data)
                 pkey = add("pretrain", pcfg, (), f"{base}/pretrain")
             per_schedule: dict[str, tuple[str, str]] = {}
             for ci, col in enumerate(spec.columns):
@@ -75,9 +77,11 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                     fcfg = finetune_config(scale=scale, seed=seed, schedule=col.schedule, parent=pkey,
                                            method=None if row.method == "scratch" else row.method,
                                            detector_overrides={**row.detector_overrides, **ov.get("detector", {})},
-                                           recipe_overrides={**row.finetune_overrides, **ov.get("finetune", {})})
+                                           recipe_overrides={**row.finetune_overrides, **ov.get("finetune", {})},
+                                           data=data)
                     fkey = add("finetune", fcfg, (pkey,), f"{base}/finetune-{col.schedule}")
-                    ecfg = evaluate_config(parent=fkey, data=fcfg["data"], scale=scale)
+                    ecfg = evaluate_config(parent=fkey, data=fcfg["data"], scale=scale,
+                                           protocol="voc" if fcfg["data"].get("kind") == "voc" else "coco")
                     ekey = add("evaluate", ecfg, (fkey,), f"{base}/evaluate-{col.schedule}")
                     per_schedule[col.schedule] = (fkey, ekey)
                 fkey, ekey = per_schedule[col.schedule]

@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 class PretrainDataset(torch.utils.data.Dataset):
     """Items are ``(epoch, index)`` pairs from ``ResumableBatchSampler``; the views of item
     ``index`` in ``epoch`` are drawn with ``sample_rng(seed, epoch, index)``. A corrupt image
-    is a counted, logged skip: the next image takes its place (same rng stream)."""
+    is a logged skip recorded in the run's ``SkipLog`` (counted across DataLoader workers):
+    the next image takes its place (same rng stream)."""
 
     def __init__(self, source, method, seed: int, labels: dict | None = None, proposals=None):
         self.source, self.method, self.seed = source, method, seed
         self.labels, self.proposals = labels, proposals
         self.view_source = source if method.needs_source else None   # what ``views`` may draw from
-        self.skipped: set[int] = set()
+        self.skipped: set[str] = set()   # this process's, for logging once per file
 
     def __len__(self) -> int:
         return len(self.source)
@@ -42,7 +43,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         return rec
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
-        from benchmark.data.images import CorruptImage
+        from benchmark.data.errors import CorruptImage, note_unreadable
         epoch, index = item
         rng = trainer.sample_rng(self.seed, epoch, index)
         for j in range(len(self.source)):
@@ -50,9 +51,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             try:
                 rec = self.record(i)
             except CorruptImage as e:
-                if i not in self.skipped:
-                    self.skipped.add(i)
-                    log.warning("skipping unreadable image (%d skipped so far): %s", len(self.skipped), e)
+                note_unreadable(e, len(self.source), self.skipped, log)
                 continue
             return self.method.views(rec, rng, self.view_source)
         raise RuntimeError("every image of the pretraining set is unreadable")
@@ -163,7 +162,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         return step_model(to_device(batch, device, channels_last=fast["channels_last"]))
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
-    metrics = {"steps": loop.step, "total_steps": total, "final": last, "skipped_images": len(dataset.skipped),
+    metrics = {"steps": loop.step, "total_steps": total, "final": last,
                "world_size": world_size, "batch_per_process": B, "batch": B * world_size, "lr": lr,
                "fast_path": fast}
     if distributed:

@@ -137,7 +137,11 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None
 # ---------------------------------------------------------------------------------------
 # the on-disk cache
 
-_BOX_DTYPE = np.uint16  # coordinates up to 65535 px; 8 bytes per box
+_BOX_DTYPE = np.uint16
+# Longest image side selective search runs at (boxes scaled back to the image). 500 px: the
+# issue's measurement on real photos (71 s -> 1.15 s per 2000x1333 photo); what it changes in
+# the boxes kept is measured by benchmark/bench/proposals_bench.py (--compare-max-side).
+DEFAULT_MAX_SIDE = 500  # coordinates up to 65535 px; 8 bytes per box
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
@@ -308,7 +312,9 @@ def compute_proposals(
 
     The cache file is ``cache_dir/proposals-<key>.npz`` where ``key`` hashes the ordered
     paths with their file sizes and every parameter (mode, max_side, filter, version): if
-    it exists it is loaded, never recomputed. Otherwise images are processed in chunks of
+    it exists it is loaded, never recomputed (a damaged file is reported and recomputed).
+    ``max_side``: selective search runs on a copy whose longest side is at most this many
+    pixels and the boxes are scaled back (None: ``DEFAULT_MAX_SIDE``, 500). Otherwise images are processed in chunks of
     ``chunk_size`` over ``num_workers`` processes (``num_workers <= 1``: in this process);
     each finished chunk is written atomically to ``cache_dir/proposals-<key>.parts/
     part-XXXXX.npz``, so a killed run resumes with only the missing chunks. At the end the
@@ -328,25 +334,45 @@ def compute_proposals(
     if unknown:
         raise TypeError(f"compute_proposals: unknown filter parameters {sorted(unknown)}")
     paths = [os.fspath(p) for p in paths]
+    if max_side is None:   # real photos: 2000x1333 took 71 s at full size, 1.15 s at 500 px (bench)
+        max_side = DEFAULT_MAX_SIDE
+    if int(max_side) < 1:
+        raise ValueError(f"compute_proposals: max_side must be >= 1 pixel, got {max_side}")
     params = {"mode": mode, "max_side": max_side, "filter": fkw, "version": CACHE_VERSION}
     dataset_hash, key = cache_key(paths, params)
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"proposals-{key}.npz"
-    if final.exists():
-        return ProposalCache.load(final)
+    cached = _load_complete(final)
+    if cached is not None:   # complete: read without the lock (a read-only shared cache works)
+        return cached
     # one computation per cache: a second process (two SoCo runs started at once) waits for
     # the first and then loads its file instead of repeating the work
     lock_path = cache_dir / f"proposals-{key}.lock"
     with file_lock(lock_path):
-        if final.exists():
-            return ProposalCache.load(final)
+        cached = _load_complete(final, discard=True)
+        if cached is not None:
+            return cached
         out = _compute_locked(paths, cache_dir, key, dataset_hash, params, final, mode=mode, max_side=max_side,
                               num_workers=num_workers, chunk_size=chunk_size, mp_context=mp_context,
                               progress=progress)
         lock_path.unlink(missing_ok=True)  # the cache stays one file; waiters find it done
         return out
+
+
+def _load_complete(final: Path, discard: bool = False) -> "ProposalCache | None":
+    """The cache file when it is there and readable; a damaged one is reported and (with the
+    lock held, ``discard``) removed, so it is recomputed rather than failing every run."""
+    if not final.exists():
+        return None
+    try:
+        return ProposalCache.load(final)
+    except DataError as e:
+        log.warning("%s; recomputing it", e)
+        if discard:
+            final.unlink(missing_ok=True)
+        return None
 
 
 def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, mode, max_side, num_workers,

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmark.fsutil import atomic_write_bytes, atomic_write_json
+from benchmark.fsutil import UnwritableError, atomic_write_bytes, atomic_write_json, unwritable
 from benchmark.plan import Plan
 from benchmark.store import RunStore, git_info
 from benchmark.tables import mean_std
@@ -246,6 +246,10 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
     cells = cell_values(plan, df)
     out_root = Path(out_root or results_root() / "tables")
     tdir = out_root / table_dir_name(spec.name, plan.scale)
+    why = unwritable(tdir)
+    if why:
+        raise UnwritableError(f"results folder {tdir} is not writable ({why}): set DETBENCH_RESULTS to a "
+                              f"folder you can write")
     store_root = Path(store.root) if isinstance(store, RunStore) else Path(store)
     runs_root = Path(runs_link_root or store_root)
 

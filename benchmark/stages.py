@@ -2,14 +2,18 @@
 N) and the one local scheduler that runs a plan on this machine."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
 
 from benchmark import trainer
+from benchmark.data.errors import SkipLog, TooManyUnreadable
 from benchmark.plan import Job, Plan
 from benchmark.progress import TableProgress
 from benchmark.store import RunStore
@@ -27,10 +31,15 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
     """Run one stage, idempotently: a finished run returns its stored metrics; an unfinished
     one resumes from its last checkpoint. A NaN loss marks the run diverged.
 
+    One process computes a run at a time (``RunStore.lock``): a second identical command waits
+    and then reuses the result. A parent's weights are checked against their recorded sha256
+    before use; missing or mismatched weights recompute the parent (same key) first.
+
     Launched as N processes (torchrun, ``--nproc N``, or N Slurm tasks through the job
     wrapper), every process calls this: torch.distributed is set up from the environment,
-    all ranks train and resume from the same checkpoint, only rank 0 writes the run store, and
-    evaluation runs on rank 0 alone (its metrics equal a one-process evaluation)."""
+    all ranks train and resume from the same checkpoint, only rank 0 writes the run store
+    (and holds the lock), and evaluation runs on rank 0 alone (its metrics equal a
+    one-process evaluation)."""
     trainer.init_distributed_from_env()
     main = trainer.is_main_process()
     store = RunStore(store_root)
@@ -40,11 +49,34 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
         st = store.status(p)
         if st != "done":
             raise ParentNotDone(f"{job.label}: parent run {p} is {st}")
+    for p, why in trainer.broadcast_object(_unusable_parents(store, job) if main else None):
+        print(f"{job.label}: parent run {p}: {why}; recomputing it (same config, same key)",
+              file=sys.stderr, flush=True)
+        if main:
+            store.invalidate(p, why)
+        trainer.barrier()
+        run_job(_stored_job(store, p), store_root, resume=True, device=device, progress=progress, runtime=runtime)
+    lock = store.lock(job.key) if main else contextlib.nullcontext()
+    with lock:
+        trainer.barrier()   # rank 0 holds the lock: the store is settled for every rank
+        if store.status(job.key) == "done":   # the other command finished it meanwhile
+            return store.metrics(job.key)
+        return _run_locked(job, store, resume=resume, device=device, progress=progress,
+                           stop_after=stop_after, runtime=runtime, main=main)
+
+
+def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_after, runtime, main) -> dict:
     cfg = {k: v for k, v in job.config.items()}
     if main:
         store.begin(job.key, cfg, extra_env={"distributed": trainer.distributed_env()})
+        gone = store.clean_temporaries(job.key)
+        if gone:
+            log.warning("%s: removed temporaries a killed writer left: %s", job.key, ", ".join(gone))
     trainer.barrier()   # the run directory exists before any rank reads or resumes from it
     run_dir = store.run_dir(job.key)
+    skips = SkipLog(run_dir / "skipped_images.jsonl")
+    if not resume:
+        Path(skips.path).unlink(missing_ok=True)
     rt = {**cfg.get("runtime", {}), **(runtime or {})}
     if rt.get("torch_threads"):
         import torch
@@ -52,51 +84,91 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
     device = device or str(trainer.default_device())
     t0 = time.time()
     try:
-        if job.stage == "pretrain":
-            from benchmark.pretrain import run_pretrain
-            m = run_pretrain(cfg, run_dir, resume=resume, stop_after=stop_after, device=device,
-                             num_workers=rt.get("num_workers", 0), progress=progress)
-            complete = m["steps"] >= m["total_steps"]
-        elif job.stage == "finetune":
-            from benchmark.datasets import resolve_data
-            from benchmark.finetune import run_finetune
-            weights = None
-            if cfg.get("parent"):
-                weights = str(store.run_dir(cfg["parent"]) / "weights.pt")
-            m = run_finetune(cfg["detector"], {**cfg["recipe"], **_rt(rt)}, resolve_data(cfg["data"]),
-                             run_dir=run_dir, weights=weights, seed=cfg["seed"], resume=resume,
-                             stop_after=stop_after, device=device)
-            complete = (run_dir / "model_final.pt").exists()
-        elif job.stage == "evaluate":
-            m, complete = {}, True
-            if main:
+        with skips.activate():
+            if job.stage == "pretrain":
+                from benchmark.pretrain import run_pretrain
+                m = run_pretrain(cfg, run_dir, resume=resume, stop_after=stop_after, device=device,
+                                 num_workers=rt.get("num_workers", 0), progress=progress)
+                complete = m["steps"] >= m["total_steps"]
+            elif job.stage == "finetune":
                 from benchmark.datasets import resolve_data
-                from benchmark.evaluate import run_evaluate
-                model = store.run_dir(cfg["parent"]) / "model_final.pt"
-                m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir, device=device,
-                                 protocol=cfg.get("protocol", "coco"))
-        else:
-            raise ValueError(f"{job.label}: unknown stage {job.stage!r}")
+                from benchmark.finetune import run_finetune
+                weights = None
+                if cfg.get("parent"):
+                    weights = str(store.run_dir(cfg["parent"]) / "weights.pt")
+                m = run_finetune(cfg["detector"], {**cfg["recipe"], **_rt(rt)}, resolve_data(cfg["data"]),
+                                 run_dir=run_dir, weights=weights, seed=cfg["seed"], resume=resume,
+                                 stop_after=stop_after, device=device)
+                complete = (run_dir / "model_final.pt").exists()
+            elif job.stage == "evaluate":
+                m, complete = {}, True
+                if main:
+                    from benchmark.datasets import resolve_data
+                    from benchmark.evaluate import run_evaluate
+                    model = store.run_dir(cfg["parent"]) / "model_final.pt"
+                    m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir, device=device,
+                                     protocol=cfg.get("protocol", "coco"))
+            else:
+                raise ValueError(f"{job.label}: unknown stage {job.stage!r}")
+        skips.check()   # the threshold over the skips of every process together
     except Diverged as e:
         if main:
             store.fail(job.key, f"diverged: {e}", diverged=True)
         raise
     except KeyboardInterrupt:
         raise
-    except BaseException:
+    except BaseException as e:
         if main:
             store.fail(job.key, traceback.format_exc())
+        if not isinstance(e, TooManyUnreadable):
+            skips.check()   # a loader worker's TooManyUnreadable arrives wrapped in a RuntimeError: say it plainly
         raise
     if complete and main:
-        m = {**m, "wall_s": round(time.time() - t0, 1)}
+        m = {**m, **skips.summary(), "wall_s": round(time.time() - t0, 1)}
+        if (run_dir / "model_final.pt").exists():
+            from benchmark.pretrain import sha256_file
+            m["model_sha256"] = sha256_file(run_dir / "model_final.pt")
         ck = run_dir / "checkpoint.pt"
         if ck.exists():  # the final weights are kept; the resumable state is no longer needed
             from benchmark.pretrain import sha256_file
             m["checkpoint_sha256"] = sha256_file(ck)
             ck.unlink()
+        trainer.previous_checkpoint(ck).unlink(missing_ok=True)
+        store.clean_temporaries(job.key)
         store.finish(job.key, m)
     trainer.barrier()   # no rank leaves before the run is recorded
     return m
+
+
+# what a child run reads from its parent, and the metric that records its sha256
+PARENT_OUTPUT = {"pretrain": ("weights.pt", "weights_sha256"), "finetune": ("model_final.pt", "model_sha256")}
+
+
+def _unusable_parents(store: RunStore, job: Job) -> list[tuple[str, str]]:
+    """``[(parent key, why)]`` for done parents whose output this run reads but cannot trust:
+    missing (committed runs keep metrics, not weights: git ignores them) or not matching the
+    sha256 recorded when the parent finished (a truncated or replaced file)."""
+    from benchmark.pretrain import sha256_file
+    bad = []
+    for p in job.parents:
+        stage = (store.config(p) or {}).get("stage")
+        if stage not in PARENT_OUTPUT:
+            continue
+        name, field = PARENT_OUTPUT[stage]
+        path = store.run_dir(p) / name
+        recorded = (store.metrics(p) or {}).get(field)
+        if not path.is_file():
+            bad.append((p, f"{path} is missing (a run from git keeps its metrics, not its weights)"))
+        elif recorded and sha256_file(path) != recorded:
+            bad.append((p, f"{path} does not match its recorded {field} (truncated or replaced)"))
+    return bad
+
+
+def _stored_job(store: RunStore, key: str) -> Job:
+    """The job that computes run ``key`` again from its stored config."""
+    cfg = store.config(key)
+    parent = cfg.get("parent")
+    return Job(cfg["stage"], key, cfg, (parent,) if parent else (), cfg.get("label") or key)
 
 
 def _rt(rt: dict) -> dict:

@@ -4,6 +4,7 @@ metrics.json (written last, atomically: its presence means done), checkpoints an
 Nothing is overwritten: a finished run is never written again."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmark.fsutil import atomic_write_json
+from benchmark.fsutil import atomic_write_json, unwritable
+
+
+class StoreError(RuntimeError):
+    """The run store cannot be used as asked (unwritable, a run held by another process);
+    the message names the path and what to do."""
 
 STAGES = ("pretrain", "finetune", "evaluate")
 STATUSES = ("done", "diverged", "failed", "running")   # what RunStore.status says of a run folder
@@ -42,7 +48,10 @@ def default_root() -> Path:
 class RunStore:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_root()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:   # a read-only store still answers status/metrics/config; writing says what to do
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
 
     def run_dir(self, key: str) -> Path:
         return self.root / key
@@ -68,7 +77,66 @@ class RunStore:
         p = self.run_dir(key) / "config.json"
         return json.loads(p.read_text()) if p.exists() else None
 
+    def writable(self) -> None:
+        """Raise ``StoreError`` naming the folder when runs cannot be written into it."""
+        why = unwritable(self.root)
+        if why:
+            raise StoreError(f"run store {self.root} is not writable ({why}): pass --runs DIR or set "
+                             f"DETBENCH_RUNS to a folder you can write")
+
+    @contextlib.contextmanager
+    def lock(self, key: str, wait: bool = True):
+        """One process computes a run at a time: an exclusive lock on ``<root>/.locks/<key>``,
+        which names its holder (pid, host, since). A second identical command waits for it
+        (saying who holds it) and then finds the run done; ``wait=False`` raises StoreError."""
+        import fcntl
+        self.writable()
+        path = self.root / ".locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                if not wait:
+                    raise StoreError(f"run {key} is being computed by {holder} (lock {path})") from None
+                print(f"run {key} is being computed by {holder}; waiting for it (lock {path})",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def clean_temporaries(self, key: str) -> list[str]:
+        """Remove the temporaries (``.<name>.tmp<pid>``) a killed writer left in a run folder;
+        called with the run's lock held, so none of them is being written."""
+        d = self.run_dir(key)
+        gone = []
+        for p in d.glob(".*.tmp*") if d.is_dir() else ():
+            if re.fullmatch(r"\..+\.tmp\d+", p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                gone.append(p.name)
+        return gone
+
+    def invalidate(self, key: str, reason: str) -> None:
+        """A done run whose outputs turned out unusable (weights missing or not matching their
+        recorded hash) becomes unfinished again: its metrics are kept aside as
+        ``metrics.invalid.json`` with the reason, and the same key is computed again."""
+        d = self.run_dir(key)
+        m = self.metrics(key) or {}
+        atomic_write_json(d / "metrics.invalid.json", {**m, "invalidated": reason})
+        (d / "metrics.json").unlink(missing_ok=True)
+
     def begin(self, key: str, config: dict, extra_env: dict | None = None) -> Path:
+        self.writable()
         d = self.run_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         p = d / "config.json"

@@ -41,8 +41,33 @@ def checkpoint_pending() -> bool:
     return _CHECKPOINT_REQUESTED
 
 
+_STOP_REQUESTED = 0   # the signal (SIGINT/SIGTERM) that asked the loop to stop after its current step
+
+
+def request_stop(signum, _frame=None) -> None:
+    """SIGINT/SIGTERM handler: the loop saves at the end of its current step and raises
+    ``Stopped``; a second signal before then interrupts at once."""
+    global _STOP_REQUESTED
+    if _STOP_REQUESTED:
+        raise KeyboardInterrupt
+    _STOP_REQUESTED = signum
+
+
 class Diverged(RuntimeError):
     """The loss became NaN or infinite: the run stops and its table cells read 'diverged'."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The loop stopped on SIGINT/SIGTERM after saving a checkpoint: the same command resumes."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}; the same command resumes")
+        self.step = step
+
+
+class ResumeError(RuntimeError):
+    """A run's saved state (checkpoint, log) cannot be resumed from; the message names the
+    file and the remedy."""
 
 
 # --------------------------------------------------------------------------- sampling
@@ -180,10 +205,31 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum:
 
 
 # --------------------------------------------------------------------------- io
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, then rename: a kill never leaves half a file."""
-    with atomic_open(path) as f:
-        torch.save(state, f)
+def previous_checkpoint(path: Path) -> Path:
+    return Path(path).with_name(Path(path).stem + ".prev" + Path(path).suffix)
+
+
+def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill never leaves half a file.
+    ``keep_previous``: the file being replaced becomes ``<name>.prev.pt`` only once the new one
+    is complete, so there is always one whole checkpoint to fall back to."""
+    if not keep_previous:
+        with atomic_open(path) as f:
+            torch.save(state, f)
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, previous_checkpoint(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -194,15 +240,28 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line; on resume, lines past the resumed step (logged after its checkpoint) are dropped
-    so the log reads as one uninterrupted run."""
+    """Appends one JSON object per line. On resume, lines past the resumed step (logged after
+    its checkpoint) are dropped, so the log reads as one uninterrupted run plus one
+    ``{"event": "resumed"}`` record (``TrainLoop.run``); a torn last line (a kill mid-append) is
+    dropped too, a bad line elsewhere is a ``ResumeError`` naming the file and the line."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get("step", -1) <= resume_step]
+            lines = [l for l in self.path.read_text(errors="replace").splitlines() if l.strip()]
+            keep = []
+            for n, line in enumerate(lines, 1):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    if n == len(lines):   # the line a kill tore in half: dropped
+                        log.warning("%s: dropped a torn last line (%d characters)", self.path, len(line))
+                        break
+                    raise ResumeError(f"{self.path}: line {n} is not JSON ({line[:60]!r}); delete that line "
+                                      f"to resume, or start the run over with --no-resume") from None
+                if rec.get("step", -1) <= resume_step:
+                    keep.append(line)
             atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -285,6 +344,15 @@ def replicas_in_sync(model: torch.nn.Module) -> bool:
     return bool(torch.equal(lo, hi))
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -323,6 +391,7 @@ class TrainLoop:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.autocast = lambda: torch.autocast(self.device.type, enabled=use_amp)
         self.step = 0
+        self.resumed_from: Path | None = None
         # per-group multipliers of the scheduled lr (e.g. LARS lr scaling per group)
         self.group_lr_mult = [g.get("lr_mult", 1.0) for g in self.opt.param_groups]
 
@@ -334,41 +403,65 @@ class TrainLoop:
 
     def save(self) -> None:
         if is_main_process():
-            save_checkpoint(self.ckpt_path, self.state_dict())
+            save_checkpoint(self.ckpt_path, self.state_dict(), keep_previous=True)
 
     def try_resume(self) -> int:
-        if not self.ckpt_path.exists():
-            return 0
-        s = load_checkpoint(self.ckpt_path)
+        """Resume from ``checkpoint.pt``, or from the previous one (``checkpoint.prev.pt``) when
+        it is unreadable; says so on stderr (rank 0). No checkpoint: step 0."""
+        import sys
+        candidates = [p for p in (self.ckpt_path, previous_checkpoint(self.ckpt_path)) if p.exists()]
+        errors = []
         model = self.model.module if hasattr(self.model, "module") else self.model
-        model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optimizer"])
-        self.scaler.load_state_dict(s["scaler"])
-        set_rng_state(s["rng"])
-        self.step = s["step"]
-        log.info("resumed %s at step %d", self.ckpt_path, self.step)
-        return self.step
+        for path in candidates:
+            try:
+                s = load_checkpoint(path)
+                model.load_state_dict(s["model"])
+                self.opt.load_state_dict(s["optimizer"])
+                self.scaler.load_state_dict(s["scaler"])
+                set_rng_state(s["rng"])
+                step = int(s["step"])
+            except Exception as e:  # noqa: BLE001 — truncated, foreign or mismatched: try the previous
+                errors.append(f"{path}: {e}")
+                log.warning("cannot resume from %s (%s)%s", path, e,
+                            "; trying the previous checkpoint" if path == self.ckpt_path else "")
+                continue
+            self.step, self.resumed_from = step, path
+            if is_main_process():
+                print(f"resumed from {path} at step {step}", file=sys.stderr, flush=True)
+            return step
+        if errors:
+            raise ResumeError("cannot resume: " + "; ".join(errors) + " -- rerun with --no-resume to start "
+                              "over, or delete the file(s)")
+        return 0
 
     # -- loop
     def run(self, batches: Iterable, step_fn: Callable[[Any], dict], logger: JsonlLogger | None,
             stop_after: int | None = None, progress: bool = True) -> dict:
         """Train until ``total_steps`` (or ``stop_after`` steps, for tests and preemption).
         ``batches`` must yield the batch of step ``self.step`` first."""
-        global _CHECKPOINT_REQUESTED
+        global _CHECKPOINT_REQUESTED, _STOP_REQUESTED
+        import sys
+
         from tqdm.auto import tqdm
         cfg = self.cfg
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc=cfg.desc, dynamic_ncols=True,
                    disable=not (progress and is_main_process()), mininterval=1.0)
         last: dict = {}
         t0 = time.time()
-        it = iter(batches)
         done_here = 0
-        old_handler = None
+        old_handlers = {}
+        _STOP_REQUESTED = 0
         try:
-            old_handler = signal.signal(signal.SIGUSR1, request_checkpoint)
+            old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, request_checkpoint)
+            for sig in (signal.SIGINT, signal.SIGTERM):   # Ctrl-C, kill, Slurm's cancel
+                old_handlers[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not in the main thread
             pass
+        if logger is not None and self.resumed_from is not None and self.step < cfg.total_steps \
+                and is_main_process():
+            logger.log({"step": self.step, "event": "resumed", "from": self.resumed_from.name})
         try:
+            it = iter(batches)   # after the handlers: forked loader workers inherit them
             while self.step < cfg.total_steps:
                 lr = self.schedule(self.step)
                 for g, m in zip(self.opt.param_groups, self.group_lr_mult):
@@ -413,8 +506,15 @@ class TrainLoop:
                 if stop_after is not None and done_here >= stop_after:
                     self.save()
                     break
+                if _STOP_REQUESTED and self.step < cfg.total_steps:
+                    self.save()
+                    bar.close()
+                    if is_main_process():
+                        print(f"stopped at step {self.step}; the same command resumes", file=sys.stderr, flush=True)
+                    raise Stopped(self.step)
         finally:
             bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGUSR1, old_handler)
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            _STOP_REQUESTED = 0
         return last

@@ -23,7 +23,16 @@ class MethodConfig:
     def from_dict(cls, d: dict | None, prefix: str = "method") -> "MethodConfig":
         d = dict(d or {})
         d.pop("name", None)
-        return dataclass_from_dict(cls, d, prefix)
+        cfg = dataclass_from_dict(cls, d, prefix)
+        for field, ok, want in cfg.ranges():
+            if not ok:
+                raise ConfigError(f"{prefix}.{field}: expected {want}, got {getattr(cfg, field)!r}")
+        return cfg
+
+    def ranges(self) -> list[tuple[str, bool, str]]:
+        """``[(field, holds, what is expected)]``: a method's value ranges, checked with the
+        types before anything runs (a negative queue used to fail inside the first step)."""
+        return []
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

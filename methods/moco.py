@@ -49,6 +49,12 @@ class MoCoV2(PretrainMethod):
         crop_scale: tuple[float, ...] = (0.2, 1.0)   # aug+ (MoCo v2 official main_moco.py)
         shuffle_bn_splits: int = 2       # single process: emulate Shuffle-BN with this many BN groups
 
+        def ranges(self):
+            return [("dim", self.dim > 0, "> 0"), ("hidden_dim", self.hidden_dim >= 0, ">= 0"),
+                    ("queue_size", self.queue_size > 0, "> 0"), ("temperature", self.temperature > 0, "> 0"),
+                    ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("crop_size", self.crop_size > 0, "> 0"),
+                    ("shuffle_bn_splits", self.shuffle_bn_splits >= 1, ">= 1")]
+
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.encoder_q = build_resnet(cfg.backbone)

@@ -159,7 +159,7 @@ class SoCo(PretrainMethod):
         mask_padding: bool = False       # official keeps padded (repeated) boxes in the loss
         random_candidates: int = 32      # "random" source: boxes drawn per image (official max_props)
         ss_mode: str = "fast"            # selective search mode (SoCo: fast)
-        ss_max_side: int = 0             # 0: run selective search on the stored image size
+        ss_max_side: int = 0             # 0: the harness default, benchmark.proposals.DEFAULT_MAX_SIDE (500 px)
         # -- model --------------------------------------------------------------------------
         fpn_channels: int = 256
         head_norm: str = "bn"            # "bn" (official) | "none"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from slurm.profile import SlurmProfile, load_profile
-from slurm.state import SlurmState, now_iso, state_path
+from slurm.state import SlurmState, StateError, now_iso, state_path
 from slurm.submit import (
     ACTIVE_STATES,
     DEAD_REASONS,
@@ -115,7 +115,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
     data = state.load()
     rec = data.get("plan")
     if not rec:
-        raise ValueError(f"{state.path}: no plan recorded (submit it with `detbench reproduce|grid "
+        raise StateError(f"{state.path}: no plan recorded (submit it with `detbench reproduce|grid "
                          f"--executor slurm` first)")
     spec = _load_spec_from_record(rec, state.path)
     recorded = [(r, c, s, k, tuple(ch)) for r, c, s, k, ch in rec["cells"]]
@@ -132,7 +132,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
     cells = [Cell(r, c, s, k, ch) for r, c, s, k, ch in recorded]
     if len(spec.rows) <= max((c.row for c in cells), default=-1) or \
             len(spec.columns) <= max((c.col for c in cells), default=-1):
-        raise ValueError(f"{state.path}: spec {rec['spec']} no longer has the rows/columns that were submitted")
+        raise StateError(f"{state.path}: spec {rec['spec']} no longer has the rows/columns that were submitted")
     return Plan(spec, rec["scale"], tuple(rec["seeds"]), jobs, cells), "recorded cells (spec or code changed)"
 
 
@@ -143,7 +143,7 @@ def _state_names(results_dir: Path, name: str | None) -> list[str]:
 
             name = load_spec(name).name
         if not state_path(results_dir, name).exists():
-            raise FileNotFoundError(f"{state_path(results_dir, name)}: nothing submitted for {name!r} "
+            raise StateError(f"{state_path(results_dir, name)}: nothing submitted for {name!r} "
                                     f"(state files live in {results_dir / 'slurm'})")
         return [name]
     return sorted(p.stem for p in (results_dir / "slurm").glob("*.json"))

@@ -290,7 +290,7 @@ def test_truncated_image_names_file(tmp_path):
     img_root, ann = _write(tmp_path, data)
     good = (img_root / "rgb.png").read_bytes()
     (img_root / "rgb.png").write_bytes(good[: len(good) // 2])
-    ds = CocoDetection(img_root, ann)
+    ds = CocoDetection(img_root, ann, skip_unreadable=False)   # (the default skips it: test_own_data)
     with pytest.raises(DataError) as exc:
         ds[1]
     assert exc.value.path == str(img_root / "rgb.png") and "cannot decode" in str(exc.value)

@@ -136,6 +136,8 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     log_a = [json.loads(l) for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(l) for l in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log_b if "event" in r] == [{"step": 2, "event": "resumed", "from": "checkpoint.pt"}]
+    log_b = [r for r in log_b if "event" not in r]   # the resumed run says so in its log
     assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     report = json.loads((tmp_path / "full" / "load_report.json").read_text())

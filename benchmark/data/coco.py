@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from benchmark.data.errors import DataError
+from benchmark.data.errors import CorruptImage, DataError
 from benchmark.data.images import read_rgb
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,16 @@ class CocoDetection(torch.utils.data.Dataset):
         with_masks: bool = True,
         transforms: Callable | None = None,
         remove_images_without_annotations: bool = False,
+        skip_unreadable: bool = True,
     ):
         self.image_root = Path(image_root)
         self.ann_file = Path(ann_file)
         self.with_masks = with_masks
         self.transforms = transforms
+        # an unreadable image is replaced by the next readable one (training; evaluation turns
+        # this off and leaves the image out), logged and recorded (``errors.note_unreadable``)
+        self.skip_unreadable = skip_unreadable
+        self._unreadable: set[str] = set()
         self.coco = load_coco_json(self.ann_file)
         self.images = parse_images(self.coco, self.ann_file)
         self._parse_categories()
@@ -206,6 +211,12 @@ class CocoDetection(torch.utils.data.Dataset):
                 "segmentation": a.get("segmentation"),
             })
         self.num_clipped, self.num_dropped = clipped, dropped
+        if not any(not a["iscrowd"] for anns in self._anns.values() for a in anns):
+            n = len(self.coco["annotations"])
+            why = (f"all {n} annotations are crowd regions or empty boxes" if n else "the annotations list is empty")
+            raise DataError(self.ann_file, "annotations",
+                            f"no usable annotation ({why}): training would learn nothing and every "
+                            f"metric would be NaN")
         if clipped or dropped:
             log.warning("%s: %d boxes extending outside their image were clipped; %d boxes with zero or "
                         "negative width/height (after clipping) were dropped", self.ann_file, clipped, dropped)
@@ -273,7 +284,21 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         image_id = self.ids[i]
-        image = pil_to_tensor(self.load_image(image_id))
+        if self.skip_unreadable:
+            from benchmark.data.errors import note_unreadable
+            for step in range(len(self.ids)):
+                image_id = self.ids[(i + step) % len(self.ids)]
+                try:
+                    img = self.load_image(image_id)
+                    break
+                except CorruptImage as e:
+                    note_unreadable(e, len(self.ids), self._unreadable, log)
+            else:
+                raise DataError(self.image_root, "images", f"all {len(self.ids)} images of {self.ann_file} "
+                                                           f"are unreadable")
+        else:
+            img = self.load_image(image_id)
+        image = pil_to_tensor(img)
         target = self.load_target(image_id)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

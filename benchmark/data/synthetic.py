@@ -349,9 +349,11 @@ def ensure_synthetic_dataset(
     if (float(min_scale), float(max_scale)) != (MIN_SCALE, MAX_SCALE):
         params.update(min_scale=float(min_scale), max_scale=float(max_scale))
     root = Path(cache_dir) / f"synthetic-{dataset_key(**params)}"
-    root.mkdir(parents=True, exist_ok=True)
     counts = {"pretrain": num_pretrain, "train": num_train, "val": num_val}
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = {split: {"image_root": str(root / split / "images"),
+                                    "ann_file": str(root / split / "annotations.json")} for split in counts}
+    if all(_split_complete(root / split, int(n)) for split, n in counts.items()):
+        return out   # complete: read without the lock (a read-only shared cache works)
     # runs started at once (the parallel local executor, array jobs) generate the data once:
     # the others wait on this lock, then find every split complete
     from benchmark.fsutil import file_lock
@@ -362,8 +364,6 @@ def ensure_synthetic_dataset(
                 with tqdm(total=int(n), desc=f"synthetic {split}", unit="img", leave=False) as bar:
                     generate_split(root, int(n), image_size, seed, split, min_objects, max_objects,
                                    progress=bar.update, min_scale=float(min_scale), max_scale=float(max_scale))
-            out[split] = {"image_root": str(split_dir / "images"),
-                          "ann_file": str(split_dir / "annotations.json")}
     return out
 
 
@@ -430,8 +430,12 @@ def ensure_synthetic_voc(cache_dir: Path, **params) -> Path:
     splits = ensure_synthetic_dataset(cache_dir, **params)
     root = Path(splits["train"]["ann_file"]).parent.parent
     out = root / "voc"
+
+    def done() -> bool:
+        return all((out / "VOC2007" / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in VOC_SPLITS.values())
+    if done():   # complete: read without the lock (a read-only shared cache works)
+        return out
     with file_lock(root / ".voc.lock"):
-        done = all((out / "VOC2007" / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in VOC_SPLITS.values())
-        if not done:
+        if not done():
             write_voc_layout(splits, out)
     return out
