@@ -54,7 +54,9 @@ class PretrainDataset(torch.utils.data.Dataset):
                 note_unreadable(e, len(self.source), self.skipped, log)
                 continue
             return self.method.views(rec, rng, self.view_source)
-        raise RuntimeError("every image of the pretraining set is unreadable")
+        from benchmark.data.errors import DataError
+        raise DataError(getattr(self.source, "root", "") or "<image source>", "images",
+                        f"all {len(self.source)} images are unreadable")
 
 
 def _image_labels(ann_file: str, num_classes: int | None = None) -> tuple[dict[int, np.ndarray], int]:

@@ -1,4 +1,5 @@
-"""ImageSource and SkippingImageDataset: listing, records, corrupt-image skips, determinism."""
+"""ImageSource and the pretraining dataset over it: listing, records, corrupt-image skips,
+determinism of views whatever the DataLoader workers."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import torch
 from PIL import Image
 
 from benchmark.data.errors import CorruptImage, DataError
-from benchmark.data.images import ImageSource, SkippingImageDataset
+from benchmark.data.images import ImageSource
+from benchmark.pretrain import PretrainDataset
 
 from tests.conftest import TINY_COCO as TINY
 
@@ -34,8 +36,16 @@ def folder(tmp_path) -> Path:
     return root
 
 
-def _view(record, rng):
-    return {"index": record["index"], "mean": float(record["image"].mean()), "r": float(rng.random())}
+class _Method:
+    """The part of a method the dataset calls: views of a record, drawn with its rng."""
+    needs_source = False
+
+    def views(self, record, rng, source=None):
+        return {"index": record["index"], "mean": float(record["image"].mean()), "r": float(rng.random())}
+
+
+def _dataset(src, seed=0):
+    return PretrainDataset(src, _Method(), seed)
 
 
 def test_from_folder_recursive_sorted_case_insensitive(folder):
@@ -98,48 +108,44 @@ def test_corrupt_image_raises_corrupt_image(folder):
     assert isinstance(exc.value, DataError) and exc.value.path == str(folder / "b.png")
 
 
-def test_skipping_dataset_skips_counts_and_logs_once(folder, caplog):
+def test_pretraining_dataset_skips_and_logs_once(folder, caplog):
     (folder / "b.png").write_bytes(b"truncated")
-    ds = SkippingImageDataset(ImageSource.from_folder(folder), _view, seed=0)
-    with caplog.at_level(logging.WARNING, logger="benchmark.data.images"):
-        first = ds[1]
-        again = ds[1]
+    ds = _dataset(ImageSource.from_folder(folder))
+    with caplog.at_level(logging.WARNING, logger="benchmark.pretrain"):
+        first = ds[(0, 1)]
+        again = ds[(0, 1)]
     assert first["index"] == 2 and again == first  # next readable image, same rng as index 1
-    assert ds.skipped == 2
+    assert ds.skipped == {str(folder / "b.png")}
     warnings = [r for r in caplog.records if "b.png" in r.getMessage()]
     assert len(warnings) == 1
-    assert ds[0]["index"] == 0 and ds[3]["index"] == 3 and ds.skipped == 2
+    assert ds[(0, 0)]["index"] == 0 and ds[(0, 3)]["index"] == 3
 
 
-def test_skipping_dataset_wraps_and_all_corrupt_raises(folder):
+def test_pretraining_dataset_wraps_and_all_corrupt_raises(folder):
     src = ImageSource.from_folder(folder)
     (folder / "sub" / "deeper" / "d.png").write_bytes(b"bad")
-    assert SkippingImageDataset(src, _view)[3]["index"] == 0
+    assert _dataset(src)[(0, 3)]["index"] == 0
     for i in range(len(src)):
         src.path(i).write_bytes(b"bad")
     with pytest.raises(DataError, match="unreadable"):
-        SkippingImageDataset(src, _view)[0]
+        _dataset(src)[(0, 0)]
 
 
 def test_rng_from_seed_epoch_index(folder):
     src = ImageSource.from_folder(folder)
-    a, b = SkippingImageDataset(src, _view, seed=1), SkippingImageDataset(src, _view, seed=1)
-    assert [a[i] for i in range(4)] == [b[i] for i in range(4)]
-    assert a[0]["r"] != a[1]["r"]
-    assert SkippingImageDataset(src, _view, seed=2)[0]["r"] != a[0]["r"]
-    before = a[0]["r"]
-    a.set_epoch(1)
-    assert a[0]["r"] != before
-    b.set_epoch(1)
-    assert a[0] == b[0]
+    a, b = _dataset(src, seed=1), _dataset(src, seed=1)
+    assert [a[(0, i)] for i in range(4)] == [b[(0, i)] for i in range(4)]
+    assert a[(0, 0)]["r"] != a[(0, 1)]["r"]
+    assert _dataset(src, seed=2)[(0, 0)]["r"] != a[(0, 0)]["r"]
+    assert a[(1, 0)]["r"] != a[(0, 0)]["r"] and a[(1, 0)] == b[(1, 0)]
 
 
 def _collect(ds, workers):
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=[(3, i) for i in range(len(ds))],
+                                         num_workers=workers)
     return [d["r"] for d in loader]
 
 
 def test_views_do_not_depend_on_worker_count(folder):
-    ds = SkippingImageDataset(ImageSource.from_folder(folder), _view, seed=7)
-    ds.set_epoch(3)
+    ds = _dataset(ImageSource.from_folder(folder), seed=7)
     assert _collect(ds, 0) == _collect(ds, 2)

@@ -8,7 +8,7 @@ import importlib
 _WHERE = {
     "CocoDetection": "coco", "collate_fn": "coco",
     "CorruptImage": "errors", "DataError": "errors",
-    "ImageSource": "images", "SkippingImageDataset": "images",
+    "ImageSource": "images",
     "SYNTHETIC_CLASSES": "synthetic", "ensure_synthetic_dataset": "synthetic", "generate_split": "synthetic",
     "ensure_synthetic_voc": "synthetic",
     "VOC_CLASSES": "voc", "VocProtocol": "voc", "resolve_voc": "voc",

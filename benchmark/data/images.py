@@ -3,10 +3,9 @@
 :func:`read_rgb` is the one image decoder of the code base (COCO loader, proposal cache,
 pretraining). :class:`ImageSource` lists images (a folder tree or the images of a COCO json)
 and loads one as a record; how a record carries its pixels depends on the run's
-``recipe.loader`` (see ``methods.augment.LOADERS``). :class:`SkippingImageDataset` turns a source plus a view function
-into a torch Dataset that skips unreadable images (counted, logged once per file) and
-gives the view function a ``numpy.random.Generator`` derived from (seed, epoch, index),
-so the views do not depend on the number of DataLoader workers.
+``recipe.loader`` (see ``methods.augment.LOADERS``). The pretraining stage's dataset
+(``benchmark.pretrain.PretrainDataset``) skips unreadable images and draws each sample's
+views from (seed, epoch, index).
 """
 from __future__ import annotations
 
@@ -213,48 +212,3 @@ class ImageSource:
         else:
             raise ValueError(f"recipe.loader: unknown {self.loader!r} ({' | '.join(LOADERS)})")
         return {"index": i, "image_id": self.image_ids[i], "path": path, "image": image}
-
-
-class SkippingImageDataset(torch.utils.data.Dataset):
-    """``ds[i] = fn(source.record(i), rng)``, skipping unreadable images.
-
-    ``rng`` is ``numpy.random.default_rng([seed, epoch, i])``: the same for a given
-    (seed, epoch, index) in any worker. A corrupt image is logged once per file, counted
-    in ``skipped`` (per process: DataLoader workers each keep their own count) and
-    replaced by the next readable index.
-    """
-
-    def __init__(self, source: ImageSource, fn: Callable[[dict, np.random.Generator], Any], seed: int = 0):
-        self.source = source
-        self.fn = fn
-        self.seed = int(seed)
-        self.epoch = 0
-        self.skipped = 0
-        self.bad_paths: set[str] = set()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def rng(self, i: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(i)])
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> Any:
-        n = len(self.source)
-        if not -n <= i < n:
-            raise IndexError(i)
-        i %= n
-        for step in range(n):
-            j = (i + step) % n
-            try:
-                record = self.source.record(j)
-            except CorruptImage as e:
-                self.skipped += 1
-                if e.path not in self.bad_paths:
-                    self.bad_paths.add(e.path)
-                    log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
-                continue
-            return self.fn(record, self.rng(i))
-        raise DataError(self.source.root or "<image source>", "images", f"all {n} images are unreadable")
