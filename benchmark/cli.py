@@ -52,7 +52,8 @@ def cmd_finetune(a) -> int:
             raise ConfigError(f"--from: pretraining run {parent!r} is not finished in {store.root}")
         method = pc["method"]["name"]
     cfg = finetune_config(scale=a.scale, seed=a.seed, schedule=a.schedule, parent=parent, method=method,
-                          detector_overrides=ov.get("detector"), recipe_overrides=ov.get("finetune"))
+                          detector=a.detector, detector_overrides=ov.get("detector"),
+                          recipe_overrides=ov.get("finetune"))
     key = run_key(cfg)
     job = Job("finetune", key, {**cfg, "label": f"finetune/{a.init}/{a.schedule}"}, (parent,) if parent else (),
               f"finetune/{a.init}/{a.schedule}")
@@ -70,7 +71,7 @@ def cmd_evaluate(a) -> int:
     pc = store.config(a.init)
     if pc is None or store.status(a.init) != "done" or pc.get("stage") != "finetune":
         raise ConfigError(f"--from: {a.init!r} is not a finished fine-tuning run in {store.root}")
-    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"])
+    cfg = evaluate_config(parent=a.init, data=pc["data"], scale=pc["scale"], protocol=pc.get("protocol", "coco"))
     key = run_key(cfg)
     m = run_job(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"),
                 a.runs, device=a.device)
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune a detector from a pretraining run (or scratch)")
     s.add_argument("--from", dest="init", required=True, help="pretraining run key, or 'scratch'")
     s.add_argument("--schedule", default="1x")
+    s.add_argument("--detector", default="mask_rcnn", help="a registered detector (benchmark/detectors/)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-resume", action="store_true")
     _common(s)

@@ -1,6 +1,6 @@
 """Scales and config resolution. A scale (configs/scales/<name>.yaml) is a named set of
 overrides over the papers' defaults — which live with the code (method configs and recipes,
-DetectorConfig, FinetuneRecipe) — never a fork of the code. Resolution order:
+the detectors' configs and recipes) — never a fork of the code. Resolution order:
 paper defaults < method's own per-scale overrides < scale file < row/grid overrides < CLI."""
 from __future__ import annotations
 
@@ -120,30 +120,61 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
             "runtime": dict(sc.get("runtime", {}))}
 
 
+PROTOCOLS = ("coco", "voc")
+SCALE_DETECTOR_KEYS = {"model", "finetune"}
+
+
+def scale_detector(sc: dict, scale: str, detector: str) -> dict:
+    """The scale's overrides of one detector: ``detectors: {<name>: {model: ..., finetune: {1x: ...}}}``."""
+    entry = (sc.get("detectors") or {}).get(detector)
+    if entry is None:
+        raise ConfigError(f"scale {scale!r}: detectors.{detector}: missing (a detector needs its entry in "
+                          f"benchmark/configs/scales/{scale}.yaml; the scale has: "
+                          f"{', '.join(sorted(sc.get('detectors') or {})) or 'none'})")
+    bad = set(entry) - SCALE_DETECTOR_KEYS
+    if bad:
+        raise ConfigError(f"scale {scale!r}: detectors.{detector}.{sorted(bad)[0]}: unknown key "
+                          f"(known: {', '.join(sorted(SCALE_DETECTOR_KEYS))})")
+    return entry
+
+
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,
-                    method: str | None = None, detector_overrides: dict | None = None,
-                    recipe_overrides: dict | None = None, data_overrides: dict | None = None) -> dict:
-    """One fine-tuning run from the weights of ``parent`` (None: Scratch, random init).
-    ``method`` brings its own fine-tuning overrides (SoCo: weight decay 2.5e-5), which are
-    recorded in the run's identity."""
-    from benchmark.detectors import DetectorConfig
-    from benchmark.finetune import RECIPES, FinetuneRecipe
+                    method: str | None = None, detector: str = "mask_rcnn", protocol: str = "coco",
+                    detector_overrides: dict | None = None, recipe_overrides: dict | None = None,
+                    data_overrides: dict | None = None) -> dict:
+    """One fine-tuning run of ``detector`` from the weights of ``parent`` (None: Scratch,
+    random init). The recipe is the detector's for ``schedule`` < the scale's overrides of
+    that detector < ``method``'s own fine-tuning overrides (SoCo: weight decay 2.5e-5, for
+    the detectors that take them) < ``recipe_overrides``; all recorded in the run's identity.
+    ``protocol`` ("coco" | "voc") is passed through to fine-tuning and evaluation; it enters
+    the config (and so the key) only when it is not "coco", so existing keys stay."""
+    from benchmark.detectors import get_detector
+    det = get_detector(detector)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol: unknown {protocol!r} ({' | '.join(PROTOCOLS)})")
     sc = load_scale(scale)
-    if schedule not in sc.get("finetune", {}) and schedule not in RECIPES:
-        raise ConfigError(f"schedule: unknown {schedule!r} (known: {', '.join(sorted(RECIPES))})")
-    det = deep_merge(sc.get("detector", {}), detector_overrides)
-    det = DetectorConfig.from_dict(det).to_dict()
-    base = RECIPES[schedule] if schedule in RECIPES else {}
-    base = base.to_dict() if hasattr(base, "to_dict") else dict(base)
-    rec = deep_merge(base, sc.get("finetune", {}).get(schedule, {}))
-    if method:
+    entry = scale_detector(sc, scale, detector)
+    known = sorted(set(det.recipes) | set(entry.get("finetune") or {}))
+    if schedule not in known:
+        raise ConfigError(f"schedule: unknown {schedule!r} for {detector} (known: {', '.join(known)})")
+    model = deep_merge(entry.get("model") or {}, detector_overrides)
+    model = {"name": detector, **det.Config.from_dict(model, detector).to_dict()}
+    base = det.recipes[schedule].to_dict() if schedule in det.recipes else {}
+    rec = deep_merge(base, (entry.get("finetune") or {}).get(schedule, {}))
+    if method and det.takes_method_overrides:
         rec = deep_merge(rec, get_method(method).finetune_overrides)
-    rec = FinetuneRecipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
+    rec = det.Recipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
     data = expand_env(deep_merge(sc["data"], data_overrides))
-    return {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
-            "parent": parent, "detector": det, "recipe": rec, "data": data,
-            "runtime": dict(sc.get("runtime", {}))}
+    cfg = {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
+           "parent": parent, "detector": model, "recipe": rec, "data": data,
+           "runtime": dict(sc.get("runtime", {}))}
+    if protocol != "coco":
+        cfg["protocol"] = protocol
+    return cfg
 
 
-def evaluate_config(*, parent: str, data: dict, scale: str) -> dict:
-    return {"stage": "evaluate", "scale": scale, "parent": parent, "data": data}
+def evaluate_config(*, parent: str, data: dict, scale: str, protocol: str = "coco") -> dict:
+    cfg = {"stage": "evaluate", "scale": scale, "parent": parent, "data": data}
+    if protocol != "coco":
+        cfg["protocol"] = protocol
+    return cfg

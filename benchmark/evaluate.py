@@ -35,23 +35,22 @@ class _Indexed(torch.utils.data.Dataset):
         return self.base[i][0], i
 
 
-def _collate(batch):
-    return tuple(zip(*batch))
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu", num_workers: int = 0,
             progress: bool = True, mask_threshold: float = 0.5) -> dict[str, list[dict]]:
-    """Run ``model`` over ``dataset``; returns ``{"bbox": [...], "segm": [...]}`` COCO results."""
+    """Run ``model`` over ``dataset``; returns ``{"bbox": [...]}`` COCO results, and ``"segm"``
+    where the model predicts masks."""
     from tqdm.auto import tqdm
+
+    from benchmark.data.coco import collate_fn
     device = torch.device(device)
     model = model.module if hasattr(model, "module") else model
     was_training = model.training
     model.eval().to(device)
     loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate)
+                                         num_workers=num_workers, collate_fn=collate_fn)
     mapping = dataset.contiguous_to_cat_id
-    results: dict[str, list[dict]] = {"bbox": [], "segm": []}
+    results: dict[str, list[dict]] = {"bbox": []}
     try:
         for images, idxs in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
             outputs = model([im.to(device) for im in images])
@@ -64,6 +63,8 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu
                 xywh[:, 2:] -= xywh[:, :2]
                 for b, s, c in zip(xywh.tolist(), scores, cats):
                     results["bbox"].append({"image_id": image_id, "category_id": c, "bbox": b, "score": s})
+                if "masks" in out:
+                    results.setdefault("segm", [])
                 if "masks" in out and len(scores):
                     m = (out["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
                     rles = mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))
@@ -112,15 +113,19 @@ def coco_summary(gt, results: list[dict], iou_type: str, *, img_ids=None,
 
 
 def evaluate_results(ann_file, results: dict[str, list[dict]], *, img_ids=None) -> dict:
+    """Metrics per IoU type present in ``results`` (``segm`` only for detectors with masks)."""
     from faster_coco_eval import COCO
+    bad = sorted(set(results) - set(IOU_TYPES))
+    if bad:
+        raise ValueError(f"results: unknown IoU type {bad[0]!r} ({' | '.join(IOU_TYPES)})")
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
-    return {t: coco_summary(gt, results.get(t, []), t, img_ids=img_ids) for t in IOU_TYPES}
+    return {t: coco_summary(gt, results[t], t, img_ids=img_ids) for t in IOU_TYPES if t in results}
 
 
 def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu",
                       num_workers: int = 0, progress: bool = True) -> dict:
-    """``{"bbox": {"AP", "AP50", ...}, "segm": {...}}`` in percent over ``dataset``'s images."""
+    """``{"bbox": {"AP", "AP50", ...}[, "segm": {...}]}`` in percent over ``dataset``'s images."""
     results = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
                       progress=progress)
     return evaluate_results(dataset.ann_file, results, img_ids=dataset.ids)
@@ -128,7 +133,7 @@ def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, d
 
 def load_final_model(model_path: str | Path) -> torch.nn.Module:
     """Rebuild the detector saved by ``run_finetune`` as ``model_final.pt``."""
-    from benchmark.detectors import DetectorConfig, build_detector
+    from benchmark.detectors import build_detector
     from benchmark.trainer import load_checkpoint
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -137,18 +142,21 @@ def load_final_model(model_path: str | Path) -> torch.nn.Module:
     for k in ("state_dict", "num_classes", "detector"):
         if not isinstance(ckpt, dict) or k not in ckpt:
             raise ValueError(f"{model_path}: field '{k}': missing (expected a model_final.pt from run_finetune)")
-    model = build_detector(DetectorConfig.from_dict(ckpt["detector"]), int(ckpt["num_classes"]))
+    model = build_detector(ckpt["detector"], int(ckpt["num_classes"]))
     model.load_state_dict(ckpt["state_dict"])
     return model
 
 
 def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", batch_size: int = 4,
-                 num_workers: int = 0, progress: bool = True) -> dict:
+                 num_workers: int = 0, progress: bool = True, protocol: str = "coco") -> dict:
     """Evaluate ``model_final.pt`` on ``data["val"]``; writes ``detections.json`` and
     ``coco_metrics.json`` under ``run_dir`` and returns the metrics (the run store writes
-    the run's own ``metrics.json`` last, as its done-marker)."""
+    the run's own ``metrics.json`` last, as its done-marker). ``protocol``: the table
+    column's ("coco"; the VOC protocol's evaluation is not here yet)."""
     from benchmark.finetune import open_coco, resolve_device
     from benchmark.fsutil import atomic_write_json
+    if protocol != "coco":
+        raise NotImplementedError(f"protocol: {protocol!r} evaluation is not implemented yet (coco)")
     if not isinstance(data, dict) or "val" not in data:
         raise ValueError("data.val: missing (expected {'val': {'image_root', 'ann_file'}})")
     dev = resolve_device(device)

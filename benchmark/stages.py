@@ -55,7 +55,7 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
             from benchmark.evaluate import run_evaluate
             model = store.run_dir(cfg["parent"]) / "model_final.pt"
             m = run_evaluate(str(model), resolve_data(cfg["data"]), run_dir=run_dir,
-                             **({"device": device} if device else {}))
+                             protocol=cfg.get("protocol", "coco"), **({"device": device} if device else {}))
             complete = True
         else:
             raise ValueError(f"{job.label}: unknown stage {job.stage!r}")
