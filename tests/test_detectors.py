@@ -151,3 +151,39 @@ def test_load_weights_file_errors(tmp_path):
     torch.save({"state_dict": {"conv1.weight": 3}}, odd)
     with pytest.raises(ValueError, match="odd.pt: field 'state_dict'"):
         load_weights_file(odd)
+
+
+def test_detr_backbone_computes_torchvisions_resnet():
+    """The key map torchvision ResNet -> transformers' ResNet is exact: same weights, same C5."""
+    detr = get_detector("detr")
+    model = build_detector({"name": "detr", "backbone": "resnet18", "d_model": 32, "encoder_layers": 1,
+                            "decoder_layers": 1, "attention_heads": 2, "ffn_dim": 64, "num_queries": 5}, 3)
+    torch.manual_seed(4)
+    tv = torchvision.models.resnet18(weights=None)
+    for m in tv.modules():   # non-trivial BN statistics, so a swapped BN would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    report = load_pretrained(model, {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}, detr)
+    assert not report.groups["backbone"].missing and not report.groups["backbone"].unexpected
+    tv.eval()
+    x = torch.rand(1, 3, 64, 64)
+    c5 = torch.nn.Sequential(*list(tv.children())[:-2])(x)
+    out = model.detr.model.backbone.model(x).feature_maps[-1]
+    torch.testing.assert_close(out, c5, rtol=1e-4, atol=1e-4)
+
+
+def test_c4_heads_share_res5_and_take_layer4():
+    c4 = get_detector("mask_rcnn_c4")
+    model = build_detector({"name": "mask_rcnn_c4", "backbone": "resnet18", "min_size": [64], "max_size": 80,
+                            "test_min_size": 64, "mask_head_dim": 16}, 3)
+    sd = model.state_dict()
+    assert not any(k.startswith("roi_heads.mask_head") for k in sd)          # one copy of res5
+    assert "roi_heads.box_head.norm.weight" in sd and c4.key_group("roi_heads.box_head.norm.weight") == "box_head"
+    assert c4.detector_key("layer4.0.conv1.weight") == "roi_heads.box_head.res5.0.conv1.weight"
+    assert c4.detector_key("layer3.0.conv1.weight") == "backbone.layer3.0.conv1.weight"
+    report = load_pretrained(model, _resnet18_export(), c4)
+    assert len(report.groups["backbone"].loaded) == len(_resnet18_export())
+    assert report.groups["box_head"].missing == [f"roi_heads.box_head.norm.{k}" for k in
+                                                 ("weight", "bias", "running_mean", "running_var")]
+    assert model.roi_heads.mask_head.__self__ is model.roi_heads.box_head

@@ -5,7 +5,7 @@ MoCo's detectron2 config (``Res5ROIHeadsExtraNorm`` in moco/detection/train_net.
 after res5, "as described in the MoCo paper").
 
 Keys from a method's export: the whole ResNet is the backbone group (``layer4.*`` goes to
-``roi_heads.box_head.res5.*``); the extra norm is the box_head group (no export has it).
+``roi_heads.box_head.res5.*``, the rest to ``backbone.*``); the extra norm is the box_head group (no export has it).
 An FPN or a 4conv1fc box head (SoCo's) has no place here and is reported as unexpected.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ class FasterRCNNC4(Detector):
     Recipe = SGDRecipe
     # MoCo's COCO C4 configs (coco_R_50_C4_{1x,2x}_moco.yaml): detectron2's 1x / 2x
     recipes = {"1x": SGDRecipe(), "2x": SGDRecipe(steps=180_000)}
-    key_map = (("layer4.", "roi_heads.box_head.res5.", "backbone"), ("", "backbone.body.", "backbone"),
+    key_map = (("layer4.", "roi_heads.box_head.res5.", "backbone"), ("", "backbone.", "backbone"),
                (None, "roi_heads.box_head.norm.", "box_head"))
 
     @classmethod

@@ -22,7 +22,7 @@ from torchvision.models.detection.fcos import FCOSHead
 
 from benchmark.detectors import register_detector
 from benchmark.detectors.base import SGDRecipe, Transform
-from benchmark.detectors.retinanet import OneStage, OneStageConfig, fpn_p3_p7
+from benchmark.detectors.retinanet import OneStage, OneStageConfig, drop_background, fpn_p3_p7
 from methods.base import ConfigError
 
 STRIDES = (8, 16, 32, 64, 128)   # P3..P7
@@ -60,4 +60,4 @@ class FCOSFPN(OneStage):
                      nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
                      topk_candidates=cfg.topk_candidates)
         model.transform = Transform(cfg.min_size, cfg.max_size, cfg.test_min_size)
-        return model
+        return drop_background(model)

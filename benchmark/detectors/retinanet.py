@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -74,6 +75,18 @@ def fpn_p3_p7(cfg: OneStageConfig, p6_from_c5: bool) -> BackboneWithFPN:
 _FPN_LEVEL = re.compile(r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(.*)$")
 
 
+def drop_background(model: nn.Module) -> nn.Module:
+    """Detections of class 0 dropped at inference. Every detector here counts a background slot
+    0 in ``num_classes``; the R-CNNs never predict it, but a sigmoid classifier (focal loss)
+    scores it like any class: never a positive in training, yet an untrained head can rank it."""
+    def hook(module, args, output):
+        if module.training:
+            return output
+        return [{k: v[d["labels"] != 0] for k, v in d.items()} for d in output]
+    model.register_forward_hook(hook)
+    return model
+
+
 class OneStage(Detector):
     """The key map of an FPN over C3-C5 (shared by RetinaNet and FCOS)."""
     key_map = (("fpn.", "backbone.fpn.", "fpn"), ("", "backbone.body.", "backbone"))
@@ -106,4 +119,4 @@ class RetinaNetFPN(OneStage):
                           detections_per_img=cfg.detections_per_img, topk_candidates=cfg.topk_candidates,
                           fg_iou_thresh=cfg.fg_iou_thresh, bg_iou_thresh=cfg.bg_iou_thresh)
         model.transform = Transform(cfg.min_size, cfg.max_size, cfg.test_min_size)
-        return model
+        return drop_background(model)
