@@ -187,3 +187,15 @@ def test_c4_heads_share_res5_and_take_layer4():
     assert report.groups["box_head"].missing == [f"roi_heads.box_head.norm.{k}" for k in
                                                  ("weight", "bias", "running_mean", "running_var")]
     assert model.roi_heads.mask_head.__self__ is model.roi_heads.box_head
+
+
+def test_detr_trainable_bn_keeps_the_key_space():
+    small = {"name": "detr", "backbone": "resnet18", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+             "attention_heads": 2, "ffn_dim": 64, "num_queries": 5}
+    frozen = build_detector(small, 3)
+    bn = build_detector({**small, "norm": "bn"}, 3)
+    strip = {k for k in bn.state_dict() if not k.endswith("num_batches_tracked")}
+    assert strip == set(frozen.state_dict())
+    bns = [m for m in bn.detr.model.backbone.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 20 and all(m.weight.requires_grad for m in bns)   # stem + 8 blocks x 2 + 3 shortcuts
+    assert not any(type(m).__name__ == "DetrFrozenBatchNorm2d" for m in bn.modules())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.config import finetune_config
+from benchmark.config import finetune_config, load_scale
 from benchmark.detectors import detector_config, list_detectors
 
 BASELINE = "mask_rcnn"
@@ -86,8 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--detectors", default=",".join(list_detectors()))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads on CPU (default: the scale's runtime.torch_threads, 1 at tiny: two "
+                        "threads on a busy 2-core machine spin in OpenMP and time nothing but contention)")
     p.add_argument("--out", default="results/benchmarks/detector_bench.json")
     a = p.parse_args(argv)
+    threads = a.threads or load_scale(a.scale).get("runtime", {}).get("torch_threads")
+    if a.device == "cpu" and threads:
+        torch.set_num_threads(int(threads))
     names = [BASELINE] + [n for n in a.detectors.split(",") if n != BASELINE]
     rows = [time_detector(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size) for n in names]
     base = rows[0]["s_per_step"]

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from benchmark.detectors import register_detector
-from benchmark.detectors.base import Detector, DetectorConfig, FinetuneRecipe, Transform
+from benchmark.detectors.base import NORMS, Detector, DetectorConfig, FinetuneRecipe, Transform
 from methods.base import ConfigError
 
 # torchvision ResNet -> transformers ResNetConfig (depths, widths, block type)
@@ -49,6 +49,9 @@ class DETRConfig(DetectorConfig):
     """Defaults: DETR R50 (DETR Sec. 4 / Table 1: 6+6 layers, d 256, 8 heads, FFN 2048,
     100 queries, dropout 0.1)."""
     backbone: str = "resnet50"
+    # "frozen_bn": DETR's (and transformers') frozen BatchNorm in the backbone; "bn": trainable
+    # BatchNorm (SyncBN when distributed), as the other detectors fine-tune here
+    norm: str = "frozen_bn"
     d_model: int = 256
     encoder_layers: int = 6
     decoder_layers: int = 6
@@ -69,6 +72,7 @@ class DETRConfig(DetectorConfig):
 
     def validate(self) -> None:
         self.choice("backbone", tuple(RESNETS))
+        self.choice("norm", NORMS)
         if self.d_model % self.attention_heads:
             raise ConfigError(f"detector.d_model: {self.d_model} is not divisible by attention_heads "
                               f"{self.attention_heads}")
@@ -128,6 +132,19 @@ class DETR(nn.Module):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
 
+def _trainable_bn(module: nn.Module) -> None:
+    """transformers' frozen BatchNorm -> ``nn.BatchNorm2d`` with the same state (same keys)."""
+    for name, child in module.named_children():
+        if type(child).__name__ == "DetrFrozenBatchNorm2d":
+            bn = nn.BatchNorm2d(child.weight.numel())
+            with torch.no_grad():
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, k).copy_(getattr(child, k))
+            setattr(module, name, bn)
+        else:
+            _trainable_bn(child)
+
+
 def _normalized_cxcywh(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     x0, y0, x1, y1 = boxes.unbind(-1)
     return torch.stack([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h], -1)
@@ -178,6 +195,8 @@ class DETRR50(Detector):
                         giou_loss_coefficient=cfg.giou_loss_coefficient, eos_coefficient=cfg.eos_coefficient)
         detr = DetrForObjectDetection(hf)
         detr.model.unfreeze_backbone()   # transformers froze the stem and res2 (see the module doc)
+        if cfg.norm == "bn":
+            _trainable_bn(detr.model.backbone.model)
         transform = Transform(cfg.min_size, cfg.max_size, cfg.test_min_size)
         return DETR(detr, transform, detections_per_img=cfg.num_queries)
 
