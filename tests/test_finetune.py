@@ -173,8 +173,8 @@ def test_end_to_end_tiny_coco(tmp_path):
     from benchmark.evaluate import run_evaluate
     data = {s: {"image_root": str(TINY_COCO / f"{s}2017"),
                 "ann_file": str(TINY_COCO / "annotations" / f"instances_{s}2017.json")} for s in ("train", "val")}
-    det = dict(backbone="resnet18", fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256, mask_head_dim=64,
-               mask_head_convs=2, box_batch_size_per_image=64, rpn_batch_size_per_image=64,
+    det = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256,
+               mask_head_dim=64, mask_head_convs=2, box_batch_size_per_image=64, rpn_batch_size_per_image=64,
                rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=500,
                rpn_post_nms_top_n_test=200, anchor_sizes=[8, 16, 32, 64, 128], min_size=[112, 128],
                max_size=213, test_min_size=128)
