@@ -117,8 +117,8 @@ def cmd_finetune(a) -> int:
     data = _user_data(a, "finetune", ("train", "val"))
     check_inputs(a.scale, user_data=data is not None)
     cfg = finetune_config(scale=a.scale, seed=a.seed, schedule=a.schedule, parent=parent, method=method,
-                          detector_overrides=ov.get("detector"), recipe_overrides=ov.get("finetune"),
-                          data=data)
+                          detector=a.detector, detector_overrides=ov.get("detector"),
+                          recipe_overrides=ov.get("finetune"), data=data)
     key = run_key(cfg)
     job = Job("finetune", key, {**cfg, "label": f"finetune/{a.init}/{a.schedule}"}, (parent,) if parent else (),
               f"finetune/{a.init}/{a.schedule}")
@@ -139,7 +139,7 @@ def cmd_evaluate(a) -> int:
     # the fine-tuning run's validation data (its content now: a fixed file is a new evaluation),
     # or another dataset given with --data
     data = _user_data(a, "evaluate", ("val",)) or pc["data"]
-    protocol = "voc" if data.get("kind") == "voc" else "coco"   # VOC data: VOC's AP (benchmark.voc_eval)
+    protocol = "voc" if data.get("kind") == "voc" else pc.get("protocol", "coco")   # VOC: benchmark.voc_eval
     cfg = evaluate_config(parent=a.init, data=with_identity(data), scale=pc["scale"], protocol=protocol)
     key = run_key(cfg)
     m = _run(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"), a)
@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune a detector from a pretraining run (or scratch)")
     s.add_argument("--from", dest="init", required=True, help="pretraining run key, or 'scratch'")
     s.add_argument("--schedule", default="1x")
+    s.add_argument("--detector", default="mask_rcnn", help="a registered detector (benchmark/detectors/)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-resume", action="store_true")
     _common(s)

@@ -1,6 +1,6 @@
 """Scales and config resolution. A scale (configs/scales/<name>.yaml) is a named set of
 overrides over the papers' defaults — which live with the code (method configs and recipes,
-DetectorConfig, FinetuneRecipe) — never a fork of the code. Resolution order:
+the detectors' configs and recipes) — never a fork of the code. Resolution order:
 paper defaults < method's own per-scale overrides < scale file < row/grid overrides < CLI."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     return deep_merge(base, sc)
 
 
-SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detector", "finetune")
+SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detectors")
 # runtime: how a run executes, never part of its identity; (type, lowest value)
 RUNTIME = {"num_workers": (int, 0), "torch_threads": (int, 1), "local_jobs": (int, 1), "ckpt_every": (int, 1),
            "log_every": (int, 1), "amp": (bool, None),
@@ -59,7 +59,7 @@ def validate_scale(sc, path: Path) -> None:
     for k in sc:
         if k not in SCALE_KEYS:
             raise ConfigError(f"{path}: {k}: unknown key (known: {', '.join(SCALE_KEYS)})")
-    for k in ("data", "pretrain", "runtime", "detector", "finetune"):
+    for k in ("data", "pretrain", "runtime", "detectors"):
         if k in sc and not isinstance(sc[k], dict):
             raise ConfigError(f"{path}: {k}: expected a mapping, got {sc[k]!r}")
     try:
@@ -79,15 +79,18 @@ def validate_scale(sc, path: Path) -> None:
             if k not in hints:
                 raise ConfigError(f"pretrain.{k}: unknown key (known: batch_divisor, {', '.join(hints)})")
             _coerce(v, hints[k], f"pretrain.{k}")
-        if "detector" in sc or "finetune" in sc:
-            from benchmark.detectors import DetectorConfig
-            from benchmark.finetune import FinetuneRecipe
-            if "detector" in sc:
-                DetectorConfig.from_dict(sc["detector"])
-            for sched, rec in sc.get("finetune", {}).items():
+        for name, entry in (sc.get("detectors") or {}).items():
+            from benchmark.detectors import get_detector
+            det = get_detector(name)
+            if not isinstance(entry, dict) or set(entry) - SCALE_DETECTOR_KEYS:
+                raise ConfigError(f"detectors.{name}: expected a mapping of {', '.join(sorted(SCALE_DETECTOR_KEYS))}")
+            det.Config.from_dict(entry.get("model") or {}, name)
+            for sched, rec in (entry.get("finetune") or {}).items():
                 if not isinstance(rec, dict):
-                    raise ConfigError(f"finetune.{sched}: expected a mapping of recipe values, got {rec!r}")
-                FinetuneRecipe.from_dict(rec)
+                    raise ConfigError(f"detectors.{name}.finetune.{sched}: expected a mapping of recipe values, "
+                                      f"got {rec!r}")
+                base = det.recipes[sched].to_dict() if sched in det.recipes else {}
+                det.Recipe.from_dict(deep_merge(base, rec))
     except ValueError as e:   # ConfigError, and the range checks of the detector and recipe
         raise ConfigError(f"{path}: {e}") from None
 
@@ -235,37 +238,74 @@ def _check_loader(recipe: dict, cls) -> None:
         recipe["loader"] = loader
 
 
+PROTOCOLS = ("coco", "voc")
+SCALE_DETECTOR_KEYS = {"model", "finetune"}
+
+
+def voc_data(sc: dict, scale: str) -> dict:
+    """The VOC protocol's data at a scale: the synthetic scenes written in VOC layout at tiny
+    (``benchmark.data.synthetic``), ``$VOC_ROOT`` (VOC07+12 trainval / VOC07 test) otherwise."""
+    from benchmark.data.user import with_identity
+    base = sc["data"]
+    if base.get("kind") == "synthetic":
+        return {"kind": "voc", "synthetic": {k: v for k, v in base.items() if k != "kind"}}
+    return with_identity(expand_env({"kind": "voc", "root": "${VOC_ROOT}"}, "data"))
+
+
+def scale_detector(sc: dict, scale: str, detector: str) -> dict:
+    """The scale's overrides of one detector: ``detectors: {<name>: {model: ..., finetune: {1x: ...}}}``."""
+    entry = (sc.get("detectors") or {}).get(detector)
+    if entry is None:
+        raise ConfigError(f"scale {scale!r}: detectors.{detector}: missing (a detector needs its entry in "
+                          f"benchmark/configs/scales/{scale}.yaml; the scale has: "
+                          f"{', '.join(sorted(sc.get('detectors') or {})) or 'none'})")
+    bad = set(entry) - SCALE_DETECTOR_KEYS
+    if bad:
+        raise ConfigError(f"scale {scale!r}: detectors.{detector}.{sorted(bad)[0]}: unknown key "
+                          f"(known: {', '.join(sorted(SCALE_DETECTOR_KEYS))})")
+    return entry
+
+
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,
-                    method: str | None = None, detector_overrides: dict | None = None,
-                    recipe_overrides: dict | None = None, data_overrides: dict | None = None,
-                    data: dict | None = None) -> dict:
-    """One fine-tuning run from the weights of ``parent`` (None: Scratch, random init).
-    ``method`` brings its own fine-tuning overrides (SoCo: weight decay 2.5e-5), which are
-    recorded in the run's identity."""
-    from benchmark.detectors import DetectorConfig
-    from benchmark.finetune import RECIPES, FinetuneRecipe
+                    method: str | None = None, detector: str = "mask_rcnn", protocol: str = "coco",
+                    detector_overrides: dict | None = None, recipe_overrides: dict | None = None,
+                    data_overrides: dict | None = None, data: dict | None = None) -> dict:
+    """One fine-tuning run of ``detector`` from the weights of ``parent`` (None: Scratch,
+    random init). The recipe is the detector's for ``schedule`` < the scale's overrides of
+    that detector < ``method``'s own fine-tuning overrides (SoCo: weight decay 2.5e-5, for
+    the detectors that take them) < ``recipe_overrides``; all recorded in the run's identity.
+    ``protocol`` ("coco" | "voc") is passed through to fine-tuning and evaluation; it enters
+    the config (and so the key) only when it is not "coco", so existing keys stay. ``data``: a
+    dataset replacing the scale's (``--data``); a ``voc`` column on a scale whose data is not
+    VOC reads the scale's VOC data (``voc_data``)."""
+    from benchmark.detectors import get_detector
+    det = get_detector(detector)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol: unknown {protocol!r} ({' | '.join(PROTOCOLS)})")
     sc = load_scale(scale)
-    if schedule not in sc.get("finetune", {}) and schedule not in RECIPES:
-        raise ConfigError(f"schedule: unknown {schedule!r} (known: {', '.join(sorted(RECIPES))})")
-    det = deep_merge(sc.get("detector", {}), detector_overrides)
-    try:
-        det = DetectorConfig.from_dict(det).to_dict()
-    except ValueError as e:   # the detector's range checks: a config error like any other
-        raise ConfigError(str(e)) from None
-    base = RECIPES[schedule] if schedule in RECIPES else {}
-    base = base.to_dict() if hasattr(base, "to_dict") else dict(base)
-    rec = deep_merge(base, sc.get("finetune", {}).get(schedule, {}))
-    if method:
+    entry = scale_detector(sc, scale, detector)
+    known = sorted(set(det.recipes) | set(entry.get("finetune") or {}))
+    if schedule not in known:
+        raise ConfigError(f"schedule: unknown {schedule!r} for {detector} (known: {', '.join(known)})")
+    model = deep_merge(entry.get("model") or {}, detector_overrides)
+    model = {"name": detector, **det.Config.from_dict(model, detector).to_dict()}
+    base = det.recipes[schedule].to_dict() if schedule in det.recipes else {}
+    rec = deep_merge(base, (entry.get("finetune") or {}).get(schedule, {}))
+    if method and det.takes_method_overrides:
         rec = deep_merge(rec, get_method(method).finetune_overrides)
-    rec = FinetuneRecipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
+    rec = det.Recipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
     data = resolve_data_config(sc, data, data_overrides, ("train", "val"))
-    return {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
-            "parent": parent, "detector": det, "recipe": rec, "data": data,
-            "runtime": dict(sc.get("runtime", {}))}
+    if protocol == "voc" and data.get("kind") != "voc":
+        data = voc_data(sc, scale)
+    cfg = {"stage": "finetune", "scale": scale, "seed": int(seed), "schedule": schedule,
+           "parent": parent, "detector": model, "recipe": rec, "data": data,
+           "runtime": dict(sc.get("runtime", {}))}
+    if protocol != "coco":
+        cfg["protocol"] = protocol
+    return cfg
 
 
 def evaluate_config(*, parent: str, data: dict, scale: str, protocol: str = "coco") -> dict:
-    """``protocol``: coco | voc (recorded only when not coco, so COCO run keys are unchanged)."""
     cfg = {"stage": "evaluate", "scale": scale, "parent": parent, "data": data}
     if protocol != "coco":
         cfg["protocol"] = protocol

@@ -44,25 +44,24 @@ class _Indexed(torch.utils.data.Dataset):
             return e, i
 
 
-def _collate(batch):
-    return tuple(zip(*batch))
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu", num_workers: int = 0,
             progress: bool = True, mask_threshold: float = 0.5) -> dict[str, list[dict]]:
-    """Run ``model`` over ``dataset``; returns ``{"bbox": [...], "segm": [...]}`` COCO results
-    and ``"unreadable"``: ``{image_id: error}`` of the images that could not be decoded."""
+    """Run ``model`` over ``dataset``; returns ``{"bbox": [...]}`` COCO results, ``"segm"``
+    where the model predicts masks, and ``"unreadable"``: ``{image_id: error}`` of the images
+    that could not be decoded."""
     from benchmark.data.errors import CorruptImage
     from tqdm.auto import tqdm
+
+    from benchmark.data.coco import collate_fn
     device = torch.device(device)
     model = model.module if hasattr(model, "module") else model
     was_training = model.training
     model.eval().to(device)
     loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate)
+                                         num_workers=num_workers, collate_fn=collate_fn)
     mapping = dataset.contiguous_to_cat_id
-    results: dict = {"bbox": [], "segm": [], "unreadable": {}}
+    results: dict = {"bbox": [], "unreadable": {}}
     try:
         for images, idxs in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
             for im, i in zip(images, idxs):
@@ -83,6 +82,8 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu
                 xywh[:, 2:] -= xywh[:, :2]
                 for b, s, c in zip(xywh.tolist(), scores, cats):
                     results["bbox"].append({"image_id": image_id, "category_id": c, "bbox": b, "score": s})
+                if "masks" in out:
+                    results.setdefault("segm", [])
                 if "masks" in out and len(scores):
                     m = (out["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
                     rles = mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))
@@ -131,15 +132,19 @@ def coco_summary(gt, results: list[dict], iou_type: str, *, img_ids=None,
 
 
 def evaluate_results(ann_file, results: dict[str, list[dict]], *, img_ids=None) -> dict:
+    """Metrics per IoU type present in ``results`` (``segm`` only for detectors with masks)."""
     from faster_coco_eval import COCO
+    bad = sorted(set(results) - set(IOU_TYPES))
+    if bad:
+        raise ValueError(f"results: unknown IoU type {bad[0]!r} ({' | '.join(IOU_TYPES)})")
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
-    return {t: coco_summary(gt, results.get(t, []), t, img_ids=img_ids) for t in IOU_TYPES}
+    return {t: coco_summary(gt, results[t], t, img_ids=img_ids) for t in IOU_TYPES if t in results}
 
 
 def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu",
                       num_workers: int = 0, progress: bool = True) -> dict:
-    """``{"bbox": {"AP", "AP50", ...}, "segm": {...}}`` in percent over ``dataset``'s images."""
+    """``{"bbox": {"AP", "AP50", ...}[, "segm": {...}]}`` in percent over ``dataset``'s images."""
     results = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
                       progress=progress)
     bad = results.pop("unreadable")
@@ -148,7 +153,7 @@ def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, d
 
 def load_final_model(model_path: str | Path) -> torch.nn.Module:
     """Rebuild the detector saved by ``run_finetune`` as ``model_final.pt``."""
-    from benchmark.detectors import DetectorConfig, build_detector
+    from benchmark.detectors import build_detector
     from benchmark.trainer import load_checkpoint
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -157,7 +162,7 @@ def load_final_model(model_path: str | Path) -> torch.nn.Module:
     for k in ("state_dict", "num_classes", "detector"):
         if not isinstance(ckpt, dict) or k not in ckpt:
             raise ValueError(f"{model_path}: field '{k}': missing (expected a model_final.pt from run_finetune)")
-    model = build_detector(DetectorConfig.from_dict(ckpt["detector"]), int(ckpt["num_classes"]))
+    model = build_detector(ckpt["detector"], int(ckpt["num_classes"]))
     model.load_state_dict(ckpt["state_dict"])
     return model
 

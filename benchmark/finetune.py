@@ -1,79 +1,30 @@
 """Fine-tuning a detector from pretrained weights (the transfer half of every table).
 
-``run_finetune`` builds the detector, loads a method's ``weights.pt`` (canonical keys),
-and trains with the shared ``TrainLoop``: SGD, linear warmup, step decay at fixed fractions
-of the schedule (detectron2's 1x/2x), horizontal-flip + multi-scale augmentation, crowd
+``run_finetune`` builds the detector the config names (``benchmark.detectors``), loads a
+method's ``weights.pt`` (canonical keys), and trains with the shared ``TrainLoop`` under the
+detector's own optimizer and lr schedule (SGD with warm-up and steps for the R-CNNs and
+one-stage detectors, AdamW for DETR), horizontal-flip + multi-scale augmentation, crowd
 regions dropped from the targets. Resumable and bit-exact on CPU: the batch of step ``s``
 and its flips are pure functions of (seed, s); every other RNG is in the checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmark.detectors import (DetectorConfig, build_detector, dataclass_from_dict, load_pretrained,
-                                 load_weights_file, maybe_sync_bn)
-from benchmark.trainer import (JsonlLogger, LoopConfig, ResumableBatchSampler, Schedule, TrainLoop,
-                               build_optimizer, is_main_process, sample_rng, save_checkpoint,
-                               seed_everything, world)
-from methods.base import ConfigError
+from benchmark.data.coco import collate_fn
+from benchmark.detectors import detector_config, load_pretrained, load_weights_file, maybe_sync_bn
+from benchmark.trainer import (JsonlLogger, LoopConfig, ResumableBatchSampler, TrainLoop, is_main_process,
+                               sample_rng, save_checkpoint, seed_everything, world)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FinetuneRecipe:
-    """Defaults: detectron2's 1x schedule as used by MoCo v2 / PixPro / SoCo fine-tuning
-    (90k iterations at 16 images, lr 0.02, drops at 60k and 80k, 1k warmup iterations)."""
-    steps: int = 90_000
-    batch_size: int = 16                    # global, over all processes
-    lr: float = 0.02
-    milestones: tuple[float, ...] = (2 / 3, 8 / 9)   # fractions of steps: 60k, 80k of 90k
-    gamma: float = 0.1
-    warmup_steps: int = 1000
-    warmup_factor: float = 0.001
-    weight_decay: float = 1e-4              # SoCo's fine-tuning rows use 2.5e-5
-    weight_decay_norm: float = 0.0          # detectron2 SOLVER.WEIGHT_DECAY_NORM
-    momentum: float = 0.9
-    hflip_prob: float = 0.5
-    grad_clip: float | None = None          # detectron2 default: no clipping
-    ckpt_every: int = 5000
-    log_every: int = 20
-    num_workers: int = 4
-    amp: bool = True                        # CUDA only
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "FinetuneRecipe":
-        r = dataclass_from_dict(cls, d, "recipe")
-        if r.steps <= 0 or r.batch_size <= 0:
-            raise ConfigError(f"recipe.steps/batch_size: expected positive, got {r.steps}/{r.batch_size}")
-        if any(not 0 < m <= 1 for m in r.milestones):
-            raise ConfigError(f"recipe.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
-        if not 0 <= r.hflip_prob <= 1:
-            raise ConfigError(f"recipe.hflip_prob: expected a probability, got {r.hflip_prob}")
-        return r
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    def milestone_steps(self) -> tuple[int, ...]:
-        return tuple(int(round(m * self.steps)) for m in self.milestones)
-
-
-RECIPES: dict[str, FinetuneRecipe] = {
-    "1x": FinetuneRecipe(),
-    # 2x: 180k iterations, drops at 120k and 160k (same fractions)
-    "2x": FinetuneRecipe(steps=180_000, milestones=(2 / 3, 8 / 9)),
-}
-
-
 # --------------------------------------------------------------------------- data
-def open_coco(split: dict, where: str, *, with_masks: bool = True):
+def open_coco(split: dict, where: str, *, with_masks: bool):
     """``CocoDetection`` for ``data[<split>] = {"image_root", "ann_file"}``."""
     from benchmark.data.coco import CocoDetection
     if not isinstance(split, dict):
@@ -129,24 +80,6 @@ class TrainSet(torch.utils.data.Dataset):
         return image, out
 
 
-def collate(batch):
-    return tuple(zip(*batch))
-
-
-# --------------------------------------------------------------------------- optimizer
-def param_groups(model: torch.nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict]:
-    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    norm, other = [], []
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if p.requires_grad:
-                (norm if isinstance(m, norm_types) else other).append(p)
-    groups = [{"params": other, "weight_decay": weight_decay}]
-    if norm:
-        groups.append({"params": norm, "weight_decay": weight_decay_norm})
-    return groups
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,12 +90,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, weights: str | None,
                  seed: int, resume: bool = True, stop_after: int | None = None,
                  device: str | None = "auto", progress: bool = True) -> dict:
-    """Fine-tune a detector; writes ``log.jsonl``, ``checkpoint.pt``, ``load_report.json``
+    """Fine-tune the detector ``detector`` names (``{"name", **config}``); writes ``log.jsonl``, ``checkpoint.pt``, ``load_report.json``
     (when ``weights``) and, once all steps are done, ``model_final.pt``.
     Returns ``{"final_loss", "steps"}``. ``Diverged`` propagates."""
     run_dir = Path(run_dir)
-    det_cfg = detector if isinstance(detector, DetectorConfig) else DetectorConfig.from_dict(detector)
-    rec = recipe if isinstance(recipe, FinetuneRecipe) else FinetuneRecipe.from_dict(recipe)
+    det, det_cfg = detector_config(detector)
+    rec = det.Recipe.from_dict(recipe)
     if not isinstance(data, dict) or "train" not in data:
         raise ValueError("data.train: missing (expected {'train': {'image_root', 'ann_file'}, 'val': ...})")
     dev = resolve_device(device)
@@ -170,19 +103,17 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     if rec.batch_size % world_size:
         raise ConfigError(f"recipe.batch_size: {rec.batch_size} is not divisible by {world_size} processes")
 
-    train_base = open_coco(data["train"], "data.train", with_masks=True)
+    train_base = open_coco(data["train"], "data.train", with_masks=det.with_masks)
     num_classes = train_base.num_classes + 1   # + background
     seed_everything(seed)
-    model = build_detector(det_cfg, num_classes).to(dev)
+    model = det.build(det_cfg, num_classes).to(dev)
     if weights:
-        report = load_pretrained(model, load_weights_file(weights), source=str(weights))
+        report = load_pretrained(model, load_weights_file(weights), det, source=str(weights))
         if is_main_process():
             report.save(run_dir / "load_report.json")
     model = maybe_sync_bn(model)
-    opt = build_optimizer(param_groups(model, rec.weight_decay, rec.weight_decay_norm), "sgd",
-                          lr=rec.lr, weight_decay=rec.weight_decay, momentum=rec.momentum)
-    schedule = Schedule(rec.lr, rec.steps, rec.warmup_steps, kind="multistep",
-                        milestones=rec.milestone_steps(), gamma=rec.gamma, warmup_factor=rec.warmup_factor)
+    opt = det.optimizer(model, rec)
+    schedule = det.schedule(rec)
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -198,7 +129,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
                                     rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(
         TrainSet(train_base, seed, rec.hflip_prob), batch_sampler=sampler, num_workers=rec.num_workers,
-        collate_fn=collate, pin_memory=dev.type == "cuda",
+        collate_fn=collate_fn, pin_memory=dev.type == "cuda",
         generator=torch.Generator().manual_seed(seed))   # iterator creation leaves the global RNG alone
 
     def step_fn(batch):
@@ -215,7 +146,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
         last = _last_logged(run_dir / "log.jsonl")
     if loop.step >= rec.steps and is_main_process():
         save_checkpoint(run_dir / "model_final.pt", {"state_dict": model.state_dict(), "num_classes": num_classes,
-                                                     "detector": det_cfg.to_dict()})
+                                                     "detector": {"name": det.name, **det_cfg.to_dict()}})
     return {"final_loss": last.get("loss"), "steps": loop.step}
 
 

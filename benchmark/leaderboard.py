@@ -89,12 +89,15 @@ def collect_boards(df) -> dict:
                                                                         "plan": plan})
                 r["cells"][col.label] = c
     for b in boards.values():
-        seen, rows = set(), []
-        for r in b["rows"].values():
-            sig = tuple(sorted(tuple(c["runs"]) for c in r["cells"].values()))
-            if sig not in seen:
-                seen.add(sig)
-                rows.append(r)
+        # a row whose runs another row already shows (a table reusing another's runs, e.g. the
+        # Mask R-CNN column of detectors_tiny = soco_table1's 1x) is left out: the fuller row stays
+        kept: list[tuple[set, dict]] = []
+        for r in sorted(b["rows"].values(), key=lambda r: -len(r["cells"])):
+            runs = {k for c in r["cells"].values() for k in c["runs"]}
+            if not any(runs <= other for other, _ in kept):
+                kept.append((runs, r))
+        rows = [r for _, r in kept]
+        b["columns"] = [c for c in b["columns"] if any(c in r["cells"] for r in rows)]
         first = b["columns"][0]
         rows.sort(key=lambda r: -(r["cells"][first]["mean"] if first in r["cells"] else -math.inf))
         b["rows"] = rows

@@ -1,5 +1,7 @@
 """Planning: a table or an ablation grid -> the runs it needs (pretrain -> fine-tune ->
-evaluate), deduplicated by run key and topologically ordered. Identical pretraining runs
+evaluate), deduplicated by run key and topologically ordered. Each column names its
+detector and protocol, so one table can mix detectors (a row's fine-tuning runs are shared
+by the columns that agree on detector, protocol and schedule). Identical pretraining runs
 shared by several rows or tables get one key and so run once."""
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def row_implemented(row: Row) -> bool:
 def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict | None = None,
                data: dict | None = None) -> Plan:
     """``overrides``: {"method": {...}, "recipe": {...}, "finetune": {...}, "detector": {...}}
-    applied to every row (CLI ``--set``); ``data``: a dataset replacing the scale's (``--data``)."""
+    applied to every row (CLI ``--set``; ``detector``/``finetune`` reach every column's detector);
+    ``data``: a dataset replacing the scale's (``--data``)."""
     spec = name_or_spec if isinstance(name_or_spec, TableSpec) else load_spec(name_or_spec)
     ov = overrides or {}
     jobs: dict[str, Job] = {}
@@ -71,20 +74,24 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                                        recipe_overrides={**row.recipe_overrides, **ov.get("recipe", {})},
                                        data=data)
                 pkey = add("pretrain", pcfg, (), f"{base}/pretrain")
-            per_schedule: dict[str, tuple[str, str]] = {}
+            per_finetune: dict[tuple, tuple[str, str]] = {}
             for ci, col in enumerate(spec.columns):
-                if col.schedule not in per_schedule:
+                ft = (col.detector, col.protocol, col.schedule)
+                if ft not in per_finetune:
                     fcfg = finetune_config(scale=scale, seed=seed, schedule=col.schedule, parent=pkey,
                                            method=None if row.method == "scratch" else row.method,
+                                           detector=col.detector, protocol=col.protocol,
                                            detector_overrides={**row.detector_overrides, **ov.get("detector", {})},
                                            recipe_overrides={**row.finetune_overrides, **ov.get("finetune", {})},
                                            data=data)
-                    fkey = add("finetune", fcfg, (pkey,), f"{base}/finetune-{col.schedule}")
-                    ecfg = evaluate_config(parent=fkey, data=fcfg["data"], scale=scale,
-                                           protocol="voc" if fcfg["data"].get("kind") == "voc" else "coco")
-                    ekey = add("evaluate", ecfg, (fkey,), f"{base}/evaluate-{col.schedule}")
-                    per_schedule[col.schedule] = (fkey, ekey)
-                fkey, ekey = per_schedule[col.schedule]
+                    # Mask R-CNN on COCO keeps the labels of the tables made before other detectors
+                    what = "" if ft[:2] == ("mask_rcnn", "coco") else f"{col.detector}-{col.protocol}-"
+                    fkey = add("finetune", fcfg, (pkey,), f"{base}/finetune-{what}{col.schedule}")
+                    protocol = "voc" if fcfg["data"].get("kind") == "voc" else col.protocol
+                    ecfg = evaluate_config(parent=fkey, data=fcfg["data"], scale=scale, protocol=protocol)
+                    ekey = add("evaluate", ecfg, (fkey,), f"{base}/evaluate-{what}{col.schedule}")
+                    per_finetune[ft] = (fkey, ekey)
+                fkey, ekey = per_finetune[ft]
                 cells.append(Cell(ri, ci, seed, ekey, tuple(k for k in (pkey, fkey, ekey) if k)))
     order = {"pretrain": 0, "finetune": 1, "evaluate": 2}
     ordered = sorted(jobs.values(), key=lambda j: order[j.stage])  # parents always come first

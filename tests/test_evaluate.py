@@ -8,7 +8,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from benchmark.data.coco import CocoDetection
-from benchmark.detectors import DetectorConfig, build_detector
+from benchmark.detectors import build_detector
 from benchmark.evaluate import coco_summary, evaluate_detector, evaluate_results, predict, run_evaluate
 
 SIZES = {1: (100, 120), 2: (110, 120), 3: (64, 64)}   # image id -> (h, w)
@@ -112,6 +112,9 @@ def test_perfect_detections_give_100(gt):
 def test_no_detections_is_zero_not_a_crash(gt):
     m = evaluate_results(gt["ann_file"], {"bbox": [], "segm": []})
     assert m == {t: {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")} for t in ("bbox", "segm")}
+    assert evaluate_results(gt["ann_file"], {"bbox": []}).keys() == {"bbox"}   # a detector without masks
+    with pytest.raises(ValueError, match="results: unknown IoU type 'keypoints'"):
+        evaluate_results(gt["ann_file"], {"keypoints": []})
 
 
 class _FixedModel(torch.nn.Module):
@@ -149,14 +152,13 @@ def test_predict_converts_to_coco_results(gt):
 
 
 def test_run_evaluate_writes_files(gt, tmp_path):
-    cfg = DetectorConfig.from_dict(dict(backbone="resnet18", fpn_channels=32, box_head_conv_dim=32,
-                                        box_head_fc_dim=64, mask_head_dim=32, mask_head_convs=2,
-                                        anchor_sizes=[8, 16, 32, 64, 128], min_size=[64], max_size=128,
-                                        test_min_size=64, rpn_pre_nms_top_n_test=100,
-                                        rpn_post_nms_top_n_test=50, box_detections_per_img=20))
+    cfg = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=32, box_head_conv_dim=32,
+               box_head_fc_dim=64, mask_head_dim=32, mask_head_convs=2, anchor_sizes=[8, 16, 32, 64, 128],
+               min_size=[64], max_size=128, test_min_size=64, rpn_pre_nms_top_n_test=100,
+               rpn_post_nms_top_n_test=50, box_detections_per_img=20)
     torch.manual_seed(0)
     model = build_detector(cfg, 3)
-    torch.save({"state_dict": model.state_dict(), "num_classes": 3, "detector": cfg.to_dict()},
+    torch.save({"state_dict": model.state_dict(), "num_classes": 3, "detector": cfg},
                tmp_path / "model_final.pt")
     data = {"val": {"image_root": str(gt["image_root"]), "ann_file": str(gt["ann_file"])}}
     metrics = run_evaluate(str(tmp_path / "model_final.pt"), data, run_dir=tmp_path / "ev", device="cpu",

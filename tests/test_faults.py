@@ -262,7 +262,8 @@ def test_tables_are_written_atomically(isolated, monkeypatch):
     ("name: bad\nruntime: {ckpt_every: two}\n", "runtime.ckpt_every: expected an integer, got 'two'"),
     ("name: bad\nruntime: {ckpt_every: 0}\n", "runtime.ckpt_every: expected >= 1"),
     ("name: bad\nruntime: {ckpt_evry: 3}\n", "runtime.ckpt_evry: unknown key"),
-    ("name: bad\nfinetune: {1x: {steps: many}}\n", "recipe.steps: expected an integer"),
+    ("name: bad\ndetectors: {mask_rcnn: {finetune: {1x: {steps: many}}}}\n", "recipe.steps: expected an integer"),
+    ("name: bad\ndetectors: {mask_rcnn: {model: {fpn_chanels: 3}}}\n", "fpn_chanels: unknown key"),
     ("name: bad\npretrain: {steps_per_epoch: x}\n", "pretrain.steps_per_epoch: expected a number"),
     ("name: bad\ndata: {kind: synthetic\n", "invalid YAML"),
 ])

@@ -9,10 +9,12 @@ import torchvision
 from PIL import Image
 
 from benchmark.data.coco import CocoDetection
-from benchmark.finetune import RECIPES, FinetuneRecipe, TrainSet, hflip, run_finetune
+from benchmark.detectors import get_detector
+from benchmark.detectors.base import SGDRecipe
+from benchmark.finetune import TrainSet, hflip, run_finetune
 from benchmark.trainer import Diverged
 
-MICRO_DET = dict(backbone="resnet18", fpn_channels=32, box_head_conv_dim=32, box_head_fc_dim=64,
+MICRO_DET = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=32, box_head_conv_dim=32, box_head_fc_dim=64,
                  mask_head_dim=32, mask_head_convs=2, box_batch_size_per_image=32, rpn_batch_size_per_image=32,
                  rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
                  rpn_post_nms_top_n_test=100, anchor_sizes=[8, 16, 32, 64, 128], min_size=[56, 64],
@@ -69,15 +71,16 @@ def tiny_data(tmp_path_factory):
 
 
 def test_recipe_defaults_and_errors():
-    r = RECIPES["1x"]
+    recipes = get_detector("mask_rcnn").recipes
+    r = recipes["1x"]
     assert (r.steps, r.batch_size, r.lr, r.milestone_steps(), r.warmup_steps) == (90000, 16, 0.02, (60000, 80000), 1000)
-    assert RECIPES["2x"].milestone_steps() == (120000, 160000)
+    assert recipes["2x"].milestone_steps() == (120000, 160000)
     with pytest.raises(ValueError, match=r"recipe\.stpes: unknown key"):
-        FinetuneRecipe.from_dict({"stpes": 10})
+        SGDRecipe.from_dict({"stpes": 10})
     with pytest.raises(ValueError, match=r"recipe\.lr: expected a number"):
-        FinetuneRecipe.from_dict({"lr": "fast"})
+        SGDRecipe.from_dict({"lr": "fast"})
     with pytest.raises(ValueError, match=r"recipe\.milestones"):
-        FinetuneRecipe.from_dict({"milestones": [60000]})
+        SGDRecipe.from_dict({"milestones": [60000]})
 
 
 def test_hflip_boxes_and_masks_agree():
@@ -172,8 +175,8 @@ def test_end_to_end_tiny_coco(tmp_path):
     from benchmark.evaluate import run_evaluate
     data = {s: {"image_root": str(TINY_COCO / f"{s}2017"),
                 "ann_file": str(TINY_COCO / "annotations" / f"instances_{s}2017.json")} for s in ("train", "val")}
-    det = dict(backbone="resnet18", fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256, mask_head_dim=64,
-               mask_head_convs=2, box_batch_size_per_image=64, rpn_batch_size_per_image=64,
+    det = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256,
+               mask_head_dim=64, mask_head_convs=2, box_batch_size_per_image=64, rpn_batch_size_per_image=64,
                rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=500,
                rpn_post_nms_top_n_test=200, anchor_sizes=[8, 16, 32, 64, 128], min_size=[112, 128],
                max_size=213, test_min_size=128)

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from benchmark.bench import inputs
-from benchmark.config import SCALES_DIR
-from benchmark.detectors import DetectorConfig, build_detector, load_pretrained
+from benchmark.config import finetune_config
+from benchmark.detectors import build_detector, get_detector, load_pretrained
 from benchmark.trainer import build_optimizer
 from methods import build_method, get_method, list_methods
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = yaml.safe_load((SCALES_DIR / "micro.yaml").read_text())
 
 
 def test_methods_import_nothing_from_the_harness():
@@ -74,9 +72,10 @@ def test_method_contract(name):
     # export: canonical keys, loadable into the fine-tuning detector, every exported group loaded
     state = method.export()
     assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
-    det = build_detector(DetectorConfig.from_dict(MICRO["detector"]), num_classes=9)
+    det_cfg = finetune_config(scale="micro", schedule="1x", parent=None)["detector"]   # the tables' Mask R-CNN
+    det = build_detector(det_cfg, num_classes=9)
     exported = {k.split(".")[0] if k.startswith(("fpn.", "box_head.")) else "backbone" for k in state}
-    report = load_pretrained(det, state, require=tuple(sorted(exported)), source=name)
+    report = load_pretrained(det, state, get_detector(det_cfg["name"]), require=tuple(sorted(exported)), source=name)
     for g in exported:
         r = report.groups[g]
         assert r.loaded and not r.unexpected and not r.mismatched and not r.missing, f"{name}: {g}: {r}"

@@ -262,18 +262,15 @@ def test_recipe_and_overrides():
 # --------------------------------------------------------------------------- export
 @pytest.mark.parametrize("head_norm", ["bn", "none"])
 def test_export_loads_into_mask_rcnn(head_norm):
-    det = pytest.importorskip("benchmark.detectors")
-    if not hasattr(det, "load_pretrained"):
-        pytest.skip("benchmark.detectors.load_pretrained does not exist yet")
+    from benchmark.detectors import build_detector, get_detector, load_pretrained
     tiny = SoCo.scales["tiny"]["method"]
     m = build_method("soco", **{**tiny, "head_norm": head_norm})
     state = m.export()
     assert not any(k.startswith(("online.", "target.", "projector", "predictor", "fc.")) for k in state)
-    cfg = det.DetectorConfig(backbone="resnet18", fpn_channels=64, box_head_conv_dim=64,
-                             box_head_fc_dim=256, head_norm=head_norm, min_size=(128,), max_size=128,
-                             test_min_size=128)
-    model = det.build_detector(cfg, num_classes=4)
-    report = det.load_pretrained(model, state, require=("backbone", "fpn", "box_head"))
+    cfg = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=64, box_head_conv_dim=64,
+               box_head_fc_dim=256, head_norm=head_norm, min_size=(128,), max_size=128, test_min_size=128)
+    model = build_detector(cfg, num_classes=4)
+    report = load_pretrained(model, state, get_detector("mask_rcnn"), require=("backbone", "fpn", "box_head"))
     for g in ("backbone", "fpn", "box_head"):
         r = report.groups[g]
         assert r.loaded and not r.missing and not r.mismatched and not r.unexpected, (g, r)

@@ -150,21 +150,21 @@ def test_run_evaluate_with_the_voc_protocol(isolated):
 
     from benchmark.config import evaluate_config
     from benchmark.datasets import resolve_data
-    from benchmark.detectors import DetectorConfig, build_detector
+    from benchmark.detectors import build_detector
     from benchmark.evaluate import run_evaluate
     voc_data = {"kind": "voc", "synthetic": {"image_size": 64, "num_pretrain": 2, "num_train": 2, "num_val": 3,
                                              "seed": 1}}
     data = resolve_data(voc_data)
-    cfg = DetectorConfig.from_dict(dict(backbone="resnet18", fpn_channels=32, box_head_conv_dim=32,
+    cfg = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=32, box_head_conv_dim=32,
                                         box_head_fc_dim=64, mask_head_dim=32, mask_head_convs=2,
                                         anchor_sizes=[8, 16, 32, 64, 128], min_size=[64], max_size=128,
                                         test_min_size=64, rpn_pre_nms_top_n_test=100,
                                         rpn_post_nms_top_n_test=50, box_detections_per_img=20,
-                                        box_score_thresh=0.0))
+                                        box_score_thresh=0.0)
     torch.manual_seed(0)
     model = build_detector(cfg, 9)
     path = isolated / "model_final.pt"
-    torch.save({"state_dict": model.state_dict(), "num_classes": 9, "detector": cfg.to_dict()}, path)
+    torch.save({"state_dict": model.state_dict(), "num_classes": 9, "detector": cfg}, path)
     m = run_evaluate(str(path), data, run_dir=isolated / "ev", device="cpu", progress=False, protocol="voc")
     stored = json.loads((isolated / "ev" / "voc_metrics.json").read_text())
     assert stored == m and not (isolated / "ev" / "coco_metrics.json").exists()

@@ -1,5 +1,5 @@
 """Table specs: rows = method x pretraining length (or an ablation setting), columns =
-metric x schedule, reference values read from the paper's published table (a copy kept in
+metric x schedule x detector (x protocol), reference values read from the paper's published table (a copy kept in
 ``reference/`` with its source). A table is a view over runs: rendering reads the run store,
 never trains."""
 from __future__ import annotations
@@ -25,7 +25,8 @@ class Column:
     metric: str                       # path into evaluate metrics, e.g. "bbox.AP"
     ref_column: str | None = None
     ref_match: dict = field(default_factory=dict)
-    detector: str = "mask_rcnn"
+    detector: str = "mask_rcnn"       # a registered detector (benchmark.detectors)
+    protocol: str = "coco"            # "coco" | "voc"
 
 
 @dataclass

@@ -1,0 +1,368 @@
+"""What every detector shares: the ``Detector`` interface, the fine-tuning recipes, the
+torchvision ResNet body, the resize transform, and loading a method's export.
+
+A detector is one class (registered by name in ``benchmark.detectors``) with
+- ``Config``: its architecture dataclass, the paper's values as defaults;
+- ``Recipe`` and ``recipes``: its fine-tuning recipe per schedule name ("1x", "2x", ...);
+- ``build(cfg, num_classes)``: the ``nn.Module`` (torchvision's detection interface:
+  ``model(images, targets) -> losses`` in training, ``model(images) -> [{"boxes", "scores",
+  "labels"[, "masks"]}]`` in eval; ``num_classes`` counts a background slot 0);
+- ``optimizer(model, recipe)`` and ``schedule(recipe)``;
+- ``key_map``: where the canonical keys of a method's export go (DESIGN.md, "The method
+  interface"), one ``(canonical prefix, detector prefix, group)`` per line; groups are
+  ``backbone`` (always), ``fpn`` and ``box_head`` (where the detector has them); a line whose
+  canonical prefix is None only names the group of detector keys no export has.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from benchmark.trainer import Schedule
+from methods.base import ConfigError, dataclass_from_dict
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+             "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
+NORMS = ("bn", "frozen_bn")
+GROUPS = ("backbone", "fpn", "box_head", "other")
+IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass
+class DetectorConfig:
+    """Base of every detector's config: typed, unknown keys rejected (``detector.<key>``).
+    ``name`` is the registered detector and is checked, not stored."""
+
+    @classmethod
+    def from_dict(cls, d: dict | None, name: str = "") -> "DetectorConfig":
+        d = dict(d or {})
+        given = d.pop("name", name)
+        if name and given != name:
+            raise ConfigError(f"detector.name: {given!r} given to the config of {name!r}")
+        cfg = dataclass_from_dict(cls, d, "detector")
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        pass
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> None:
+        if getattr(self, key) not in allowed:
+            raise ConfigError(f"detector.{key}: unknown {getattr(self, key)!r} ({' | '.join(allowed)})")
+
+
+@dataclass
+class FinetuneRecipe:
+    """What every fine-tuning recipe has. Defaults: detectron2's 1x as used by MoCo v2 /
+    PixPro / SoCo fine-tuning (90k iterations at 16 images, lr 0.02, drops at 60k and 80k,
+    1k warmup iterations)."""
+    steps: int = 90_000
+    batch_size: int = 16                    # global, over all processes
+    lr: float = 0.02
+    milestones: tuple[float, ...] = (2 / 3, 8 / 9)   # fractions of steps: 60k, 80k of 90k
+    gamma: float = 0.1
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+    weight_decay: float = 1e-4              # SoCo's fine-tuning rows use 2.5e-5
+    hflip_prob: float = 0.5
+    grad_clip: float | None = None          # detectron2 default: no clipping
+    ckpt_every: int = 5000
+    log_every: int = 20
+    num_workers: int = 4
+    amp: bool = True                        # CUDA only
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FinetuneRecipe":
+        r = dataclass_from_dict(cls, d, "recipe")
+        if r.steps <= 0 or r.batch_size <= 0:
+            raise ConfigError(f"recipe.steps/batch_size: expected positive, got {r.steps}/{r.batch_size}")
+        if any(not 0 < m <= 1 for m in r.milestones):
+            raise ConfigError(f"recipe.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
+        if not 0 <= r.hflip_prob <= 1:
+            raise ConfigError(f"recipe.hflip_prob: expected a probability, got {r.hflip_prob}")
+        return r
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def milestone_steps(self) -> tuple[int, ...]:
+        return tuple(int(round(m * self.steps)) for m in self.milestones)
+
+
+@dataclass
+class SGDRecipe(FinetuneRecipe):
+    """SGD with momentum, linear warm-up and step decay (detectron2 / mmdetection)."""
+    momentum: float = 0.9
+    weight_decay_norm: float = 0.0          # detectron2 SOLVER.WEIGHT_DECAY_NORM
+
+
+def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict]:
+    """Trainable parameters, norm layers' apart (their own weight decay)."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm, other = [], []
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if p.requires_grad:
+                (norm if isinstance(m, norm_types) else other).append(p)
+    groups = [{"params": other, "weight_decay": weight_decay}]
+    if norm:
+        groups.append({"params": norm, "weight_decay": weight_decay_norm})
+    return groups
+
+
+# --------------------------------------------------------------------------- the interface
+class Detector:
+    """One fine-tuning detector (see the module docstring)."""
+    name: str = "?"
+    Config: type[DetectorConfig] = DetectorConfig
+    Recipe: type[FinetuneRecipe] = SGDRecipe
+    recipes: dict[str, FinetuneRecipe] = {}
+    key_map: tuple[tuple[str | None, str, str], ...] = ()
+    with_masks: bool = False          # trains on instance masks and returns them (segm AP)
+    # a method's fine-tuning overrides (SoCo: weight decay 2.5e-5) are for its SGD R-CNN rows
+    takes_method_overrides: bool = True
+
+    @classmethod
+    def build(cls, cfg: DetectorConfig, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def optimizer(cls, model: nn.Module, recipe: SGDRecipe) -> torch.optim.Optimizer:
+        return torch.optim.SGD(param_groups(model, recipe.weight_decay, recipe.weight_decay_norm),
+                               lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+    @classmethod
+    def schedule(cls, recipe: FinetuneRecipe) -> Schedule:
+        return Schedule(recipe.lr, recipe.steps, recipe.warmup_steps, kind="multistep",
+                        milestones=recipe.milestone_steps(), gamma=recipe.gamma,
+                        warmup_factor=recipe.warmup_factor)
+
+    # -- key spaces
+    @classmethod
+    def detector_key(cls, key: str) -> str | None:
+        """Canonical key -> this detector's key; None where it has no place."""
+        for canon, det, _ in cls.key_map:
+            if canon is not None and key.startswith(canon) and not _is_other_group(key, canon):
+                return det + key[len(canon):]
+        return None
+
+    @classmethod
+    def key_group(cls, detector_key: str) -> str:
+        best = ("", "other")
+        for _, det, group in cls.key_map:
+            if detector_key.startswith(det) and len(det) > len(best[0]):
+                best = (det, group)
+        return best[1]
+
+
+def canonical_group(key: str) -> str:
+    """The group of a canonical key: ``fpn.*``, ``box_head.*``, ``fc.*`` (other), else backbone."""
+    if key.startswith("fpn."):
+        return "fpn"
+    if key.startswith("box_head."):
+        return "box_head"
+    if key.startswith("fc."):
+        return "other"
+    return "backbone"
+
+
+def _is_other_group(key: str, canon_prefix: str) -> bool:
+    # the catch-all "" prefix (bare ResNet names) must not swallow fpn.*, box_head.*, fc.*
+    return canon_prefix == "" and canonical_group(key) != "backbone"
+
+
+# --------------------------------------------------------------------------- shared parts
+def norm_layer(kind: str):
+    return FrozenBatchNorm2d if kind == "frozen_bn" else nn.BatchNorm2d
+
+
+def resnet_body(backbone: str, norm: str, trainable_layers: int) -> nn.Module:
+    """A torchvision ResNet (weights=None) whose first ``5 - trainable_layers`` stages are frozen
+    (5: everything trains, as in MoCo / SoCo fine-tuning)."""
+    body = getattr(tv_resnet, backbone)(weights=None, norm_layer=norm_layer(norm))
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for n, p in body.named_parameters():
+        if not any(n.startswith(t) for t in train):
+            p.requires_grad_(False)
+    return body
+
+
+def check_backbone(cfg) -> None:
+    cfg.choice("backbone", BACKBONES)
+    cfg.choice("norm", NORMS)
+    if not 0 <= cfg.trainable_layers <= 5:
+        raise ConfigError(f"detector.trainable_layers: expected 0..5, got {cfg.trainable_layers}")
+    if not cfg.min_size:
+        raise ConfigError("detector.min_size: expected at least one size")
+
+
+class Transform(GeneralizedRCNNTransform):
+    """torchvision's resize + normalise + batch, with a separate test size (training draws
+    the short side from ``min_size``)."""
+
+    def __init__(self, min_size, max_size, test_min_size: int, **kw):
+        super().__init__(min_size, max_size, IMAGE_MEAN, IMAGE_STD, **kw)
+        self.test_min_size = test_min_size
+
+    def resize(self, image, target=None):
+        if self.training:
+            return super().resize(image, target)
+        train_sizes, self.min_size = self.min_size, (self.test_min_size,)
+        try:
+            return super().resize(image, target)
+        finally:
+            self.min_size = train_sizes
+
+
+def maybe_sync_bn(model: nn.Module) -> nn.Module:
+    """Convert BatchNorm to SyncBatchNorm when torch.distributed runs on GPUs (SyncBN
+    recipe of MoCo/SoCo fine-tuning). On CPU (gloo) SyncBN has no kernel: BN stays per rank."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if next(model.parameters()).device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.warning("distributed on CPU: BatchNorm statistics stay per process (no SyncBN kernel)")
+    return model
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class GroupReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)   # "key: file (shape) vs model (shape)"
+
+
+@dataclass
+class LoadReport:
+    groups: dict[str, GroupReport] = field(default_factory=lambda: {g: GroupReport() for g in GROUPS})
+    source: str = ""
+    detector: str = ""
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "detector": self.detector,
+                "groups": {g: dataclasses.asdict(r) for g, r in self.groups.items()},
+                "summary": self.summary()}
+
+    def summary(self) -> str:
+        return "; ".join(f"{g}: {len(r.loaded)} loaded, {len(r.missing)} missing, "
+                         f"{len(r.unexpected)} unexpected, {len(r.mismatched)} shape-mismatched"
+                         for g, r in self.groups.items())
+
+    def save(self, path: Path) -> None:
+        from benchmark.fsutil import atomic_write_json
+        atomic_write_json(path, self.to_dict())
+
+
+class PretrainedLoadError(RuntimeError):
+    """Pretrained weights did not fit the detector (wrong key space, missing keys)."""
+
+
+def _ignorable(k: str) -> bool:
+    return k.endswith("num_batches_tracked")
+
+
+def own_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers, each shared tensor once (under its first name)."""
+    sd = model.state_dict(keep_vars=True)
+    seen, out = set(), {}
+    for k, v in sd.items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = v
+    return out
+
+
+def load_pretrained(model: nn.Module, state: dict, detector: type[Detector], *,
+                    require: tuple[str, ...] = ("backbone",), source: str = "<state dict>") -> LoadReport:
+    """Load canonical-key weights into ``model`` (a ``detector``) and report per group.
+
+    Keys already in the detector's own key space (a ``model_final.pt``, AlignDet's export)
+    pass unchanged. Raises ``PretrainedLoadError`` (and loads nothing) if a group in
+    ``require`` got no key at all, misses any key, or has a shape mismatch. Other groups'
+    problems are logged and reported only.
+    """
+    target = model.module if hasattr(model, "module") else model
+    own = own_state(target)
+    top = {n for n, _ in target.named_children()}
+    mapped: dict[str, torch.Tensor] = {}
+    report = LoadReport(source=source, detector=detector.name)
+    for k, v in state.items():
+        dk = k if k.split(".", 1)[0] in top else detector.detector_key(k)
+        if dk is None:
+            if not _ignorable(k):
+                report.groups[canonical_group(k)].unexpected.append(k)
+            continue
+        mapped[dk] = v
+    to_load = {}
+    for dk, v in mapped.items():
+        g = report.groups[detector.key_group(dk)]
+        if dk not in own:
+            if not _ignorable(dk):
+                g.unexpected.append(dk)
+        elif not torch.is_tensor(v):
+            g.mismatched.append(f"{dk}: file has {type(v).__name__}, model expects a tensor")
+        elif tuple(v.shape) != tuple(own[dk].shape):
+            g.mismatched.append(f"{dk}: file {tuple(v.shape)} vs model {tuple(own[dk].shape)}")
+        else:
+            to_load[dk] = v
+            g.loaded.append(dk)
+    for dk in own:
+        if dk not in mapped and not _ignorable(dk):
+            report.groups[detector.key_group(dk)].missing.append(dk)
+    log.info("pretrained weights %s -> %s: %s", source, detector.name, report.summary())
+    problems = []
+    for g in require:
+        if g not in report.groups:
+            raise ValueError(f"load_pretrained: unknown group {g!r} in require ({', '.join(GROUPS)})")
+        r = report.groups[g]
+        if not r.loaded:
+            example = next(iter(state), "<empty>")
+            problems.append(f"{g}: no key loaded (first key in file: {example!r}; expected the canonical "
+                            f"key space, e.g. 'conv1.weight', 'fpn.inner_blocks.0.0.weight', "
+                            f"'box_head.0.0.weight')")
+        elif r.missing or r.mismatched:
+            problems.append(f"{g}: {len(r.missing)} missing (e.g. {r.missing[:3]}), "
+                            f"{len(r.mismatched)} shape-mismatched (e.g. {r.mismatched[:3]})")
+    if problems:
+        raise PretrainedLoadError(f"{source}: pretrained weights do not fit the {detector.name} detector: "
+                                  + "; ".join(problems))
+    target.load_state_dict(to_load, strict=False)   # only after the checks: a refusal changes nothing
+    return report
+
+
+def load_weights_file(path: str | Path) -> dict:
+    """Read a ``weights.pt`` (``{"state_dict": ...}``) or a bare state dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read pretrained weights ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path}: field 'state_dict': expected a non-empty dict of tensors, "
+                         f"got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise ValueError(f"{path}: field 'state_dict': entries that are not name -> tensor, e.g. {bad[:3]}")
+    return obj
