@@ -26,6 +26,7 @@ class Column:
     ref_column: str | None = None
     ref_match: dict = field(default_factory=dict)
     detector: str = "mask_rcnn"
+    protocol: str = "coco"            # coco | voc (the evaluation protocol of the column)
 
 
 @dataclass
