@@ -29,6 +29,14 @@ def resnet_stages(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [c2, c3, c4, c5]
 
 
+def c5_size(size: int) -> int:
+    """Side of a torchvision ResNet's C5 map for an input side ``size``: five stride-2 layers,
+    each rounding up (224 -> 7, 96 -> 3)."""
+    for _ in range(5):
+        size = -(-size // 2)
+    return size
+
+
 def stage_channels(name: str) -> list[int]:
     base = [64, 128, 256, 512]
     return [c * 4 for c in base] if _FEATURE_DIM[name] == 2048 else base

@@ -58,6 +58,11 @@ class ViewGeometry:
         g = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
         return self.unmap_points(g).reshape(grid_h, grid_w, 2)
 
+    def bin_size(self, grid_w: int, grid_h: int) -> tuple[float, float]:
+        """Source width and height of one bin of a (grid_h, grid_w) feature map over the view."""
+        x0, y0, x1, y1 = self.crop
+        return (x1 - x0) / grid_w, (y1 - y0) / grid_h
+
     # -- boxes ------------------------------------------------------------------
     def map_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """Source xyxy boxes -> view xyxy boxes (unclipped)."""
@@ -142,6 +147,21 @@ def resample_weights(in0: float, in1: float, in_size: int, out_size: int, device
 def _support(w: "torch.Tensor") -> tuple[int, int]:
     nz = (w != 0).any(0).nonzero()
     return int(nz[0]), int(nz[-1]) + 1
+
+
+def grid_matches(a: ViewGeometry, b: ViewGeometry, grid: tuple[int, int],
+                 threshold: float = 0.7) -> np.ndarray:
+    """PixPro's positive pixel pairs (Xie et al. 2021, Sec. 3.1): bin i of view ``a``'s
+    (grid_h, grid_w) = ``grid[::-1]`` feature map and bin j of view ``b``'s are positives when
+    the distance between their centres in source image coordinates, divided by the larger of
+    the two views' bin diagonals, is below ``threshold``. Returns (Li, Lj) bool, bins in
+    row-major order (as ``feature.flatten(2)``)."""
+    gw, gh = grid
+    pa = a.grid_points(gw, gh).reshape(-1, 2)
+    pb = b.grid_points(gw, gh).reshape(-1, 2)
+    diag = max(math.hypot(*a.bin_size(gw, gh)), math.hypot(*b.bin_size(gw, gh)))
+    dist = np.linalg.norm(pa[:, None, :] - pb[None, :, :], axis=-1)
+    return dist / diag < threshold
 
 
 def random_resized_crop(width: int, height: int, rng: np.random.Generator,

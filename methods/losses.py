@@ -45,10 +45,31 @@ def grouped_info_nce(q: torch.Tensor, k: torch.Tensor, group: torch.Tensor,
 
 def masked_cosine_regression(p: torch.Tensor, z: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
     """PixPro's pixel-to-propagation consistency (Xie et al. 2021, Eq. 6): -cos between
-    every matched pair (i, j) of pixels. ``p``: (N, C, Li), ``z``: (N, C, Lj), ``match``:
-    (N, Li, Lj) 0/1. Mean over matched pairs; 0 when nothing matches."""
+    every matched pair (i, j) of pixels, no gradient through the target ``z``. ``p``:
+    (N, C, Li), ``z``: (N, C, Lj), ``match``: (N, Li, Lj) 0/1. Mean over the matched pairs of
+    each image, then over the images; an image whose two views share no pixel counts 0
+    (official zdaxie/PixPro ``regression_loss``)."""
     p = F.normalize(p, dim=1)
     z = F.normalize(z, dim=1).detach()
     cos = torch.einsum("nci,ncj->nij", p, z)
     m = match.to(cos.dtype)
-    return -(cos * m).sum() / m.sum().clamp(min=1)
+    per_image = (cos * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
+    return -per_image.mean()
+
+
+def pixel_info_nce(q: torch.Tensor, k: torch.Tensor, match: torch.Tensor,
+                   temperature: float = 0.3) -> torch.Tensor:
+    """PixContrast's pixel InfoNCE (Xie et al. 2021, Sec. 3.1): for pixel i of one view, the
+    matched pixels P(i) of the other view are its positives and all its other pixels the
+    negatives: loss_i = -log(sum_{j in P(i)} e^{cos(q_i, k_j)/tau} / sum_j e^{cos(q_i, k_j)/tau}).
+    ``q``: (N, C, Li), ``k``: (N, C, Lj) (no gradient), ``match``: (N, Li, Lj) 0/1. Mean over
+    the pixels with a positive (those in both views) of each image, then over the images; an
+    image without one counts 0, as in ``masked_cosine_regression``."""
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1).detach()
+    logits = torch.einsum("nci,ncj->nij", q, k) / temperature
+    m = match.to(torch.bool)
+    has = m.any(-1)                                         # (N, Li): pixel i has a positive
+    pos = logits.masked_fill(~(m | ~has[..., None]), float("-inf")).logsumexp(-1)
+    loss = (logits.logsumexp(-1) - pos) * has
+    return (loss.sum(1) / has.sum(1).clamp(min=1)).mean()

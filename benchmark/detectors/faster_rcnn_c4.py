@@ -89,7 +89,10 @@ class FasterRCNNC4(Detector):
     Config = RCNNC4Config
     Recipe = SGDRecipe
     # MoCo's COCO C4 configs (coco_R_50_C4_{1x,2x}_moco.yaml): detectron2's 1x / 2x
-    recipes = {"1x": SGDRecipe(), "2x": SGDRecipe(steps=180_000)}
+    # 24k: the VOC07+12 protocol (MoCo detection/configs/pascal_voc_R_50_C4_24k.yaml: lr 0.02 at
+    # batch 16, steps at 18k and 22k, 100 warm-up iterations)
+    recipes = {"1x": SGDRecipe(), "2x": SGDRecipe(steps=180_000),
+               "24k": SGDRecipe(steps=24_000, milestones=(18 / 24, 22 / 24), warmup_steps=100)}
     key_map = (("layer4.", "roi_heads.box_head.res5.", "backbone"), ("", "backbone.", "backbone"),
                (None, "roi_heads.box_head.norm.", "box_head"))
 

@@ -1,0 +1,276 @@
+"""PixPro (methods/pixpro.py): positive pixel pairs through the geometry layer, the pixel
+propagation module, both pixel losses, the instance switch, EMA and views."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from methods import build_method
+from methods.backbones import c5_size
+from methods.base import ConfigError
+from methods.geometry import ViewGeometry, grid_matches, random_view
+from methods.losses import masked_cosine_regression, pixel_info_nce
+from methods.pixpro import PixelPropagation, PixPro
+
+MICRO = dict(backbone="resnet18", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, crop_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _plain_cpu_kernels():
+    """Micro models see many conv shapes once: one thread, plain kernels are faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make(**kw) -> PixPro:
+    torch.manual_seed(0)
+    return build_method("pixpro", **{**MICRO, **kw})
+
+
+# --------------------------------------------------------------------------- positive pairs
+def test_c5_size():
+    assert [c5_size(s) for s in (224, 96, 64, 65, 32)] == [7, 3, 2, 3, 1]
+
+
+def test_positive_mask_of_overlapping_halves_hand_drawn():
+    """A 144x96 image; view A = its left 96x96, view B = its right 96x96 (overlap x 48-96),
+    both at 96 px, so C5 is 3x3 with 32-px bins (diagonal 45.25, T*diag = 31.7).
+    A's bin centres: x 16, 48, 80. B's: x 64, 96, 128, flipped: columns 0, 1, 2 -> x 128, 96, 64.
+    Same row only (one row apart is 32 px >= 31.7); per row A1-B(x64), A2-B(x64), A2-B(x96)."""
+    a = ViewGeometry((0, 0, 96, 96), (96, 96))
+    b_flip = ViewGeometry((48, 0, 144, 96), (96, 96), flip=True)
+    b = ViewGeometry((48, 0, 144, 96), (96, 96))
+
+    def drawn(pairs):      # (A column, B column) pairs in every row
+        m = np.zeros((9, 9), bool)
+        for r in range(3):
+            for ca, cb in pairs:
+                m[r * 3 + ca, r * 3 + cb] = True
+        return m
+
+    np.testing.assert_array_equal(grid_matches(a, b_flip, (3, 3)), drawn([(1, 2), (2, 2), (2, 1)]))
+    np.testing.assert_array_equal(grid_matches(a, b, (3, 3)), drawn([(1, 0), (2, 0), (2, 1)]))
+    np.testing.assert_array_equal(grid_matches(b_flip, a, (3, 3)), drawn([(2, 1), (2, 2), (1, 2)]))
+    # threshold 1.4 (distance < 63.4): A(0,1) at (48,16) meets B(0,2) (16 px), B(1,2) (35.8 px)
+    # and B(0,1) (48 px); A(0,0) at (16,16) meets B(0,2) (48 px) but not B(0,1) or B(2,2) (80 px)
+    wide = grid_matches(a, b_flip, (3, 3), threshold=1.4)
+    assert wide[1, 2] and wide[1, 5] and wide[1, 1]
+    assert wide[0, 2] and not wide[0, 1] and not wide[0, 8]
+
+
+def test_positive_threshold_uses_the_larger_bin_diagonal():
+    """A's bins are 32 px (diag 45.25), B's 16 px (diag 22.6): A(0,0) at (16,16) and B(0,2) at
+    (40,8) are 25.3 px apart, a positive only under the larger diagonal (25.3 < 0.7 * 45.25)."""
+    a = ViewGeometry((0, 0, 96, 96), (96, 96))
+    b = ViewGeometry((0, 0, 48, 48), (96, 96))
+    m = grid_matches(a, b, (3, 3))
+    assert m[0, 2] and grid_matches(b, a, (3, 3))[2, 0]
+    assert not m[0, 8]      # B(2,2) at (40,40): 33.9 px
+
+
+def coord_images(W: int, H: int) -> tuple[Image.Image, Image.Image]:
+    """Float images whose pixels hold their own source x (and y) centre coordinate."""
+    xs = np.broadcast_to(np.arange(W, dtype=np.float32) + 0.5, (H, W)).copy()
+    ys = np.broadcast_to((np.arange(H, dtype=np.float32) + 0.5)[:, None], (H, W)).copy()
+    return Image.fromarray(xs), Image.fromarray(ys)
+
+
+def sample(a: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Bilinear value of the (H, W) array ``a`` at continuous (x, y) points (centres at +0.5)."""
+    x, y = pts[:, 0] - 0.5, pts[:, 1] - 0.5
+    x0 = np.clip(np.floor(x).astype(int), 0, a.shape[1] - 2)
+    y0 = np.clip(np.floor(y).astype(int), 0, a.shape[0] - 2)
+    fx, fy = x - x0, y - y0
+    return (a[y0, x0] * (1 - fx) * (1 - fy) + a[y0, x0 + 1] * fx * (1 - fy)
+            + a[y0 + 1, x0] * (1 - fx) * fy + a[y0 + 1, x0 + 1] * fx * fy)
+
+
+def decode(g: ViewGeometry, X: Image.Image, Y: Image.Image, view_pts: np.ndarray) -> np.ndarray:
+    """Source coordinates shown by the rendered view at ``view_pts``."""
+    vx = np.asarray(g.apply_image(X), dtype=np.float64)
+    vy = np.asarray(g.apply_image(Y), dtype=np.float64)
+    return np.stack([sample(vx, view_pts), sample(vy, view_pts)], 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(W=st.integers(48, 200), H=st.integers(48, 200), out=st.sampled_from([64, 96, 128]),
+       seed=st.integers(0, 2**31 - 1))
+def test_warped_bin_centres_land_on_the_same_source_pixels(W, H, out, seed):
+    """Render two random crop+flip views of an image whose pixels hold their own coordinates:
+    at every bin centre each view shows the source point ``grid_points`` names, and where
+    view A's bin centres fall inside view B, view B shows the same source point there."""
+    rng = np.random.default_rng(seed)
+    X, Y = coord_images(W, H)
+    a, b = random_view(W, H, out, rng), random_view(W, H, out, rng)
+    n = c5_size(out)
+    c = (np.arange(n) + 0.5) * out / n
+    centres = np.stack(np.meshgrid(c, c), -1).reshape(-1, 2)         # bin centres in view pixels
+    seen_a = decode(a, X, Y, centres)
+    for g, seen in ((a, seen_a), (b, decode(b, X, Y, centres))):
+        np.testing.assert_allclose(seen, g.grid_points(n, n).reshape(-1, 2), atol=0.1)
+    in_b = b.map_points(a.grid_points(n, n).reshape(-1, 2))           # A's centres in view B
+    inside = ((in_b >= 1) & (in_b <= out - 1)).all(1)
+    if inside.any():
+        np.testing.assert_allclose(decode(b, X, Y, in_b[inside]), seen_a[inside], atol=0.1)
+    # the positives pair bins whose pixels show nearby source points
+    m = grid_matches(a, b, (n, n))
+    seen_b = decode(b, X, Y, centres)
+    diag = max(math.hypot(*a.bin_size(n, n)), math.hypot(*b.bin_size(n, n)))
+    i, j = np.nonzero(m)
+    assert (np.linalg.norm(seen_a[i] - seen_b[j], axis=1) < 0.7 * diag + 0.2).all()
+
+
+# --------------------------------------------------------------------------- PPM
+def test_ppm_on_a_2x2_map_by_hand():
+    """Pixels (1,0), (0,1), (1,1), (-1,0); g = identity. cos: x0.x2 = x1.x2 = 1/sqrt2,
+    x2.x3 = -1/sqrt2 -> 0, x0.x3 = -1 -> 0, x0.x1 = x1.x3 = 0. gamma 2: s = 1/2 for the
+    1/sqrt2 pairs. y_i = sum_j s_ij g(x_j)/|g(x_j)|."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]).t().reshape(1, 2, 2, 2)
+    r = 1 / math.sqrt(2)
+    y = PixelPropagation(2, gamma=2.0, layers=0)(x)
+    expect = torch.tensor([[1 + 0.5 * r, 0.5 * r], [0.5 * r, 1 + 0.5 * r], [0.5 + r, 0.5 + r], [-1.0, 0.0]])
+    torch.testing.assert_close(y[0].t(), expect)
+    # gamma 1: the similarity itself
+    y1 = PixelPropagation(2, gamma=1.0, layers=0)(x)
+    torch.testing.assert_close(y1[0, :, 0], torch.tensor([1 + r * r, r * r]))
+    # l = 1: g is a 1x1 conv (here the channel swap), its output normalised before propagation
+    ppm = PixelPropagation(2, gamma=2.0, layers=1)
+    with torch.no_grad():
+        ppm.transform.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]).reshape(2, 2, 1, 1))
+        ppm.transform.bias.zero_()
+    torch.testing.assert_close(ppm(x)[0].t(), expect.flip(1))
+    assert isinstance(PixelPropagation(2, layers=2).transform[1], torch.nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------- losses
+def test_pixpro_regression_by_hand():
+    """Image 0: p pixels (1,0), (0,1); z pixel (1,0); both matched -> cos 1 and 0 -> -0.5.
+    Image 1: nothing matched -> counts 0. Mean over the images: -0.25."""
+    p = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], requires_grad=True)
+    z = torch.tensor([[[1.0], [0.0]], [[3.0], [4.0]]], requires_grad=True)
+    match = torch.tensor([[[1.0], [1.0]], [[0.0], [0.0]]])
+    loss = masked_cosine_regression(p, z, match)
+    assert loss.item() == pytest.approx(-0.25)
+    loss.backward()
+    assert z.grad is None and p.grad is not None
+    assert p.grad[1].abs().sum() == 0            # the unmatched image gets no gradient
+    # per image, not per pair: image 0 with 2 pairs and image 1 with 1 pair weigh the same
+    match2 = torch.tensor([[[1.0], [1.0]], [[1.0], [0.0]]])
+    assert masked_cosine_regression(p, z, match2).item() == pytest.approx(-(0.5 + 0.6) / 2)
+
+
+def test_pixel_info_nce_by_hand():
+    """tau 0.5. q pixels (1,0), (0,1); k pixels (1,0), (0,1), (-1,0). Pixel 0: positive {0}
+    -> -log(e^2 / (e^2 + e^0 + e^-2)); pixel 1: positives {1, 2} ->
+    -log((e^2 + e^0) / (e^0 + e^2 + e^0)); pixel with no positive left out."""
+    q = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]])          # (1, C=2, Li=3)
+    k = torch.tensor([[[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]])         # (1, C=2, Lj=3)
+    match = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]]], dtype=torch.bool)
+    e = math.exp
+    l0 = -math.log(e(2) / (e(2) + e(0) + e(-2)))
+    l1 = -math.log((e(2) + e(0)) / (e(0) + e(2) + e(0)))
+    loss = pixel_info_nce(q, k, match, temperature=0.5)
+    assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    # a second image without any positive counts 0 in the mean over images, with no NaN gradient
+    q2 = torch.cat([q, q]).requires_grad_(True)
+    loss2 = pixel_info_nce(q2, torch.cat([k, k]), torch.cat([match, torch.zeros_like(match)]), 0.5)
+    assert loss2.item() == pytest.approx((l0 + l1) / 4, rel=1e-6)
+    loss2.backward()
+    assert torch.isfinite(q2.grad).all() and q2.grad[1].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- model
+def test_views_and_forward_shapes():
+    m = make()
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    samples = [m.views({"index": i, "image": img}, np.random.default_rng(i)) for i in range(4)]
+    s = samples[0]
+    assert s["v1"].shape == (3, 64, 64) and s["v2"].shape == (3, 64, 64)
+    assert s["pos_12"].shape == (4, 4) and s["pos_12"].dtype == torch.bool
+    batch = m.collate(samples)
+    out = m(batch)
+    assert set(out) == {"loss", "loss_pix", "pos_pairs"} and torch.isfinite(out["loss"])
+    assert -4.0 <= out["loss"].item() <= 4.0       # -2cos summed over two directions
+    batch["pos_12"] = torch.zeros(4, 9, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match="pos_12"):
+        m(batch)
+
+
+def test_objectives_and_instance_switch():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)
+
+    def batch(m):
+        return m.collate([m.views({"index": i, "image": img}, np.random.default_rng(i)) for i in range(3)])
+
+    plain = make()
+    assert plain.predictor is None and plain.online.instance_projector is None
+    contrast = make(objective="pixcontrast")
+    assert contrast.ppm is None
+    out = contrast(batch(contrast))
+    assert out["loss"].item() >= 0                 # an InfoNCE
+    inst = make(instance_weight=1.0)
+    assert inst.predictor is not None and inst.target.instance_projector is not None
+    out = inst(batch(inst))
+    torch.testing.assert_close(out["loss"].detach(), out["loss_pix"] + out["loss_instance"])
+    half = make(instance_weight=0.5)
+    o = half(batch(half))
+    torch.testing.assert_close(o["loss"].detach(), o["loss_pix"] + 0.5 * o["loss_instance"])
+    # every online part is trained, no target part is
+    trained = {id(p) for g in inst.param_groups() for p in g["params"]}
+    assert all(id(p) in trained for p in inst.predictor.parameters())
+    assert all(id(p) in trained for p in inst.ppm.parameters())
+    assert not any(id(p) in trained for p in inst.target.parameters())
+
+
+def test_momentum_schedule():
+    m = make()
+    for progress, expect in ((0.0, 0.99), (0.5, 0.995), (1.0, 1.0)):
+        m.momentum_update(progress)
+        assert m.current_momentum == pytest.approx(expect)
+    with torch.no_grad():
+        for p in m.online.parameters():
+            p.add_(1.0)
+    t0 = [p.clone() for p in m.target.parameters()]
+    m.momentum_update(1.0)     # momentum 1: target unchanged
+    assert all(torch.equal(a, b) for a, b in zip(t0, m.target.parameters()))
+    m.momentum_update(0.0)     # 0.99 t + 0.01 o, backbone and projector alike
+    for t, a, o in zip(m.target.parameters(), t0, m.online.parameters()):
+        torch.testing.assert_close(t, 0.99 * a + 0.01 * o)
+    assert not any(p.requires_grad for p in m.target.parameters())
+
+
+def test_export_is_the_backbone_only():
+    state = make(instance_weight=1.0).export()
+    assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
+    assert not any(k.startswith(("fc.", "projector", "instance", "fpn.")) for k in state)
+
+
+@pytest.mark.parametrize("bad, field", [({"objective": "pixel"}, "objective"), ({"ppm_layers": 3}, "ppm_layers"),
+                                        ({"gamma": 0}, "gamma"), ({"instance_weight": -1}, "instance_weight"),
+                                        ({"crop_scale": [0.5, 0.2]}, "crop_scale"), ({"crop_size": 16}, "crop_size"),
+                                        ({"pos_radius": 1}, "pos_radius")])
+def test_bad_config_names_the_field(bad, field):
+    with pytest.raises(ConfigError, match=f"method.{field}"):
+        build_method("pixpro", **{**MICRO, **bad})
+
+
+def test_paper_defaults():
+    c = PixPro.Config()
+    assert (c.pos_threshold, c.gamma, c.ppm_layers, c.temperature, c.momentum) == (0.7, 2.0, 1, 0.3, 0.99)
+    assert (c.proj_hidden_dim, c.proj_dim, c.crop_size, tuple(c.crop_scale)) == (4096, 256, 224, (0.08, 1.0))
+    r = PixPro.recipe
+    assert (r.optimizer, r.base_lr, r.lr_batch, r.batch_size, r.weight_decay, r.warmup_epochs) == \
+        ("lars", 1.0, 256, 1024, 1e-5, 5)
