@@ -72,21 +72,27 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def cutout(t: torch.Tensor, rng: np.random.Generator, p: float = 0.5,
-           area: tuple[float, float] = (0.1, 0.3), ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
-    """Erase one rectangle of area fraction in ``area`` (value 0 = the mean colour after
-    normalisation). SoCo's official script (tools/SoCo_FPN_100ep.sh) uses p=0.5, area
-    0.1-0.3; the paper does not mention it."""
-    if rng.random() >= p:
-        return t
-    _, H, W = t.shape
-    for _ in range(10):
-        a = H * W * rng.uniform(*area)
-        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        h, w = int(round(np.sqrt(a * r))), int(round(np.sqrt(a / r)))
-        if 0 < h < H and 0 < w < W:
-            y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-            t = t.clone()
-            t[:, y:y + h, x:x + w] = 0
-            return t
-    return t
+def cutout_in_boxes(t: torch.Tensor, boxes: np.ndarray, rng: np.random.Generator, p: float = 0.5,
+                    area: tuple[float, float] = (0.1, 0.3)) -> torch.Tensor:
+    """SoCo's per-box cutout (official ``RandomCutoutInBbox``, tools/SoCo_FPN_100ep.sh: p 0.5,
+    area 0.1-0.3; not in the paper): for each xyxy box (pixels of ``t``), with probability
+    ``p``, erase (value 0 = the mean colour after normalisation) a square of ``area`` times
+    the box's area, centred at a uniform point of the box. The square is clipped to the box
+    (the official code clips it to the image only, so it may spill past the box by up to
+    half its side): the erased pixels always belong to the object they occlude."""
+    out = t
+    H, W = t.shape[-2:]
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        if rng.random() >= p:
+            continue
+        side = np.sqrt(rng.uniform(*area) * max(x2 - x1, 0) * max(y2 - y1, 0))
+        cx, cy = rng.uniform(x1, x2), rng.uniform(y1, y2)
+        # whole pixels inside the box (and the image)
+        lo_x, hi_x = max(int(np.ceil(x1)), 0), min(int(np.floor(x2)), W)
+        lo_y, hi_y = max(int(np.ceil(y1)), 0), min(int(np.floor(y2)), H)
+        a, b = max(int(round(cx - side / 2)), lo_x), min(int(round(cx + side / 2)), hi_x)
+        c, d = max(int(round(cy - side / 2)), lo_y), min(int(round(cy + side / 2)), hi_y)
+        if a < b and c < d:
+            out = out.clone() if out is t else out
+            out[..., c:d, a:b] = 0
+    return out
