@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_VERSION",
+    "MODES",
     "ProposalCache",
     "compute_proposals",
     "load_rgb",
@@ -45,7 +46,7 @@ __all__ = [
 # cache key, so old caches are never silently reused.
 CACHE_VERSION = 1
 
-_MODES = ("soco", "fast", "quality", "single")
+MODES = ("soco", "fast", "quality", "single")
 
 # SoCo's official proposals (selective_search/generate_imagenet_ss_proposals.py): the Python
 # selective search, one strategy (colour + texture + size + fill, equally weighted) over one
@@ -132,8 +133,8 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None
     """
     import cv2
 
-    if mode not in _MODES:
-        raise ValueError(f"selective_search: mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"selective_search: mode must be one of {MODES}, got {mode!r}")
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
@@ -350,8 +351,8 @@ def compute_proposals(
     in the cache (``meta['n_skipped']``, ``skipped``). A missing file is an error
     (:class:`~benchmark.data.errors.DataError` naming it), raised before any work.
     """
-    if mode not in _MODES:
-        raise ValueError(f"compute_proposals: mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"compute_proposals: mode must be one of {MODES}, got {mode!r}")
     if chunk_size < 1:
         raise ValueError(f"compute_proposals: chunk_size must be >= 1, got {chunk_size}")
     fkw = {**DEFAULT_FILTER, **(filter_kwargs or {})}
