@@ -43,6 +43,10 @@ What the official code (hologerry/SoCo; file names there) does, and our default 
   levels: that cross-level match is what V3 teaches (scale invariance). At the tiny scale
   (64-px V1/V2, 32-px V3) the thresholds are scaled once to the 64-px views (48 * 64/224 ...)
   and then applied in every view's own pixels, exactly as 48/96/192 are at 224.
+  (The official model pools every box on all four levels and lets a correspondence matrix
+  keep the assigned level of each side; we pool only the assigned level: the same loss.)
+  Official ``aware_range`` ends at 224 for P5 (a larger box would get no level); boxes are
+  clipped to their view, so none exceeds it at 224 and ours sends anything above 192 to P5.
   With ``scale_aware`` off (Table 4 steps 3-4) every box is pooled on all of P2..P5 and each
   level is compared with the same level of the other view (ours; the paper does not say).
 - RoIAlign: 7x7, aligned, adaptive sampling (official ``tvops.roi_align(..., aligned=True)``
