@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_VERSION",
+    "MODES",
     "ProposalCache",
     "compute_proposals",
     "load_rgb",
@@ -45,7 +46,12 @@ __all__ = [
 # cache key, so old caches are never silently reused.
 CACHE_VERSION = 1
 
-_MODES = ("fast", "quality", "single")
+MODES = ("soco", "fast", "quality", "single")
+
+# SoCo's official proposals (selective_search/generate_imagenet_ss_proposals.py): the Python
+# selective search, one strategy (colour + texture + size + fill, equally weighted) over one
+# Felzenszwalb segmentation with scale 300, sigma 0.9, min size 100.
+SOCO_SEGMENTATION = {"sigma": 0.9, "k": 300.0, "min_size": 100}
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,10 +82,27 @@ def require_selective_search() -> None:
 
 
 def opencv_selective_search(bgr: np.ndarray, mode: str = "fast"):
-    """The bare OpenCV call: (x, y, w, h) rectangles of a BGR image, unsorted, unfiltered."""
+    """The bare OpenCV call: (x, y, w, h) rectangles of a BGR image, unsorted, unfiltered.
+
+    ``"soco"``: SoCo's setup in OpenCV terms: one graph segmentation (``SOCO_SEGMENTATION``)
+    of the RGB image, one strategy that sums colour, texture, size and fill similarity. The
+    Python original segments the RGB image as well but takes its colour histograms in HSV;
+    OpenCV computes both on the one image it is given, so ours are on RGB (the segmentation,
+    which sets the number of regions, is the same). ``"fast"`` / ``"quality"``: OpenCV's
+    presets (2 / 4 colour spaces x several k x 2 / 4 strategies); ``"single"``: OpenCV's own
+    single strategy (HSV, k 200, sigma 0.8)."""
     import cv2
 
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    seg = cv2.ximgproc.segmentation
+    ss = seg.createSelectiveSearchSegmentation()
+    if mode == "soco":
+        p = SOCO_SEGMENTATION
+        ss.addImage(np.ascontiguousarray(bgr[:, :, ::-1]))
+        ss.addGraphSegmentation(seg.createGraphSegmentation(p["sigma"], p["k"], p["min_size"]))
+        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(
+            seg.createSelectiveSearchSegmentationStrategyColor(), seg.createSelectiveSearchSegmentationStrategyTexture(),
+            seg.createSelectiveSearchSegmentationStrategySize(), seg.createSelectiveSearchSegmentationStrategyFill()))
+        return ss.process()
     ss.setBaseImage(bgr)
     if mode == "fast":
         ss.switchToSelectiveSearchFast()
@@ -93,16 +116,16 @@ def opencv_selective_search(bgr: np.ndarray, mode: str = "fast"):
 def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = None) -> np.ndarray:
     """Run OpenCV's selective search on an HxWx3 uint8 RGB image.
 
-    ``mode``: ``"fast"`` (SoCo's setting), ``"quality"`` or ``"single"`` (one strategy,
-    fastest). ``max_side``: when set and the image's longer side exceeds it, the image is
+    ``mode``: ``"soco"`` (SoCo's official segmentation parameters, one strategy; SoCo's
+    default), ``"fast"``, ``"quality"`` or ``"single"`` (see :func:`opencv_selective_search`). ``max_side``: when set and the image's longer side exceeds it, the image is
     downscaled first (cv2.INTER_AREA) and the boxes are mapped back to the original
     pixel grid. Returns int64 boxes ``(N, 4)`` xyxy, clipped to the image, deduplicated
     and sorted lexicographically (OpenCV's own order is random).
     """
     import cv2
 
-    if mode not in _MODES:
-        raise ValueError(f"selective_search: mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"selective_search: mode must be one of {MODES}, got {mode!r}")
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
@@ -325,8 +348,8 @@ def compute_proposals(
     in the cache (``meta['n_skipped']``, ``skipped``). A missing file is an error
     (:class:`~benchmark.data.errors.DataError` naming it), raised before any work.
     """
-    if mode not in _MODES:
-        raise ValueError(f"compute_proposals: mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"compute_proposals: mode must be one of {MODES}, got {mode!r}")
     if chunk_size < 1:
         raise ValueError(f"compute_proposals: chunk_size must be >= 1, got {chunk_size}")
     fkw = {**DEFAULT_FILTER, **(filter_kwargs or {})}

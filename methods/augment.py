@@ -123,35 +123,43 @@ def normalize_(t: torch.Tensor) -> torch.Tensor:
 
 
 # -- cutout ------------------------------------------------------------------------------
-def cutout_rect(H: int, W: int, rng: np.random.Generator, p: float = 0.5,
-                area: tuple[float, float] = (0.1, 0.3),
-                ratio: tuple[float, float] = (0.3, 3.3)) -> tuple[int, int, int, int] | None:
-    """The (y, x, h, w) rectangle cutout erases in an H x W view, or None."""
-    if rng.random() >= p:
-        return None
-    for _ in range(10):
-        a = H * W * rng.uniform(*area)
-        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        h, w = int(round(np.sqrt(a * r))), int(round(np.sqrt(a / r)))
-        if 0 < h < H and 0 < w < W:
-            return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
-    return None
+def cutout_box_rects(H: int, W: int, boxes: np.ndarray, rng: np.random.Generator, p: float = 0.5,
+                     area: tuple[float, float] = (0.1, 0.3)) -> tuple[tuple[int, int, int, int], ...]:
+    """The (y, x, h, w) squares SoCo's per-box cutout erases in an H x W view (official
+    ``RandomCutoutInBbox``, tools/SoCo_FPN_100ep.sh: p 0.5, area 0.1-0.3; not in the paper):
+    for each xyxy box, with probability ``p``, a square of ``area`` times the box's area
+    centred at a uniform point of the box. The square is clipped to the box (the official code
+    clips it to the image only, so it may spill past the box by up to half its side): the
+    erased pixels always belong to the object they occlude."""
+    rects = []
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        if rng.random() >= p:
+            continue
+        side = np.sqrt(rng.uniform(*area) * max(x2 - x1, 0) * max(y2 - y1, 0))
+        cx, cy = rng.uniform(x1, x2), rng.uniform(y1, y2)
+        # whole pixels inside the box (and the image)
+        lo_x, hi_x = max(int(np.ceil(x1)), 0), min(int(np.floor(x2)), W)
+        lo_y, hi_y = max(int(np.ceil(y1)), 0), min(int(np.floor(y2)), H)
+        a, b = max(int(round(cx - side / 2)), lo_x), min(int(round(cx + side / 2)), hi_x)
+        c, d = max(int(round(cy - side / 2)), lo_y), min(int(round(cy + side / 2)), hi_y)
+        if a < b and c < d:
+            rects.append((c, a, d - c, b - a))
+    return tuple(rects)
 
 
-def cutout(t: "torch.Tensor | DeferredView", rng: np.random.Generator, p: float = 0.5,
-           area: tuple[float, float] = (0.1, 0.3), ratio: tuple[float, float] = (0.3, 3.3)):
-    """Erase one rectangle of area fraction in ``area`` (value 0 = the mean colour after
-    normalisation). SoCo's official script (tools/SoCo_FPN_100ep.sh) uses p=0.5, area
-    0.1-0.3; the paper does not mention it. A deferred view records the rectangle."""
+def cutout_in_boxes(t: "torch.Tensor | DeferredView", boxes: np.ndarray, rng: np.random.Generator,
+                    p: float = 0.5, area: tuple[float, float] = (0.1, 0.3)):
+    """Erase :func:`cutout_box_rects` (value 0 = the mean colour after normalisation) in a
+    view tensor; a deferred view (loader ``device``) records the squares instead."""
     if isinstance(t, DeferredView):
         W, H = t.geom.out_size
-        return replace(t, cutout=cutout_rect(H, W, rng, p, area, ratio))
-    rect = cutout_rect(t.shape[1], t.shape[2], rng, p, area, ratio)
-    if rect is None:
+        return replace(t, cutout=cutout_box_rects(H, W, boxes, rng, p, area))
+    rects = cutout_box_rects(t.shape[-2], t.shape[-1], boxes, rng, p, area)
+    if not rects:
         return t
-    y, x, h, w = rect
     t = t.clone()
-    t[:, y:y + h, x:x + w] = 0
+    for y, x, h, w in rects:
+        t[..., y:y + h, x:x + w] = 0
     return t
 
 
@@ -163,7 +171,7 @@ class DeferredView:
     source: Any
     geom: ViewGeometry
     photo: PhotoParams
-    cutout: tuple[int, int, int, int] | None = None
+    cutout: tuple[tuple[int, int, int, int], ...] = ()   # (y, x, h, w) squares to erase
 
 
 def as_image(image: Any) -> Any:
@@ -303,7 +311,6 @@ def render_views(views: list[DeferredView], decoded: dict[Any, torch.Tensor]) ->
     x = torch.stack([v.geom.apply_tensor(decoded[v.source]) for v in views]).div_(255)
     x = normalize_(photometric_batch(x, [v.photo for v in views]))
     for i, v in enumerate(views):
-        if v.cutout is not None:
-            y0, x0, h, w = v.cutout
+        for y0, x0, h, w in v.cutout:
             x[i, :, y0:y0 + h, x0:x0 + w] = 0
     return x

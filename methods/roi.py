@@ -59,15 +59,16 @@ def box_head(in_channels: int, roi_size: int = 7, conv_dim: int = 256, num_convs
                               norm_layer=norm_layer(norm))
 
 
-def assign_levels(boxes: torch.Tensor, thresholds=(48.0, 96.0, 192.0), scale: float = 1.0) -> torch.Tensor:
-    """Scale-aware assignment (SoCo ``assign_bboxs_to_feature_map``): level index 0..3 (P2..P5)
-    of each xyxy box from its size sqrt(wh): <= t0 -> P2, <= t1 -> P3, <= t2 -> P4, else P5
-    (upper bounds inclusive, as the official ``size <= aware_range[j]``); thresholds are
-    multiplied by ``scale``."""
+def assign_levels(boxes: torch.Tensor, thresholds=(48.0, 96.0, 192.0)) -> torch.Tensor:
+    """Scale-aware assignment (SoCo ``assign_bboxs_to_feature_map``, ``aware_range`` 48/96/192):
+    level index 0..3 (P2..P5) of each xyxy box from its size sqrt(wh) in the pixels of the
+    view it lies in: <= t0 -> P2, <= t1 -> P3, <= t2 -> P4, else P5 (upper bounds inclusive,
+    as the official ``size <= aware_range[j]``). The thresholds are never rescaled by the
+    view's size: the same object is one level finer in a view half as large (SoCo's V3)."""
     w = (boxes[..., 2] - boxes[..., 0]).clamp(min=0)
     h = (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
     size = torch.sqrt(w * h)
-    t = torch.tensor(thresholds, dtype=size.dtype, device=size.device) * scale
+    t = torch.tensor(thresholds, dtype=size.dtype, device=size.device)
     return torch.bucketize(size, t, right=False)
 
 
@@ -77,7 +78,12 @@ def multilevel_roi_align(feats: list[torch.Tensor], strides, boxes: torch.Tensor
 
     ``boxes``: (N, K, 4) xyxy in image pixels, one row of K per image; ``levels``: (N, K, L)
     indices into ``feats`` (L levels per box: 1 for scale-aware assignment, all for InsLoc).
-    Returns (N * K * L, C, roi_size, roi_size) in (n, k, l) order."""
+    ``sampling_ratio``: points per bin side (torchvision; <= 0: adaptive, ceil(bin size)).
+    Returns (N * K * L, C, roi_size, roi_size) in (n, k, l) order.
+
+    A level that no box picks is still pooled, with an empty selection: its feature map (and
+    the FPN layers that make it) stays in the autograd graph with a zero gradient, so DDP
+    with ``find_unused_parameters=False`` finds every parameter reduced on every step."""
     N, K, L = levels.shape
     b = boxes[:, :, None, :].expand(N, K, L, 4).reshape(-1, 4)
     lv = levels.reshape(-1)
@@ -85,8 +91,6 @@ def multilevel_roi_align(feats: list[torch.Tensor], strides, boxes: torch.Tensor
     out = feats[0].new_zeros(b.shape[0], feats[0].shape[1], roi_size, roi_size)
     for level, (f, s) in enumerate(zip(feats, strides)):
         sel = (lv == level).nonzero(as_tuple=True)[0]
-        if sel.numel() == 0:
-            continue
         rois = torch.cat([idx[sel, None].to(f.dtype), b[sel].to(f.dtype)], 1)
         pooled = roi_align(f, rois, (roi_size, roi_size), spatial_scale=1.0 / s,
                            sampling_ratio=sampling_ratio, aligned=True)

@@ -3,31 +3,60 @@ Detection via Object-Level Contrastive Learning").
 
 Pseudo-code (paper Sec. 3, Eq. 3), recognisable in ``forward``:
     V1 = whole image @224, V2 = random crop (scale [0.5, 1]) @224, V3 = V2 downsampled @112
-    b  = K selective-search proposals valid in every view, mapped into each view
+    for each pair (V1, V) with V in (V2, V3): K selective-search proposals b visible in both
     v_i  = q(g(f(V_i), b_i))           online: ResNet+FPN -> RoIAlign (scale-aware level)
                                        -> 4conv1fc R-CNN head -> projector -> predictor q
     v'_i = g'(f'(V_i), b_i)            target: EMA of backbone+FPN+head+projector
-    L = sum_box  (2 - 2cos(v_2, v'_1)) + (2 - 2cos(v_3, v'_1))   (+ the symmetric V1 terms)
+    L = sum_pairs sum_box (2 - 2cos(v_V, v'_1)) + (2 - 2cos(v_1, v'_V))
     f' = m f' + (1 - m) f,  m: 0.99 -> 1 on a cosine schedule
 
-Decisions where paper and official code (hologerry/SoCo) differ or are silent:
-- V3: **derived from V2 by downsampling** (same crop and flip, paper Sec. 3.2) by default;
-  ``v3_from_v2=False`` draws an independent crop instead, as the official transform
-  ``ImageAsymBboxAwareMultiJitter1Cutout`` does (``RandomResizedCropParams(image_size//2)``).
-- SoCo* (``soco_star``): V4 at 192 is V2 resized (official ``transforms.Resize(image4_size)``)
-  and is paired with V1 exactly like V3 (official ``SoCo_FPN_Star.py`` loss_14).
-- A proposal must be (>= half) visible in every view of its set; candidates failing that are
-  dropped *before* the K are sampled; fewer than K are padded by repetition (marked invalid;
-  ``mask_padding=True`` drops them from the loss, the official code keeps them).
-- Box jitter (p 0.5, r in [-0.1, 0.1], Sec. 3.3) moves the box of the crop views V2/V3/V4
-  (one jitter per proposal, shared by those views); V1 keeps the proposal itself.
-- Cutout (official tools/SoCo_FPN_100ep.sh, p 0.5, area 0.1-0.3; not in the paper) is applied
-  to the 224-px views V1 and V2 (the official ``RandomCutoutInBbox(image_size)``) by default.
-- Scale-aware assignment (Table 4 step 5): each box in each view goes to the level its own
-  size there picks (official ``assign_bboxs_to_feature_map``): sqrt(wh) <= 48 -> P2, <= 96 ->
-  P3, <= 192 -> P4, else P5, thresholds scaled by view_size/224. With it off (Table 4 steps
-  3-4) every box is pooled on all of P2..P5 and each level is compared with the same level
-  of the other view (our choice; the paper does not detail it).
+What the official code (hologerry/SoCo; file names there) does, and our default for each.
+"switch" names the config key that selects the other behaviour.
+- V3: the paper (Sec. 3.2) derives V3 from V2 by downsampling; the official transforms draw
+  an independent crop (``transform.py``: ``RandomResizedCropParams(image_size//2)``).
+  Default: the paper's; switch ``v3_from_v2=False`` for the official crop.
+- SoCo* (``soco_star``, ``tools/SoCo_FPN_Star_400ep.sh`` + ``ImageFolderImageAsymBboxAware
+  Multi3ResizeExtraJitter1`` in ``dataset.py``): V3 is an independent crop at 192
+  (``star_v3_size``) and V4 is V2 resized to 112 (``v4_size``); V4 is paired with V1
+  through the V1-V2 proposals (official ``bboxs1_14 = bboxs1_12``, ``bboxs4 = bboxs2``).
+- Proposals per view pair (``dataset.py``): V1-V2 and V1-V3 each pick their own K proposals
+  among those visible in both views of the pair; when a pair has fewer than ``need``
+  (K // 2 at first, halved after each try, at least 1), all views are drawn again, up to
+  ``view_tries`` = 5 times (official ``max_tries``); then the K are padded by repetition
+  (marked invalid; ``mask_padding=True`` drops them from the loss, the official code keeps
+  them). "Visible" is ours: at least ``min_visible`` of the box inside each view of the
+  pair (the official code only asks for any overlap with the pair's common region).
+- Box jitter (p 0.5, ratio 0.1; official ``jitter_props``) moves the **V1** box of each pair;
+  the other view keeps the proposal (official: ``bboxs1_12`` from the jittered proposals,
+  ``bboxs2`` from the plain ones). Default: the official; switch ``jitter_on="crop"`` to
+  jitter the other view's box instead (our earlier reading of Sec. 3.3).
+- Cutout: only the 100-epoch FPN script uses it (``--aug ImageAsymBboxAwareMultiJitter1Cutout``);
+  the 400-epoch and SoCo* scripts' augmentations have none. Official ``RandomCutoutInBbox``:
+  per box of V2 and V3, p 0.5, a square of 0.1-0.3 of the box's area centred in the box
+  (``methods.augment.cutout_in_boxes``; ours clips the square to the box). Default on (the
+  recipe is the 100-epoch one); the 400-epoch table rows set ``cutout: false``.
+- Scale-aware assignment (Table 4 step 5; official ``assign_bboxs_to_feature_map`` with
+  ``aware_range`` 48/96/192): each box goes to the level its size sqrt(wh) **in its own
+  view's pixels** picks: <= 48 -> P2, <= 96 -> P3, <= 192 -> P4, else P5. The thresholds are
+  never rescaled by the view's size, so a box in the 112-px V3 lands one level finer than
+  the same box in the 224-px V2, and the V1 and V3 features of a box come from different
+  levels: that cross-level match is what V3 teaches (scale invariance). At the tiny scale
+  (64-px V1/V2, 32-px V3) the thresholds are scaled once to the 64-px views (48 * 64/224 ...)
+  and then applied in every view's own pixels, exactly as 48/96/192 are at 224.
+  (The official model pools every box on all four levels and lets a correspondence matrix
+  keep the assigned level of each side; we pool only the assigned level: the same loss.)
+  Official ``aware_range`` ends at 224 for P5 (a larger box would get no level); boxes are
+  clipped to their view, so none exceeds it at 224 and ours sends anything above 192 to P5.
+  With ``scale_aware`` off (Table 4 steps 3-4) every box is pooled on all of P2..P5 and each
+  level is compared with the same level of the other view (ours; the paper does not say).
+- RoIAlign: 7x7, aligned, adaptive sampling (official ``tvops.roi_align(..., aligned=True)``
+  with torchvision's default ``sampling_ratio=-1``): ``roi_sampling_ratio=-1``.
+- Backbone: the last BatchNorm gamma of each residual block starts at zero (official
+  ``resnet.py``, "zero gamma"): ``zero_init_residual=True``.
+- Selective search: the official proposals come from the Python selective search with one
+  strategy, Felzenszwalb scale 300, sigma 0.9, min size 100 (``selective_search/
+  generate_imagenet_ss_proposals.py``); ``ss_mode="soco"`` is OpenCV set up the same way
+  (``benchmark.proposals``); "fast" stays an option.
 - FPN and box head have BatchNorm (official ``SoCo_FPN.py``: FPN ``norm_cfg=BN``, BN in the
   4conv1fc head; detectron2 fine-tuning config ``R_50_FPN_1x.yaml``: FPN/ROI_BOX_HEAD NORM
   SyncBN). The detector must be built with ``head_norm: bn`` for the keys to transfer;
@@ -41,7 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout, decode_for, render_view
+from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout_in_boxes, decode_for, render_view
 from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
@@ -52,31 +81,32 @@ from methods.registry import register_method
 from methods.roi import ResNetFPN, assign_levels, box_head, export_parts, multilevel_roi_align
 
 PROPOSAL_SOURCES = ("selective_search", "random", "whole_image")
+JITTER_ON = ("v1", "crop")
 
 
-def soco_loss(online: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SoCo's Eq. 3 in BYOL's normalised form, symmetric: for each other view V in
-    (V2, V3, V4), (2 - 2cos(q(V), z'(V1))) + (2 - 2cos(q(V1), z'(V))), mean over boxes and
-    summed over pairs. ``online``/``target``: view name -> (N, K, L, D) (L: pooled levels,
-    compared level by level); ``mask``: (N, K) bool of the boxes that count."""
-    ref = online["v1"]
-    keep = None
-    if mask is not None:
-        keep = mask.to(torch.bool)[..., None].expand(ref.shape[:-1])
-    def reg(p, z):
-        if keep is None:
-            return byol_regression(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]))
-        if not keep.any():
-            return p.sum() * 0.0
-        return byol_regression(p[keep], z[keep])
-    logs, total = {}, ref.new_zeros(())
-    for v in online:
-        if v == "v1":
-            continue
-        pair = reg(online[v], target["v1"]) + reg(ref, target[v])
+def soco_loss(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+              masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SoCo's Eq. 3 in BYOL's normalised form, symmetric, summed over view pairs:
+    for each pair (V1, V), (2 - 2cos(q(V), z'(V1))) + (2 - 2cos(q(V1), z'(V))), each term a
+    mean over boxes. ``pairs``: other-view name -> (q_1, z_1, q_V, z_V), V1's online
+    prediction and target projection of the pair's V1 boxes and the same of V, each
+    (N, K, L, D) (L: pooled levels, compared level by level); ``masks``: name -> (N, K)
+    bool of the boxes that count."""
+    logs, total = {}, None
+    for v, (q1, z1, qv, zv) in pairs.items():
+        keep = None
+        if masks is not None:
+            keep = masks[v].to(torch.bool)[..., None].expand(q1.shape[:-1])
+
+        def reg(p, z):
+            if keep is None:
+                return byol_regression(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]))
+            if not keep.any():
+                return p.sum() * 0.0
+            return byol_regression(p[keep], z[keep])
+        pair = reg(qv, z1) + reg(q1, zv)
         logs[f"loss_1{v[1:]}"] = pair.detach()
-        total = total + pair
+        total = pair if total is None else total + pair
     return total, logs
 
 
@@ -85,28 +115,29 @@ class SoCoEncoder(ResNetFPN):
     an EMA twin. ``forward(images, boxes)`` -> (N, K, L, D)."""
 
     def __init__(self, cfg: "SoCo.Config"):
-        super().__init__(cfg.backbone, cfg.fpn_channels if cfg.fpn else 0, cfg.head_norm)
+        super().__init__(cfg.backbone, cfg.fpn_channels if cfg.fpn else 0, cfg.head_norm,
+                         zero_init_residual=cfg.zero_init_residual)
         self.cfg = cfg
         self.box_head = (box_head(self.out_channels, cfg.roi_size, cfg.head_conv_dim, cfg.head_num_convs,
                                   cfg.head_fc_dim, cfg.head_norm) if cfg.box_head else None)
         self.projector = byol_projector(cfg.head_fc_dim if cfg.box_head else self.out_channels,
                                         cfg.proj_hidden_dim, cfg.proj_dim)
 
-    def levels(self, boxes: torch.Tensor, view_size: int) -> torch.Tensor:
+    def levels(self, boxes: torch.Tensor) -> torch.Tensor:
         """(N, K, L) level index per box (L = 1 with scale-aware assignment or without FPN,
-        else 4: every box on every level)."""
+        else 4: every box on every level). ``boxes`` are in the pixels of their own view."""
         N, K = boxes.shape[:2]
         if self.fpn is None:
             return torch.zeros(N, K, 1, dtype=torch.long, device=boxes.device)
         if self.cfg.scale_aware:
-            scale = view_size / self.cfg.level_reference
-            return assign_levels(boxes, self.cfg.level_thresholds, scale)[..., None]
+            return assign_levels(boxes, self.cfg.level_thresholds)[..., None]
         return torch.arange(4, device=boxes.device).expand(N, K, 4)
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         N, K = boxes.shape[:2]
-        levels = self.levels(boxes, x.shape[-1])
-        roi = multilevel_roi_align(self.feature_maps(x), self.strides, boxes, levels, self.cfg.roi_size)
+        levels = self.levels(boxes)
+        roi = multilevel_roi_align(self.feature_maps(x), self.strides, boxes, levels, self.cfg.roi_size,
+                                   sampling_ratio=self.cfg.roi_sampling_ratio)
         v = self.box_head(roi) if self.box_head is not None else roi.mean((2, 3))
         return self.projector(v).reshape(N, K, levels.shape[2], -1)
 
@@ -119,18 +150,22 @@ class SoCo(PretrainMethod):
                             weight_decay=1e-5, momentum=0.9, schedule="cosine", warmup_epochs=10, epochs=100)
     # Fine-tuning: detectron2_configs/SoCo_FPN_100ep.yaml, SOLVER.WEIGHT_DECAY 0.000025
     finetune_overrides = {"weight_decay": 2.5e-5}
-    # tiny: 128-px synthetic images on 2 CPU cores; views 64/64/32 (V4 56) keep the paper's
-    # V1:V3 ratio of 2. FPN 64 / box head conv 64, fc 256 equal the tiny detector's so every
-    # key transfers.
+    # tiny: 128-px synthetic images on 2 CPU cores; views 64/64/32 keep the paper's V1:V3
+    # ratio of 2 (SoCo*: V3 55, V4 32 for 192, 112 at 224). The level thresholds 48/96/192
+    # of a 224-px V1 are scaled once to the 64-px V1 (x 64/224) and, like the paper's, are
+    # applied unchanged in every view's own pixels. FPN 64 / box head conv 64, fc 256 equal
+    # the tiny detector's so every key transfers.
     scales = {"tiny": {"method": {"backbone": "resnet18", "fpn_channels": 64, "head_conv_dim": 64,
                                   "head_fc_dim": 256, "proj_hidden_dim": 512, "proj_dim": 128,
                                   "pred_hidden_dim": 512, "view_size": 64, "v3_size": 32,
-                                  "v4_size": 56},
+                                  "star_v3_size": 55, "v4_size": 32,
+                                  "level_thresholds": [13.71, 27.43, 54.86]},
                        "recipe": {"batch_size": 16}}}
 
     @dataclass
     class Config(MethodConfig):
         backbone: str = "resnet50"
+        zero_init_residual: bool = True  # official resnet.py: last BN gamma of each block = 0
         # -- Table 4 components (step: setting) --------------------------------------------
         proposal_source: str = "selective_search"  # step 1 "whole_image"; Table 5c "random"
         fpn: bool = True                 # step 3; off: C5 + RoIAlign
@@ -141,24 +176,27 @@ class SoCo(PretrainMethod):
         # -- Table 5 ------------------------------------------------------------------------
         v3_size: int = 112               # 5a
         v3_scale: float = 0.0            # 5a at any scale: V3 = round(v3_scale * view_size); 0 = v3_size
-        num_proposals: int = 4           # 5c, K per image per step
+        num_proposals: int = 4           # 5c, K per image per pair per step
         momentum: float = 0.99           # 5d, start of the cosine EMA schedule (to 1)
         # -- views --------------------------------------------------------------------------
         view_size: int = 224             # V1, V2
-        crop_scale: tuple[float, ...] = (0.5, 1.0)   # V2 (tools/*.sh --crop 0.5)
+        crop_scale: tuple[float, ...] = (0.5, 1.0)   # V2, V3 (tools/*.sh --crop 0.5)
         v3_from_v2: bool = True          # paper: V3 = V2 downsampled; False: independent crop (official)
-        soco_star: bool = False          # SoCo*: extra view V4
-        v4_size: int = 192
-        cutout: bool = True              # official script only, p 0.5, area 0.1-0.3
-        cutout_prob: float = 0.5
-        cutout_area: tuple[float, ...] = (0.1, 0.3)
-        cutout_views: tuple[str, ...] = ("v1", "v2")
-        jitter_prob: float = 0.5         # Sec. 3.3
+        soco_star: bool = False          # SoCo*: V3 an independent crop at star_v3_size, V4 = V2 resized
+        star_v3_size: int = 192          # tools/SoCo_FPN_Star_400ep.sh --image3_size 192
+        v4_size: int = 112               # tools/SoCo_FPN_Star_400ep.sh --image4_size 112
+        view_tries: int = 5              # official --max_tries: redraws of the views before padding
+        cutout: bool = True              # tools/SoCo_FPN_100ep.sh only (400ep, SoCo*: none)
+        cutout_prob: float = 0.5         # per box
+        cutout_area: tuple[float, ...] = (0.1, 0.3)  # of the box's area
+        cutout_views: tuple[str, ...] = ("v2", "v3")
+        jitter_prob: float = 0.5         # official --jitter_prob 0.5 --jitter_ratio 0.1
         jitter_ratio: float = 0.1
-        min_visible: float = 0.5         # a proposal's visible fraction needed in every view
+        jitter_on: str = "v1"            # official: the V1 box of each pair | "crop": the other view's
+        min_visible: float = 0.5         # a proposal's visible fraction needed in both views of a pair
         mask_padding: bool = False       # official keeps padded (repeated) boxes in the loss
         random_candidates: int = 32      # "random" source: boxes drawn per image (official max_props)
-        ss_mode: str = "fast"            # selective search mode (SoCo: fast)
+        ss_mode: str = "soco"            # selective search: one strategy, Felzenszwalb 300/0.9/100
         ss_max_side: int = 0             # 0: the harness default, benchmark.proposals.DEFAULT_MAX_SIDE (500 px)
         # -- model --------------------------------------------------------------------------
         fpn_channels: int = 256
@@ -167,8 +205,8 @@ class SoCo(PretrainMethod):
         head_conv_dim: int = 256
         head_fc_dim: int = 1024
         roi_size: int = 7
-        level_thresholds: tuple[float, ...] = (48.0, 96.0, 192.0)   # sqrt(wh) in a 224 view
-        level_reference: float = 224.0
+        roi_sampling_ratio: int = -1     # official: torchvision's default, adaptive
+        level_thresholds: tuple[float, ...] = (48.0, 96.0, 192.0)   # sqrt(wh) in each view's own px
         proj_hidden_dim: int = 4096      # BYOL projector/predictor (SoCo Sec. 4.1)
         proj_dim: int = 256
         pred_hidden_dim: int = 4096
@@ -190,6 +228,16 @@ class SoCo(PretrainMethod):
             v.append("v4")
         return v
 
+    @property
+    def pair_views(self) -> list[str]:
+        """Views paired with V1 that select their own proposals (V4 reuses V2's)."""
+        return [v for v in self.view_names if v in ("v2", "v3")]
+
+    @staticmethod
+    def selection_of(view: str) -> str:
+        """The pair whose proposals a view uses (SoCo*: V4 is V2 resized, paired via V1-V2)."""
+        return "v2" if view == "v4" else view
+
     # -- proposals (computed once per dataset by the harness, cached) -----------------------
     def proposal_params(self) -> dict | None:
         if self.cfg.proposal_source != "selective_search":
@@ -201,12 +249,13 @@ class SoCo(PretrainMethod):
         c = self.cfg
         g = {"v1": whole_view(width, height, c.view_size, flip=bool(rng.random() < 0.5)),
              "v2": random_view(width, height, c.view_size, rng, scale=tuple(c.crop_scale))}
-        if c.multi_view:
+        if c.soco_star:   # official: V3 an independent crop at 192, V4 = V2 resized to 112
+            g["v3"] = random_view(width, height, c.star_v3_size, rng, scale=tuple(c.crop_scale))
+            g["v4"] = g["v2"].resized((c.v4_size, c.v4_size))
+        elif c.multi_view:
             v3 = round(c.v3_scale * c.view_size) if c.v3_scale else c.v3_size
             g["v3"] = (g["v2"].resized((v3, v3)) if c.v3_from_v2
                        else random_view(width, height, v3, rng, scale=tuple(c.crop_scale)))
-        if c.soco_star:
-            g["v4"] = g["v2"].resized((c.v4_size, c.v4_size))
         return g
 
     def _candidates(self, record: dict, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -220,32 +269,49 @@ class SoCo(PretrainMethod):
                              f"(method.proposal_source=selective_search reads the proposal cache)")
         return np.asarray(record["proposals"], dtype=np.float64).reshape(-1, 4)
 
-    def sample_boxes(self, record: dict, geoms: dict[str, ViewGeometry], width: int, height: int,
-                     rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """K proposals valid in every view, as (view -> (K', 4) float32 view boxes, valid (K',))."""
+    def draw_views(self, cand: np.ndarray, width: int, height: int, rng: np.random.Generator
+                   ) -> tuple[dict[str, ViewGeometry], dict[str, np.ndarray]]:
+        """View geometries and, per pair (V1, V), the candidates visible in both views. Views
+        are drawn again (up to ``view_tries`` times) while a pair has fewer than ``need``
+        candidates, ``need`` = K // 2 halved after each try (official ``dataset.py``)."""
         c = self.cfg
-        cand = self._candidates(record, width, height, rng)
+        need = max(c.num_proposals // 2, 1)
+        for _ in range(max(c.view_tries, 1)):
+            geoms = self.view_geometries(width, height, rng)
+            if c.proposal_source == "whole_image":
+                return geoms, {v: cand for v in self.pair_views}
+            in_v1 = geoms["v1"].boxes_in_view(cand, min_visible=c.min_visible)[1]
+            picks = {}
+            for v in self.pair_views:
+                keep = in_v1 & geoms[v].boxes_in_view(cand, min_visible=c.min_visible)[1]
+                picks[v] = cand[keep]   # (V4 = V2 resized sees what V2 sees)
+            if all(len(p) >= need for p in picks.values()):
+                break
+            need = max(need // 2, 1)
+        return geoms, picks
+
+    def sample_boxes(self, picks: dict[str, np.ndarray], geoms: dict[str, ViewGeometry], width: int,
+                     height: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Per pair (V1, V): K of its candidates, jittered on one side, mapped into both views.
+        Returns ``boxes_v1_{V}`` and ``boxes_{V}`` ((K, 4) float32 view pixels, also for V4,
+        which reuses the V1-V2 draw) and ``valid_{V}`` ((K,) bool, False for padding)."""
+        c = self.cfg
         whole = c.proposal_source == "whole_image"
-        if not whole and len(cand):
-            keep = np.ones(len(cand), bool)
-            for g in geoms.values():
-                keep &= g.boxes_in_view(cand, min_visible=c.min_visible)[1]
-            cand = cand[keep]
         k = 1 if whole else c.num_proposals
-        boxes, valid = sample_proposals(cand, k, rng, image_size=(width, height))
-        boxes = boxes.astype(np.float64)
-        jittered = boxes
-        if c.box_jitter and not whole:
-            jittered = jitter_boxes(boxes, rng, ratio=c.jitter_ratio, prob=c.jitter_prob)
         out = {}
-        for name, g in geoms.items():
-            src_boxes = boxes if name == "v1" else jittered
-            m = _clip(g.map_boxes(src_boxes), g.out_size)
-            bad = ((m[:, 2] - m[:, 0]) < 1) | ((m[:, 3] - m[:, 1]) < 1)
-            if bad.any():  # a jittered box left the view: fall back to the proposal itself
-                m[bad] = _clip(g.map_boxes(boxes[bad]), g.out_size)
-            out[name] = m.astype(np.float32)
-        return out, valid
+        for v in self.pair_views:
+            boxes, valid = sample_proposals(picks[v], k, rng, image_size=(width, height))
+            boxes = boxes.astype(np.float64)
+            jittered = boxes
+            if c.box_jitter and not whole:
+                jittered = jitter_boxes(boxes, rng, ratio=c.jitter_ratio, prob=c.jitter_prob)
+            on_v1 = c.jitter_on == "v1"
+            out[f"boxes_v1_{v}"] = _view_boxes(geoms["v1"], jittered if on_v1 else boxes, boxes)
+            partners = [v] + (["v4"] if v == "v2" and "v4" in geoms else [])
+            for w in partners:
+                out[f"boxes_{w}"] = _view_boxes(geoms[w], boxes if on_v1 else jittered, boxes)
+            out[f"valid_{v}"] = np.asarray(valid, dtype=bool)
+        return out
 
     loaders = ("cpu", "cpu_draft", "device")   # recipe.loader values its views support
 
@@ -253,18 +319,20 @@ class SoCo(PretrainMethod):
         c = self.cfg
         img = as_image(record["image"])
         W, H = img.size
-        geoms = self.view_geometries(W, H, rng)
-        boxes, valid = self.sample_boxes(record, geoms, W, H, rng)
+        cand = self._candidates(record, W, H, rng)
+        geoms, picks = self.draw_views(cand, W, H, rng)
+        boxes = self.sample_boxes(picks, geoms, W, H, rng)
         decode_for(img, geoms.values())
         out = {}
         for name, g in geoms.items():
             aug = BYOL_AUG_1 if name == "v1" else BYOL_AUG_2   # BYOL's asymmetric pair, per view
             t = render_view(img, g, aug, rng)
             if c.cutout and name in c.cutout_views:
-                t = cutout(t, rng, p=c.cutout_prob, area=tuple(c.cutout_area))
+                own = (np.concatenate([boxes[f"boxes_v1_{v}"] for v in self.pair_views]) if name == "v1"
+                       else boxes[f"boxes_{name}"])
+                t = cutout_in_boxes(t, own, rng, p=c.cutout_prob, area=tuple(c.cutout_area))
             out[name] = t
-            out[f"boxes_{name}"] = torch.from_numpy(boxes[name])
-        out["valid"] = torch.from_numpy(np.asarray(valid, dtype=bool))
+        out.update({k: torch.from_numpy(v) for k, v in boxes.items()})
         return out
 
     # -- model ----------------------------------------------------------------------------
@@ -277,23 +345,43 @@ class SoCo(PretrainMethod):
         self.current_momentum = cosine_schedule(progress, self.cfg.momentum)
         update_momentum(self.online, self.target, self.current_momentum)
 
+    def _encode(self, net, x: torch.Tensor, boxes: torch.Tensor, predict: bool) -> torch.Tensor:
+        z = net(x, boxes)
+        return self.predictor(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1) if predict else z
+
     def forward(self, batch: dict) -> dict:
-        names = self.view_names
-        online, target = {}, {}
-        for v in names:
-            z = self.online(batch[v], batch[f"boxes_{v}"])
-            online[v] = self.predictor(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
+        sel = self.pair_views
+        K = batch[f"boxes_v1_{sel[0]}"].shape[1]
+        # V1 once, with the boxes of every pair side by side
+        b1 = torch.cat([batch[f"boxes_v1_{v}"] for v in sel], 1)
+        q1 = self._encode(self.online, batch["v1"], b1, True).split(K, 1)
         with torch.no_grad():
-            for v in names:
-                target[v] = self.target(batch[v], batch[f"boxes_{v}"])
-        mask = batch["valid"] if self.cfg.mask_padding else None
-        loss, logs = soco_loss(online, target, mask)
-        logs["valid_frac"] = batch["valid"].float().mean().detach()
+            z1 = self.target(batch["v1"], b1).split(K, 1)
+        first = {v: (q1[i], z1[i]) for i, v in enumerate(sel)}
+        pairs = {}
+        for v in self.view_names[1:]:
+            qv = self._encode(self.online, batch[v], batch[f"boxes_{v}"], True)
+            with torch.no_grad():
+                zv = self.target(batch[v], batch[f"boxes_{v}"])
+            pairs[v] = (*first[self.selection_of(v)], qv, zv)
+        masks = ({v: batch[f"valid_{self.selection_of(v)}"] for v in pairs} if self.cfg.mask_padding else None)
+        loss, logs = soco_loss(pairs, masks)
+        logs["valid_frac"] = torch.stack([batch[f"valid_{v}"].float().mean() for v in sel]).mean().detach()
         return {"loss": loss, **logs}
 
     def export(self) -> dict[str, torch.Tensor]:
         """Online backbone (bare torchvision names), ``fpn.*`` and ``box_head.*``."""
         return export_parts(self.online.backbone, fpn=self.online.fpn, box_head=self.online.box_head)
+
+
+def _view_boxes(g: ViewGeometry, boxes: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``boxes`` (source pixels) mapped into view ``g`` and clipped to it; a (jittered) box
+    that leaves the view falls back to the same row of ``fallback``."""
+    m = _clip(g.map_boxes(boxes), g.out_size)
+    bad = ((m[:, 2] - m[:, 0]) < 1) | ((m[:, 3] - m[:, 1]) < 1)
+    if bad.any():
+        m[bad] = _clip(g.map_boxes(fallback[bad]), g.out_size)
+    return m.astype(np.float32)
 
 
 def _clip(b: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -308,17 +396,24 @@ def _validate(c: "SoCo.Config") -> None:
         raise ConfigError(f"method.proposal_source: unknown {c.proposal_source!r} ({' | '.join(PROPOSAL_SOURCES)})")
     if c.head_norm not in ("bn", "none"):
         raise ConfigError(f"method.head_norm: unknown {c.head_norm!r} (bn | none)")
+    if c.jitter_on not in JITTER_ON:
+        raise ConfigError(f"method.jitter_on: unknown {c.jitter_on!r} ({' | '.join(JITTER_ON)})")
     if c.num_proposals < 1:
         raise ConfigError(f"method.num_proposals: expected >= 1, got {c.num_proposals}")
-    if len(c.level_thresholds) != 3:
-        raise ConfigError(f"method.level_thresholds: expected 3 bounds (P2|P3|P4|P5), got {list(c.level_thresholds)}")
+    if c.view_tries < 1:
+        raise ConfigError(f"method.view_tries: expected >= 1, got {c.view_tries}")
+    if len(c.level_thresholds) != 3 or list(c.level_thresholds) != sorted(c.level_thresholds):
+        raise ConfigError(f"method.level_thresholds: expected 3 increasing bounds (P2|P3|P4|P5), "
+                          f"got {list(c.level_thresholds)}")
     if not (0 < c.momentum <= 1):
         raise ConfigError(f"method.momentum: expected in (0, 1], got {c.momentum}")
     if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
         raise ConfigError(f"method.crop_scale: expected [lo, hi] in (0, 1], got {list(c.crop_scale)}")
+    if c.soco_star and not c.multi_view:
+        raise ConfigError("method.soco_star: SoCo* needs the V3 view (method.multi_view: true)")
     bad = set(c.cutout_views) - {"v1", "v2", "v3", "v4"}
     if bad:
         raise ConfigError(f"method.cutout_views: unknown views {sorted(bad)} (v1 | v2 | v3 | v4)")
-    for k in ("view_size", "v3_size", "v4_size"):
+    for k in ("view_size", "v3_size", "star_v3_size", "v4_size"):
         if getattr(c, k) < 32:
             raise ConfigError(f"method.{k}: expected >= 32 px (P5 has stride 32), got {getattr(c, k)}")

@@ -1,5 +1,11 @@
 """Refactors must not change results' identities: every run the committed tables were built
-from is planned again under the same key (a changed key would silently recompute them)."""
+from is planned again under the same key (a changed key would silently recompute them).
+
+SoCo's keys changed on purpose with issue 8 section 2 (SoCo as the official code trains it:
+level thresholds in each view's own pixels, per-pair proposals with V1 jitter, per-box
+cutout only in the 100-epoch recipe, SoCo* view sizes, zero-init gamma, adaptive RoIAlign
+sampling, the "soco" selective-search mode): its old runs stay in the store under their
+old keys and the tables were re-run under the new ones, so SoCo rows are not checked here."""
 from __future__ import annotations
 
 import json
@@ -30,8 +36,9 @@ def test_committed_runs_keep_their_keys(table, scale, seeds):
     committed = _committed(scale)
     assert committed, f"no committed {scale} runs under {RUNS}"
     plan = plan_table(table, scale=scale, seeds=seeds)
-    # rows whose method was implemented when the table was made (new methods add new keys)
-    old = {"scratch", "supervised", "moco_v2", "soco"}
+    # rows whose method was implemented when the table was made (new methods add new keys);
+    # soco's keys changed with its new defaults (see the module docstring)
+    old = {"scratch", "supervised", "moco_v2"}
     keys = {k for c in plan.cells if plan.spec.rows[c.row].method in old for k in c.chain}
     missing = keys - committed
     assert not missing, f"{len(missing)} of {len(keys)} {table}@{scale} run keys changed: {sorted(missing)[:5]}"

@@ -1,5 +1,7 @@
-"""SoCo (methods/soco.py): views, proposals in views, scale-aware levels, loss, EMA,
-every Table 4 switch, and the export into the Mask R-CNN builder."""
+"""SoCo (methods/soco.py): views, proposals per view pair, scale-aware levels in each view's
+own pixels, per-box cutout, loss, EMA, every Table 4 switch, the official-code defaults
+(zero-init gamma, adaptive RoIAlign sampling, SoCo* sizes, selective search), a real 1-process
+DDP step with an empty FPN level, and the export into the Mask R-CNN builder."""
 from __future__ import annotations
 
 import math
@@ -9,16 +11,16 @@ import pytest
 import torch
 
 from methods import build_method
-from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric
+from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, cutout_in_boxes
 from methods.base import ConfigError
 from methods.geometry import ViewGeometry, whole_view
-from methods.roi import assign_levels
+from methods.roi import assign_levels, multilevel_roi_align
 from methods.soco import SoCo, soco_loss
 
 # a micro model: every forward/backward here takes well under a second on CPU
 MICRO = dict(backbone="resnet18", fpn_channels=16, head_conv_dim=16, head_fc_dim=32,
              proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, view_size=48, v3_size=32,
-             v4_size=40)
+             star_v3_size=40, v4_size=32)
 NO_AUG = Photometric(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
@@ -68,26 +70,43 @@ def test_views_shapes_tiny():
     s5 = build_method("soco", **{**SoCo.scales["tiny"]["method"], "v3_scale": 96 / 224}).views(
         record(), np.random.default_rng(0))
     assert s5["v3"].shape == (3, 27, 27)
-    for v in ("v1", "v2", "v3"):
-        assert s[f"boxes_{v}"].shape == (4, 4) and s[f"boxes_{v}"].dtype == torch.float32
-    assert s["valid"].shape == (4,) and s["valid"].dtype == torch.bool
-    star = make(soco_star=True).views(record(), np.random.default_rng(0))
-    assert star["v4"].shape == (3, 40, 40) and "boxes_v4" in star
+    for k in ("boxes_v1_v2", "boxes_v2", "boxes_v1_v3", "boxes_v3"):
+        assert s[k].shape == (4, 4) and s[k].dtype == torch.float32
+    for k in ("valid_v2", "valid_v3"):
+        assert s[k].shape == (4,) and s[k].dtype == torch.bool
     single = make(multi_view=False).views(record(), np.random.default_rng(0))
-    assert "v3" not in single
+    assert "v3" not in single and "boxes_v1_v3" not in single
+
+
+def test_soco_star_view_sizes():
+    """Official tools/SoCo_FPN_Star_400ep.sh: V3 an independent crop at 192, V4 = V2 resized
+    to 112 (paired with V1 through the V1-V2 proposals)."""
+    assert (SoCo.Config.star_v3_size, SoCo.Config.v4_size) == (192, 112)
+    m = build_method("soco", soco_star=True, backbone="resnet18")
+    g = m.view_geometries(400, 300, np.random.default_rng(0))
+    assert g["v3"].out_size == (192, 192) and g["v4"].out_size == (112, 112)
+    assert g["v4"] == g["v2"].resized((112, 112))
+    crops = {m.view_geometries(400, 300, np.random.default_rng(i))["v3"].crop ==
+             m.view_geometries(400, 300, np.random.default_rng(i))["v2"].crop for i in range(5)}
+    assert crops == {False}                                   # V3 is not V2's crop
+    tiny = build_method("soco", **{**SoCo.scales["tiny"]["method"], "soco_star": True})
+    s = tiny.views(record(), np.random.default_rng(0))
+    assert s["v3"].shape == (3, 55, 55) and s["v4"].shape == (3, 32, 32)
+    torch.testing.assert_close(s["boxes_v4"], s["boxes_v2"] * (32 / 64))   # V2's boxes, resized
+    assert "boxes_v1_v4" not in s                                            # V1 side = V1-V2's
 
 
 @pytest.mark.parametrize("v3_from_v2", [True, False])
 @pytest.mark.parametrize("jitter", [False, True])
 def test_boxes_follow_their_pixels(monkeypatch, v3_from_v2, jitter):
-    """Draw the single proposal bright on a dark image: in V1, V2 and V3 the box given for the
-    view is where its pixels are (box jitter moves only the crop views' boxes)."""
+    """Draw the single proposal bright on a dark image: in every view the box given for the
+    view is where its pixels are; box jitter (official) moves only V1's box of each pair."""
     import methods.soco as S
     monkeypatch.setattr(S, "BYOL_AUG_1", NO_AUG)
     monkeypatch.setattr(S, "BYOL_AUG_2", NO_AUG)
-    m = make(v3_from_v2=v3_from_v2, box_jitter=jitter, cutout=False, num_proposals=1,
+    m = make(v3_from_v2=v3_from_v2, box_jitter=jitter, jitter_prob=1.0, cutout=False, num_proposals=1,
              view_size=96, v3_size=48)
-    checked = 0
+    checked = moved = 0
     for seed in range(12):
         rng = np.random.default_rng(seed)
         x0, y0 = rng.integers(0, 60, 2)
@@ -95,55 +114,102 @@ def test_boxes_follow_their_pixels(monkeypatch, v3_from_v2, jitter):
         img = np.full((128, 128, 3), 10, np.uint8)
         img[box[0, 1]:box[0, 3], box[0, 0]:box[0, 2]] = 245
         s = m.views({"index": seed, "image": img, "proposals": box}, rng)
-        if not s["valid"][0]:
+        if not (s["valid_v2"][0] and s["valid_v3"][0]):
             continue
-        for v in ("v1", "v2", "v3"):
-            b = s[f"boxes_{v}"][0].tolist()
+        for v, key in (("v1", "boxes_v1_v2"), ("v1", "boxes_v1_v3"), ("v2", "boxes_v2"), ("v3", "boxes_v3")):
+            b = s[key][0].tolist()
             got = bright_bbox(s[v])
             scale = s[v].shape[-1] / 96
-            if jitter and v != "v1":
+            if jitter and v == "v1":
                 # jitter moves each side by at most 0.1 * (w or h) of the proposal (+ the clip)
                 w, h = b[2] - b[0], b[3] - b[1]
                 tol = [0.25 * w + 2, 0.25 * h + 2] * 2
-                assert all(abs(g - e) <= t for g, e, t in zip(got, b, tol)), (v, got, b)
+                assert all(abs(g - e) <= t for g, e, t in zip(got, b, tol)), (key, got, b)
+                moved += max(abs(g - e) for g, e in zip(got, b)) > 1.5
             else:
-                np.testing.assert_allclose(got, b, atol=1.5 * max(1, scale)), v
+                np.testing.assert_allclose(got, b, atol=1.5 * max(1, scale)), key
         checked += 1
     assert checked >= 6
+    assert (moved > 0) == jitter
 
 
 def test_v3_is_v2_downsampled_by_default():
-    m = make(box_jitter=False)
-    s = m.views(record(), np.random.default_rng(3))
-    torch.testing.assert_close(s["boxes_v3"], s["boxes_v2"] * (32 / 48))
+    m = make()
+    g = m.view_geometries(128, 128, np.random.default_rng(3))
+    assert g["v3"] == g["v2"].resized((32, 32))
+    g = make(v3_from_v2=False).view_geometries(128, 128, np.random.default_rng(3))
+    assert g["v3"].out_size == (32, 32) and g["v3"].crop != g["v2"].crop
 
 
-def test_proposals_outside_a_view_are_dropped_and_padded():
-    m = make(num_proposals=4, box_jitter=False)
-    geoms = {"v1": whole_view(128, 128, 64), "v2": ViewGeometry((0, 0, 64, 64), (64, 64))}
-    inside = [10, 10, 50, 50]   # (views built by hand at 64 px)
-    rec = {"proposals": np.array([inside, [80, 80, 120, 120], [60, 60, 120, 120]])}
-    boxes, valid = m.sample_boxes(rec, geoms, 128, 128, np.random.default_rng(0))
-    assert valid.tolist() == [True, False, False, False]          # one valid, padded to K
-    np.testing.assert_allclose(boxes["v2"], np.tile(inside, (4, 1)))  # only the inside one, repeated
-    np.testing.assert_allclose(boxes["v1"], np.tile(np.array(inside) / 2, (4, 1)))
+def _fixed_views(monkeypatch, m, draws):
+    """Make ``m.view_geometries`` return the given geometries in turn; returns the call log."""
+    calls = []
+    def fake(width, height, rng):
+        calls.append(1)
+        return draws[min(len(calls), len(draws)) - 1]
+    monkeypatch.setattr(m, "view_geometries", fake)
+    return calls
 
 
-def test_k_sampling_distinct_and_fallback():
-    m = make(num_proposals=3, box_jitter=False)
-    geoms = {"v1": whole_view(128, 128, 64), "v2": ViewGeometry((0, 0, 128, 128), (64, 64))}
+def test_proposals_are_selected_per_pair(monkeypatch):
+    """V1-V2 and V1-V3 each draw from the proposals visible in both views of that pair
+    (official dataset.py), not from those visible in all three views."""
+    m = make(num_proposals=2, box_jitter=False, cutout=False)
+    left, right = [4, 4, 40, 40], [80, 80, 120, 120]
+    geoms = {"v1": whole_view(128, 128, 48), "v2": ViewGeometry((0, 0, 64, 64), (48, 48)),
+             "v3": ViewGeometry((64, 64, 128, 128), (32, 32))}
+    _fixed_views(monkeypatch, m, [geoms])
+    s = m.views(record(proposals=np.array([left, right])), np.random.default_rng(0))
+    # each pair keeps its one visible proposal (padded to K=2 by repeating it)
+    assert s["valid_v2"].tolist() == [True, False] and s["valid_v3"].tolist() == [True, False]
+    np.testing.assert_allclose(s["boxes_v2"], np.tile(np.array(left) * 48 / 64, (2, 1)), atol=1e-4)
+    np.testing.assert_allclose(s["boxes_v3"], np.tile((np.array(right) - 64) * 32 / 64, (2, 1)), atol=1e-4)
+    np.testing.assert_allclose(s["boxes_v1_v2"], np.tile(np.array(left) * 48 / 128, (2, 1)), atol=1e-4)
+    np.testing.assert_allclose(s["boxes_v1_v3"], np.tile(np.array(right) * 48 / 128, (2, 1)), atol=1e-4)
+
+
+def test_views_are_redrawn_before_padding(monkeypatch):
+    """Too few proposals in a pair: the views are drawn again (official max_tries 5, needing
+    K//2, then half as many); after view_tries draws the last one is padded."""
+    m = make(num_proposals=4, box_jitter=False, multi_view=False, cutout=False)
+    props = np.array([[i * 10, 0, i * 10 + 30, 30] for i in range(6)])
+    miss = {"v1": whole_view(128, 128, 48), "v2": ViewGeometry((0, 64, 64, 128), (48, 48))}
+    hit = {"v1": whole_view(128, 128, 48), "v2": ViewGeometry((0, 0, 128, 64), (48, 24))}
+    calls = _fixed_views(monkeypatch, m, [miss, miss, hit])
+    s = m.views(record(proposals=props), np.random.default_rng(0))
+    assert len(calls) == 3 and s["valid_v2"].all()
+    calls = _fixed_views(monkeypatch, m, [miss])
+    s = m.views(record(proposals=props), np.random.default_rng(0))
+    assert len(calls) == m.cfg.view_tries == 5
+    # nothing visible: the whole image (clipped to each view), marked invalid
+    assert not s["valid_v2"].any()
+    np.testing.assert_allclose(s["boxes_v2"], np.tile([0, 0, 48, 48], (4, 1)))
+
+
+def test_k_sampling_distinct():
+    m = make(num_proposals=3, box_jitter=False, cutout=False)
     props = np.array([[i * 10, 0, i * 10 + 40, 40] for i in range(8)])
-    boxes, valid = m.sample_boxes({"proposals": props}, geoms, 128, 128, np.random.default_rng(1))
-    assert valid.all() and len({tuple(b) for b in boxes["v2"].tolist()}) == 3
-    # nothing valid in every view: the whole image (clipped to each view), marked invalid
-    geoms["v2"] = ViewGeometry((0, 64, 64, 128), (64, 64))
-    boxes, valid = m.sample_boxes({"proposals": props}, geoms, 128, 128, np.random.default_rng(1))
-    assert not valid.any()
-    np.testing.assert_allclose(boxes["v2"], np.tile([0, 0, 64, 64], (3, 1)))
+    geoms = {"v1": whole_view(128, 128, 64), "v2": ViewGeometry((0, 0, 128, 128), (64, 64)),
+             "v3": ViewGeometry((0, 0, 128, 128), (32, 32))}
+    out = m.sample_boxes({"v2": props, "v3": props}, geoms, 128, 128, np.random.default_rng(1))
+    assert out["valid_v2"].all() and len({tuple(b) for b in out["boxes_v2"].tolist()}) == 3
     # in views: K rows whatever the number of proposals
     for n in (0, 2, 8):
         s = m.views(record(proposals=props[:n]), np.random.default_rng(2))
-        assert s["boxes_v1"].shape == (3, 4) and s["valid"].sum() <= min(n, 3)
+        assert s["boxes_v1_v2"].shape == (3, 4) and s["valid_v2"].sum() <= min(n, 3)
+
+
+def test_jitter_switch_moves_the_crop_box_instead():
+    props = np.array([[20, 20, 100, 100]])
+    geoms = {"v1": whole_view(128, 128, 128), "v2": ViewGeometry((0, 0, 128, 128), (128, 128)),
+             "v3": ViewGeometry((0, 0, 128, 128), (64, 64))}
+    for on, moved, still in (("v1", "boxes_v1_v2", "boxes_v2"), ("crop", "boxes_v2", "boxes_v1_v2")):
+        m = make(num_proposals=1, jitter_prob=1.0, jitter_on=on)
+        out = m.sample_boxes({"v2": props, "v3": props}, geoms, 128, 128, np.random.default_rng(0))
+        np.testing.assert_allclose(out[still][0], props[0])
+        assert np.abs(out[moved][0] - props[0]).max() > 0.5
+    with pytest.raises(ConfigError, match="method.jitter_on"):
+        make(jitter_on="v2")
 
 
 def test_random_and_whole_image_sources_need_no_cache():
@@ -153,11 +219,59 @@ def test_random_and_whole_image_sources_need_no_cache():
     assert s["boxes_v2"].shape == (4, 4)
     m = make(proposal_source="whole_image")
     s = m.views(rec, np.random.default_rng(0))
-    assert s["boxes_v1"].tolist() == [[0, 0, 48, 48]] and s["boxes_v2"].tolist() == [[0, 0, 48, 48]]
+    assert s["boxes_v1_v2"].tolist() == [[0, 0, 48, 48]] and s["boxes_v2"].tolist() == [[0, 0, 48, 48]]
     assert m.proposal_params() is None and make(proposal_source="random").proposal_params() is None
-    assert make().proposal_params() == {"mode": "fast", "max_side": None}
+    assert make().proposal_params() == {"mode": "soco", "max_side": None}
     with pytest.raises(ValueError, match="proposals"):
         make().views(rec, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- cutout
+def test_cutout_is_per_box_inside_the_box():
+    t = torch.ones(3, 64, 64)
+    boxes = np.array([[4.0, 4.0, 30.0, 20.0], [40.0, 30.0, 60.0, 62.0]])
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    for x1, y1, x2, y2 in boxes.astype(int):
+        inside[y1:y2, x1:x2] = True
+    hit = []
+    for seed in range(40):
+        out = cutout_in_boxes(t, boxes, np.random.default_rng(seed), p=0.5, area=(0.1, 0.3))
+        erased = (out == 0).all(0)
+        assert not (erased & ~inside).any()                # never outside a box
+        per_box = [erased[y1:y2, x1:x2].sum().item() for x1, y1, x2, y2 in boxes.astype(int)]
+        for n, (x1, y1, x2, y2) in zip(per_box, boxes):
+            assert n <= 0.3 * (x2 - x1) * (y2 - y1) + 2 * math.sqrt(0.3 * (x2 - x1) * (y2 - y1)) + 1
+        hit.append([n > 0 for n in per_box])
+    hit = np.array(hit)
+    assert 0.2 < hit.mean() < 0.8 and (hit[:, 0] != hit[:, 1]).any()   # p 0.5, each box on its own
+    assert torch.equal(t, torch.ones(3, 64, 64))                        # input untouched
+    assert torch.equal(cutout_in_boxes(t, boxes, np.random.default_rng(0), p=0.0), t)
+
+
+def test_cutout_only_on_v2_and_v3_by_default(monkeypatch):
+    import methods.soco as S
+    monkeypatch.setattr(S, "BYOL_AUG_1", NO_AUG)
+    monkeypatch.setattr(S, "BYOL_AUG_2", NO_AUG)
+    assert SoCo.Config.cutout_views == ("v2", "v3")
+    img = np.full((128, 128, 3), 200, np.uint8)
+    zero = lambda t: (t == 0).all(0)   # an erased pixel (a plain 200 pixel is never 0 after normalising)
+    m = make(cutout_prob=1.0, box_jitter=False, soco_star=True)
+    seen = set()
+    for seed in range(6):
+        s = m.views(record(seed, proposals=np.array([[10, 10, 90, 90], [30, 40, 120, 110]])) | {"image": img},
+                    np.random.default_rng(seed))
+        assert not zero(s["v1"]).any() and not zero(s["v4"]).any()
+        for v in ("v2", "v3"):
+            erased = zero(s[v])
+            inside = torch.zeros_like(erased)
+            for x1, y1, x2, y2 in s[f"boxes_{v}"].tolist():
+                inside[int(y1):math.ceil(y2), int(x1):math.ceil(x2)] = True
+            assert not (erased & ~inside).any()
+            if erased.any():
+                seen.add(v)
+    assert seen == {"v2", "v3"}
+    off = make(cutout=False, cutout_prob=1.0).views(record(0) | {"image": img}, np.random.default_rng(0))
+    assert not any(zero(off[v]).any() for v in ("v1", "v2", "v3"))
 
 
 # --------------------------------------------------------------------------- levels
@@ -165,37 +279,61 @@ def test_scale_aware_assignment():
     sizes = torch.tensor([10, 47.9, 48, 60, 96, 100, 191, 192.5, 300])
     boxes = torch.stack([torch.zeros_like(sizes), torch.zeros_like(sizes), sizes, sizes], 1)
     assert assign_levels(boxes).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
-    # a 112-px view halves the ranges: 24 | 48 | 96
-    half = torch.tensor([[0, 0, 20, 20], [0, 0, 30, 30], [0, 0, 60, 60], [0, 0, 100, 100.]])
-    assert assign_levels(half, scale=0.5).tolist() == [0, 1, 2, 3]
     # sqrt(wh), not the longer side: 16 x 144 has size 48
     assert assign_levels(torch.tensor([[0, 0, 16, 144.]])).tolist() == [0]
-    enc = make().online
     b = torch.tensor([[[0, 0, 10, 10], [0, 0, 60, 60.]]])
-    assert enc.levels(b, 64).shape == (1, 2, 1)
-    assert make(scale_aware=False).online.levels(b, 64).tolist() == [[[0, 1, 2, 3], [0, 1, 2, 3]]]
-    assert make(fpn=False).online.levels(b, 64).tolist() == [[[0], [0]]]
+    assert make().online.levels(b).tolist() == [[[0], [1]]]
+    assert make(scale_aware=False).online.levels(b).tolist() == [[[0, 1, 2, 3], [0, 1, 2, 3]]]
+    assert make(fpn=False).online.levels(b).tolist() == [[[0], [0]]]
+
+
+def test_levels_in_each_views_own_pixels():
+    """Official aware_range 48/96/192 in every view's own pixels, never rescaled: the same
+    object in the 112-px V3 (V2 downsampled) lands one level finer than in the 224-px V2."""
+    m = build_method("soco", backbone="resnet18")
+    g = m.view_geometries(640, 480, np.random.default_rng(0))
+    assert g["v2"].out_size == (224, 224) and g["v3"].out_size == (112, 112)
+    x0, y0 = g["v2"].crop[:2]
+    sx = (g["v2"].crop[2] - x0) / 224
+    sy = (g["v2"].crop[3] - y0) / 224
+    shifted = 0
+    for side in (40, 70, 130, 200):     # sizes in V2 pixels: P2, P3, P4, P5 there
+        src = np.array([[x0 + 10 * sx, y0 + 10 * sy, x0 + (10 + side) * sx, y0 + (10 + side) * sy]])
+        b2 = torch.tensor(g["v2"].map_boxes(src), dtype=torch.float32)[None]
+        b3 = torch.tensor(g["v3"].map_boxes(src), dtype=torch.float32)[None]
+        l2, l3 = m.online.levels(b2).item(), m.online.levels(b3).item()
+        assert l3 == max(l2 - 1, 0), (side, l2, l3)
+        shifted += l3 != l2
+    assert shifted == 3
+    # tiny: the thresholds are the paper's scaled once to the 64-px V1 and used as they are
+    tiny = SoCo.scales["tiny"]["method"]
+    np.testing.assert_allclose(tiny["level_thresholds"], np.array([48, 96, 192]) * tiny["view_size"] / 224,
+                               atol=0.01)
+    t = build_method("soco", **tiny).online
+    box = torch.tensor([[[0, 0, 20, 20.]]])          # P3 in a 64-px view
+    assert t.levels(box).item() == 1 and t.levels(box / 2).item() == 0
 
 
 # --------------------------------------------------------------------------- loss & EMA
 def test_loss_by_hand():
-    p1 = torch.tensor([[[[1.0, 1.0]], [[0.0, 3.0]]]], requires_grad=True)   # (N=1, K=2, L=1, D=2)
-    p2 = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]], requires_grad=True)
+    q1 = torch.tensor([[[[1.0, 1.0]], [[0.0, 3.0]]]], requires_grad=True)   # (N=1, K=2, L=1, D=2)
+    q2 = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]], requires_grad=True)
     z1 = torch.tensor([[[[0.0, 1.0]], [[0.0, 1.0]]]], requires_grad=True)
     z2 = torch.tensor([[[[2.0, 0.0]], [[0.0, 5.0]]]], requires_grad=True)
-    loss, logs = soco_loss({"v1": p1, "v2": p2}, {"v1": z1, "v2": z2})
-    # box 1: (2 - 2cos(p2, z1)) + (2 - 2cos(p1, z2)) = 2 + (2 - sqrt 2); box 2: 0 + 0
+    loss, logs = soco_loss({"v2": (q1, z1, q2, z2)})
+    # box 1: (2 - 2cos(q2, z1)) + (2 - 2cos(q1, z2)) = 2 + (2 - sqrt 2); box 2: 0 + 0
     assert loss.item() == pytest.approx((2 + 2 - math.sqrt(2)) / 2)
     assert logs["loss_12"].item() == pytest.approx(loss.item())
     loss.backward()
-    assert z1.grad is None and z2.grad is None and p1.grad is not None
-    masked, _ = soco_loss({"v1": p1, "v2": p2}, {"v1": z1, "v2": z2}, torch.tensor([[True, False]]))
+    assert z1.grad is None and z2.grad is None and q1.grad is not None
+    masked, _ = soco_loss({"v2": (q1, z1, q2, z2)}, {"v2": torch.tensor([[True, False]])})
     assert masked.item() == pytest.approx(4 - math.sqrt(2))
-    none, _ = soco_loss({"v1": p1, "v2": p2}, {"v1": z1, "v2": z2}, torch.tensor([[False, False]]))
+    none, _ = soco_loss({"v2": (q1, z1, q2, z2)}, {"v2": torch.tensor([[False, False]])})
     assert none.item() == 0.0
-    # with V3 the pairs add up
-    three, logs = soco_loss({"v1": p1, "v2": p2, "v3": p2}, {"v1": z1, "v2": z2, "v3": z2})
-    assert three.item() == pytest.approx(2 * loss.item()) and set(logs) == {"loss_12", "loss_13"}
+    # pairs add up; each pair has its own V1 features (its own proposals)
+    three, logs = soco_loss({"v2": (q1, z1, q2, z2), "v3": (q2, z2, q2, z2)})
+    assert three.item() == pytest.approx(loss.item()) and set(logs) == {"loss_12", "loss_13"}
+    assert logs["loss_13"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_momentum_schedule():
@@ -226,6 +364,7 @@ TABLE4 = {  # SoCo Table 4, each step adds one component
     "6_box_jitter": dict(multi_view=False),
     "7_multi_view": dict(),
     "soco_star": dict(soco_star=True),
+    "jitter_on_crop_v1_cutout": dict(jitter_on="crop", cutout_views=("v1", "v2")),
     "v3_independent_random_k1_masked": dict(v3_from_v2=False, proposal_source="random", num_proposals=1,
                                             mask_padding=True, head_norm="none"),
 }
@@ -257,6 +396,115 @@ def test_recipe_and_overrides():
     assert SoCo.recipe.weight_decay == 1e-5 and SoCo.recipe.batch_size == 2048
     assert SoCo.recipe.warmup_epochs == 10 and SoCo.finetune_overrides == {"weight_decay": 2.5e-5}
     assert SoCo.scales["tiny"]["recipe"]["batch_size"] == 16
+
+
+# --------------------------------------------------------------------------- official defaults
+def test_zero_init_residual_gamma():
+    m = make()
+    for name, p in m.online.backbone.named_parameters():
+        if name.endswith("bn2.weight") and name.startswith("layer"):   # BasicBlock's last BN
+            assert torch.equal(p, torch.zeros_like(p)), name
+    assert m.online.backbone.bn1.weight.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(m.online.parameters(), m.target.parameters()))
+    off = make(zero_init_residual=False)
+    assert off.online.backbone.layer1[0].bn2.weight.abs().sum() > 0
+    r50 = build_method("soco", backbone="resnet50", fpn_channels=16, head_conv_dim=16, head_fc_dim=32,
+                       proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
+    assert all(b.bn3.weight.abs().sum() == 0 for layer in ("layer1", "layer4")
+               for b in getattr(r50.online.backbone, layer))
+
+
+def test_roi_align_adaptive_sampling(monkeypatch):
+    from torchvision.ops import roi_align
+    assert SoCo.Config.roi_sampling_ratio == -1 and SoCo.Config.roi_size == 7
+    torch.manual_seed(0)
+    f = torch.randn(1, 2, 16, 16)
+    boxes, levels = torch.tensor([[[1.0, 2.0, 50.0, 40.0]]]), torch.zeros(1, 1, 1, dtype=torch.long)
+    got = multilevel_roi_align([f], (4,), boxes, levels, 7, sampling_ratio=-1)
+    want = roi_align(f, torch.tensor([[0, 1.0, 2.0, 50.0, 40.0]]), (7, 7), 1 / 4, sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, multilevel_roi_align([f], (4,), boxes, levels, 7, sampling_ratio=1))
+    # the encoder passes its config value through
+    import methods.soco as S
+    seen = []
+    real = S.multilevel_roi_align
+    monkeypatch.setattr(S, "multilevel_roi_align", lambda *a, **k: seen.append(k["sampling_ratio"]) or real(*a, **k))
+    x, b = torch.randn(2, 3, 48, 48), torch.tensor([[[0.0, 0.0, 20.0, 20.0]]] * 2)
+    make().online(x, b)
+    make(roi_sampling_ratio=2).online(x, b)
+    assert seen == [-1, 2]
+
+
+def test_selective_search_soco_mode_is_one_strategy_with_the_official_segmentation(monkeypatch):
+    """benchmark.proposals mode "soco": one image, one Felzenszwalb segmentation with scale
+    (k) 300, sigma 0.9, min size 100 (official generate_imagenet_ss_proposals.py), and one
+    strategy combining colour, texture, size and fill."""
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "ximgproc"):
+        pytest.skip("OpenCV without ximgproc")
+    from benchmark import proposals as P
+    seg = cv2.ximgproc.segmentation
+    calls = []
+
+    class Spy:
+        def __init__(self, ss):
+            self.ss = ss
+
+        def __getattr__(self, name):
+            fn = getattr(self.ss, name)
+            def wrapped(*a):
+                calls.append((name, a))
+                return fn(*a)
+            return wrapped
+    real = seg.createSelectiveSearchSegmentation
+    monkeypatch.setattr(seg, "createSelectiveSearchSegmentation", lambda: Spy(real()))
+    img = np.zeros((96, 128, 3), np.uint8)
+    img[10:60, 20:80] = (250, 30, 30)
+    img[40:90, 70:120] = (30, 30, 250)
+    img += np.random.default_rng(0).integers(0, 20, img.shape, dtype=np.uint8)
+    boxes = P.selective_search(img, mode="soco")
+    names = [n for n, _ in calls]
+    assert names.count("addImage") == 1 and names.count("addGraphSegmentation") == 1
+    assert names.count("addStrategy") == 1 and names[-1] == "process"
+    gs = next(a[0] for n, a in calls if n == "addGraphSegmentation")
+    assert (gs.getK(), gs.getSigma(), gs.getMinSize()) == (300, pytest.approx(0.9), 100)
+    image = next(a[0] for n, a in calls if n == "addImage")
+    np.testing.assert_array_equal(image, img)                     # the RGB image, as the original
+    assert len(boxes) >= 1 and (boxes[:, 2:] <= [128, 96]).all()
+    calls.clear()
+    fast = P.selective_search(img, mode="fast")
+    assert "switchToSelectiveSearchFast" in [n for n, _ in calls]
+    assert len(fast) > len(boxes)          # fast: several colour spaces, k and strategies
+
+
+def test_ddp_step_with_an_empty_fpn_level(tmp_path):
+    """Real DDP (gloo, world size 1, find_unused_parameters=False): steps whose boxes all go
+    to P2 leave P3-P5 without a box; every parameter must still be reduced, or the second
+    step raises "Expected to have finished reduction in the prior iteration"."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        m = make(multi_view=False)
+        model = DDP(m, find_unused_parameters=False)
+        samples = [m.views(record(i, proposals=np.array([[10, 10, 24, 24], [40, 40, 56, 52]])),
+                           np.random.default_rng(i)) for i in range(2)]
+        batch = m.collate(samples)
+        for v in ("v1_v2", "v2"):
+            batch[f"boxes_{v}"] = batch[f"boxes_{v}"].clamp(max=12)   # all boxes <= 12 px: P2 only
+        assert (m.online.levels(batch["boxes_v2"]) == 0).all()
+        opt = torch.optim.SGD(m.param_groups()[0]["params"], lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            model(batch)["loss"].backward()
+            opt.step()
+        assert all(p.grad is not None for p in m.param_groups()[0]["params"])
+        fpn_out = m.online.fpn.layer_blocks[3]            # P5's output conv: no box there
+        assert all(p.grad is not None for p in fpn_out.parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- export

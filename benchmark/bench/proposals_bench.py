@@ -1,14 +1,18 @@
 """Throughput of the proposal cache vs. a bare OpenCV selective-search loop.
 
     python -m benchmark.bench.proposals_bench --n 50 --size 224 [--images DIR] [--workers 2]
+        [--mode soco] [--modes soco,fast,single]
 
 Without ``--images`` it draws ``--n`` random textured scenes with filled shapes (no dataset
-needed). It times (1) the bare loop ``cv2.imread -> selective search (fast)`` over the
+needed). It times (1) the bare loop ``cv2.imread -> selective search (--mode)`` over the
 images in this process and (2) :func:`benchmark.proposals.compute_proposals` on the same
 images into a fresh cache directory (``--workers`` processes, process start-up, filtering,
-part files and the final merge included). It prints a table and writes
-``results/benchmarks/proposals.json``: images/s of each, the ratio ours/bare, and the cache
-size in bytes per image.
+part files and the final merge included). Then, for each of ``--modes``, it counts the
+regions per image that selective search returns (raw) and that pass SoCo's filter (kept),
+with the seconds per image: "soco" (SoCo's default: one strategy, Felzenszwalb 300/0.9/100)
+against OpenCV's presets. It prints tables and writes ``results/benchmarks/proposals.json``:
+images/s of each, the ratio ours/bare, the cache size in bytes per image and the per-mode
+region counts.
 
 The cache runs selective search at ``--max-side`` (default ``DEFAULT_MAX_SIDE``, 500 px: boxes
 are scaled back). ``--compare-max-side`` also builds the cache at full resolution and reports
@@ -28,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.proposals import opencv_selective_search
+from benchmark.proposals import MODES, load_rgb, opencv_selective_search, selective_search
+from methods.proposals import filter_proposals
 
 
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
@@ -62,7 +67,22 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def bare_loop(paths: list[str], mode: str = "fast") -> tuple[float, int]:
+def region_counts(paths: list[str], mode: str) -> dict:
+    """Raw regions (OpenCV's output) and kept boxes (after SoCo's filter) per image, and the
+    seconds per image of the selective search alone, for one mode."""
+    raw, kept, seconds = [], [], 0.0
+    for p in paths:
+        img = load_rgb(p)
+        t0 = time.perf_counter()
+        boxes = selective_search(img, mode=mode)
+        seconds += time.perf_counter() - t0
+        raw.append(len(boxes))
+        kept.append(len(filter_proposals(boxes, img.shape[1], img.shape[0])))
+    return {"raw_per_image": float(np.mean(raw)), "raw_min": int(np.min(raw)), "raw_max": int(np.max(raw)),
+            "kept_per_image": float(np.mean(kept)), "seconds_per_image": seconds / len(paths)}
+
+
+def bare_loop(paths: list[str], mode: str = "soco") -> tuple[float, int]:
     import cv2
 
     t0 = time.perf_counter()
@@ -103,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=Path, default=None, help="use the images of this folder instead")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=None, help="default: about 4 chunks per worker")
-    ap.add_argument("--mode", default="fast", choices=["fast", "quality", "single"])
+    ap.add_argument("--mode", default="soco", choices=list(MODES), help="mode of the throughput comparison")
+    ap.add_argument("--modes", default="soco,fast,single",
+                    help="comma-separated modes whose region counts per image are reported")
     ap.add_argument("--max-side", type=int, default=None, help="default: DEFAULT_MAX_SIDE (500 px)")
     ap.add_argument("--compare-max-side", action="store_true",
                     help="also at full resolution: what the downscale changes in the boxes kept")
@@ -143,6 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
             compare = compare_caches(cache, full, n)
             compare.update({"max_side": max_side, "seconds_downscaled": ours_s, "seconds_full": full_s,
                             "speedup": full_s / ours_s})
+        modes = [m for m in args.modes.split(",") if m]
+        bad = set(modes) - set(MODES)
+        if bad:
+            raise SystemExit(f"--modes: unknown {sorted(bad)} (known: {', '.join(MODES)})")
+        counts = {m: region_counts(paths, m) for m in modes}
 
     res = {
         "source": source,
@@ -160,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cache_bytes_per_image": cache_bytes / n,
         "max_side": max_side,
         "downscale_vs_full": compare,
+        "regions_by_mode": counts,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(f"proposals benchmark: {n} images ({source}), mode={args.mode}")
@@ -172,6 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"max side {max_side} vs full resolution: {compare['speedup']:.2f}x faster; kept boxes per image "
               f"{compare['kept_per_image_downscaled']:.1f} vs {compare['kept_per_image_full']:.1f}; full-resolution "
               f"boxes covered at IoU>=0.5: {compare['recall_iou50']:.1%}, IoU>=0.7: {compare['recall_iou70']:.1%}")
+    print(f"\nregions per image by mode ({n} images, one process)")
+    print(f"{'mode':10s}{'raw':>10s}{'raw min-max':>14s}{'kept':>10s}{'s/image':>10s}")
+    for m, c in counts.items():
+        print(f"{m:10s}{c['raw_per_image']:10.1f}{c['raw_min']:>7d}-{c['raw_max']:<6d}"
+              f"{c['kept_per_image']:10.1f}{c['seconds_per_image']:10.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
