@@ -52,3 +52,22 @@ def masked_cosine_regression(p: torch.Tensor, z: torch.Tensor, match: torch.Tens
     cos = torch.einsum("nci,ncj->nij", p, z)
     m = match.to(cos.dtype)
     return -(cos * m).sum() / m.sum().clamp(min=1)
+
+
+def level_info_nce(q: torch.Tensor, k: torch.Tensor, queues: torch.Tensor, temperature: float,
+                   weights=None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """InsLoc's loss (Yang et al. 2021, Sec. 3.3; official ``insloc_fpn.py``): one InfoNCE per
+    pyramid level, each against that level's queue, summed with ``weights`` (default 1).
+    ``q``, ``k``: (N, L, D); ``queues``: (K, L, D). Returns (total, per-level losses,
+    per-level logits with the positive in column 0)."""
+    L = q.shape[1]
+    weights = (1.0,) * L if weights is None else tuple(weights)
+    if len(weights) != L:
+        raise ValueError(f"level_info_nce: {len(weights)} weights for {L} levels")
+    losses, logits = [], []
+    for level in range(L):
+        loss, lg = info_nce(q[:, level], k[:, level], queues[:, level], temperature)
+        losses.append(loss)
+        logits.append(lg)
+    total = sum(w * l for w, l in zip(weights, losses))
+    return total, losses, logits
