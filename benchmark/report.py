@@ -29,7 +29,7 @@ def cell_values(plan: Plan, store: RunStore) -> dict[tuple[int, int], dict]:
     for cell in plan.cells:
         c = out.setdefault((cell.row, cell.col), {"values": [], "statuses": [], "runs": []})
         if cell.eval_key is None:
-            c["statuses"].append("not implemented")
+            c["statuses"].append(cell.missing or "not implemented")
             continue
         sts = [store.status(k) for k in cell.chain]
         if "diverged" in sts:
@@ -54,7 +54,7 @@ def cell_values(plan: Plan, store: RunStore) -> dict[tuple[int, int], dict]:
             c["status"] = "done" if all(s == "done" for s in c["statuses"]) else "partial"
         else:
             c["mean"] = c["std"] = None
-            for s in ("not implemented", "diverged", "failed", "pending", "no metric"):
+            for s in ("not implemented", "needs detector", "diverged", "failed", "pending", "no metric"):
                 if s in c["statuses"]:
                     c["status"] = s
                     break

@@ -223,3 +223,26 @@ def test_c4_reconstruction_pools_c4_and_exports_res5_with_the_backbone():
 def test_bad_config_values_name_the_field(key, value, match):
     with pytest.raises(ConfigError, match=match):
         methods.build_method("insloc", **{**SMALL, key: value})
+
+
+def test_modelzoo_plans_the_fpn_columns_and_leaves_c4_cells_needing_their_detector(tmp_path):
+    from benchmark.plan import plan_table
+    from benchmark.report import cell_values
+    from benchmark.store import RunStore
+    plan = plan_table("insloc_modelzoo", scale="micro", seeds=(0,))
+    spec = plan.spec
+    c4 = {ci for ci, col in enumerate(spec.columns) if col.detector == "mask_rcnn_c4"}
+    assert len(c4) == 4 and {spec.columns[ci].label[:2] for ci in c4} == {"C4"}
+    for cell in plan.cells:
+        if cell.col in c4:
+            assert cell.eval_key is None and cell.missing == "needs detector"
+        else:
+            assert cell.eval_key is not None
+    cells = cell_values(plan, RunStore(tmp_path))
+    insloc400 = next(ri for ri, r in enumerate(spec.rows) if r.label == "InsLoc 400ep")
+    assert cells[(insloc400, min(c4))]["status"] == "needs detector"
+    assert cells[(insloc400, 0)]["ref"] == 42.0 and cells[(insloc400, 7)]["ref"] == 36.3   # FPN 1x APbb, C4 2x APmk
+    # the InsLoc row of SoCo's Table 1 is planned now that the method is registered
+    t1 = plan_table("soco_table1", scale="micro", seeds=(0,))
+    row = next(ri for ri, r in enumerate(t1.spec.rows) if r.method == "insloc")
+    assert all(c.eval_key for c in t1.cells if c.row == row)

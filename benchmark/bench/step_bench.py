@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--methods", default="moco_v2,supervised,soco")
+    p.add_argument("--methods", default="moco_v2,supervised,soco,insloc")
     p.add_argument("--out", default="results/benchmarks/step_bench.json")
     a = p.parse_args(argv)
     names = a.methods.split(",")
