@@ -30,7 +30,7 @@ def test_unknown_table(isolated, capsys):
 def test_dry_run_lists_the_plan(isolated, capsys):
     assert main(["reproduce", "--table", "soco_table1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "29 runs, 29 to run" in out and "soco_table1/MoCo v2/seed0/pretrain" in out
+    assert "34 runs, 34 to run" in out and "soco_table1/MoCo v2/seed0/pretrain" in out
 
 
 def test_runs_lists_the_store(isolated, capsys):
