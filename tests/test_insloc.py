@@ -19,7 +19,6 @@ from methods.geometry import whole_view
 from methods.insloc import anchor_augment, anchor_grid, rescaled_size
 from methods.losses import level_info_nce
 from methods.queues import LevelQueues
-from methods.shuffle_bn import shuffle_bn
 
 FG, BG = (220, 30, 40), (10, 60, 200)
 SMALL = dict(backbone="resnet18", fpn_channels=16, head_conv_dim=16, head_fc_dim=32, background_size=64,
@@ -172,19 +171,6 @@ def test_level_loss_equals_a_hand_computation():
     assert math.isclose(losses[0].item(), l0, rel_tol=1e-6) and math.isclose(losses[1].item(), l1, rel_tol=1e-6)
     assert math.isclose(total.item(), l0 + 0.5 * l1, rel_tol=1e-6)
     assert torch.allclose(logits[0], torch.tensor([[2.0, 0.0, -2.0]]))
-
-
-def test_shuffle_bn_keeps_images_and_boxes_together_and_restores_the_order():
-    x = torch.arange(8.0)[:, None] * 10
-    b = torch.arange(8.0)[:, None]
-    sizes = []
-
-    def fn(xs, bs):
-        sizes.append(len(xs))
-        return xs - bs           # row i -> 9 i only if x and b were permuted together
-
-    out = shuffle_bn(fn, x, b, splits=2)
-    assert sizes == [4, 4] and torch.equal(out, x - b)
 
 
 def test_export_loads_into_the_tiny_detector_with_the_box_head_convs_and_fc1():
