@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from benchmark.config import evaluate_config, finetune_config, pretrain_config
 from benchmark.store import run_key
-from benchmark.tables import Row, TableSpec, load_spec
+from benchmark.detectors import list_detectors
+from benchmark.tables import Column, Row, TableSpec, load_spec
 from methods import list_methods
 
 
@@ -27,8 +28,9 @@ class Cell:
     row: int
     col: int
     seed: int
-    eval_key: str | None              # None: the row's method is not implemented
+    eval_key: str | None              # None: the row's method or the column's detector is missing
     chain: tuple = ()                 # keys from pretraining to evaluation
+    missing: str = ""                 # why eval_key is None: "not implemented" | "needs detector"
 
 
 @dataclass
@@ -43,6 +45,12 @@ class Plan:
 
 def row_implemented(row: Row) -> bool:
     return row.method == "scratch" or row.method in list_methods()
+
+
+def column_implemented(col: Column) -> bool:
+    """A column fine-tunes the detector it names; one not registered leaves its cells
+    "needs detector"."""
+    return col.detector in list_detectors()
 
 
 def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict | None = None,
@@ -64,7 +72,7 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
     for ri, row in enumerate(spec.rows):
         for seed in seeds:
             if not row_implemented(row):
-                cells += [Cell(ri, ci, seed, None) for ci in range(len(spec.columns))]
+                cells += [Cell(ri, ci, seed, None, missing="not implemented") for ci in range(len(spec.columns))]
                 continue
             base = f"{spec.name}/{row.label}/seed{seed}"
             pkey = None
@@ -76,6 +84,9 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                 pkey = add("pretrain", pcfg, (), f"{base}/pretrain")
             per_finetune: dict[tuple, tuple[str, str]] = {}
             for ci, col in enumerate(spec.columns):
+                if not column_implemented(col):
+                    cells.append(Cell(ri, ci, seed, None, missing="needs detector"))
+                    continue
                 ft = (col.detector, col.protocol, col.schedule)
                 if ft not in per_finetune:
                     fcfg = finetune_config(scale=scale, seed=seed, schedule=col.schedule, parent=pkey,

@@ -69,7 +69,7 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
         c = out.setdefault((cell.row, cell.col), {"values": [], "seeds": [], "statuses": [], "runs": [],
                                                   "costs": [], "gpu": []})
         if cell.eval_key is None:
-            c["statuses"].append("not implemented")
+            c["statuses"].append(cell.missing or "not implemented")
             continue
         sts = [status.get(k, "missing") for k in cell.chain]
         if "diverged" in sts:
@@ -102,7 +102,7 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
             c["status"] = "done" if all(s == "done" for s in c["statuses"]) else "partial"
         else:
             c["mean"] = c["std"] = None
-            for s in ("not implemented", "diverged", "failed", "pending", "no metric"):
+            for s in ("not implemented", "needs detector", "diverged", "failed", "pending", "no metric"):
                 if s in c["statuses"]:
                     c["status"] = s
                     break

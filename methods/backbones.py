@@ -19,14 +19,15 @@ def build_resnet(name: str = "resnet50", zero_init_residual: bool = False) -> nn
     return m
 
 
-def resnet_stages(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """C2..C5 feature maps of a torchvision ResNet."""
+def resnet_stages(m: nn.Module, x: torch.Tensor, num_stages: int = 4) -> list[torch.Tensor]:
+    """C2..C5 feature maps of a torchvision ResNet (the first ``num_stages``: 3 stops at C4,
+    the C4 detectors' backbone, whose res5 is the RoI head)."""
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    c2 = m.layer1(x)
-    c3 = m.layer2(c2)
-    c4 = m.layer3(c3)
-    c5 = m.layer4(c4)
-    return [c2, c3, c4, c5]
+    out = []
+    for layer in (m.layer1, m.layer2, m.layer3, m.layer4)[:num_stages]:
+        x = layer(x)
+        out.append(x)
+    return out
 
 
 def c5_size(size: int) -> int:

@@ -73,3 +73,22 @@ def pixel_info_nce(q: torch.Tensor, k: torch.Tensor, match: torch.Tensor,
     pos = logits.masked_fill(~(m | ~has[..., None]), float("-inf")).logsumexp(-1)
     loss = (logits.logsumexp(-1) - pos) * has
     return (loss.sum(1) / has.sum(1).clamp(min=1)).mean()
+
+
+def level_info_nce(q: torch.Tensor, k: torch.Tensor, queues: torch.Tensor, temperature: float,
+                   weights=None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """InsLoc's loss (Yang et al. 2021, Sec. 3.3; official ``insloc_fpn.py``): one InfoNCE per
+    pyramid level, each against that level's queue, summed with ``weights`` (default 1).
+    ``q``, ``k``: (N, L, D); ``queues``: (K, L, D). Returns (total, per-level losses,
+    per-level logits with the positive in column 0)."""
+    L = q.shape[1]
+    weights = (1.0,) * L if weights is None else tuple(weights)
+    if len(weights) != L:
+        raise ValueError(f"level_info_nce: {len(weights)} weights for {L} levels")
+    losses, logits = [], []
+    for level in range(L):
+        loss, lg = info_nce(q[:, level], k[:, level], queues[:, level], temperature)
+        losses.append(loss)
+        logits.append(lg)
+    total = sum(w * l for w, l in zip(weights, losses))
+    return total, losses, logits

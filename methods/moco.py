@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from methods.augment import MOCO_V2_AUG, as_image, render_view
 from methods.backbones import backbone_state, build_resnet
@@ -23,6 +22,7 @@ from methods.heads import moco_v2_projector
 from methods.losses import info_nce
 from methods.queues import MemoryQueue
 from methods.registry import register_method
+from methods.shuffle_bn import gather, shuffle_bn
 
 
 @register_method("moco_v2")
@@ -84,60 +84,18 @@ class MoCoV2(PretrainMethod):
         update_momentum(self.proj_q, self.proj_k, self.cfg.momentum)
 
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        """Key features with Shuffle-BN (MoCo Sec. 3.3). Distributed: the batch is shuffled
-        across processes so each BN sees a random subset (the official implementation).
-        One process: the batch is shuffled and split into ``shuffle_bn_splits`` groups
-        normalised separately, so a query and its key never share BN statistics."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            x, unshuffle = _shuffle_across_processes(im_k)
-            k = self.proj_k(self.encoder_k(x))
-            return _unshuffle_across_processes(k, unshuffle)
-        n = im_k.shape[0]
-        splits = max(1, min(self.cfg.shuffle_bn_splits, n // 2 or 1))
-        perm = torch.randperm(n, device=im_k.device)
-        chunks = [self.proj_k(self.encoder_k(c)) for c in im_k[perm].chunk(splits)]
-        k = torch.cat(chunks)
-        out = torch.empty_like(k)
-        out[perm] = k
-        return out
+        """Key features with Shuffle-BN (MoCo Sec. 3.3, ``methods.shuffle_bn``): across
+        processes when distributed, else ``shuffle_bn_splits`` separately normalised groups."""
+        return shuffle_bn(lambda x: self.proj_k(self.encoder_k(x)), im_k, splits=self.cfg.shuffle_bn_splits)
 
     def forward(self, batch: dict) -> dict:
         q = self.proj_q(self.encoder_q(batch["im_q"]))
         with torch.no_grad():
             k = self._keys(batch["im_k"])
         loss, logits = info_nce(q, k, self.queue.keys.clone(), self.cfg.temperature)
-        self.queue.enqueue(_gather(k))
+        self.queue.enqueue(gather(k))
         acc = (logits.argmax(1) == 0).float().mean()
         return {"loss": loss, "acc1": acc.detach()}
 
     def export(self) -> dict[str, torch.Tensor]:
         return backbone_state(self.encoder_q)
-
-
-# -- distributed helpers (MoCo's batch shuffle) --------------------------------------
-@torch.no_grad()
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def _shuffle_across_processes(x: torch.Tensor):
-    n_local = x.shape[0]
-    xs = _gather(x)
-    perm = torch.randperm(xs.shape[0], device=x.device)
-    dist.broadcast(perm, src=0)
-    unshuffle = torch.argsort(perm)
-    r = dist.get_rank()
-    return xs[perm][r * n_local:(r + 1) * n_local], unshuffle
-
-
-@torch.no_grad()
-def _unshuffle_across_processes(k: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
-    n_local = k.shape[0]
-    ks = _gather(k)
-    r = dist.get_rank()
-    return ks[unshuffle][r * n_local:(r + 1) * n_local]

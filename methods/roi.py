@@ -76,16 +76,19 @@ def multilevel_roi_align(feats: list[torch.Tensor], strides, boxes: torch.Tensor
                          roi_size: int = 7, sampling_ratio: int = 2) -> torch.Tensor:
     """RoIAlign (``roi_size`` x ``roi_size``, aligned) of every (box, level) pair.
 
-    ``boxes``: (N, K, 4) xyxy in image pixels, one row of K per image; ``levels``: (N, K, L)
-    indices into ``feats`` (L levels per box: 1 for scale-aware assignment, all for InsLoc).
-    ``sampling_ratio``: points per bin side (torchvision; <= 0: adaptive, ceil(bin size)).
-    Returns (N * K * L, C, roi_size, roi_size) in (n, k, l) order.
+    ``boxes``: (N, K, 4) xyxy in image pixels, one row of K per image, or (N, K, L, 4): a box
+    per (box, level) pair (InsLoc's query pools its augmented box on P5 only); ``levels``:
+    (N, K, L) indices into ``feats`` (L levels per box: 1 for scale-aware assignment, all for
+    InsLoc). ``sampling_ratio``: points per bin side (torchvision; <= 0: adaptive, ceil(bin
+    size)). Returns (N * K * L, C, roi_size, roi_size) in (n, k, l) order.
 
     A level that no box picks is still pooled, with an empty selection: its feature map (and
     the FPN layers that make it) stays in the autograd graph with a zero gradient, so DDP
     with ``find_unused_parameters=False`` finds every parameter reduced on every step."""
     N, K, L = levels.shape
-    b = boxes[:, :, None, :].expand(N, K, L, 4).reshape(-1, 4)
+    if boxes.dim() == 3:
+        boxes = boxes[:, :, None, :].expand(N, K, L, 4)
+    b = boxes.reshape(-1, 4)
     lv = levels.reshape(-1)
     idx = torch.arange(N, device=boxes.device)[:, None, None].expand(N, K, L).reshape(-1)
     out = feats[0].new_zeros(b.shape[0], feats[0].shape[1], roi_size, roi_size)

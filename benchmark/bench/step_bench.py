@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--methods", default="moco_v2,supervised,soco,pixpro")
+    p.add_argument("--methods", default="moco_v2,supervised,soco,pixpro,insloc")
     p.add_argument("--fast", action="store_true",
                    help="also time the fast path (channels-last, fused optimizer) of each method")
     p.add_argument("--compile", action="store_true", help="with --fast: torch.compile the method too")

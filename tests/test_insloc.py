@@ -1,0 +1,240 @@
+"""InsLoc: composites whose box is the pasted pixels, anchor box augmentation, one box per
+pyramid level, four queues on one pointer, the per-level loss, and the export."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+import methods
+from benchmark.bench.inputs import ListSource
+from methods.base import ConfigError
+from methods.geometry import whole_view
+from methods.insloc import anchor_augment, anchor_grid, rescaled_size
+from methods.losses import level_info_nce
+from methods.queues import LevelQueues
+
+FG, BG = (220, 30, 40), (10, 60, 200)
+SMALL = dict(backbone="resnet18", fpn_channels=16, head_conv_dim=16, head_fc_dim=32, background_size=64,
+             fg_size=(32, 64), anchor_stride=4, queue_size=16)
+
+
+@pytest.fixture(scope="module")
+def insloc():
+    torch.manual_seed(0)
+    return methods.build_method("insloc", **SMALL)
+
+
+def _flat(colour, w, h):
+    return Image.new("RGB", (w, h), colour)
+
+
+def _check_box_is_the_pasted_pixels(img: Image.Image, box: np.ndarray):
+    a = np.asarray(img)
+    H, W = a.shape[:2]
+    assert np.allclose(box, np.round(box), atol=1e-9), box       # pasted at integer offsets and sizes
+    x0, y0, x1, y1 = (int(v) for v in np.round(box))
+    assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+    assert (a[y0:y1, x0:x1] == FG).all()                           # every pixel of the box is foreground
+    ring = np.zeros((H, W), bool)
+    ring[max(y0 - 1, 0):y1 + 1, max(x0 - 1, 0):x1 + 1] = True
+    ring[y0:y1, x0:x1] = False
+    assert ring.any() and (a[ring] == BG).all()                    # and the ring around it is not
+
+
+def test_composite_box_is_the_pasted_pixels_before_and_after_flip(insloc):
+    fg, bg = _flat(FG, 90, 50), _flat(BG, 40, 70)
+    S = insloc.cfg.background_size
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        img, box = insloc.composite(fg, bg, rng)
+        assert img.size == (S, S)
+        _check_box_is_the_pasted_pixels(img, box)
+        w, h = box[2] - box[0], box[3] - box[1]
+        lo, hi = insloc.cfg.fg_size
+        assert lo - 1 <= max(w, h) < hi                             # long side within the sampled bound
+        flipped = whole_view(S, S, S, flip=True)
+        _check_box_is_the_pasted_pixels(flipped.apply_image(img), flipped.map_boxes(box)[0])
+
+
+def test_rescaled_size_keeps_the_aspect_within_the_bound():
+    assert rescaled_size(100, 50, (200, 150)) == (200, 100)      # long side bound 200
+    assert rescaled_size(100, 50, (130, 200)) == (200, 100)      # order of the bound does not matter
+    assert rescaled_size(100, 100, (160, 130)) == (130, 130)     # short side bound 130
+
+
+def test_views_draw_backgrounds_from_the_source_and_are_a_function_of_rng(insloc):
+    rng = np.random.default_rng(0)
+    recs = [{"image": rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)} for _ in range(3)]
+    src = ListSource(recs)
+    a = insloc.views(recs[0], np.random.default_rng(5), src)
+    b = insloc.views(recs[0], np.random.default_rng(5), src)
+    assert a.keys() == {"im_q", "im_k", "box_q", "box_k", "box_q_aug"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    S = insloc.cfg.background_size
+    assert a["im_q"].shape == (3, S, S) and a["box_q"].shape == (4,)
+    with pytest.raises(ValueError, match="insloc: views need `source`"):
+        insloc.views(recs[0], np.random.default_rng(0), None)
+
+
+def test_anchor_grid_is_mmdets():
+    a = anchor_grid(32, 32, stride=16, scales=(2,), ratios=(1.0, 2.0))
+    assert a.shape == (2 * 2 * 2, 4)
+    assert torch.allclose(a[0], torch.tensor([-16.0, -16.0, 16.0, 16.0]))     # 32 px, centre (0, 0)
+    w, h = a[1, 2] - a[1, 0], a[1, 3] - a[1, 1]
+    assert torch.isclose(h / w, torch.tensor(2.0)) and torch.isclose(w * h, torch.tensor(32.0 * 32))
+    assert torch.allclose(a[-1, :2] + a[-1, 2:], torch.tensor([32.0, 32.0]))  # last centre (16, 16)
+
+
+def test_every_augmented_box_overlaps_the_true_box_by_more_than_half(insloc):
+    fg, bg = _flat(FG, 90, 50), _flat(BG, 40, 70)
+    moved = 0
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        _, box = insloc.composite(fg, bg, rng)
+        aug = anchor_augment(box, insloc.anchors, rng)
+        iou = box_iou(torch.tensor(np.stack([box]), dtype=torch.float32), torch.tensor(np.stack([aug])))[0, 0]
+        assert iou > 0.5, (box, aug)
+        moved += not np.allclose(aug, box)
+    assert moved > 40            # an anchor, not the fallback, nearly always
+
+
+def test_augmented_box_falls_back_to_the_true_box_when_no_anchor_fits():
+    box = np.array([10.0, 10.0, 12.0, 60.0])            # 2 x 50: no 0.5-2 anchor overlaps it by 0.5
+    out = anchor_augment(box, anchor_grid(64, 64, 4), np.random.default_rng(0))
+    assert np.array_equal(out, box.astype(np.float32))
+
+
+def test_p2_to_p4_pool_the_true_box_and_only_p5_the_augmented_one(insloc):
+    true = torch.tensor([[8.0, 8.0, 40.0, 48.0], [4.0, 10.0, 50.0, 40.0]])
+    aug = true + 4
+    boxes = insloc.level_boxes(true, aug)
+    assert boxes.shape == (2, 4, 4)
+    assert torch.equal(boxes[:, :3], true[:, None].expand(2, 3, 4)) and torch.equal(boxes[:, 3], aug)
+    assert torch.equal(insloc.level_boxes(true), true[:, None].expand(2, 4, 4))     # the key side
+    # through the encoder (eval BN: rows independent): moving the augmented box moves P5 only
+    enc = insloc.encoder_q.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = enc(x, insloc.level_boxes(true, aug)), enc(x, insloc.level_boxes(true, aug + 6))
+    enc.train()
+    assert torch.allclose(a[:, :3], b[:, :3]) and not torch.allclose(a[:, 3], b[:, 3])
+
+
+def test_level_queues_advance_together_and_hold_the_last_keys():
+    q = LevelQueues(dim=2, size=5, levels=4)
+    keys = [torch.randn(3, 4, 2) for _ in range(3)]
+    for k in keys:
+        q.enqueue(k)
+    assert int(q.ptr) == 9 % 5
+    last5 = torch.nn.functional.normalize(torch.cat(keys)[-5:], dim=-1)       # slots 4, 0, 1, 2, 3
+    order = [(4 + i) % 5 for i in range(5)]
+    for level in range(4):
+        assert torch.allclose(q[level][order], last5[:, level])
+
+
+def test_forward_enqueues_the_keys_of_every_level_in_the_same_slots(insloc):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    recs = [{"image": rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)} for _ in range(4)]
+    src = ListSource(recs)
+    batch = insloc.collate([insloc.views(r, np.random.default_rng(i), src) for i, r in enumerate(recs)])
+    before, p = insloc.queues.keys.clone(), int(insloc.queues.ptr)
+    out = insloc(batch)
+    assert torch.isfinite(out["loss"]) and set(out) >= {"loss_p2", "loss_p3", "loss_p4", "loss_p5", "acc1"}
+    assert torch.isclose(out["loss"], sum(out[f"loss_p{i}"] for i in range(2, 6)))
+    changed = (insloc.queues.keys != before).any(-1)                             # (size, levels)
+    slots = [(p + i) % insloc.cfg.queue_size for i in range(4)]
+    assert changed[slots].all() and not changed[[s for s in range(16) if s not in slots]].any()
+    assert int(insloc.queues.ptr) == (p + 4) % insloc.cfg.queue_size
+    out["loss"].backward()
+    assert all(p.grad is None for p in insloc.encoder_k.parameters())
+
+
+def test_level_loss_equals_a_hand_computation():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # level 0: q = k = e1, queue e2, -e1 -> logits (1, 0, -1) / T
+    # level 1: q = e1, k = e2, queue e1, e2 -> logits (0, 1, 0) / T; q scaled by 3 (normalised away)
+    q = torch.stack([torch.stack([e1, 3 * e1])])
+    k = torch.stack([torch.stack([e1, e2])])
+    queues = torch.stack([torch.stack([e2, e1]), torch.stack([-e1, e2])])      # (K=2, L=2, D=2)
+    T = 0.5
+    total, losses, logits = level_info_nce(q, k, queues, T, weights=(1.0, 0.5))
+    l0 = -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(-2)))
+    l1 = -math.log(math.exp(0) / (math.exp(0) + math.exp(2) + math.exp(0)))
+    assert math.isclose(losses[0].item(), l0, rel_tol=1e-6) and math.isclose(losses[1].item(), l1, rel_tol=1e-6)
+    assert math.isclose(total.item(), l0 + 0.5 * l1, rel_tol=1e-6)
+    assert torch.allclose(logits[0], torch.tensor([[2.0, 0.0, -2.0]]))
+
+
+def test_export_loads_into_the_tiny_detector_with_the_box_head_convs_and_fc1():
+    from benchmark.config import finetune_config
+    from benchmark.detectors import build_detector, get_detector, load_pretrained
+    m = methods.build_method("insloc", **{**methods.get_method("insloc").scales["tiny"]["method"],
+                                          "queue_size": 8})
+    state = m.export()
+    assert not any(k.startswith(("fc2", "proj", "fc.")) for k in state)
+    head_keys = {k for k in state if k.startswith("box_head.")}
+    assert {k.split(".")[1] for k in head_keys} == {"0", "1", "2", "3", "5"}   # 4 convs (+BN) and fc1
+    det_cfg = finetune_config(scale="tiny", schedule="1x", parent=None)["detector"]
+    det = build_detector(det_cfg, num_classes=9)
+    report = load_pretrained(det, state, get_detector(det_cfg["name"]), require=("backbone", "fpn", "box_head"),
+                             source="insloc")
+    for g in ("backbone", "fpn", "box_head"):
+        r = report.groups[g]
+        assert r.loaded and not r.missing and not r.unexpected and not r.mismatched, (g, r)
+    assert len(report.groups["box_head"].loaded) == len(head_keys)
+
+
+def test_c4_reconstruction_pools_c4_and_exports_res5_with_the_backbone():
+    m = methods.build_method("insloc", arch="c4", backbone="resnet18", head_fc_dim=32, background_size=64,
+                             fg_size=(32, 64), anchor_stride=4, queue_size=8)
+    assert m.level_names == ["c4"] and m.aug_levels == [0] and m.encoder_q.roi_size == 14
+    boxes = m.level_boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]] * 2), torch.tensor([[4.0, 4.0, 44.0, 40.0]] * 2))
+    assert m.encoder_q(torch.randn(2, 3, 64, 64), boxes).shape == (2, 1, 128)
+    state = m.export()
+    assert "layer4.0.conv1.weight" in state and not any(k.startswith(("fpn.", "box_head.")) for k in state)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("arch", "c5", "method.arch"),
+    ("fg_size", [128, 300], "method.fg_size"),
+    ("box_aug_levels", [4], "method.box_aug_levels"),
+    ("level_weights", [1.0, 1.0], "method.level_weights"),
+])
+def test_bad_config_values_name_the_field(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        methods.build_method("insloc", **{**SMALL, key: value})
+
+
+def test_modelzoo_plans_fpn_and_c4_columns_and_an_unknown_detector_needs_it(tmp_path):
+    import dataclasses
+
+    from benchmark.plan import plan_table
+    from benchmark.report import cell_values
+    from benchmark.store import RunStore
+    plan = plan_table("insloc_modelzoo", scale="micro", seeds=(0,))
+    spec = plan.spec
+    jobs = {j.key: j for j in plan.jobs}
+    c4 = {ci for ci, col in enumerate(spec.columns) if col.detector == "mask_rcnn_c4"}
+    assert len(c4) == 4 and {spec.columns[ci].label[:2] for ci in c4} == {"C4"}
+    for cell in plan.cells:
+        assert cell.eval_key is not None
+        want = "mask_rcnn_c4" if cell.col in c4 else "mask_rcnn"
+        assert jobs[cell.chain[-2]].config["detector"]["name"] == want
+    cells = cell_values(plan, RunStore(tmp_path))
+    insloc400 = next(ri for ri, r in enumerate(spec.rows) if r.label == "InsLoc 400ep")
+    assert cells[(insloc400, 0)]["ref"] == 42.0 and cells[(insloc400, 7)]["ref"] == 36.3   # FPN 1x APbb, C4 2x APmk
+    # a column naming a detector that is not registered: its cells read "needs detector"
+    cols = [dataclasses.replace(c, detector="no_such_detector") if i in c4 else c for i, c in enumerate(spec.columns)]
+    odd = plan_table(dataclasses.replace(spec, columns=cols), scale="micro", seeds=(0,))
+    assert all(c.eval_key is None and c.missing == "needs detector" for c in odd.cells if c.col in c4)
+    assert cell_values(odd, RunStore(tmp_path))[(insloc400, min(c4))]["status"] == "needs detector"
+    # the InsLoc row of SoCo's Table 1 is planned now that the method is registered
+    t1 = plan_table("soco_table1", scale="micro", seeds=(0,))
+    row = next(ri for ri, r in enumerate(t1.spec.rows) if r.method == "insloc")
+    assert all(c.eval_key for c in t1.cells if c.row == row)
