@@ -52,3 +52,38 @@ def masked_cosine_regression(p: torch.Tensor, z: torch.Tensor, match: torch.Tens
     cos = torch.einsum("nci,ncj->nij", p, z)
     m = match.to(cos.dtype)
     return -(cos * m).sum() / m.sum().clamp(min=1)
+
+
+# AlignDet marks samples that belong to no pseudo box with a negative id, never with a number
+# that an instance id can take (the official code's background label 256 collides with the
+# 257th instance of a batch).
+BACKGROUND = -1
+
+
+def instance_contrastive(online: torch.Tensor, online_ids: torch.Tensor, target: torch.Tensor,
+                         target_ids: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """AlignDet's box-level contrastive loss (Li et al. 2023, Eq. 3; official
+    ``ContrastiveLoss`` and ``SelfSupConvFCBBoxHead.loss``), shared by every detector.
+
+    ``online`` (M, D) / ``target`` (N, D): embeddings of the samples (RoIs, anchors, points,
+    queries) of view 1 and view 2; ``*_ids`` their instance ids (>= 0) or ``BACKGROUND`` (< 0).
+    For each instance id c present in the online samples:
+        queries Q = online samples of c, keys K = target samples of c (none: K = Q),
+        negatives = every other sample of both views (other ids and background, stop-gradient);
+        loss_c = mean over (k, q) in K x Q of -log( e^{q.k/t} / (e^{q.k/t} + sum_n e^{q.n/t}) )
+    on L2-normalised vectors; the loss is the mean of loss_c over the ids (0 with none)."""
+    q_all = F.normalize(online, dim=1)
+    t_all = F.normalize(target, dim=1)
+    ids = torch.unique(online_ids[online_ids >= 0])
+    if len(ids) == 0:
+        return online.sum() * 0.0
+    losses = []
+    for c in ids:
+        q = q_all[online_ids == c]
+        k = t_all[target_ids == c] if (target_ids == c).any() else q
+        neg = torch.cat([q_all[online_ids != c], t_all[target_ids != c]]).detach()
+        pos = k @ q.t()                                      # (|K|, |Q|)
+        negs = (q @ neg.t())[None].expand(len(k), -1, -1)    # (|K|, |Q|, n)
+        logits = torch.cat([pos[..., None], negs], -1).reshape(-1, 1 + len(neg)) / temperature
+        losses.append(F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long)))
+    return torch.stack(losses).mean()

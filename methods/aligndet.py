@@ -1,0 +1,357 @@
+"""AlignDet (Li, Wang, Xie, Ding, Wang, Lin; ICCV 2023, "AlignDet: Aligning Pre-training and
+Fine-tuning in Object Detection"; official code liming-ai/AlignDet on mmdet 2.25).
+
+Box-domain pretraining of the very detector that will be fine-tuned, over a frozen backbone
+produced by an image-domain method (the run's parent). Pseudo-code (paper Sec. 3.2, Fig. 3),
+recognisable in ``forward``:
+    b          = selective-search proposals of the image, each its own instance id
+    V1, V2     = two views (resize short side in {640..800}, flip, one RandAugment op)
+    f          = frozen backbone (no gradient, BN in eval mode)
+    online     = the detector's neck + heads, classification branch -> 256-d embedding
+    target     = EMA of online (momentum 0.996 -> 1, cosine, per step)
+    z1, y1, L_reg = online(f(V1), b1)      samples (RoIs / anchors / points) with instance ids
+    z2, y2        = target(f(V2), b2)      (no gradient)
+    L = contrastive(z1, y1, z2, y2) + L_reg     (``methods.losses.instance_contrastive``)
+
+The detector is injected (``detector_spec`` / ``attach_detector``, methods/base.py): the
+harness builds it with the fine-tuning builder, so the export is that detector's state minus
+its final classifiers and regressors.
+
+Per detector (official files under AlignDet/models/):
+- Faster / Mask R-CNN (``selfsup_mask_rcnn.py``, ``convfc_bbox_head.py``, config
+  ``selfsup_mask_rcnn_r50_fpn.py``): the RPN trains on the proposals (sampler: up to 4096
+  anchors, positives first); RoIs (RPN proposals plus the pseudo boxes) with IoU >= 0.5 to a
+  pseudo box are the samples (positives only: ``neg_pos_ub=0``, up to 4096 per image); the
+  4conv1fc box head feeds ``fc_cls`` = fc-ReLU-fc -> 256 and a class-agnostic L1 box
+  regression. The mask head is not pretrained.
+- RetinaNet (``retina_head.py``): ``retina_cls`` = 1x1-ReLU-1x1 -> 256*A; anchors with IoU
+  >= 0.5 are samples of their box, < 0.4 background (negatives of every id), the rest
+  ignored; L1 regression of the encoded deltas on positives; the 50 first proposals per image
+  (official ``SelectTopKProposals(topk=50)``).
+- FCOS (``fcos_head.py``): ``conv_cls`` = 3x3-ReLU-1x1 -> 256; FCOS point assignment (the
+  fine-tuning detector's rule); at most 2048 points per image, positives first; IoU loss
+  (-log IoU, centerness-weighted) and centerness BCE on positives.
+
+Decisions where the official code differs or is silent:
+- Background is ``losses.BACKGROUND`` (-1), never a number an instance id can take (the
+  official label 256 collides with the 257th box of a batch).
+- R-CNN box regression is class-agnostic (official: 256 class-specific regressors indexed by
+  the instance id, which overflows past 256 ids); the regressor is dropped at export anyway.
+- FCOS caps points per image (the official sampler caps per view over the whole batch).
+- An image with no proposal gives no sample (its anchors are all background); the official
+  pipeline drops such an image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
+
+from methods.augment import to_tensor
+from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.ema import cosine_schedule, momentum_copy, update_momentum
+from methods.geometry import whole_view
+from methods.heads import MLPHead
+from methods.losses import BACKGROUND, instance_contrastive
+from methods.randaug import SOFT_TEACHER_OPS, one_of
+from methods.registry import register_method
+from methods.roi import export_parts
+
+DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
+IGNORE = -2          # a sample that is neither an instance nor background (RetinaNet 0.4-0.5)
+
+
+# --------------------------------------------------------------------------- recipes
+# Box-domain schedule (paper Sec. 4.1; official configs/_base_/schedules/schedule_1x.py):
+# SGD momentum 0.9, wd 1e-4, lr 0.02 at batch 16 (0.01 RetinaNet/FCOS), 12 epochs, lr x0.1 at
+# epochs 8 and 11, linear warm-up over 500 iterations. 500 iterations at batch 16 are
+# 500 / ceil(118287 / 16) = 0.0676 COCO epochs.
+MILESTONES = (8, 11)       # epochs; the pretraining stage must pass them to Schedule(multistep)
+RECIPES = {
+    "faster_rcnn": PretrainRecipe(optimizer="sgd", base_lr=0.02, lr_batch=16, batch_size=16,
+                                  weight_decay=1e-4, momentum=0.9, schedule="multistep",
+                                  warmup_epochs=500 / 7393, epochs=12),
+}
+RECIPES["mask_rcnn"] = RECIPES["faster_rcnn"]
+RECIPES["retinanet"] = PretrainRecipe(**{**RECIPES["faster_rcnn"].to_dict(), "base_lr": 0.01})
+RECIPES["fcos"] = RECIPES["retinanet"]
+
+# What each detector's builder must be asked for (the pretrained parts must exist there)
+DETECTOR_OVERRIDES = {"faster_rcnn": {"box_head": "4conv1fc"}, "mask_rcnn": {"box_head": "4conv1fc"}}
+# Pseudo boxes per image, by detector (0: all); RetinaNet: official SelectTopKProposals(50)
+MAX_PROPOSALS = {"retinanet": 50}
+
+
+# --------------------------------------------------------------------------- method
+@register_method("aligndet")
+class AlignDet(PretrainMethod):
+    recipe = RECIPES["mask_rcnn"]
+    # Official README: fine-tuning after AlignDet uses lr x 1.5 and weight decay x 0.5. The
+    # harness merges absolute values: those of the Mask/Faster R-CNN 1x recipe (0.02, 1e-4).
+    finetune_overrides = {"lr": 1.5 * 0.02, "weight_decay": 0.5 * 1e-4}
+    # tiny: 128-px scenes; views at the tiny detector's training sizes; a few boxes per image.
+    scales = {"tiny": {"method": {"short_sides": [112, 128, 144], "max_size": 160, "max_proposals": 8},
+                       "recipe": {"batch_size": 4}}}
+    sync_bn = True
+
+    @dataclass
+    class Config(MethodConfig):
+        detector: str = "mask_rcnn"     # faster_rcnn | mask_rcnn | retinanet | fcos
+        embed_dim: int = 256            # the classification branch's output (paper Sec. 3.2)
+        temperature: float = 0.5        # official ContrastiveLoss(temperature=0.5) in every config
+        contrastive_weight: float = 1.0
+        momentum: float = 0.996         # official SelfSupDetector base_momentum; cosine to 1
+        # -- views (official coco_soft-teacher.py) --------------------------------------------
+        short_sides: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+        max_size: int = 1333
+        size_divisor: int = 32          # mmdet Pad(size_divisor=32)
+        flip_prob: float = 0.5
+        rand_ops: tuple[str, ...] = tuple(SOFT_TEACHER_OPS)
+        max_proposals: int = -1         # pseudo boxes per image: -1 the detector's default, 0 all
+        # -- proposals: official file train2017_ratio3size0008: ratio in [1/3, 3], scale in [0, 0.8]
+        ss_mode: str = "fast"
+        ss_max_side: int = 0
+        ss_min_scale: float = 0.0
+        # -- R-CNN (official train_cfg) -------------------------------------------------------
+        rpn_samples: int = 4096
+        rpn_pos_fraction: float = 1.0
+        roi_samples: int = 4096
+        roi_pos_iou: float = 0.5
+        # -- FCOS ---------------------------------------------------------------------------------
+        fcos_points: int = 2048
+
+    def __init__(self, cfg: Config):
+        _validate(cfg)
+        super().__init__(cfg)
+        self.backbone: nn.Module | None = None
+        self.online: nn.Module | None = None
+        self.target: nn.Module | None = None
+        self.current_momentum = cfg.momentum
+
+    @staticmethod
+    def recipe_for(detector: str) -> PretrainRecipe:
+        """The box-domain recipe of ``detector`` (``recipe`` is Mask R-CNN's)."""
+        return RECIPES[detector]
+
+    # -- what the harness provides ----------------------------------------------------------
+    def proposal_params(self) -> dict | None:
+        return {"mode": self.cfg.ss_mode, "max_side": self.cfg.ss_max_side or None,
+                "filter_kwargs": {"min_scale": self.cfg.ss_min_scale}}
+
+    def detector_spec(self) -> dict | None:
+        return {"name": self.cfg.detector, **DETECTOR_OVERRIDES.get(self.cfg.detector, {})}
+
+    def attach_detector(self, detector: nn.Module) -> None:
+        """Split the injected detector into the frozen backbone and the online neck + heads
+        (classification branch -> embedding); the target is the online part's EMA copy."""
+        if self.online is not None:
+            raise RuntimeError("aligndet: a detector is attached already")
+        heads_cls = HEADS[self.cfg.detector]
+        backbone, online = heads_cls.from_detector(detector, self.cfg)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone = backbone.eval()
+        self.online = online
+        self.target = momentum_copy(online)
+
+    # -- views (DataLoader worker) --------------------------------------------------------
+    def pseudo_boxes(self, record: dict) -> np.ndarray:
+        if record.get("proposals") is None:
+            raise ValueError(f"aligndet: record {record.get('index', '?')} has no 'proposals' "
+                             f"(AlignDet reads the selective-search proposal cache)")
+        boxes = np.asarray(record["proposals"], dtype=np.float64).reshape(-1, 4)
+        k = self.cfg.max_proposals if self.cfg.max_proposals >= 0 else MAX_PROPOSALS.get(self.cfg.detector, 0)
+        return boxes[:k] if k else boxes
+
+    def views(self, record: dict, rng: np.random.Generator, source: Any = None) -> dict:
+        """Two views of the whole image (no crop): short side from ``short_sides`` (long side
+        <= ``max_size``), flip, one soft-teacher RandAugment op; pseudo boxes follow."""
+        c = self.cfg
+        img = Image.fromarray(record["image"])
+        W, H = img.size
+        boxes = self.pseudo_boxes(record)
+        out = {}
+        for v in ("v1", "v2"):
+            s = c.short_sides[int(rng.integers(len(c.short_sides)))]
+            scale = min(s / min(W, H), c.max_size / max(W, H))
+            g = whole_view(W, H, (max(1, round(W * scale)), max(1, round(H * scale))),
+                           flip=bool(rng.random() < c.flip_prob))
+            pil, _ = one_of(g.apply_image(img), rng, tuple(c.rand_ops))
+            out[v] = to_tensor(pil)
+            b = g.map_boxes(boxes)
+            b[:, [0, 2]] = b[:, [0, 2]].clip(0, g.out_size[0])
+            b[:, [1, 3]] = b[:, [1, 3]].clip(0, g.out_size[1])
+            out[f"boxes_{v}"] = torch.from_numpy(b.astype(np.float32))
+        return out
+
+    def collate(self, samples: list[dict]) -> dict:
+        """Views padded (bottom/right, zeros = the mean colour) to a common size divisible by
+        ``size_divisor``; ``sizes_v*`` (N, 2) the unpadded (h, w); ``ids``: per image the
+        instance id of each pseudo box, unique within the batch (ids run 0, 1, ... over the
+        batch; the same box has the same id in both views)."""
+        out, offset, ids = {}, 0, []
+        for s in samples:
+            n = len(s["boxes_v1"])
+            ids.append(torch.arange(offset, offset + n))
+            offset += n
+        out["ids"] = ids
+        d = self.cfg.size_divisor
+        for v in ("v1", "v2"):
+            imgs = [s[v] for s in samples]
+            H = math.ceil(max(t.shape[1] for t in imgs) / d) * d
+            W = math.ceil(max(t.shape[2] for t in imgs) / d) * d
+            batch = imgs[0].new_zeros(len(imgs), 3, H, W)
+            for i, t in enumerate(imgs):
+                batch[i, :, :t.shape[1], :t.shape[2]] = t
+            out[v] = batch
+            out[f"sizes_{v}"] = torch.tensor([t.shape[1:] for t in imgs], dtype=torch.long)
+            out[f"boxes_{v}"] = [s[f"boxes_{v}"] for s in samples]
+        return out
+
+    # -- model ----------------------------------------------------------------------------
+    def _attached(self) -> nn.Module:
+        if self.online is None:
+            raise RuntimeError("aligndet: no detector attached (the harness calls "
+                               "attach_detector(build(detector_spec())) before training)")
+        return self.online
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()      # frozen: BN statistics never move (official norm_eval=True)
+        return self
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self._attached().parameters() if p.requires_grad]}]
+
+    @torch.no_grad()
+    def momentum_update(self, progress: float) -> None:
+        """m = 1 - (1 - m0)(cos(pi progress) + 1)/2 (official MomentumUpdateHook)."""
+        self.current_momentum = cosine_schedule(progress, self.cfg.momentum)
+        update_momentum(self._attached(), self.target, self.current_momentum)
+
+    def forward(self, batch: dict) -> dict:
+        online = self._attached()
+        ids = batch["ids"]
+        with torch.no_grad():
+            f1 = self.backbone(batch["v1"])
+            f2 = self.backbone(batch["v2"])
+        z1, y1, reg = online(ImageList(batch["v1"], _sizes(batch["sizes_v1"])), f1, batch["boxes_v1"], ids)
+        with torch.no_grad():
+            z2, y2, _ = self.target(ImageList(batch["v2"], _sizes(batch["sizes_v2"])), f2, batch["boxes_v2"], ids)
+        con = self.cfg.contrastive_weight * instance_contrastive(z1, y1, z2, y2, self.cfg.temperature)
+        loss = con + sum(reg.values())
+        logs = {k: v.detach() for k, v in reg.items()}
+        return {"loss": loss, "loss_contrastive": con.detach(), **logs,
+                "samples_per_id": (y1 >= 0).sum().float().detach() / max(1, sum(len(i) for i in ids))}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Backbone (bare torchvision names) + the online neck and heads without their final
+        classifiers/regressors, in the detector registry's key space."""
+        return export_parts(self.backbone, **self._attached().export_parts())
+
+
+def _sizes(sizes: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(h), int(w)) for h, w in sizes.tolist()]
+
+
+# --------------------------------------------------------------------------- heads
+class RCNNHeads(nn.Module):
+    """FPN + RPN + RoIAlign + 4conv1fc box head + (fc-ReLU-fc embedding, L1 box regression)
+    of a torchvision Faster/Mask R-CNN. ``forward`` -> (RoI embeddings, RoI ids, losses)."""
+
+    def __init__(self, detector: nn.Module, cfg: AlignDet.Config):
+        super().__init__()
+        from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+        rh = detector.roi_heads
+        fcs = [m for m in rh.box_head.modules() if isinstance(m, nn.Linear)]
+        if not fcs:
+            raise TypeError(f"aligndet: {cfg.detector}: roi_heads.box_head has no fc layer (expected "
+                            f"torchvision's FastRCNNConvFCHead), got {type(rh.box_head).__name__}")
+        fc = fcs[-1].out_features
+        self.fpn = detector.backbone.fpn
+        self.rpn = detector.rpn
+        # official rpn sampler: RandomSampler(num=4096, pos_fraction=1.0): every positive, then
+        # negatives up to 4096
+        self.rpn.fg_bg_sampler = BalancedPositiveNegativeSampler(cfg.rpn_samples, cfg.rpn_pos_fraction)
+        self.box_roi_pool = rh.box_roi_pool
+        self.box_head = rh.box_head
+        self.embed = MLPHead(fc, fc, cfg.embed_dim)      # official fc_cls: Linear-ReLU-Linear
+        self.bbox_pred = nn.Linear(fc, 4)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)   # mmdet fc_reg init
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.box_coder = rh.box_coder
+        # official rcnn assigner: pos 0.5, neg 0.5, min_pos_iou 0.5 (low-quality matches below
+        # 0.5 never count)
+        self.matcher = Matcher(cfg.roi_pos_iou, cfg.roi_pos_iou, allow_low_quality_matches=False)
+        self.roi_samples = cfg.roi_samples
+
+    @classmethod
+    def from_detector(cls, detector: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
+        for attr in ("backbone", "rpn", "roi_heads"):
+            if not hasattr(detector, attr):
+                raise TypeError(f"aligndet: detector {cfg.detector!r} has no .{attr} "
+                                f"(expected a torchvision Faster/Mask R-CNN)")
+        return detector.backbone.body, cls(detector, cfg)
+
+    def sample_rois(self, proposals, boxes, ids):
+        rois, roi_ids, targets = [], [], []
+        for props, gt, gid in zip(proposals, boxes, ids):
+            if len(gt) == 0:
+                rois.append(props[:0])
+                roi_ids.append(gid[:0])
+                targets.append(props.new_zeros(0, 4))
+                continue
+            props = torch.cat([props, gt])                      # official add_gt_as_proposals
+            m = self.matcher(box_iou(gt, props))
+            pos = torch.nonzero(m >= 0).squeeze(1)
+            if len(pos) > self.roi_samples:
+                pos = pos[torch.randperm(len(pos), device=pos.device)[:self.roi_samples]]
+            r, j = props[pos], m[pos]
+            rois.append(r)
+            roi_ids.append(gid[j])
+            targets.append(self.box_coder.encode_single(gt[j], r))
+        return rois, torch.cat(roi_ids), torch.cat(targets)
+
+    def forward(self, images: ImageList, feats: dict, boxes: list, ids: list):
+        feats = self.fpn(feats)
+        proposals, rpn_losses = self.rpn(images, feats, [{"boxes": b} for b in boxes])
+        rois, roi_ids, reg_targets = self.sample_rois(proposals, boxes, ids)
+        x = self.box_head(self.box_roi_pool(feats, rois, images.image_sizes))
+        emb, deltas = self.embed(x), self.bbox_pred(x)
+        l1 = (deltas - reg_targets).abs().sum() / max(1, len(reg_targets))   # mmdet L1Loss, avg over RoIs
+        return emb, roi_ids, {"loss_rpn_cls": rpn_losses["loss_objectness"],
+                              "loss_rpn_box": rpn_losses["loss_rpn_box_reg"], "loss_box_l1": l1}
+
+    def export_parts(self) -> dict[str, nn.Module]:
+        return {"fpn": self.fpn, "rpn": self.rpn, "box_head": self.box_head}
+
+
+HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads}
+
+
+def _validate(c: AlignDet.Config) -> None:
+    if c.detector not in DETECTORS:
+        raise ConfigError(f"method.detector: unknown {c.detector!r} ({' | '.join(DETECTORS)})")
+    if not c.short_sides or min(c.short_sides) < 32:
+        raise ConfigError(f"method.short_sides: expected sizes >= 32 px, got {list(c.short_sides)}")
+    if c.max_size < max(c.short_sides):
+        raise ConfigError(f"method.max_size: expected >= the largest short side, got {c.max_size}")
+    bad = set(c.rand_ops) - set(SOFT_TEACHER_OPS)
+    if bad or not c.rand_ops:
+        raise ConfigError(f"method.rand_ops: unknown {sorted(bad)} ({' | '.join(SOFT_TEACHER_OPS)})")
+    if not 0 < c.momentum <= 1:
+        raise ConfigError(f"method.momentum: expected in (0, 1], got {c.momentum}")
+    if c.temperature <= 0:
+        raise ConfigError(f"method.temperature: expected > 0, got {c.temperature}")
+    for k in ("embed_dim", "rpn_samples", "roi_samples", "fcos_points", "size_divisor"):
+        if getattr(c, k) < 1:
+            raise ConfigError(f"method.{k}: expected >= 1, got {getattr(c, k)}")
