@@ -335,7 +335,174 @@ class RCNNHeads(nn.Module):
         return {"fpn": self.fpn, "rpn": self.rpn, "box_head": self.box_head}
 
 
-HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads}
+def _flatten(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, A*k, H, W) -> (N, H*W*A, k): torchvision's order of anchors (location-major)."""
+    N, _, H, W = x.shape
+    return x.view(N, -1, k, H, W).permute(0, 3, 4, 1, 2).reshape(N, -1, k)
+
+
+class DenseHeads(nn.Module):
+    """FPN + the towers of a torchvision one-stage detector (RetinaNet, FCOS), its output
+    conv ``cls_logits`` replaced by an embedding head. Subclasses assign anchors/points."""
+
+    embed_kernel = 1        # the first conv of the embedding head (RetinaNet 1x1, FCOS 3x3)
+
+    def __init__(self, detector: nn.Module, cfg: AlignDet.Config):
+        super().__init__()
+        head = detector.head
+        self.fpn = detector.backbone.fpn
+        self.anchor_generator = detector.anchor_generator
+        self.cls_convs = head.classification_head.conv
+        self.reg_convs = head.regression_head.conv
+        self.bbox_reg = head.regression_head.bbox_reg
+        C, A = head.classification_head.cls_logits.in_channels, head.classification_head.num_anchors
+        k = self.embed_kernel
+        # official retina_cls / conv_cls: "following mocov2, fc-relu-fc" as convs -> 256 per anchor
+        self.embed = nn.Sequential(nn.Conv2d(C, C, k, padding=k // 2), nn.ReLU(inplace=True),
+                                   nn.Conv2d(C, A * cfg.embed_dim, 1))
+        self.embed_dim = cfg.embed_dim
+        self.box_coder = detector.box_coder
+
+    @classmethod
+    def from_detector(cls, detector: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
+        head = getattr(detector, "head", None)
+        if not (hasattr(detector, "backbone") and hasattr(detector, "anchor_generator")
+                and hasattr(head, "classification_head") and hasattr(head.classification_head, "cls_logits")):
+            raise TypeError(f"aligndet: detector {cfg.detector!r}: expected a torchvision one-stage "
+                            f"detector (.backbone, .anchor_generator, .head.classification_head.cls_logits)")
+        return detector.backbone.body, cls(detector, cfg)
+
+    def dense(self, images: ImageList, feats: dict):
+        """Per image: anchors (R, 4); batched: embeddings (N, R, D), tower features of the
+        regression branch per level, and the anchors per level."""
+        levels = list(self.fpn(feats).values())
+        anchors = self.anchor_generator(images, levels)
+        emb = torch.cat([_flatten(self.embed(self.cls_convs(f)), self.embed_dim) for f in levels], 1)
+        reg = [self.reg_convs(f) for f in levels]
+        per_level = [f.shape[-2] * f.shape[-1] for f in levels]
+        return anchors, emb, reg, per_level
+
+    def export_parts(self) -> dict[str, nn.Module]:
+        """torchvision detector keys: ``fpn.*`` (canonical) and the two towers; the output
+        convs (``cls_logits``, ``bbox_reg``, FCOS ``bbox_ctrness``) are dropped."""
+        return {"fpn": self.fpn, "head.classification_head.conv": self.cls_convs,
+                "head.regression_head.conv": self.reg_convs}
+
+
+class RetinaHeads(DenseHeads):
+    """RetinaNet: anchors with IoU >= 0.5 to a pseudo box are its samples, < 0.4 background,
+    between ignored (official MaxIoUAssigner(0.5, 0.4, min_pos_iou=0)); L1 on the encoded
+    deltas of positives, averaged over positives (official ``loss_single_bbox``)."""
+
+    embed_kernel = 1
+
+    def __init__(self, detector: nn.Module, cfg: AlignDet.Config):
+        super().__init__(detector, cfg)
+        from torchvision.models.detection._utils import Matcher
+        self.matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+
+    def forward(self, images: ImageList, feats: dict, boxes: list, ids: list):
+        anchors, emb, reg, _ = self.dense(images, feats)
+        deltas = torch.cat([_flatten(self.bbox_reg(f), 4) for f in reg], 1)
+        labels, pos_deltas, pos_targets = [], [], []
+        for i, (a, gt, gid) in enumerate(zip(anchors, boxes, ids)):
+            lab = torch.full((len(a),), BACKGROUND, dtype=torch.long, device=a.device)
+            if len(gt):
+                m = self.matcher(box_iou(gt, a))
+                pos = m >= 0
+                lab[pos] = gid[m[pos]]
+                lab[m == self.matcher.BETWEEN_THRESHOLDS] = IGNORE
+                pos_deltas.append(deltas[i, pos])
+                pos_targets.append(self.box_coder.encode_single(gt[m[pos]], a[pos]))
+            labels.append(lab)
+        labels = torch.stack(labels)
+        keep = labels != IGNORE
+        d = torch.cat(pos_deltas) if pos_deltas else deltas.new_zeros(0, 4)
+        t = torch.cat(pos_targets) if pos_targets else deltas.new_zeros(0, 4)
+        l1 = (d - t).abs().sum() / max(1, len(t)) + deltas.sum() * 0.0
+        return emb[keep], labels[keep], {"loss_box_l1": l1}
+
+
+class FCOSHeads(DenseHeads):
+    """FCOS: the fine-tuning detector's point assignment (a point is a sample of the
+    smallest pseudo box that contains it within ``center_sampling_radius`` strides of its
+    centre and whose size range fits the point's level); at most ``fcos_points`` points per
+    image, positives first, the rest background; IoU loss (-log IoU, weighted by the
+    centerness target) and centerness BCE on the positives (official ``SelfSupFCOSHead``)."""
+
+    embed_kernel = 3
+
+    def __init__(self, detector: nn.Module, cfg: AlignDet.Config):
+        super().__init__(detector, cfg)
+        self.bbox_ctrness = detector.head.regression_head.bbox_ctrness
+        self.radius = float(getattr(detector, "center_sampling_radius", 1.5))
+        self.max_points = cfg.fcos_points
+
+    def assign(self, points: torch.Tensor, gt: torch.Tensor, per_level: list[int]) -> torch.Tensor:
+        """Index of each point's pseudo box, -1 for background. ``points``: the (R, 4) one-per-
+        location anchors of torchvision's FCOS (size 8 x 2^level, centre = the point)."""
+        if len(gt) == 0:
+            return torch.full((len(points),), -1, dtype=torch.long, device=points.device)
+        centre = (points[:, :2] + points[:, 2:]) / 2
+        size = points[:, 2] - points[:, 0]
+        gt_centre = (gt[:, :2] + gt[:, 2:]) / 2
+        near = (centre[:, None] - gt_centre[None]).abs().amax(2) < self.radius * size[:, None]
+        x, y = centre[:, 0:1], centre[:, 1:2]
+        ltrb = torch.stack([x - gt[:, 0], y - gt[:, 1], gt[:, 2] - x, gt[:, 3] - y], 2)   # (R, M, 4)
+        inside = ltrb.amin(2) > 0
+        lo, hi = size * 4, size * 8               # FCOS's size ranges, (0, 64], (64, 128], ...
+        lo[:per_level[0]] = 0
+        hi[-per_level[-1]:] = float("inf")
+        reach = ltrb.amax(2)
+        fits = (reach > lo[:, None]) & (reach < hi[:, None])
+        area = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+        score = (near & inside & fits).float() * (1e8 - area[None])     # smallest box wins
+        best, idx = score.max(1)
+        idx[best < 1e-5] = -1
+        return idx
+
+    def forward(self, images: ImageList, feats: dict, boxes: list, ids: list):
+        anchors, emb, reg, per_level = self.dense(images, feats)
+        deltas = torch.cat([_flatten(F.relu(self.bbox_reg(f)), 4) for f in reg], 1)
+        ctr = torch.cat([_flatten(self.bbox_ctrness(f), 1) for f in reg], 1)[..., 0]
+        z, y, pred, target, centre, ctr_logit = [], [], [], [], [], []
+        for i, (a, gt, gid) in enumerate(zip(anchors, boxes, ids)):
+            m = self.assign(a, gt, per_level)
+            pos = torch.nonzero(m >= 0).squeeze(1)
+            neg = torch.nonzero(m < 0).squeeze(1)
+            pos = pos[torch.randperm(len(pos), device=a.device)[:self.max_points]]
+            neg = neg[torch.randperm(len(neg), device=a.device)[:self.max_points - len(pos)]]
+            z.append(emb[i, torch.cat([pos, neg])])
+            y.append(torch.cat([gid[m[pos]], torch.full_like(neg, BACKGROUND)]))
+            pred.append(self.box_coder.decode(deltas[i, pos], a[pos]))   # BoxLinearCoder (l, t, r, b)
+            target.append(gt[m[pos]])
+            centre.append((a[pos, :2] + a[pos, 2:]) / 2)
+            ctr_logit.append(ctr[i, pos])
+        losses = fcos_box_losses(torch.cat(pred), torch.cat(target), torch.cat(centre), torch.cat(ctr_logit))
+        zero = deltas.sum() * 0.0 + ctr.sum() * 0.0    # every output in the graph (DDP)
+        return torch.cat(z), torch.cat(y), {k: v + zero for k, v in losses.items()}
+
+
+def fcos_box_losses(pred: torch.Tensor, target: torch.Tensor, centre: torch.Tensor,
+                    ctr_logit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FCOS's losses on positive points (Tian et al. 2019, Eq. 2 and 3; mmdet ``FCOSHead``):
+    IoU loss -log IoU(pred, target) weighted by the centerness target and normalised by its
+    sum, and BCE of the centerness logit against sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))
+    of the point ``centre`` in its box, averaged over points. Zero without positives."""
+    if len(target) == 0:
+        return {"loss_box_iou": pred.sum() * 0.0, "loss_centerness": ctr_logit.sum() * 0.0}
+    x, y = centre[:, 0], centre[:, 1]
+    l, t, r, b = x - target[:, 0], y - target[:, 1], target[:, 2] - x, target[:, 3] - y
+    ctr = torch.sqrt((torch.minimum(l, r) / torch.maximum(l, r)) * (torch.minimum(t, b) / torch.maximum(t, b)))
+    inter = (torch.minimum(pred[:, 2:], target[:, 2:]) - torch.maximum(pred[:, :2], target[:, :2])).clamp(min=0).prod(1)
+    union = (pred[:, 2:] - pred[:, :2]).prod(1) + (target[:, 2:] - target[:, :2]).prod(1) - inter
+    iou = inter / union.clamp(min=1e-6)
+    iou_loss = (-torch.log(iou.clamp(min=1e-6)) * ctr).sum() / ctr.sum().clamp(min=1e-6)
+    return {"loss_box_iou": iou_loss,
+            "loss_centerness": F.binary_cross_entropy_with_logits(ctr_logit, ctr, reduction="mean")}
+
+
+HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads}
 
 
 def _validate(c: AlignDet.Config) -> None:

@@ -9,10 +9,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import box_iou
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from methods import build_method
 from methods.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -36,35 +44,41 @@ def _plain_cpu_kernels():
 
 
 # --------------------------------------------------------------------------- builders
-def rcnn(kind: str = "mask_rcnn"):
+def _backbone(one_stage: bool):
+    """ResNet-18 with trainable BatchNorm (so a moving statistic would show) + a 32-channel FPN:
+    P2-P5 + max-pooled P6 (R-CNN), or P3-P5 + P6/P7 convs (RetinaNet, FCOS)."""
+    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    if one_stage:
+        return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], FPN,
+                               extra_blocks=LastLevelP6P7(FPN, FPN))
+    return BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, [64, 128, 256, 512], FPN)
+
+
+def build(kind: str = "mask_rcnn"):
+    """The detector as the fine-tuning builder would hand it over, at micro size."""
     torch.manual_seed(0)
-    bb = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    bb.fpn = type(bb.fpn)([64, 128, 256, 512], FPN, extra_blocks=bb.fpn.extra_blocks)
-    bb.out_channels = FPN
-    kw = dict(num_classes=5, box_head=FastRCNNConvFCHead((FPN, 7, 7), [16] * 4, [32]),
-              box_predictor=None, representation_size=32, min_size=64, max_size=96,
+    if kind == "retinanet":
+        ag = AnchorGenerator(tuple((s, s * 1.26, s * 1.59) for s in (8, 16, 32, 64, 128)), ((0.5, 1.0, 2.0),) * 5)
+        return RetinaNet(_backbone(True), 5, anchor_generator=ag, head=RetinaNetHead(FPN, 9, 5))
+    if kind == "fcos":
+        ag = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
+        return FCOS(_backbone(True), 5, anchor_generator=ag, head=FCOSHead(FPN, 1, 5))
+    kw = dict(box_head=FastRCNNConvFCHead((FPN, 7, 7), [16] * 4, [32]), box_predictor=FastRCNNPredictor(32, 5),
               rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5))
     if kind == "mask_rcnn":
-        return MaskRCNN(bb, **kw)
-    return FasterRCNN(bb, **{k: v for k, v in kw.items() if k != "representation_size"})
-
-
-def fix_predictor(det):
-    """torchvision builds FastRCNNPredictor(1024) when box_predictor is None: size it to the head."""
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-    det.roi_heads.box_predictor = FastRCNNPredictor(32, 5)
-    return det
+        kw.update(mask_head=MaskRCNNHeads(FPN, [16], 1), mask_predictor=MaskRCNNPredictor(16, 16, 5))
+    return (MaskRCNN if kind == "mask_rcnn" else FasterRCNN)(_backbone(False), None, **kw)
 
 
 def method(detector: str = "mask_rcnn", **kw):
     torch.manual_seed(0)
-    cfg = dict(detector=detector, short_sides=[64, 80], max_size=112, max_proposals=4)
+    cfg = dict(detector=detector, short_sides=[64, 80], max_size=112, max_proposals=4, fcos_points=64)
     return build_method("aligndet", **{**cfg, **kw})
 
 
 def attached(detector: str = "mask_rcnn", **kw):
     m = method(detector, **kw)
-    m.attach_detector(fix_predictor(rcnn(detector)))
+    m.attach_detector(build(detector))
     return m
 
 
@@ -195,8 +209,10 @@ def test_soft_teacher_ops_keep_the_size_and_are_reproducible():
 
 
 # --------------------------------------------------------------------------- model
-def test_backbone_is_bit_identical_and_target_is_the_ema_of_the_online_heads():
-    m = attached()
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet", "fcos"])
+def test_backbone_is_bit_identical_and_target_is_the_ema_of_the_online_heads(kind):
+    m = attached(kind)
+    assert any(isinstance(x, nn.BatchNorm2d) for x in m.backbone.modules())   # statistics that could move
     before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
     assert not any(p.requires_grad for p in m.backbone.parameters())
     trained = {id(p) for g in m.param_groups() for p in g["params"]}
@@ -223,7 +239,7 @@ def test_backbone_is_bit_identical_and_target_is_the_ema_of_the_online_heads():
     assert all(torch.equal(before[k], after[k]) for k in before)       # BN running stats included
     assert any("running_mean" in k for k in before)
     changed = [n for n, p in m.online.named_parameters() if not torch.equal(p, m.target.get_parameter(n))]
-    assert any(n.startswith("fpn.") for n in changed) and any(n.startswith("rpn.") for n in changed)
+    assert any(n.startswith("fpn.") for n in changed) and any(n.startswith(("rpn.", "cls_convs.")) for n in changed)
 
 
 def test_rcnn_samples_are_rois_matched_to_pseudo_boxes():
@@ -231,12 +247,10 @@ def test_rcnn_samples_are_rois_matched_to_pseudo_boxes():
     m.train()
     b = batch(m)
     feats = m.backbone(b["v1"])
-    from torchvision.models.detection.image_list import ImageList
     images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
     fpn = m.online.fpn(feats)
     props, _ = m.online.rpn(images, fpn, [{"boxes": x} for x in b["boxes_v1"]])
     rois, ids, targets = m.online.sample_rois(props, b["boxes_v1"], b["ids"])
-    from torchvision.ops import box_iou
     for r, gt, gid in zip(rois, b["boxes_v1"], b["ids"]):
         iou = box_iou(r, gt)
         assert (iou.max(1).values >= 0.5).all()             # every RoI is a positive of a pseudo box
@@ -244,23 +258,88 @@ def test_rcnn_samples_are_rois_matched_to_pseudo_boxes():
     assert set(ids.tolist()) == set(torch.cat(b["ids"]).tolist()) and len(targets) == len(ids)
 
 
-@pytest.mark.parametrize("kind", ["mask_rcnn", "faster_rcnn"])
-def test_rcnn_export_has_neck_rpn_box_head_and_no_classifier(kind):
+DROPPED = {"mask_rcnn": ("roi_heads.box_predictor.", "roi_heads.mask_"), "faster_rcnn": ("roi_heads.box_predictor.",),
+           "retinanet": ("head.classification_head.cls_logits.", "head.regression_head.bbox_reg."),
+           "fcos": ("head.classification_head.cls_logits.", "head.regression_head.bbox_reg.",
+                    "head.regression_head.bbox_ctrness.")}
+
+
+@pytest.mark.parametrize("kind", sorted(DROPPED))
+def test_export_has_neck_and_heads_and_no_final_layers(kind):
     m = attached(kind)
     state = m.export()
-    det = fix_predictor(rcnn(kind))
-    own = det.state_dict()
+    own = build(kind).state_dict()
     assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
-    assert any(k.startswith("fpn.") for k in state) and any(k.startswith("rpn.head.") for k in state)
-    assert any(k.startswith("box_head.") for k in state)
-    assert not any(("predictor" in k) or k.startswith(("embed", "bbox_pred", "mask")) for k in state)
-    # every exported key has its place (and shape) in the fine-tuning detector
-    to_det = {("backbone.body." + k if not k.startswith(("fpn.", "rpn.", "box_head.")) else
-               "backbone." + k if k.startswith("fpn.") else
-               "roi_heads." + k if k.startswith("box_head.") else k): v for k, v in state.items()}
-    assert all(k in own and own[k].shape == v.shape for k, v in to_det.items())
-    left = {k for k in own if k not in to_det and not k.endswith("num_batches_tracked")}
-    assert left and all(k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_")) for k in left), left
+    heads = ("rpn.head.", "box_head.") if "rcnn" in kind else ("head.classification_head.conv.", "head.regression_head.conv.")
+    assert any(k.startswith("fpn.") for k in state) and all(any(k.startswith(h) for k in state) for h in heads)
+    assert not any(k.startswith(("embed", "bbox_pred", "bbox_reg", "bbox_ctrness")) for k in state)
+    # every exported key has its place (and shape) in the fine-tuning detector; what is left
+    # there is exactly the final layers (and Mask R-CNN's mask head): re-initialised
+    def to_det(k):
+        if k.startswith("fpn."):
+            return "backbone." + k
+        if k.startswith("box_head."):
+            return "roi_heads." + k
+        return k if k.startswith(("rpn.", "head.")) else "backbone.body." + k
+    mapped = {to_det(k): v for k, v in state.items()}
+    assert all(k in own and own[k].shape == v.shape for k, v in mapped.items())
+    left = {k for k in own if k not in mapped and not k.endswith("num_batches_tracked")}
+    assert left and all(k.startswith(DROPPED[kind]) for k in left), left
+
+
+def test_retinanet_samples_anchors_by_iou_with_ignored_band():
+    m = attached("retinanet")
+    m.train()
+    b = batch(m)
+    images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
+    z, y, _ = m.online(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
+    anchors = m.online.dense(images, m.backbone(b["v1"]))[0]
+    labels = []
+    for a, gt, gid in zip(anchors, b["boxes_v1"], b["ids"]):
+        iou = box_iou(a, gt)
+        best, j = iou.max(1)
+        lab = torch.where(best >= 0.5, gid[j], torch.where(best < 0.4, -1, -2))
+        # low-quality matches: each box's best anchors are samples (of their best box) even below 0.5
+        for k in range(len(gt)):
+            top = iou[:, k] == iou[:, k].max()
+            lab[top] = gid[j[top]]
+        labels.append(lab)
+    labels = torch.cat(labels)
+    assert torch.equal(y, labels[labels != -2]) and len(z) == len(y)
+    assert (y == BACKGROUND).any() and (y >= 0).any()
+
+
+def test_fcos_assignment_and_point_budget():
+    m = attached("fcos", fcos_points=10)
+    heads = m.online
+    # points of stride 8 (size-8 anchors) on one level: a box holds the points near its centre
+    pts = torch.tensor([[0, 0, 8, 8], [8, 8, 16, 16], [16, 16, 24, 24], [40, 40, 48, 48]], dtype=torch.float)
+    gt = torch.tensor([[0, 0, 30, 30], [6, 6, 22, 22]], dtype=torch.float)
+    idx = heads.assign(pts, gt, [4])
+    # (4,4) lies in box 0 only; (12,12) and (20,20) in both: the smaller box 1 wins; (44,44) in none
+    assert idx.tolist() == [0, 1, 1, -1]
+    b = batch(m)
+    images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
+    z, y, losses = heads(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
+    assert len(z) == len(y) == 10 * len(b["ids"])                  # the budget, per image
+    per_image = y.view(len(b["ids"]), 10)
+    for row in per_image:                                          # positives first, then background
+        pos = (row >= 0).long()
+        assert torch.equal(pos, pos.sort(descending=True).values)
+    assert set(losses) == {"loss_box_iou", "loss_centerness"}
+
+
+def test_fcos_box_losses_by_hand():
+    from methods.aligndet import fcos_box_losses
+    target = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    centre = torch.tensor([[5.0, 5.0]])                 # l=5, r=5, t=5, b=15: centerness sqrt(1 * 1/3)
+    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0]])       # IoU 0.5
+    out = fcos_box_losses(pred, target, centre, torch.tensor([0.0]))
+    c = math.sqrt(1 / 3)
+    assert out["loss_box_iou"].item() == pytest.approx(-math.log(0.5))       # weight c / sum c = 1
+    assert out["loss_centerness"].item() == pytest.approx(-(c * math.log(0.5) + (1 - c) * math.log(0.5)))
+    empty = fcos_box_losses(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 2), torch.zeros(0))
+    assert empty["loss_box_iou"].item() == 0 and empty["loss_centerness"].item() == 0
 
 
 def test_attach_is_required_once_and_config_errors_name_the_field():
@@ -268,9 +347,9 @@ def test_attach_is_required_once_and_config_errors_name_the_field():
     assert m.detector_spec() == {"name": "mask_rcnn", "box_head": "4conv1fc"}
     with pytest.raises(RuntimeError, match="attach_detector"):
         m(batch(m))
-    m.attach_detector(fix_predictor(rcnn()))
+    m.attach_detector(build())
     with pytest.raises(RuntimeError, match="attached already"):
-        m.attach_detector(fix_predictor(rcnn()))
+        m.attach_detector(build())
     for bad, field in [({"detector": "yolo"}, "method.detector"), ({"rand_ops": ["blur"]}, "method.rand_ops"),
                        ({"short_sides": [640], "max_size": 320}, "method.max_size"),
                        ({"momentum": 1.5}, "method.momentum")]:
