@@ -65,7 +65,7 @@ from methods.randaug import SOFT_TEACHER_OPS, one_of
 from methods.registry import register_method
 from methods.roi import export_parts
 
-DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
+DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos", "detr")
 IGNORE = -2          # a sample that is neither an instance nor background (RetinaNet 0.4-0.5)
 
 
@@ -83,6 +83,13 @@ RECIPES = {
 RECIPES["mask_rcnn"] = RECIPES["faster_rcnn"]
 RECIPES["retinanet"] = PretrainRecipe(**{**RECIPES["faster_rcnn"].to_dict(), "base_lr": 0.01})
 RECIPES["fcos"] = RECIPES["retinanet"]
+# DETR (official configs/selfsup/detr.py): AdamW lr 2e-4 at batch 16 (8 GPUs x 2), wd 1e-4,
+# gradient clipping at max-norm 0.1 (the stage must apply it: no recipe field yet), 50 epochs,
+# lr x0.1 at epoch 40, no warm-up.
+RECIPES["detr"] = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=16, batch_size=16, weight_decay=1e-4,
+                                 momentum=0.9, schedule="multistep", warmup_epochs=0, epochs=50)
+DETR_MILESTONES = (40,)
+GRAD_CLIP = {"detr": 0.1}
 
 # What each detector's builder must be asked for (the pretrained parts must exist there)
 DETECTOR_OVERRIDES = {"faster_rcnn": {"box_head": "4conv1fc"}, "mask_rcnn": {"box_head": "4conv1fc"}}
@@ -127,6 +134,11 @@ class AlignDet(PretrainMethod):
         roi_pos_iou: float = 0.5
         # -- FCOS ---------------------------------------------------------------------------------
         fcos_points: int = 2048
+        # -- DETR (official configs/_base_/models/selfsup_detr_r50.py) ------------------------------
+        detr_classes: int = 256          # k-means pseudo-classes of the proposals
+        detr_no_object_weight: float = 0.1
+        detr_cost: tuple[float, ...] = (1.0, 5.0, 2.0)     # Hungarian cost: class, L1, GIoU
+        detr_loss: tuple[float, ...] = (1.0, 5.0, 2.0)     # loss weights: class, L1, GIoU
 
     def __init__(self, cfg: Config):
         _validate(cfg)
@@ -171,6 +183,21 @@ class AlignDet(PretrainMethod):
         k = self.cfg.max_proposals if self.cfg.max_proposals >= 0 else MAX_PROPOSALS.get(self.cfg.detector, 0)
         return boxes[:k] if k else boxes
 
+    def pseudo_class_labels(self, record: dict, n: int) -> np.ndarray:
+        """DETR: the k-means class of each of the first ``n`` proposals (``record
+        ["pseudo_classes"]``, aligned with ``record["proposals"]``; methods/pseudo_classes.py)."""
+        labels = record.get("pseudo_classes")
+        where = f"aligndet: record {record.get('index', '?')}"
+        if labels is None:
+            raise ValueError(f"{where} has no 'pseudo_classes' (DETR reads the proposals' k-means classes)")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) != len(np.asarray(record["proposals"]).reshape(-1, 4)):
+            raise ValueError(f"{where}: 'pseudo_classes' has {len(labels)} entries for "
+                             f"{len(np.asarray(record['proposals']).reshape(-1, 4))} proposals")
+        if len(labels) and not (0 <= labels.min() and labels.max() < self.cfg.detr_classes):
+            raise ValueError(f"{where}: 'pseudo_classes' outside [0, {self.cfg.detr_classes})")
+        return labels[:n]
+
     def views(self, record: dict, rng: np.random.Generator, source: Any = None) -> dict:
         """Two views of the whole image (no crop): short side from ``short_sides`` (long side
         <= ``max_size``), flip, one soft-teacher RandAugment op; pseudo boxes follow."""
@@ -179,6 +206,8 @@ class AlignDet(PretrainMethod):
         W, H = img.size
         boxes = self.pseudo_boxes(record)
         out = {}
+        if c.detector == "detr":
+            out["classes"] = torch.from_numpy(self.pseudo_class_labels(record, len(boxes)))
         for v in ("v1", "v2"):
             s = c.short_sides[int(rng.integers(len(c.short_sides)))]
             scale = min(s / min(W, H), c.max_size / max(W, H))
@@ -203,6 +232,8 @@ class AlignDet(PretrainMethod):
             ids.append(torch.arange(offset, offset + n))
             offset += n
         out["ids"] = ids
+        if "classes" in samples[0]:
+            out["classes"] = [s["classes"] for s in samples]
         d = self.cfg.size_divisor
         for v in ("v1", "v2"):
             imgs = [s[v] for s in samples]
@@ -236,17 +267,21 @@ class AlignDet(PretrainMethod):
     def momentum_update(self, progress: float) -> None:
         """m = 1 - (1 - m0)(cos(pi progress) + 1)/2 (official MomentumUpdateHook)."""
         self.current_momentum = cosine_schedule(progress, self.cfg.momentum)
-        update_momentum(self._attached(), self.target, self.current_momentum)
+        online = self._attached()
+        update_momentum(online, self.target, self.current_momentum, copied=online.copied)
 
     def forward(self, batch: dict) -> dict:
         online = self._attached()
         ids = batch["ids"]
+        extra = {"classes": batch["classes"]} if "classes" in batch else {}   # DETR's pseudo-classes
+        im1 = ImageList(batch["v1"], _sizes(batch["sizes_v1"]))
+        im2 = ImageList(batch["v2"], _sizes(batch["sizes_v2"]))
         with torch.no_grad():
-            f1 = self.backbone(batch["v1"])
-            f2 = self.backbone(batch["v2"])
-        z1, y1, reg = online(ImageList(batch["v1"], _sizes(batch["sizes_v1"])), f1, batch["boxes_v1"], ids)
+            f1 = online.backbone_features(self.backbone, im1)
+            f2 = online.backbone_features(self.backbone, im2)
+        z1, y1, reg = online(im1, f1, batch["boxes_v1"], ids, **extra)
         with torch.no_grad():
-            z2, y2, _ = self.target(ImageList(batch["v2"], _sizes(batch["sizes_v2"])), f2, batch["boxes_v2"], ids)
+            z2, y2, _ = self.target(im2, f2, batch["boxes_v2"], ids, **extra)
         con = self.cfg.contrastive_weight * instance_contrastive(z1, y1, z2, y2, self.cfg.temperature)
         loss = con + sum(reg.values())
         logs = {k: v.detach() for k, v in reg.items()}
@@ -256,7 +291,7 @@ class AlignDet(PretrainMethod):
     def export(self) -> dict[str, torch.Tensor]:
         """Backbone (bare torchvision names) + the online neck and heads without their final
         classifiers/regressors, in the detector registry's key space."""
-        return export_parts(self.backbone, **self._attached().export_parts())
+        return self._attached().export_state(self.backbone)
 
 
 def _sizes(sizes: torch.Tensor) -> list[tuple[int, int]]:
@@ -264,7 +299,22 @@ def _sizes(sizes: torch.Tensor) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- heads
-class RCNNHeads(nn.Module):
+class _Heads(nn.Module):
+    """The online part of a detector: ``forward(images, backbone features, boxes, ids)`` ->
+    (sample embeddings, sample ids, regression losses); ``export_parts`` names its pretrained
+    modules by their key prefix in the export."""
+
+    copied: tuple[str, ...] = ()     # parameters the target copies instead of averaging
+
+    @staticmethod
+    def backbone_features(backbone: nn.Module, images: ImageList):
+        return backbone(images.tensors)
+
+    def export_state(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
+        return export_parts(backbone, **self.export_parts())
+
+
+class RCNNHeads(_Heads):
     """FPN + RPN + RoIAlign + 4conv1fc box head + (fc-ReLU-fc embedding, L1 box regression)
     of a torchvision Faster/Mask R-CNN. ``forward`` -> (RoI embeddings, RoI ids, losses)."""
 
@@ -341,7 +391,7 @@ def _flatten(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.view(N, -1, k, H, W).permute(0, 3, 4, 1, 2).reshape(N, -1, k)
 
 
-class DenseHeads(nn.Module):
+class DenseHeads(_Heads):
     """FPN + the towers of a torchvision one-stage detector (RetinaNet, FCOS), its output
     conv ``cls_logits`` replaced by an embedding head. Subclasses assign anchors/points."""
 
@@ -502,7 +552,141 @@ def fcos_box_losses(pred: torch.Tensor, target: torch.Tensor, centre: torch.Tens
             "loss_centerness": F.binary_cross_entropy_with_logits(ctr_logit, ctr, reduction="mean")}
 
 
-HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads}
+def _cxcywh(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+
+
+def _xyxy(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2, b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2], 1)
+
+
+@torch.no_grad()
+def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, gt_classes: torch.Tensor, gt_boxes: torch.Tensor,
+                    cost: tuple[float, float, float] = (1.0, 5.0, 2.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """DETR's bipartite matching (Carion et al. 2020, Eq. 1): (query index, box index) pairs
+    minimising  w_cls * -p(class) + w_L1 * |b - b_gt|_1 + w_GIoU * -GIoU(b, b_gt)  over
+    ``logits`` (Q, K+1), normalised cxcywh ``boxes`` (Q, 4) and the image's boxes (M, 4)."""
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import generalized_box_iou
+    if len(gt_boxes) == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        return empty, empty
+    c = (-cost[0] * logits.softmax(-1)[:, gt_classes] + cost[1] * torch.cdist(boxes, gt_boxes, p=1)
+         - cost[2] * generalized_box_iou(_xyxy(boxes), _xyxy(gt_boxes)))
+    q, g = linear_sum_assignment(c.float().cpu().numpy())
+    return torch.as_tensor(q, device=boxes.device), torch.as_tensor(g, device=boxes.device)
+
+
+def detr_set_loss(logits: torch.Tensor, boxes: torch.Tensor, q: torch.Tensor, classes: torch.Tensor,
+                  gt_boxes: torch.Tensor, num_boxes: float, no_object_weight: float = 0.1,
+                  weights: tuple[float, float, float] = (1.0, 5.0, 2.0)) -> dict[str, torch.Tensor]:
+    """DETR's losses of one decoder layer over a batch (Carion et al. 2020, Sec. 3.1):
+    ``logits`` (N*Q, K+1), ``boxes`` (N*Q, 4) normalised cxcywh; ``q`` the matched rows,
+    ``classes``/``gt_boxes`` their targets. Cross-entropy with the no-object class weighted
+    ``no_object_weight`` (weighted mean), L1 and 1 - GIoU summed over matches / ``num_boxes``."""
+    from torchvision.ops import generalized_box_iou
+    K = logits.shape[1] - 1
+    target = torch.full((len(logits),), K, dtype=torch.long, device=logits.device)
+    target[q] = classes
+    w = torch.ones(K + 1, device=logits.device)
+    w[K] = no_object_weight
+    ce = F.cross_entropy(logits, target, weight=w)
+    b = boxes[q]
+    l1 = (b - gt_boxes).abs().sum() / num_boxes
+    giou = (1 - torch.diag(generalized_box_iou(_xyxy(b), _xyxy(gt_boxes)))).sum() / num_boxes if len(q) else b.sum() * 0
+    return {"cls": weights[0] * ce, "l1": weights[1] * l1, "giou": weights[2] * giou}
+
+
+class DETRHeads(_Heads):
+    """transformers' DETR: input projection + encoder + decoder + object queries; the class
+    head predicts the 256 k-means pseudo-classes (+ no object), the box MLP regresses the
+    proposals; Hungarian matching and the set losses on every decoder layer; the contrastive
+    loss on a Linear-ReLU-Linear(256) projection of the last decoder layer's queries, each
+    matched query carrying its box's id, the unmatched ones background (official
+    ``SelfSupDETRHead``; it projects every layer but contrasts one)."""
+
+    copied = ("query_position_embeddings.",)      # official: query embeddings copied, not averaged
+
+    def __init__(self, detr: nn.Module, cfg: AlignDet.Config):
+        super().__init__()
+        m = detr.model
+        detr.config.auxiliary_loss = True        # the decoder then returns every layer's output
+        self.input_projection = m.input_projection
+        self.position_embedding = m.position_embedding
+        self.query_position_embeddings = m.query_position_embeddings
+        self.encoder, self.decoder = m.encoder, m.decoder
+        d = detr.config.d_model
+        self.class_head = nn.Linear(d, cfg.detr_classes + 1)
+        self.bbox_predictor = detr.bbox_predictor
+        self.projector = MLPHead(d, d, cfg.embed_dim)
+        self.cost, self.weights = tuple(cfg.detr_cost), tuple(cfg.detr_loss)
+        self.no_object_weight = cfg.detr_no_object_weight
+
+    @classmethod
+    def from_detector(cls, detector: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
+        model = getattr(detector, "model", None)
+        if not all(hasattr(model, a) for a in ("backbone", "input_projection", "query_position_embeddings",
+                                               "encoder", "decoder")) or not hasattr(detector, "bbox_predictor"):
+            raise TypeError(f"aligndet: detector {cfg.detector!r}: expected transformers' DetrForObjectDetection")
+        return model.backbone, cls(detector, cfg)
+
+    @staticmethod
+    def backbone_features(backbone: nn.Module, images: ImageList):
+        mask = images.tensors.new_zeros(images.tensors.shape[0], *images.tensors.shape[-2:], dtype=torch.long)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = 1                    # DETR's pixel mask: 1 = real pixel, 0 = padding
+        return backbone(images.tensors, mask)[-1]
+
+    def decode(self, feats) -> torch.Tensor:
+        """(L, N, Q, d): every decoder layer's output (DetrModel.forward, without the backbone)."""
+        fmap, mask = feats
+        x = self.input_projection(fmap).flatten(2).transpose(1, 2)
+        pos = self.position_embedding(shape=fmap.shape, device=fmap.device, dtype=fmap.dtype,
+                                      mask=mask).flatten(2).transpose(1, 2)
+        mask = mask.flatten(1)
+        memory = self.encoder(inputs_embeds=x, attention_mask=mask, spatial_position_embeddings=pos).last_hidden_state
+        qpos = self.query_position_embeddings.weight[None].repeat(len(fmap), 1, 1)
+        out = self.decoder(inputs_embeds=torch.zeros_like(qpos), spatial_position_embeddings=pos,
+                           object_queries_position_embeddings=qpos, encoder_hidden_states=memory,
+                           encoder_attention_mask=mask)
+        return out.intermediate_hidden_states
+
+    def forward(self, images: ImageList, feats, boxes: list, ids: list, classes: list):
+        hs = self.decode(feats)
+        L, N, Q, _ = hs.shape
+        logits, pred = self.class_head(hs), self.bbox_predictor(hs).sigmoid()
+        gts = [_cxcywh(b) / b.new_tensor([w, h, w, h]) for b, (h, w) in zip(boxes, images.image_sizes)]
+        num_boxes = max(1.0, float(sum(len(b) for b in boxes)))
+        losses = {"loss_detr_cls": 0.0, "loss_detr_l1": 0.0, "loss_detr_giou": 0.0}
+        for layer in range(L):
+            rows, cls_t, box_t, id_t = [], [], [], []
+            for i in range(N):
+                q, g = hungarian_match(logits[layer, i], pred[layer, i], classes[i], gts[i], self.cost)
+                rows.append(q + i * Q)
+                cls_t.append(classes[i][g])
+                box_t.append(gts[i][g])
+                id_t.append(ids[i][g])
+            rows = torch.cat(rows)
+            part = detr_set_loss(logits[layer].flatten(0, 1), pred[layer].flatten(0, 1), rows, torch.cat(cls_t),
+                                 torch.cat(box_t), num_boxes, self.no_object_weight, self.weights)
+            for k, v in part.items():
+                losses[f"loss_detr_{k}"] = losses[f"loss_detr_{k}"] + v
+        sample_ids = torch.full((N * Q,), BACKGROUND, dtype=torch.long, device=hs.device)
+        sample_ids[rows] = torch.cat(id_t)       # the last layer's matching
+        return self.projector(hs[-1].flatten(0, 1)), sample_ids, losses
+
+    def export_state(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
+        """DETR keys (transformers' ``DetrForObjectDetection``): the frozen backbone under
+        ``model.backbone.*``, the input projection, encoder, decoder and object queries under
+        ``model.*``; the class head, box MLP and projector are dropped."""
+        parts = {"backbone": backbone, "input_projection": self.input_projection, "encoder": self.encoder,
+                 "decoder": self.decoder, "query_position_embeddings": self.query_position_embeddings}
+        return {f"model.{p}.{k}": v.detach().cpu().clone() for p, mod in parts.items()
+                for k, v in mod.state_dict().items()}
+
+
+HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads,
+         "detr": DETRHeads}
 
 
 def _validate(c: AlignDet.Config) -> None:

@@ -355,3 +355,111 @@ def test_attach_is_required_once_and_config_errors_name_the_field():
                        ({"momentum": 1.5}, "method.momentum")]:
         with pytest.raises(ConfigError, match=field):
             build_method("aligndet", **bad)
+
+
+# --------------------------------------------------------------------------- DETR
+def detr():
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+    torch.manual_seed(0)
+    cfg = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=5, num_queries=10,
+                     backbone_config=ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
+                                                  embedding_size=16, layer_type="basic", out_features=["stage4"]),
+                     d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    return DetrForObjectDetection(cfg)
+
+
+def detr_batch(m, n: int = 2):
+    boxes = np.array([[4, 4, 40, 36], [30, 10, 76, 60], [10, 20, 50, 62]], dtype=np.float64)
+    recs = [{"index": i, "image": scene(i), "proposals": boxes, "pseudo_classes": np.array([1, 3, 1])}
+            for i in range(n)]
+    return m.collate([m.views(r, np.random.default_rng([7, i])) for i, r in enumerate(recs)])
+
+
+def test_detr_trains_heads_copies_queries_and_keeps_the_backbone():
+    m = method("detr", detr_classes=4)
+    m.attach_detector(detr())
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    params = [p for g in m.param_groups() for p in g["params"]]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    m.train()
+    b = detr_batch(m)
+    assert [c.tolist() for c in b["classes"]] == [[1, 3, 1], [1, 3, 1]]
+    for step in range(2):
+        out = m(b)
+        assert set(out) >= {"loss_contrastive", "loss_detr_cls", "loss_detr_l1", "loss_detr_giou"}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        old = {n: p.clone() for n, p in m.target.named_parameters()}
+        m.momentum_update(0.3)
+        mom = m.current_momentum
+        for n, p in m.online.named_parameters():
+            want = p.detach() if n.startswith("query_position_embeddings.") else mom * old[n] + (1 - mom) * p.detach()
+            assert torch.allclose(m.target.get_parameter(n), want, atol=1e-7), n
+    assert all(torch.equal(before[k], v) for k, v in m.backbone.state_dict().items())
+    assert not torch.equal(old["query_position_embeddings.weight"], m.target.query_position_embeddings.weight)
+
+
+def test_detr_export_has_transformer_and_queries_and_no_heads():
+    m = method("detr", detr_classes=4)
+    m.attach_detector(detr())
+    state = m.export()
+    own = detr().state_dict()
+    for part in ("model.backbone.", "model.input_projection.", "model.encoder.", "model.decoder.",
+                 "model.query_position_embeddings."):
+        assert any(k.startswith(part) for k in state), part
+    assert all(k in own and own[k].shape == v.shape for k, v in state.items())
+    left = {k for k in own if k not in state}
+    assert left and all(k.startswith(("class_labels_classifier.", "bbox_predictor.")) for k in left), left
+
+
+def test_detr_views_need_one_pseudo_class_per_proposal():
+    m = method("detr", detr_classes=4)
+    rec = {"index": 5, "image": scene(0), "proposals": np.array([[0, 0, 20, 20], [5, 5, 30, 30]])}
+    with pytest.raises(ValueError, match="pseudo_classes"):
+        m.views(rec, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="1 entries for 2 proposals"):
+        m.views({**rec, "pseudo_classes": [0]}, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        m.views({**rec, "pseudo_classes": [0, 4]}, np.random.default_rng(0))
+
+
+def test_hungarian_match_and_set_loss_by_hand():
+    from methods.aligndet import detr_set_loss, hungarian_match
+    # query 0 sits on box 1, query 2 on box 0, query 1 nowhere: the matching pairs them so
+    gt = torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.75, 0.75, 0.2, 0.2]])
+    pred = torch.tensor([[0.74, 0.75, 0.2, 0.2], [0.5, 0.1, 0.05, 0.05], [0.25, 0.26, 0.2, 0.2]])
+    logits = torch.zeros(3, 4)
+    q, g = hungarian_match(logits, pred, torch.tensor([0, 1]), gt)
+    assert sorted(zip(q.tolist(), g.tolist())) == [(0, 1), (2, 0)]
+    # set loss: uniform logits over K+1 = 4 classes; CE = log 4 for every row (weighted mean)
+    out = detr_set_loss(logits, pred, q, torch.tensor([1, 0]), gt[g], num_boxes=2.0, no_object_weight=0.1)
+    assert out["cls"].item() == pytest.approx(math.log(4))
+    assert out["l1"].item() == pytest.approx(5 * (0.01 + 0.01) / 2)
+    assert 0 < out["giou"].item() < 2 * 0.2
+
+
+def test_pseudo_classes_are_deterministic_and_one_per_proposal():
+    from methods.pseudo_classes import kmeans, pca, pseudo_classes, roi_features
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 40, generator=g) * 10
+    truth = torch.arange(60) % 4
+    feats = centres[truth] + torch.randn(60, 40, generator=g) * 0.1
+    a = pseudo_classes(feats, k=4, pca_dim=8, seed=1)
+    assert a.shape == (60,) and a.dtype == torch.long and ((0 <= a) & (a < 4)).all()
+    assert torch.equal(a, pseudo_classes(feats, k=4, pca_dim=8, seed=1))
+    # well-separated blobs: the clusters are the blobs (up to naming)
+    assert len({(int(t), int(c)) for t, c in zip(truth, a)}) == 4
+    # the seed matters where the data leave a choice: uniform noise, many clusters
+    noise = torch.rand(200, 5, generator=g)
+    runs = [kmeans(noise, 12, seed=s)[0] for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert pca(feats, 8).shape == (60, 8)
+    with pytest.raises(ValueError, match="3 points for 4 clusters"):
+        kmeans(feats[:3], 4)
+    # RoI features: the mean of the map under each box (a map that is its x coordinate)
+    fmap = torch.arange(16.0).repeat(16, 1)[None, None]     # value = x on a 16x16 map, stride 4
+    # (pixel j has value j at its centre j + 0.5: the mean over map columns [a, b] is (a + b) / 2 - 0.5)
+    f = roi_features(fmap, [torch.tensor([[8.0, 0.0, 40.0, 32.0], [32.0, 8.0, 56.0, 64.0]])], stride=4)
+    assert f.squeeze(1).tolist() == pytest.approx([5.5, 10.5], abs=1e-4)
