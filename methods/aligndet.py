@@ -43,6 +43,7 @@ Decisions where the official code differs or is silent:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -70,26 +71,32 @@ IGNORE = -2          # a sample that is neither an instance nor background (Reti
 
 
 # --------------------------------------------------------------------------- recipes
-# Box-domain schedule (paper Sec. 4.1; official configs/_base_/schedules/schedule_1x.py):
-# SGD momentum 0.9, wd 1e-4, lr 0.02 at batch 16 (0.01 RetinaNet/FCOS), 12 epochs, lr x0.1 at
-# epochs 8 and 11, linear warm-up over 500 iterations. 500 iterations at batch 16 are
-# 500 / ceil(118287 / 16) = 0.0676 COCO epochs.
-MILESTONES = (8, 11)       # epochs; the pretraining stage must pass them to Schedule(multistep)
-RECIPES = {
-    "faster_rcnn": PretrainRecipe(optimizer="sgd", base_lr=0.02, lr_batch=16, batch_size=16,
-                                  weight_decay=1e-4, momentum=0.9, schedule="multistep",
-                                  warmup_epochs=500 / 7393, epochs=12),
-}
-RECIPES["mask_rcnn"] = RECIPES["faster_rcnn"]
-RECIPES["retinanet"] = PretrainRecipe(**{**RECIPES["faster_rcnn"].to_dict(), "base_lr": 0.01})
-RECIPES["fcos"] = RECIPES["retinanet"]
+@dataclass(frozen=True)
+class BoxDomainRecipe:
+    """A detector's box-domain recipe: the ``PretrainRecipe`` plus what it cannot express yet
+    and the pretraining stage must apply: the multistep drops, as fractions of the run (lr x 0.1
+    at each), and gradient clipping (max norm, None: none)."""
+    recipe: PretrainRecipe
+    milestones: tuple[float, ...]
+    clip_grad: float | None = None
+
+
+# Faster/Mask R-CNN, RetinaNet, FCOS (paper Sec. 4.1; official schedule_1x.py): SGD momentum
+# 0.9, wd 1e-4, lr 0.02 at batch 16 (0.01 RetinaNet/FCOS), 12 epochs, lr x0.1 at epochs 8 and
+# 11, linear warm-up over 500 iterations = 500 / ceil(118287 / 16) = 0.0676 COCO epochs.
+_SGD_1X = PretrainRecipe(optimizer="sgd", base_lr=0.02, lr_batch=16, batch_size=16, weight_decay=1e-4,
+                         momentum=0.9, schedule="multistep", warmup_epochs=500 / 7393, epochs=12)
 # DETR (official configs/selfsup/detr.py): AdamW lr 2e-4 at batch 16 (8 GPUs x 2), wd 1e-4,
-# gradient clipping at max-norm 0.1 (the stage must apply it: no recipe field yet), 50 epochs,
-# lr x0.1 at epoch 40, no warm-up.
-RECIPES["detr"] = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=16, batch_size=16, weight_decay=1e-4,
-                                 momentum=0.9, schedule="multistep", warmup_epochs=0, epochs=50)
-DETR_MILESTONES = (40,)
-GRAD_CLIP = {"detr": 0.1}
+# gradient clipping at max norm 0.1, 50 epochs, lr x0.1 at epoch 40, no warm-up.
+_DETR = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=16, batch_size=16, weight_decay=1e-4,
+                       momentum=0.9, schedule="multistep", warmup_epochs=0, epochs=50)
+RECIPES = {
+    "faster_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
+    "mask_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
+    "retinanet": BoxDomainRecipe(dataclasses.replace(_SGD_1X, base_lr=0.01), (8 / 12, 11 / 12)),
+    "fcos": BoxDomainRecipe(dataclasses.replace(_SGD_1X, base_lr=0.01), (8 / 12, 11 / 12)),
+    "detr": BoxDomainRecipe(_DETR, (40 / 50,), clip_grad=0.1),
+}
 
 # What each detector's builder must be asked for (the pretrained parts must exist there)
 DETECTOR_OVERRIDES = {"faster_rcnn": {"box_head": "4conv1fc"}, "mask_rcnn": {"box_head": "4conv1fc"}}
@@ -100,14 +107,15 @@ MAX_PROPOSALS = {"retinanet": 50}
 # --------------------------------------------------------------------------- method
 @register_method("aligndet")
 class AlignDet(PretrainMethod):
-    recipe = RECIPES["mask_rcnn"]
+    recipe = RECIPES["mask_rcnn"].recipe     # the default detector's; ``recipe_for`` for the others
     # Official README: fine-tuning after AlignDet uses lr x 1.5 and weight decay x 0.5. The
     # harness merges absolute values: those of the Mask/Faster R-CNN 1x recipe (0.02, 1e-4).
     finetune_overrides = {"lr": 1.5 * 0.02, "weight_decay": 0.5 * 1e-4}
-    # tiny: 128-px scenes; views at the tiny detector's training sizes; a few boxes per image.
+    # tiny: 128-px scenes; views at the tiny detector's training sizes; 8 boxes per image;
+    # batch 4 (lr 0.005 by the linear rule). The tiny scale counts 4 paper epochs per step, so
+    # 12 epochs would be 3 steps: 400 "epochs" give 100 steps, 20 of them (5 steps) warm-up.
     scales = {"tiny": {"method": {"short_sides": [112, 128, 144], "max_size": 160, "max_proposals": 8},
-                       "recipe": {"batch_size": 4}}}
-    sync_bn = True
+                       "recipe": {"batch_size": 4, "epochs": 400, "warmup_epochs": 20}}}
 
     @dataclass
     class Config(MethodConfig):
@@ -149,8 +157,10 @@ class AlignDet(PretrainMethod):
         self.current_momentum = cfg.momentum
 
     @staticmethod
-    def recipe_for(detector: str) -> PretrainRecipe:
-        """The box-domain recipe of ``detector`` (``recipe`` is Mask R-CNN's)."""
+    def recipe_for(detector: str) -> BoxDomainRecipe:
+        """The box-domain recipe of ``detector`` (the class's ``recipe`` is Mask R-CNN's)."""
+        if detector not in RECIPES:
+            raise ConfigError(f"method.detector: unknown {detector!r} ({' | '.join(DETECTORS)})")
         return RECIPES[detector]
 
     # -- what the harness provides ----------------------------------------------------------

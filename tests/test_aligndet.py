@@ -463,3 +463,18 @@ def test_pseudo_classes_are_deterministic_and_one_per_proposal():
     # (pixel j has value j at its centre j + 0.5: the mean over map columns [a, b] is (a + b) / 2 - 0.5)
     f = roi_features(fmap, [torch.tensor([[8.0, 0.0, 40.0, 32.0], [32.0, 8.0, 56.0, 64.0]])], stride=4)
     assert f.squeeze(1).tolist() == pytest.approx([5.5, 10.5], abs=1e-4)
+
+
+def test_recipes_are_the_papers():
+    from methods.aligndet import AlignDet
+    r = AlignDet.recipe_for("mask_rcnn")
+    assert (r.recipe.optimizer, r.recipe.base_lr, r.recipe.lr_batch, r.recipe.weight_decay) == ("sgd", 0.02, 16, 1e-4)
+    assert r.recipe.epochs == 12 and r.milestones == (8 / 12, 11 / 12) and r.clip_grad is None
+    assert round(r.recipe.warmup_epochs * 7393) == 500                    # 500 iterations at batch 16 on COCO
+    assert AlignDet.recipe_for("retinanet").recipe.base_lr == AlignDet.recipe_for("fcos").recipe.base_lr == 0.01
+    d = AlignDet.recipe_for("detr")
+    assert (d.recipe.optimizer, d.recipe.base_lr, d.recipe.epochs, d.milestones, d.clip_grad) == ("adamw", 2e-4, 50, (0.8,), 0.1)
+    assert AlignDet.recipe is r.recipe
+    assert AlignDet.finetune_overrides == {"lr": pytest.approx(0.03), "weight_decay": pytest.approx(5e-5)}
+    with pytest.raises(ConfigError, match="method.detector"):
+        AlignDet.recipe_for("yolo")
