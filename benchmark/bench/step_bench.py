@@ -30,7 +30,12 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
     torch.manual_seed(0)
     cls = get_method(name)
     sc = load_scale(scale)
-    m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale)))).to(device)
+    m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale))))
+    spec = m.detector_spec()
+    if spec is not None:    # AlignDet pretrains the scale's detector: inject it as the pretraining stage will
+        from benchmark.detectors import DetectorConfig, build_detector
+        m.attach_detector(build_detector(DetectorConfig.from_dict({**sc.get("detector", {}), **spec}), num_classes=2))
+    m = m.to(device)
     if fast:
         m.to(memory_format=torch.channels_last)
     b = to_device(m.collate(inputs.samples(m, batch, image_size)), device, channels_last=fast)
