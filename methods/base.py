@@ -150,8 +150,9 @@ class PretrainMethod(nn.Module):
         raise NotImplementedError
 
     def proposal_params(self) -> dict | None:
-        """Selective-search settings (``mode``, ``max_side``) of the proposal cache whose boxes
-        this run reads as ``record["proposals"]``; None: it reads none (the default)."""
+        """Selective-search settings (``mode``, ``max_side``, optional ``filter_kwargs`` over
+        ``methods.proposals.DEFAULT_FILTER``) of the proposal cache whose boxes this run reads
+        as ``record["proposals"]``; None: it reads none (the default)."""
         return None
 
     def detector_spec(self) -> dict | None:
