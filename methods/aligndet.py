@@ -713,6 +713,9 @@ def _validate(c: AlignDet.Config) -> None:
         raise ConfigError(f"method.momentum: expected in (0, 1], got {c.momentum}")
     if c.temperature <= 0:
         raise ConfigError(f"method.temperature: expected > 0, got {c.temperature}")
-    for k in ("embed_dim", "rpn_samples", "roi_samples", "fcos_points", "size_divisor"):
+    for k in ("detr_cost", "detr_loss"):
+        if len(getattr(c, k)) != 3 or min(getattr(c, k)) < 0:
+            raise ConfigError(f"method.{k}: expected 3 weights >= 0 (class, L1, GIoU), got {list(getattr(c, k))}")
+    for k in ("embed_dim", "rpn_samples", "roi_samples", "fcos_points", "size_divisor", "detr_classes"):
         if getattr(c, k) < 1:
             raise ConfigError(f"method.{k}: expected >= 1, got {getattr(c, k)}")

@@ -352,7 +352,9 @@ def test_attach_is_required_once_and_config_errors_name_the_field():
         m.attach_detector(build())
     for bad, field in [({"detector": "yolo"}, "method.detector"), ({"rand_ops": ["blur"]}, "method.rand_ops"),
                        ({"short_sides": [640], "max_size": 320}, "method.max_size"),
-                       ({"momentum": 1.5}, "method.momentum")]:
+                       ({"momentum": 1.5}, "method.momentum"), ({"detr_cost": [1, 5]}, "method.detr_cost"),
+                       ({"fcos_points": 0}, "method.fcos_points"), ({"temperature": 0}, "method.temperature"),
+                       ({"nope": 1}, "method.nope")]:
         with pytest.raises(ConfigError, match=field):
             build_method("aligndet", **bad)
 
