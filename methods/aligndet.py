@@ -62,6 +62,7 @@ from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import whole_view
 from methods.heads import MLPHead
 from methods.losses import BACKGROUND, instance_contrastive
+from methods.pseudo_classes import roi_features
 from methods.randaug import SOFT_TEACHER_OPS, one_of
 from methods.registry import register_method
 from methods.roi import export_parts
@@ -183,6 +184,16 @@ class AlignDet(PretrainMethod):
         self.backbone = backbone.eval()
         self.online = online
         self.target = momentum_copy(online)
+
+    @torch.no_grad()
+    def proposal_features(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """(P, C): the input of DETR's pseudo-class clustering (``methods.pseudo_classes``) for
+        one normalised image (3, H, W) and its proposals (P, 4, pixels): RoIAlign of each box on
+        the frozen backbone's last feature map, averaged over the 7x7 cells."""
+        online = self._attached()
+        feats = online.backbone_features(self.backbone.eval(), ImageList(image[None], [tuple(image.shape[-2:])]))
+        fmap = feats[0] if isinstance(feats, tuple) else list(feats.values())[-1]
+        return roi_features(fmap, [boxes], stride=image.shape[-1] / fmap.shape[-1])
 
     # -- views (DataLoader worker) --------------------------------------------------------
     def pseudo_boxes(self, record: dict) -> np.ndarray:

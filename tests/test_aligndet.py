@@ -480,3 +480,17 @@ def test_recipes_are_the_papers():
     assert AlignDet.finetune_overrides == {"lr": pytest.approx(0.03), "weight_decay": pytest.approx(5e-5)}
     with pytest.raises(ConfigError, match="method.detector"):
         AlignDet.recipe_for("yolo")
+
+
+@pytest.mark.parametrize("kind", ["detr", "mask_rcnn"])
+def test_proposal_features_pool_the_last_backbone_map(kind):
+    from methods.pseudo_classes import roi_features
+    m = method(kind, detr_classes=4)
+    m.attach_detector(detr() if kind == "detr" else build(kind))
+    img = torch.randn(3, 64, 96)
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 8.0, 96.0, 64.0], [40.0, 20.0, 72.0, 52.0]])
+    f = m.proposal_features(img, boxes)
+    c5 = m.backbone(img[None], torch.ones(1, 64, 96, dtype=torch.long))[-1][0] if kind == "detr" else m.backbone(img[None])["3"]
+    assert c5.shape[-1] == 3 and f.shape == (3, c5.shape[1])          # stride 32
+    assert torch.allclose(f, roi_features(c5, [boxes], stride=32))
+    assert not torch.allclose(f[0], f[1])
