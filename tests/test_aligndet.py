@@ -127,6 +127,35 @@ def test_contrastive_loss_equals_hand_computation():
     assert got.item() == pytest.approx(_hand_loss(online, oids, target, tids, 0.5), rel=1e-5)
 
 
+def _loop_loss(online, oids, target, tids, tau):
+    """The official per-id loop (SelfSupConvFCBBoxHead.loss + ContrastiveLoss), in torch."""
+    q_all, t_all = torch.nn.functional.normalize(online, dim=1), torch.nn.functional.normalize(target, dim=1)
+    out = []
+    for c in torch.unique(oids[oids >= 0]):
+        q = q_all[oids == c]
+        k = t_all[tids == c] if (tids == c).any() else q
+        n = torch.cat([q_all[oids != c], t_all[tids != c]]).detach()
+        logits = torch.cat([(k @ q.t())[..., None], (q @ n.t())[None].expand(len(k), -1, -1)], -1) / tau
+        logits = logits.reshape(-1, logits.shape[-1])
+        out.append(torch.nn.functional.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long)))
+    return torch.stack(out).mean()
+
+
+def test_contrastive_loss_gradients_equal_the_official_per_id_loop():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        M, N, k = 5 + trial % 7, 3 + trial % 5, 1 + trial % 4
+        oids = torch.randint(-1, k, (M,), generator=g)
+        oids[0] = 0                                     # at least one instance
+        tids = torch.randint(-1, k, (N,), generator=g)
+        a = torch.randn(M, 6, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(N, 6, generator=g, dtype=torch.float64)
+        ours = instance_contrastive(a, oids, b, tids, 0.5)
+        ref = _loop_loss(a, oids, b, tids, 0.5)
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-10)
+        assert torch.allclose(torch.autograd.grad(ours, a)[0], torch.autograd.grad(ref, a)[0], atol=1e-12)
+
+
 def test_contrastive_loss_ids_never_collide_with_background():
     """Ids past 256 (the official background label) are instances like any other; only
     negative ids are background, which forms no query."""
@@ -148,6 +177,11 @@ def test_contrastive_loss_without_instances_is_zero_with_gradient():
     assert loss.item() == 0.0
     loss.backward()
     assert x.grad is not None
+    # one instance and nothing else in the batch: no negatives, loss 0, finite gradients
+    y = torch.randn(3, 4, requires_grad=True)
+    lone = instance_contrastive(y, torch.zeros(3, dtype=torch.long), torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
+    lone.backward()
+    assert lone.item() == 0.0 and torch.isfinite(y.grad).all()
 
 
 # --------------------------------------------------------------------------- views
