@@ -450,7 +450,8 @@ class DenseHeads(_Heads):
         anchors = self.anchor_generator(images, levels)
         emb = torch.cat([_flatten(self.embed(self.cls_convs(f)), self.embed_dim) for f in levels], 1)
         reg = [self.reg_convs(f) for f in levels]
-        per_level = [f.shape[-2] * f.shape[-1] for f in levels]
+        A = self.anchor_generator.num_anchors_per_location()[0]
+        per_level = [f.shape[-2] * f.shape[-1] * A for f in levels]     # anchors per level
         return anchors, emb, reg, per_level
 
     def export_parts(self) -> dict[str, nn.Module]:
