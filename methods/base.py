@@ -169,9 +169,24 @@ class PretrainMethod(nn.Module):
         raise NotImplementedError
 
     def proposal_params(self) -> dict | None:
-        """Selective-search settings (``mode``, ``max_side``) of the proposal cache whose boxes
-        this run reads as ``record["proposals"]``; None: it reads none (the default)."""
+        """Selective-search settings (``mode``, ``max_side``, optional ``filter_kwargs`` over
+        ``methods.proposals.DEFAULT_FILTER``) of the proposal cache whose boxes this run reads
+        as ``record["proposals"]``; None: it reads none (the default)."""
         return None
+
+    def detector_spec(self) -> dict | None:
+        """The detector this method pretrains as a whole (AlignDet), as ``{"name": <detector
+        registry name>, **builder overrides}``; None (the default): the method builds its own
+        networks. When not None the harness builds that detector with the fine-tuning builder,
+        loads the parent run's backbone into it and hands it to ``attach_detector`` before it
+        calls ``param_groups``, ``to(device)`` or ``forward``."""
+        return None
+
+    def attach_detector(self, detector: nn.Module) -> None:
+        """Receive the detector declared by ``detector_spec`` (a torchvision-style module:
+        ``.backbone`` (``.body`` + ``.fpn``) and ``.rpn``/``.roi_heads`` or ``.head``; DETR:
+        transformers' ``DetrForObjectDetection``). The method owns it from then on."""
+        raise NotImplementedError(f"{self.name}: detector_spec() is None, no detector to attach")
 
     def given_weights(self) -> dict[str, torch.Tensor] | None:
         """A canonical state to export instead of training (Supervised at paper scale: the

@@ -18,12 +18,16 @@ def momentum_copy(online: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_momentum(online: nn.Module, target: nn.Module, m: float) -> None:
+def update_momentum(online: nn.Module, target: nn.Module, m: float, copied: tuple[str, ...] = ()) -> None:
     """target = m * target + (1 - m) * online, parameter by parameter (MoCo Eq. 2).
     Buffers (BN statistics) are not averaged: each network keeps its own, as in the
-    official MoCo and BYOL code."""
-    for po, pt in zip(online.parameters(), target.parameters()):
-        pt.mul_(m).add_(po.detach(), alpha=1.0 - m)
+    official MoCo and BYOL code. Parameters whose name starts with a prefix in ``copied`` are
+    copied instead (AlignDet's DETR query embeddings, official ``SelfSupDetector``)."""
+    for (name, po), pt in zip(online.named_parameters(), target.parameters()):
+        if copied and name.startswith(copied):
+            pt.copy_(po.detach())
+        else:
+            pt.mul_(m).add_(po.detach(), alpha=1.0 - m)
 
 
 def cosine_schedule(progress: float, start: float, end: float = 1.0) -> float:

@@ -92,3 +92,50 @@ def level_info_nce(q: torch.Tensor, k: torch.Tensor, queues: torch.Tensor, tempe
         logits.append(lg)
     total = sum(w * l for w, l in zip(weights, losses))
     return total, losses, logits
+
+
+# AlignDet marks samples that belong to no pseudo box with a negative id, never with a number
+# that an instance id can take (the official code's background label 256 collides with the
+# 257th instance of a batch).
+BACKGROUND = -1
+
+
+def instance_contrastive(online: torch.Tensor, online_ids: torch.Tensor, target: torch.Tensor,
+                         target_ids: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """AlignDet's box-level contrastive loss (Li et al. 2023, Eq. 3; official
+    ``ContrastiveLoss`` and ``SelfSupConvFCBBoxHead.loss``), shared by every detector.
+
+    ``online`` (M, D) / ``target`` (N, D): embeddings of the samples (RoIs, anchors, points,
+    queries) of view 1 and view 2; ``*_ids`` their instance ids (>= 0) or ``BACKGROUND`` (< 0).
+    For each instance id c present in the online samples:
+        queries Q = online samples of c, keys K = target samples of c (none: K = Q),
+        negatives = every other sample of both views (other ids and background, stop-gradient);
+        loss_c = mean over (k, q) in K x Q of -log( e^{q.k/t} / (e^{q.k/t} + sum_n e^{q.n/t}) )
+    on L2-normalised vectors; the loss is the mean of loss_c over the ids (0 with none).
+    Computed for all ids at once (one similarity matrix, queries x all samples) instead of
+    the official loop over ids, which copies every negative once per id; same values and
+    gradients (tests/test_aligndet.py)."""
+    q_all = F.normalize(online, dim=1)
+    t_all = F.normalize(target, dim=1)
+    is_query = online_ids >= 0
+    if not is_query.any():
+        return online.sum() * 0.0
+    q, qid = q_all[is_query], online_ids[is_query]
+    cols = torch.cat([q_all, t_all])                    # every sample of both views
+    col_ids = torch.cat([online_ids, target_ids])
+    same = qid[:, None] == col_ids[None]                # (Q, M + N)
+    # negatives: one pass over all columns (stop-gradient on them), same-id columns masked
+    neg = (q @ cols.detach().t() / temperature).masked_fill(same, float("-inf")).logsumexp(1)
+    # keys: the target samples of the id, or (none there) the online samples of the id
+    from_target = torch.cat([torch.zeros_like(online_ids, dtype=torch.bool),
+                             torch.ones_like(target_ids, dtype=torch.bool)])
+    has_key = (same & from_target).any(1)
+    r, c = torch.nonzero(same & (from_target[None] == has_key[:, None]), as_tuple=True)
+    pos = (q[r] * cols[c]).sum(1) / temperature         # (pairs,): -log e^pos / (e^pos + sum e^neg)
+    pair_loss = torch.logaddexp(pos, neg[r]) - pos
+    # mean over each id's (key, query) pairs, then over ids
+    _, group = torch.unique(qid, return_inverse=True)
+    g = group[r]
+    n_groups = int(group.max()) + 1
+    per_id = pair_loss.new_zeros(n_groups).index_add(0, g, pair_loss)
+    return (per_id / torch.bincount(g, minlength=n_groups).to(per_id.dtype)).mean()

@@ -30,7 +30,14 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
     torch.manual_seed(0)
     cls = get_method(name)
     sc = load_scale(scale)
-    m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale)))).to(device)
+    m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale))))
+    spec = m.detector_spec()
+    if spec is not None:    # AlignDet pretrains the scale's detector: inject it as the pretraining stage will
+        from benchmark.config import finetune_config
+        from benchmark.detectors import build_detector
+        det_cfg = finetune_config(scale=scale, schedule="1x", parent=None, detector=spec["name"])["detector"]
+        m.attach_detector(build_detector({**det_cfg, **spec}, num_classes=2))
+    m = m.to(device)
     if fast:
         m.to(memory_format=torch.channels_last)
     b = to_device(m.collate(inputs.samples(m, batch, image_size)), device, channels_last=fast)
