@@ -1,0 +1,84 @@
+"""AlignDet in the harness: its config records the detector and the parent run, its recipe
+is the detector's box-domain recipe, the pretraining stage injects the detector with the
+parent's backbone, fine-tuning after it scales the detector's own lr and wd."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmark.config import NeedsClustering, finetune_config, pretrain_config
+from benchmark.detectors import build_detector
+from benchmark.pretrain import attach_detector, build_for_pretrain
+from benchmark.store import run_key
+from methods.aligndet import AlignDet
+from methods.base import ConfigError
+
+
+def _cfg(detector="retinanet", parent="p" * 16, **kw):
+    return pretrain_config("aligndet", scale="micro", parent=parent,
+                           method_overrides={"detector": detector}, **kw)
+
+
+def test_config_records_detector_parent_and_box_domain_recipe():
+    cfg = _cfg("retinanet")
+    assert cfg["parent"] == "p" * 16
+    ref = finetune_config(scale="micro", parent=None, detector="retinanet")["detector"]
+    assert cfg["detector"] == ref                      # the fine-tuning builder's config at this scale
+    r = cfg["recipe"]
+    assert r["schedule"] == "multistep" and r["milestones"] == pytest.approx([8 / 12, 11 / 12])
+    assert r["base_lr"] == 0.01 and "grad_clip" not in r      # RetinaNet's lr; no clipping: left out
+    mask = _cfg("mask_rcnn")["detector"]
+    assert mask["name"] == "mask_rcnn" and mask["box_head"] == "4conv1fc"   # detector_spec's overrides
+    assert mask["fpn_channels"] == 64                                        # the micro scale's entry
+    assert _cfg("mask_rcnn")["recipe"]["base_lr"] == 0.02
+    # the identity covers the parent and the detector
+    assert len({run_key(_cfg("retinanet")), run_key(_cfg("retinanet", parent="q" * 16)), run_key(_cfg("fcos"))}) == 3
+
+
+def test_config_needs_a_parent_and_refuses_detr_and_unknown_detectors():
+    with pytest.raises(ConfigError, match="parent: missing"):
+        _cfg("fcos", parent=None)
+    with pytest.raises(NeedsClustering, match="pseudo-classes"):
+        _cfg("detr")
+    with pytest.raises(ConfigError, match="method.detector"):
+        _cfg("mask_rcnn_c4")
+
+
+def test_image_domain_configs_keep_their_recipe_keys_and_new_fields_are_checked():
+    cfg = pretrain_config("moco_v2", scale="micro")
+    assert "milestones" not in cfg["recipe"] and "grad_clip" not in cfg["recipe"]
+    assert "detector" not in cfg and "parent" not in cfg
+    cfg = pretrain_config("moco_v2", scale="micro", recipe_overrides={"milestones": [0.5], "grad_clip": 1.0})
+    assert cfg["recipe"]["milestones"] == [0.5] and cfg["recipe"]["grad_clip"] == 1.0
+    with pytest.raises(ConfigError, match="recipe.milestones"):
+        pretrain_config("moco_v2", scale="micro", recipe_overrides={"milestones": [0.9, 0.5]})
+    with pytest.raises(ConfigError, match="recipe.grad_clip"):
+        pretrain_config("moco_v2", scale="micro", recipe_overrides={"grad_clip": 0})
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
+def test_finetuning_after_aligndet_scales_the_detectors_own_lr_and_wd(detector):
+    plain = finetune_config(scale="micro", parent="x", method="moco_v2", detector=detector)["recipe"]
+    after = finetune_config(scale="micro", parent="x", method="aligndet", detector=detector)["recipe"]
+    assert after["lr"] == pytest.approx(1.5 * plain["lr"])
+    assert after["weight_decay"] == pytest.approx(0.5 * plain["weight_decay"])
+    paper = finetune_config(scale="tiny", parent="x", method="aligndet", detector=detector)["recipe"]
+    assert AlignDet.finetune_factors["lr"] == 1.5 and paper["lr"] > 0
+
+
+def test_attach_detector_loads_the_parents_backbone(tmp_path):
+    cfg = _cfg("fcos")
+    parent = build_detector(cfg["detector"], 2).backbone.body.state_dict()   # bare torchvision names
+    torch.manual_seed(1)
+    parent = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in parent.items()}
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": parent}, path)
+    method = build_for_pretrain(cfg)[0]
+    attach_detector(method, cfg, path)
+    got = method.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in parent.items() if not k.endswith("num_batches_tracked"))
+    assert not any(p.requires_grad for p in method.backbone.parameters())
+    with pytest.raises(ValueError, match="parent: missing"):
+        attach_detector(build_for_pretrain(cfg)[0], {**cfg, "parent": None}, path)
+    with pytest.raises(FileNotFoundError, match="weights.pt"):
+        attach_detector(build_for_pretrain(cfg)[0], cfg, tmp_path / "none" / "weights.pt")
