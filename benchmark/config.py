@@ -46,6 +46,10 @@ class NeedsClustering(ConfigError):
     """A detector-pretraining run that needs pseudo-classes the harness does not compute yet."""
 
 
+class UnsupportedDetector(ConfigError):
+    """A detector that the method pretraining a whole detector has no recipe for."""
+
+
 # detectors whose box-domain pretraining reads k-means pseudo-classes (AlignDet's DETR)
 NEEDS_CLUSTERING = ("detr",)
 
@@ -226,7 +230,10 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
                               f"compute yet")
     base = cls.recipe.to_dict()
     if detector is not None:   # the box-domain recipe of that detector (drops and clipping included)
-        box = cls.recipe_for(detector)
+        try:
+            box = cls.recipe_for(detector)
+        except ConfigError as e:
+            raise UnsupportedDetector(str(e)) from None
         base = {**box.recipe.to_dict(), "milestones": list(box.milestones), "grad_clip": box.clip_grad}
     recipe = deep_merge(base, method_scale.get("recipe", {}))
     scale_pre = dict(sc.get("pretrain", {}))

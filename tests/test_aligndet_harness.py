@@ -82,3 +82,82 @@ def test_attach_detector_loads_the_parents_backbone(tmp_path):
         attach_detector(build_for_pretrain(cfg)[0], {**cfg, "parent": None}, path)
     with pytest.raises(FileNotFoundError, match="weights.pt"):
         attach_detector(build_for_pretrain(cfg)[0], cfg, tmp_path / "none" / "weights.pt")
+
+
+def _spec(tmp_path, columns, row):
+    import yaml
+    from benchmark.tables import load_spec
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "columns": [{"label": d, "schedule": "1x", "metric": "bbox.AP",
+                                                            "detector": d} for d in columns], "rows": [row]}))
+    return load_spec(str(p))
+
+
+def test_plan_chains_parent_then_one_aligndet_run_per_detector():
+    from benchmark.plan import plan_table
+    plan = plan_table("aligndet_gains", scale="tiny")
+    jobs = {j.key: j for j in plan.jobs}
+    alone = [c for c in plan.cells if c.row == 0]
+    moco = alone[0].chain[0]
+    assert all(c.chain[0] == moco and len(c.chain) == 3 for c in alone)
+    seen = set()
+    for c in (c for c in plan.cells if c.row == 1):
+        col = plan.spec.columns[c.col]
+        parent, box, ft, ev = c.chain
+        assert parent == moco                                  # the image-domain row's run, shared
+        b = jobs[box]
+        assert b.parents == (moco,) and b.config["parent"] == moco
+        assert b.config["method"]["detector"] == col.detector == b.config["detector"]["name"]
+        assert jobs[ft].parents == (box,) and jobs[ft].config["parent"] == box
+        assert jobs[ev].parents == (ft,) and c.eval_key == ev
+        plain = next(jobs[a.chain[1]] for a in alone if a.col == c.col)
+        assert jobs[ft].config["recipe"]["lr"] == pytest.approx(1.5 * plain.config["recipe"]["lr"])
+        seen.add(box)
+    assert len(seen) == 3
+    order = [j.key for j in plan.jobs]
+    assert all(order.index(p) < order.index(j.key) for j in plan.jobs for p in j.parents)
+
+
+def test_plan_box_rows_need_a_parent_and_mark_detr_and_unsupported_columns(tmp_path):
+    from benchmark.plan import plan_table
+    row = {"label": "AD", "method": "aligndet", "parent": {"method": "moco_v2", "pretrain_epochs": 200}}
+    plan = plan_table(_spec(tmp_path, ["fcos", "detr", "faster_rcnn_c4"], row), scale="tiny")
+    assert [c.missing for c in plan.cells] == ["", "needs clustering", "not supported"]
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.parent: missing"):
+        plan_table(_spec(tmp_path, ["fcos"], {"label": "AD", "method": "aligndet"}), scale="tiny")
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.parent: moco_v2 pretrains no detector"):
+        plan_table(_spec(tmp_path, ["fcos"], {"label": "M", "method": "moco_v2", "parent": {"method": "moco_v2"}}),
+                   scale="tiny")
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.parent\.method"):
+        plan_table(_spec(tmp_path, ["fcos"], {**row, "parent": {"method": "aligndet"}}), scale="tiny")
+
+
+def test_micro_chain_end_to_end(isolated):
+    """``reproduce`` at micro (about 10 s): MoCo v2 -> AlignDet(FCOS) -> fine-tuning ->
+    evaluation; the AlignDet run names its parent, drops its lr at the recipe's milestones and
+    exports the parent's backbone bit for bit."""
+    import json
+    from pathlib import Path
+
+    from benchmark.cli import main
+    from benchmark.detectors import load_weights_file
+    from benchmark.plan import plan_table
+    spec = str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml")
+    assert main(["reproduce", "--table", spec, "--scale", "micro"]) == 0
+    (cell,) = plan_table(spec, scale="micro").cells
+    parent, box, ft, ev = cell.chain
+    runs = isolated / "runs"
+    for k in cell.chain:
+        assert (runs / k / "metrics.json").exists(), k
+    cfg = json.loads((runs / box / "config.json").read_text())
+    assert cfg["parent"] == parent and cfg["detector"]["name"] == "fcos"
+    assert json.loads((runs / ft / "config.json").read_text())["parent"] == box
+    lrs = [json.loads(line)["lr"] for line in (runs / box / "log.jsonl").read_text().splitlines()]
+    total = len(lrs)   # 8 at micro: drops at round(8 * 8/12) = 5 and round(8 * 11/12) = 7
+    drops = [round(f * total) for f in cfg["recipe"]["milestones"]]
+    assert lrs == pytest.approx([lrs[0] * 0.1 ** sum(s >= m for m in drops) for s in range(total)])
+    assert lrs[-1] == pytest.approx(lrs[0] * 0.01)
+    mine, theirs = load_weights_file(runs / box / "weights.pt"), load_weights_file(runs / parent / "weights.pt")
+    backbone = [k for k in theirs if not k.startswith(("fc.", "fpn.", "box_head."))]
+    assert backbone and all(torch.equal(mine[k], theirs[k]) for k in backbone if not k.endswith("num_batches_tracked"))
+    assert any(k.startswith("fpn.") or k.startswith("head.") for k in mine)   # the pretrained neck/heads
