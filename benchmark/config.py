@@ -251,7 +251,9 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     for k in ("milestones", "grad_clip"):            # None: left out, so that existing keys stay
         if recipe.get(k, None) is None:
             recipe.pop(k, None)
-    data = resolve_data_config(sc, data, data_overrides, ("pretrain",))
+    if cls.pretrain_images not in ("pretrain", "train"):
+        raise ConfigError(f"{cls.__name__}.pretrain_images: expected 'pretrain' or 'train', got {cls.pretrain_images!r}")
+    data = resolve_data_config(sc, data, data_overrides, (cls.pretrain_images,))
     cfg = {"stage": "pretrain", "scale": scale, "seed": int(seed),
            "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
            "runtime": dict(sc.get("runtime", {}))}

@@ -86,6 +86,11 @@ def build_for_pretrain(config: dict):
     name = mcfg.pop("name")
     data = resolve_data(config["data"])
     cls = get_method(name)
+    if cls.pretrain_images != "pretrain":   # AlignDet: the detection training images, labels unread
+        if cls.pretrain_images not in data:
+            raise ValueError(f"data.{cls.pretrain_images}: missing: {name} pretrains on the "
+                             f"{cls.pretrain_images} images (the config's data has {', '.join(data)})")
+        data = {**data, "pretrain": data[cls.pretrain_images]}
     labels = None
     if cls.needs_labels and not mcfg.get("weights"):
         labels, n_cls = _image_labels(data["pretrain"]["ann_file"])

@@ -164,6 +164,9 @@ class PretrainMethod(nn.Module):
     # What the pretraining stage hands to ``views`` besides the image:
     needs_labels = False      # record["labels"]: multi-hot image labels (Supervised at tiny)
     needs_source = False      # ``source``: the dataset, to draw other images (InsLoc's backgrounds)
+    # Which images of the scale's data it pretrains on: "pretrain" (ImageNet at the paper scale)
+    # or "train", the detection training images with their labels unread (AlignDet: COCO train2017)
+    pretrain_images = "pretrain"
     # BatchNorm across processes when distributed on GPUs (BYOL/SoCo/PixPro: SyncBN). MoCo-style
     # Shuffle-BN needs per-process BN on a shuffled key batch (MoCo Sec. 3.3): False.
     sync_bn = True

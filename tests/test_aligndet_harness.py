@@ -44,6 +44,16 @@ def test_config_needs_a_parent_and_refuses_detr_and_unknown_detectors():
         _cfg("mask_rcnn_c4")
 
 
+def test_aligndet_pretrains_on_the_detection_training_images(tmp_path):
+    method, data, _ = build_for_pretrain(_cfg("fcos"))
+    assert data["pretrain"] == data["train"]               # synthetic train scenes, labels unread
+    user = {"kind": "coco", "pretrain": {"image_root": str(tmp_path)},
+            "train": {"image_root": str(tmp_path), "ann_file": "t.json"}, "val": {"image_root": "v", "ann_file": "v.json"}}
+    cfg = _cfg("fcos", data=user)
+    assert set(cfg["data"]) - {"identity"} == {"kind", "train"}      # --data: its train split, nothing else
+    assert "train" not in pretrain_config("moco_v2", scale="micro", data=user)["data"]
+
+
 def test_image_domain_configs_keep_their_recipe_keys_and_new_fields_are_checked():
     cfg = pretrain_config("moco_v2", scale="micro")
     assert "milestones" not in cfg["recipe"] and "grad_clip" not in cfg["recipe"]
