@@ -171,3 +171,25 @@ def test_micro_chain_end_to_end(isolated):
     backbone = [k for k in theirs if not k.startswith(("fc.", "fpn.", "box_head."))]
     assert backbone and all(torch.equal(mine[k], theirs[k]) for k in backbone if not k.endswith("num_batches_tracked"))
     assert any(k.startswith("fpn.") or k.startswith("head.") for k in mine)   # the pretrained neck/heads
+
+
+@pytest.mark.slow
+def test_interrupted_aligndet_run_resumes_to_the_same_weights(isolated):
+    """The detector is attached before resume: a run killed half-way and resumed exports the
+    weights of an uninterrupted one (same sha256). About 13 s."""
+    from pathlib import Path
+
+    from benchmark.plan import plan_table
+    from benchmark.stages import run_job
+    from benchmark.store import RunStore
+    plan = plan_table(str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml"), scale="micro")
+    parent, box = (j for j in plan.jobs if j.stage == "pretrain")
+    assert box.parents == (parent.key,)
+    a, b = str(isolated / "a"), str(isolated / "b")
+    for store in (a, b):
+        run_job(parent, store, progress=False)
+    run_job(box, a, progress=False)
+    run_job(box, b, stop_after=3, progress=False)
+    assert RunStore(b).status(box.key) == "running"
+    run_job(box, b, progress=False)
+    assert RunStore(a).metrics(box.key)["weights_sha256"] == RunStore(b).metrics(box.key)["weights_sha256"]
