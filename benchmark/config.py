@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from methods import get_method
+from methods import build_method, get_method
 from methods.base import ConfigError, PretrainRecipe
 
 SCALES_DIR = Path(__file__).parent / "configs" / "scales"
@@ -41,6 +41,17 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     base.setdefault("method_scale", base.get("name", parent))
     return deep_merge(base, sc)
 
+
+class NeedsClustering(ConfigError):
+    """A detector-pretraining run that needs pseudo-classes the harness does not compute yet."""
+
+
+class UnsupportedDetector(ConfigError):
+    """A detector that the method pretraining a whole detector has no recipe for."""
+
+
+# detectors whose box-domain pretraining reads k-means pseudo-classes (AlignDet's DETR)
+NEEDS_CLUSTERING = ("detr",)
 
 SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detectors")
 # runtime: how a run executes, never part of its identity; (type, lowest value)
@@ -193,9 +204,14 @@ def resolve_data_config(sc: dict, data: dict | None, data_overrides: dict | None
 
 def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: float | None = None,
                     method_overrides: dict | None = None, recipe_overrides: dict | None = None,
-                    data_overrides: dict | None = None, data: dict | None = None) -> dict:
+                    data_overrides: dict | None = None, data: dict | None = None,
+                    parent: str | None = None) -> dict:
     """The fully resolved config of one pretraining run. ``data``: a dataset that replaces
-    the scale's (``--data``)."""
+    the scale's (``--data``). A method that pretrains a whole detector (``cls.pretrain_detector``:
+    AlignDet) runs over the backbone of the image-domain run ``parent`` (its key, required):
+    the config records ``parent`` and ``detector`` (the scale's config of that detector with
+    the method's ``detector_spec`` overrides) so the run's identity covers both, and the
+    recipe is ``cls.recipe_for(detector)``'s (multistep drops as fractions, gradient clip)."""
     cls = get_method(method)
     sc = load_scale(scale)
     method_scale = cls.scales.get(sc.get("method_scale", scale), {})
@@ -204,7 +220,22 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
     mcfg = expand_env(deep_merge(method_scale.get("method", {}), method_overrides), "method")
     mcfg = cls.Config.from_dict(mcfg).to_dict()      # validates names and types
-    recipe = deep_merge(cls.recipe.to_dict(), method_scale.get("recipe", {}))
+    detector = cls.pretrain_detector(mcfg)
+    if detector is not None and parent is None:
+        raise ConfigError(f"parent: missing: {method} pretrains the {detector} detector over the backbone of an "
+                          f"image-domain pretraining run (its parent run key)")
+    if detector is not None and detector in NEEDS_CLUSTERING:
+        raise NeedsClustering(f"method.detector: {detector!r}: {method} reads k-means pseudo-classes of the "
+                              f"proposals (methods/pseudo_classes.py), which the pretraining stage does not "
+                              f"compute yet")
+    base = cls.recipe.to_dict()
+    if detector is not None:   # the box-domain recipe of that detector (drops and clipping included)
+        try:
+            box = cls.recipe_for(detector)
+        except ConfigError as e:
+            raise UnsupportedDetector(str(e)) from None
+        base = {**box.recipe.to_dict(), "milestones": list(box.milestones), "grad_clip": box.clip_grad}
+    recipe = deep_merge(base, method_scale.get("recipe", {}))
     scale_pre = dict(sc.get("pretrain", {}))
     divisor = scale_pre.pop("batch_divisor", None)
     recipe = deep_merge(recipe, scale_pre)
@@ -217,10 +248,20 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     recipe = deep_merge(recipe, recipe_overrides)
     PretrainRecipe.from_dict(recipe)                 # validates names, types and ranges
     _check_loader(recipe, cls)
-    data = resolve_data_config(sc, data, data_overrides, ("pretrain",))
-    return {"stage": "pretrain", "scale": scale, "seed": int(seed),
-            "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
-            "runtime": dict(sc.get("runtime", {}))}
+    for k in ("milestones", "grad_clip"):            # None: left out, so that existing keys stay
+        if recipe.get(k, None) is None:
+            recipe.pop(k, None)
+    if cls.pretrain_images not in ("pretrain", "train"):
+        raise ConfigError(f"{cls.__name__}.pretrain_images: expected 'pretrain' or 'train', got {cls.pretrain_images!r}")
+    data = resolve_data_config(sc, data, data_overrides, (cls.pretrain_images,))
+    cfg = {"stage": "pretrain", "scale": scale, "seed": int(seed),
+           "method": {"name": method, **mcfg}, "recipe": recipe, "data": data,
+           "runtime": dict(sc.get("runtime", {}))}
+    if detector is not None:
+        spec = build_method(method, **mcfg).detector_spec()
+        cfg["detector"] = detector_model(sc, scale, detector, {k: v for k, v in spec.items() if k != "name"})
+        cfg["parent"] = parent
+    return cfg
 
 
 def _check_loader(recipe: dict, cls) -> None:
@@ -266,6 +307,15 @@ def scale_detector(sc: dict, scale: str, detector: str) -> dict:
     return entry
 
 
+def detector_model(sc: dict, scale: str, detector: str, overrides: dict | None = None) -> dict:
+    """A detector's resolved model config at a scale: its defaults < the scale's entry <
+    ``overrides``, as ``{"name": detector, **fields}`` (what ``build_detector`` takes)."""
+    from benchmark.detectors import get_detector
+    det = get_detector(detector)
+    model = deep_merge(scale_detector(sc, scale, detector).get("model") or {}, overrides)
+    return {"name": detector, **det.Config.from_dict(model, detector).to_dict()}
+
+
 def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x", parent: str | None,
                     method: str | None = None, detector: str = "mask_rcnn", protocol: str = "coco",
                     detector_overrides: dict | None = None, recipe_overrides: dict | None = None,
@@ -287,12 +337,17 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     known = sorted(set(det.recipes) | set(entry.get("finetune") or {}))
     if schedule not in known:
         raise ConfigError(f"schedule: unknown {schedule!r} for {detector} (known: {', '.join(known)})")
-    model = deep_merge(entry.get("model") or {}, detector_overrides)
-    model = {"name": detector, **det.Config.from_dict(model, detector).to_dict()}
+    model = detector_model(sc, scale, detector, detector_overrides)
     base = det.recipes[schedule].to_dict() if schedule in det.recipes else {}
     rec = deep_merge(base, (entry.get("finetune") or {}).get(schedule, {}))
     if method and det.takes_method_overrides:
-        rec = deep_merge(rec, get_method(method).finetune_overrides)
+        mcls = get_method(method)
+        rec = deep_merge(rec, mcls.finetune_overrides)
+        for k, f in mcls.finetune_factors.items():
+            if not isinstance(rec.get(k), (int, float)) or isinstance(rec.get(k), bool):
+                raise ConfigError(f"{mcls.__name__}.finetune_factors.{k}: the {detector} recipe has no "
+                                  f"numeric {k!r} (known: {', '.join(sorted(rec))})")
+            rec[k] = rec[k] * f
     rec = det.Recipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
     data = resolve_data_config(sc, data, data_overrides, ("train", "val"))
     if protocol == "voc" and data.get("kind") != "voc":

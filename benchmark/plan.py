@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmark.config import evaluate_config, finetune_config, pretrain_config
+from benchmark.config import (NeedsClustering, UnsupportedDetector, evaluate_config, finetune_config,
+                              pretrain_config)
 from benchmark.store import run_key
 from benchmark.detectors import list_detectors
 from benchmark.tables import Column, Row, TableSpec, load_spec
-from methods import list_methods
+from methods import get_method, list_methods
+from methods.base import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class Cell:
     seed: int
     eval_key: str | None              # None: the row's method or the column's detector is missing
     chain: tuple = ()                 # keys from pretraining to evaluation
-    missing: str = ""                 # why eval_key is None: "not implemented" | "needs detector"
+    missing: str = ""                 # why eval_key is None: "not implemented" | "needs detector" |
+    #                                   "needs clustering" | "not supported" (by a box-domain row's method)
 
 
 @dataclass
@@ -53,11 +56,39 @@ def column_implemented(col: Column) -> bool:
     return col.detector in list_detectors()
 
 
+def pretrains_detector(row: Row) -> bool:
+    """The row's method pretrains a whole detector (AlignDet): each column's detector gets its
+    own pretraining run, over the image-domain run ``row.parent``."""
+    if row.method == "scratch":
+        return False
+    cls = get_method(row.method)
+    return cls.pretrain_detector(cls.Config.from_dict(row.method_overrides).to_dict()) is not None
+
+
+def _parent(spec: TableSpec, ri: int, row: Row):
+    if row.parent is None:
+        raise ConfigError(f"{spec.path or spec.name}: rows[{ri}].parent: missing: {row.method} pretrains each "
+                          f"column's detector over an image-domain run, e.g. parent: {{method: moco_v2, "
+                          f"pretrain_epochs: 200}}")
+    if pretrains_detector(Row(label="", method=row.parent.method, method_overrides=row.parent.method_overrides)):
+        raise ConfigError(f"{spec.path or spec.name}: rows[{ri}].parent.method: {row.parent.method} pretrains a "
+                          f"detector itself; the parent must be an image-domain method")
+    return row.parent
+
+
 def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict | None = None,
                data: dict | None = None) -> Plan:
     """``overrides``: {"method": {...}, "recipe": {...}, "finetune": {...}, "detector": {...}}
     applied to every row (CLI ``--set``; ``detector``/``finetune`` reach every column's detector);
-    ``data``: a dataset replacing the scale's (``--data``)."""
+    ``data``: a dataset replacing the scale's (``--data``).
+
+    A row whose method pretrains a whole detector (AlignDet) is a chain per column: its image-
+    domain ``parent`` run (shared with a row that shows it alone) -> that method's run for the
+    column's detector (``method.detector``) -> fine-tuning -> evaluation. ``--set method.*`` /
+    ``recipe.*`` reach the parent run (so it stays the image-domain row's run), not the
+    box-domain run, whose own values are the row's ``method_overrides``/``recipe_overrides``.
+    A DETR column reads "needs clustering" (its pseudo-classes are not computed by the stage),
+    a detector the method does not pretrain "not supported"."""
     spec = name_or_spec if isinstance(name_or_spec, TableSpec) else load_spec(name_or_spec)
     ov = overrides or {}
     jobs: dict[str, Job] = {}
@@ -75,18 +106,47 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                 cells += [Cell(ri, ci, seed, None, missing="not implemented") for ci in range(len(spec.columns))]
                 continue
             base = f"{spec.name}/{row.label}/seed{seed}"
-            pkey = None
-            if row.method != "scratch":
+            pkey, ppkey = None, None
+            box = pretrains_detector(row)
+            if box:   # the image-domain parent run, shared with a row that shows it alone
+                par = _parent(spec, ri, row)
+                ppcfg = pretrain_config(par.method, scale=scale, seed=seed, epochs=par.pretrain_epochs,
+                                        method_overrides={**par.method_overrides, **ov.get("method", {})},
+                                        recipe_overrides={**par.recipe_overrides, **ov.get("recipe", {})},
+                                        data=data)
+                ppkey = add("pretrain", ppcfg, (), f"{base}/parent-pretrain")
+            elif row.parent is not None:
+                raise ConfigError(f"{spec.path or spec.name}: rows[{ri}].parent: {row.method} pretrains no "
+                                  f"detector; a parent run is for a method that does (e.g. aligndet)")
+            elif row.method != "scratch":
                 pcfg = pretrain_config(row.method, scale=scale, seed=seed, epochs=row.pretrain_epochs,
                                        method_overrides={**row.method_overrides, **ov.get("method", {})},
                                        recipe_overrides={**row.recipe_overrides, **ov.get("recipe", {})},
                                        data=data)
                 pkey = add("pretrain", pcfg, (), f"{base}/pretrain")
+            per_detector: dict[str, str] = {}      # a box-domain row: one pretraining run per detector
             per_finetune: dict[tuple, tuple[str, str]] = {}
             for ci, col in enumerate(spec.columns):
                 if not column_implemented(col):
                     cells.append(Cell(ri, ci, seed, None, missing="needs detector"))
                     continue
+                if box:
+                    if col.detector not in per_detector:
+                        try:
+                            bcfg = pretrain_config(row.method, scale=scale, seed=seed, epochs=row.pretrain_epochs,
+                                                   method_overrides={**row.method_overrides, "detector": col.detector},
+                                                   recipe_overrides=row.recipe_overrides, data=data, parent=ppkey)
+                        except NeedsClustering:
+                            per_detector[col.detector] = "needs clustering"
+                        except UnsupportedDetector:
+                            per_detector[col.detector] = "not supported"
+                        else:
+                            per_detector[col.detector] = add("pretrain", bcfg, (ppkey,),
+                                                             f"{base}/pretrain-{col.detector}")
+                    pkey = per_detector[col.detector]
+                    if pkey in ("needs clustering", "not supported"):
+                        cells.append(Cell(ri, ci, seed, None, missing=pkey))
+                        continue
                 ft = (col.detector, col.protocol, col.schedule)
                 if ft not in per_finetune:
                     fcfg = finetune_config(scale=scale, seed=seed, schedule=col.schedule, parent=pkey,
@@ -103,7 +163,7 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                     ekey = add("evaluate", ecfg, (fkey,), f"{base}/evaluate-{what}{col.schedule}")
                     per_finetune[ft] = (fkey, ekey)
                 fkey, ekey = per_finetune[ft]
-                cells.append(Cell(ri, ci, seed, ekey, tuple(k for k in (pkey, fkey, ekey) if k)))
+                cells.append(Cell(ri, ci, seed, ekey, tuple(k for k in (ppkey, pkey, fkey, ekey) if k)))
     order = {"pretrain": 0, "finetune": 1, "evaluate": 2}
     ordered = sorted(jobs.values(), key=lambda j: order[j.stage])  # parents always come first
     return Plan(spec, scale, tuple(seeds), ordered, cells, dict(ov))

@@ -86,6 +86,11 @@ def build_for_pretrain(config: dict):
     name = mcfg.pop("name")
     data = resolve_data(config["data"])
     cls = get_method(name)
+    if cls.pretrain_images != "pretrain":   # AlignDet: the detection training images, labels unread
+        if cls.pretrain_images not in data:
+            raise ValueError(f"data.{cls.pretrain_images}: missing: {name} pretrains on the "
+                             f"{cls.pretrain_images} images (the config's data has {', '.join(data)})")
+        data = {**data, "pretrain": data[cls.pretrain_images]}
     labels = None
     if cls.needs_labels and not mcfg.get("weights"):
         labels, n_cls = _image_labels(data["pretrain"]["ann_file"])
@@ -95,10 +100,39 @@ def build_for_pretrain(config: dict):
     return method, data, labels
 
 
+# The detector's own classifiers are replaced by the method's embedding heads and dropped at
+# export: any class count builds the parts it pretrains.
+PRETRAIN_NUM_CLASSES = 2
+
+
+def attach_detector(method, config: dict, parent_weights: str | Path | None) -> None:
+    """Build ``config["detector"]`` with the fine-tuning builder, load the parent run's
+    backbone into it (every backbone key, or an error) and hand it to the method."""
+    from benchmark.detectors import build_detector, get_detector, load_pretrained, load_weights_file
+    name = config["method"]["name"]
+    if not config.get("parent"):
+        raise ValueError(f"parent: missing: {name} pretrains {config['detector']['name']} over the backbone "
+                         f"of an image-domain run (the config's 'parent' run key)")
+    if parent_weights is None:
+        raise ValueError(f"parent: {config['parent']}: no weights file given for the parent run")
+    spec = method.detector_spec()
+    if spec is None or spec["name"] != config["detector"]["name"]:
+        raise ValueError(f"detector.name: {config['detector']['name']!r} is not the detector {name} "
+                         f"pretrains ({spec and spec['name']!r})")
+    det = build_detector(config["detector"], PRETRAIN_NUM_CLASSES)
+    report = load_pretrained(det, load_weights_file(parent_weights), get_detector(spec["name"]),
+                             require=("backbone",), source=str(parent_weights))
+    log.info("%s: backbone of parent %s: %s", name, config["parent"], report.summary())
+    method.attach_detector(det)
+
+
 def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after: int | None = None,
-                 device: str | None = None, num_workers: int = 0, progress: bool = True) -> dict:
+                 device: str | None = None, num_workers: int = 0, progress: bool = True,
+                 parent_weights: str | Path | None = None) -> dict:
     """Pretrain ``config["method"]`` on ``config["data"]``; writes ``checkpoint.pt`` (every
-    ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys)."""
+    ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys).
+    A config with a ``detector`` (AlignDet) pretrains that detector over the backbone of its
+    ``parent`` run, whose ``weights.pt`` is ``parent_weights``."""
     from benchmark.data.images import ImageSource, render_deferred
     from benchmark.proposals import compute_proposals
     run_dir = Path(run_dir)
@@ -112,6 +146,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     method, data, labels = build_for_pretrain(config)
+    if config.get("detector") is not None:
+        attach_detector(method, config, parent_weights)   # before .to(device), the optimizer and resume
     method.to(device)
     given = method.given_weights()
     if given is not None:
@@ -137,7 +173,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     lr = recipe.base_lr * B * world_size / recipe.lr_batch   # linear scaling rule
     opt = trainer.build_optimizer(method.param_groups(), recipe.optimizer, lr, recipe.weight_decay,
                                   recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars")
-    sched = trainer.Schedule(lr, total, warmup, kind=recipe.schedule, warmup_factor=0.0)
+    milestones = tuple(round(f * total) for f in recipe.milestones or ())
+    sched = trainer.Schedule(lr, total, warmup, kind=recipe.schedule, milestones=milestones, warmup_factor=0.0)
     model = method
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -146,6 +183,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     loop = trainer.TrainLoop(model, opt, sched,
                              trainer.LoopConfig(total_steps=total, ckpt_every=runtime.get("ckpt_every", 100),
                                                 log_every=runtime.get("log_every", 10), amp=runtime.get("amp", True),
+                                                grad_clip=recipe.grad_clip,
                                                 desc=f"pretrain {config['method']['name']}"),
                              run_dir, after_step=lambda s, logs: method.momentum_update((s + 1) / total))
     start = loop.try_resume() if resume else 0

@@ -87,8 +87,10 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
         with skips.activate():
             if job.stage == "pretrain":
                 from benchmark.pretrain import run_pretrain
+                parent_weights = store.run_dir(cfg["parent"]) / "weights.pt" if cfg.get("parent") else None
                 m = run_pretrain(cfg, run_dir, resume=resume, stop_after=stop_after, device=device,
-                                 num_workers=rt.get("num_workers", 0), progress=progress)
+                                 num_workers=rt.get("num_workers", 0), progress=progress,
+                                 parent_weights=parent_weights)
                 complete = m["steps"] >= m["total_steps"]
             elif job.stage == "finetune":
                 from benchmark.datasets import resolve_data

@@ -109,9 +109,12 @@ MAX_PROPOSALS = {"retinanet": 50}
 @register_method("aligndet")
 class AlignDet(PretrainMethod):
     recipe = RECIPES["mask_rcnn"].recipe     # the default detector's; ``recipe_for`` for the others
-    # Official README: fine-tuning after AlignDet uses lr x 1.5 and weight decay x 0.5. The
-    # harness merges absolute values: those of the Mask/Faster R-CNN 1x recipe (0.02, 1e-4).
-    finetune_overrides = {"lr": 1.5 * 0.02, "weight_decay": 0.5 * 1e-4}
+    # Official README: fine-tuning after AlignDet uses lr x 1.5 and weight decay x 0.5, factors
+    # on each detector's own recipe (R-CNN 0.02 -> 0.03; RetinaNet/FCOS 0.01 -> 0.015)
+    finetune_factors = {"lr": 1.5, "weight_decay": 0.5}
+    # box-domain pretraining reads the detection training images, unlabeled (paper Sec. 4.1:
+    # COCO train2017; the recipe's 500 warm-up iterations count its 7393 iterations per epoch)
+    pretrain_images = "train"
     # tiny: 128-px scenes; views at the tiny detector's training sizes; 8 boxes per image;
     # batch 4 (lr 0.005 by the linear rule). The tiny scale counts 4 paper epochs per step, so
     # 12 epochs would be 3 steps: 400 "epochs" give 100 steps, 20 of them (5 steps) warm-up.
@@ -156,6 +159,10 @@ class AlignDet(PretrainMethod):
         self.online: nn.Module | None = None
         self.target: nn.Module | None = None
         self.current_momentum = cfg.momentum
+
+    @classmethod
+    def pretrain_detector(cls, method_cfg: dict) -> str | None:
+        return method_cfg.get("detector", cls.Config.detector)
 
     @staticmethod
     def recipe_for(detector: str) -> BoxDomainRecipe:

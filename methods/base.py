@@ -108,6 +108,11 @@ class PretrainRecipe:
     epochs: float = 100
     steps_per_epoch: float | None = None
     loader: str = "cpu"      # cpu | cpu_draft | device (methods.augment.LOADERS): where pixels are made
+    # multistep: the lr drops (x 0.1 each) as fractions of the run; None: the schedule's own
+    # (none). Gradient clipping at this max norm; None: none. Both leave a run's config (and so
+    # its key) when None (benchmark.config.pretrain_config).
+    milestones: tuple[float, ...] | None = None
+    grad_clip: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "PretrainRecipe":
@@ -118,7 +123,11 @@ class PretrainRecipe:
                   ("batch_size", r.batch_size > 0, "> 0"), ("weight_decay", r.weight_decay >= 0, ">= 0"),
                   ("momentum", 0 <= r.momentum < 1, "in [0, 1)"), ("epochs", r.epochs > 0, "> 0"),
                   ("warmup_epochs", 0 <= r.warmup_epochs <= r.epochs, "in [0, epochs]"),
-                  ("steps_per_epoch", r.steps_per_epoch is None or r.steps_per_epoch > 0, "> 0 or null")]
+                  ("steps_per_epoch", r.steps_per_epoch is None or r.steps_per_epoch > 0, "> 0 or null"),
+                  ("milestones", r.milestones is None or (all(0 < m < 1 for m in r.milestones)
+                                                          and list(r.milestones) == sorted(r.milestones)),
+                   "increasing fractions of the run in (0, 1), or null"),
+                  ("grad_clip", r.grad_clip is None or r.grad_clip > 0, "> 0 or null")]
         for field, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{prefix}.{field}: expected {want}, got {getattr(r, field)!r}")
@@ -150,9 +159,14 @@ class PretrainMethod(nn.Module):
     scales: dict = {}
     # Overrides of the fine-tuning recipe that belong to this method's rows (SoCo: wd 2.5e-5)
     finetune_overrides: dict = {}
+    # Factors on the fine-tuning recipe's values, whatever the detector (AlignDet: lr x 1.5)
+    finetune_factors: dict = {}
     # What the pretraining stage hands to ``views`` besides the image:
     needs_labels = False      # record["labels"]: multi-hot image labels (Supervised at tiny)
     needs_source = False      # ``source``: the dataset, to draw other images (InsLoc's backgrounds)
+    # Which images of the scale's data it pretrains on: "pretrain" (ImageNet at the paper scale)
+    # or "train", the detection training images with their labels unread (AlignDet: COCO train2017)
+    pretrain_images = "pretrain"
     # BatchNorm across processes when distributed on GPUs (BYOL/SoCo/PixPro: SyncBN). MoCo-style
     # Shuffle-BN needs per-process BN on a shuffled key batch (MoCo Sec. 3.3): False.
     sync_bn = True
@@ -172,6 +186,15 @@ class PretrainMethod(nn.Module):
         """Selective-search settings (``mode``, ``max_side``, optional ``filter_kwargs`` over
         ``methods.proposals.DEFAULT_FILTER``) of the proposal cache whose boxes this run reads
         as ``record["proposals"]``; None: it reads none (the default)."""
+        return None
+
+    @classmethod
+    def pretrain_detector(cls, method_cfg: dict) -> str | None:
+        """The registry name of the detector a run with config ``method_cfg`` pretrains as a
+        whole (AlignDet: ``method.detector``); None (the default): none. When not None the run
+        is box-domain pretraining over the backbone of an image-domain run, its parent: the
+        harness records that detector's config and the parent in the run's identity, and
+        ``recipe_for(detector)`` gives the recipe."""
         return None
 
     def detector_spec(self) -> dict | None:

@@ -511,7 +511,7 @@ def test_recipes_are_the_papers():
     d = AlignDet.recipe_for("detr")
     assert (d.recipe.optimizer, d.recipe.base_lr, d.recipe.epochs, d.milestones, d.clip_grad) == ("adamw", 2e-4, 50, (0.8,), 0.1)
     assert AlignDet.recipe is r.recipe
-    assert AlignDet.finetune_overrides == {"lr": pytest.approx(0.03), "weight_decay": pytest.approx(5e-5)}
+    assert AlignDet.finetune_factors == {"lr": 1.5, "weight_decay": 0.5} and not AlignDet.finetune_overrides
     with pytest.raises(ConfigError, match="method.detector"):
         AlignDet.recipe_for("yolo")
 

@@ -180,3 +180,17 @@ def test_stagejob_runs_with_resume_and_checkpoint_waits_for_save(monkeypatch):
     assert 0.25 < time.monotonic() - t0 < 5
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert delayed.function is sj and delayed.args == (job,)
+
+
+def test_aligndet_chain_waits_on_its_image_domain_parent(fake_slurm, tmp_path):
+    """A pretraining run with a pretraining parent (AlignDet over MoCo v2) is submitted after
+    it, with ``afterok`` on the parent's job."""
+    from benchmark.plan import plan_table
+    plan = plan_table("aligndet_gains", scale="tiny")
+    s = _submit(plan.jobs, tmp_path)
+    ids = {e["key"]: e for e in s.submitted}
+    boxes = [j for j in plan.jobs if j.stage == "pretrain" and j.parents]
+    assert len(boxes) == 3
+    for j in boxes:
+        (parent,) = j.parents
+        assert ids[parent]["job_id"] in ids[j.key]["dependency"]

@@ -30,6 +30,16 @@ class Column:
 
 
 @dataclass
+class ParentRun:
+    """The image-domain pretraining run under a method that pretrains a whole detector
+    (AlignDet): ``parent: {method: moco_v2, pretrain_epochs: 200}``."""
+    method: str
+    pretrain_epochs: int | float | None = None
+    method_overrides: dict = field(default_factory=dict)
+    recipe_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
 class Row:
     label: str
     method: str                       # registered method, or "scratch"
@@ -39,6 +49,7 @@ class Row:
     finetune_overrides: dict = field(default_factory=dict)
     detector_overrides: dict = field(default_factory=dict)
     ref_match: dict = field(default_factory=dict)
+    parent: ParentRun | None = None   # required by, and only by, a method that pretrains a detector
 
 
 @dataclass
@@ -99,7 +110,13 @@ def load_spec(name_or_path: str) -> TableSpec:
     for i, r in enumerate(d.pop("rows")):
         if "label" not in r or "method" not in r:
             raise ConfigError(f"{p}: rows[{i}]: 'label' and 'method' are required")
-        rows.append(dataclass_from_dict(Row, r, f"{p}: rows[{i}]"))
+        row = dataclass_from_dict(Row, r, f"{p}: rows[{i}]")
+        if row.parent is not None:
+            if not isinstance(row.parent, dict) or "method" not in row.parent:
+                raise ConfigError(f"{p}: rows[{i}].parent: expected a mapping with 'method' "
+                                  f"(and pretrain_epochs, method_overrides, recipe_overrides), got {row.parent!r}")
+            row.parent = dataclass_from_dict(ParentRun, row.parent, f"{p}: rows[{i}].parent")
+        rows.append(row)
     spec = dataclass_from_dict(TableSpec, {"title": d.get("name"), "source": "", "reference": None, **d,
                               "columns": cols, "rows": rows}, str(p))
     spec.path = p

@@ -1,0 +1,195 @@
+"""AlignDet in the harness: its config records the detector and the parent run, its recipe
+is the detector's box-domain recipe, the pretraining stage injects the detector with the
+parent's backbone, fine-tuning after it scales the detector's own lr and wd."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmark.config import NeedsClustering, finetune_config, pretrain_config
+from benchmark.detectors import build_detector
+from benchmark.pretrain import attach_detector, build_for_pretrain
+from benchmark.store import run_key
+from methods.aligndet import AlignDet
+from methods.base import ConfigError
+
+
+def _cfg(detector="retinanet", parent="p" * 16, **kw):
+    return pretrain_config("aligndet", scale="micro", parent=parent,
+                           method_overrides={"detector": detector}, **kw)
+
+
+def test_config_records_detector_parent_and_box_domain_recipe():
+    cfg = _cfg("retinanet")
+    assert cfg["parent"] == "p" * 16
+    ref = finetune_config(scale="micro", parent=None, detector="retinanet")["detector"]
+    assert cfg["detector"] == ref                      # the fine-tuning builder's config at this scale
+    r = cfg["recipe"]
+    assert r["schedule"] == "multistep" and r["milestones"] == pytest.approx([8 / 12, 11 / 12])
+    assert r["base_lr"] == 0.01 and "grad_clip" not in r      # RetinaNet's lr; no clipping: left out
+    mask = _cfg("mask_rcnn")["detector"]
+    assert mask["name"] == "mask_rcnn" and mask["box_head"] == "4conv1fc"   # detector_spec's overrides
+    assert mask["fpn_channels"] == 64                                        # the micro scale's entry
+    assert _cfg("mask_rcnn")["recipe"]["base_lr"] == 0.02
+    # the identity covers the parent and the detector
+    assert len({run_key(_cfg("retinanet")), run_key(_cfg("retinanet", parent="q" * 16)), run_key(_cfg("fcos"))}) == 3
+
+
+def test_config_needs_a_parent_and_refuses_detr_and_unknown_detectors():
+    with pytest.raises(ConfigError, match="parent: missing"):
+        _cfg("fcos", parent=None)
+    with pytest.raises(NeedsClustering, match="pseudo-classes"):
+        _cfg("detr")
+    with pytest.raises(ConfigError, match="method.detector"):
+        _cfg("mask_rcnn_c4")
+
+
+def test_aligndet_pretrains_on_the_detection_training_images(tmp_path):
+    method, data, _ = build_for_pretrain(_cfg("fcos"))
+    assert data["pretrain"] == data["train"]               # synthetic train scenes, labels unread
+    user = {"kind": "coco", "pretrain": {"image_root": str(tmp_path)},
+            "train": {"image_root": str(tmp_path), "ann_file": "t.json"}, "val": {"image_root": "v", "ann_file": "v.json"}}
+    cfg = _cfg("fcos", data=user)
+    assert set(cfg["data"]) - {"identity"} == {"kind", "train"}      # --data: its train split, nothing else
+    assert "train" not in pretrain_config("moco_v2", scale="micro", data=user)["data"]
+
+
+def test_image_domain_configs_keep_their_recipe_keys_and_new_fields_are_checked():
+    cfg = pretrain_config("moco_v2", scale="micro")
+    assert "milestones" not in cfg["recipe"] and "grad_clip" not in cfg["recipe"]
+    assert "detector" not in cfg and "parent" not in cfg
+    cfg = pretrain_config("moco_v2", scale="micro", recipe_overrides={"milestones": [0.5], "grad_clip": 1.0})
+    assert cfg["recipe"]["milestones"] == [0.5] and cfg["recipe"]["grad_clip"] == 1.0
+    with pytest.raises(ConfigError, match="recipe.milestones"):
+        pretrain_config("moco_v2", scale="micro", recipe_overrides={"milestones": [0.9, 0.5]})
+    with pytest.raises(ConfigError, match="recipe.grad_clip"):
+        pretrain_config("moco_v2", scale="micro", recipe_overrides={"grad_clip": 0})
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
+def test_finetuning_after_aligndet_scales_the_detectors_own_lr_and_wd(detector):
+    plain = finetune_config(scale="micro", parent="x", method="moco_v2", detector=detector)["recipe"]
+    after = finetune_config(scale="micro", parent="x", method="aligndet", detector=detector)["recipe"]
+    assert after["lr"] == pytest.approx(1.5 * plain["lr"])
+    assert after["weight_decay"] == pytest.approx(0.5 * plain["weight_decay"])
+    paper = finetune_config(scale="tiny", parent="x", method="aligndet", detector=detector)["recipe"]
+    assert AlignDet.finetune_factors["lr"] == 1.5 and paper["lr"] > 0
+
+
+def test_attach_detector_loads_the_parents_backbone(tmp_path):
+    cfg = _cfg("fcos")
+    parent = build_detector(cfg["detector"], 2).backbone.body.state_dict()   # bare torchvision names
+    torch.manual_seed(1)
+    parent = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in parent.items()}
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": parent}, path)
+    method = build_for_pretrain(cfg)[0]
+    attach_detector(method, cfg, path)
+    got = method.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in parent.items() if not k.endswith("num_batches_tracked"))
+    assert not any(p.requires_grad for p in method.backbone.parameters())
+    with pytest.raises(ValueError, match="parent: missing"):
+        attach_detector(build_for_pretrain(cfg)[0], {**cfg, "parent": None}, path)
+    with pytest.raises(FileNotFoundError, match="weights.pt"):
+        attach_detector(build_for_pretrain(cfg)[0], cfg, tmp_path / "none" / "weights.pt")
+
+
+def _spec(tmp_path, columns, row):
+    import yaml
+    from benchmark.tables import load_spec
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "columns": [{"label": d, "schedule": "1x", "metric": "bbox.AP",
+                                                            "detector": d} for d in columns], "rows": [row]}))
+    return load_spec(str(p))
+
+
+def test_plan_chains_parent_then_one_aligndet_run_per_detector():
+    from benchmark.plan import plan_table
+    plan = plan_table("aligndet_gains", scale="tiny")
+    jobs = {j.key: j for j in plan.jobs}
+    alone = [c for c in plan.cells if c.row == 0]
+    moco = alone[0].chain[0]
+    assert all(c.chain[0] == moco and len(c.chain) == 3 for c in alone)
+    seen = set()
+    for c in (c for c in plan.cells if c.row == 1):
+        col = plan.spec.columns[c.col]
+        parent, box, ft, ev = c.chain
+        assert parent == moco                                  # the image-domain row's run, shared
+        b = jobs[box]
+        assert b.parents == (moco,) and b.config["parent"] == moco
+        assert b.config["method"]["detector"] == col.detector == b.config["detector"]["name"]
+        assert jobs[ft].parents == (box,) and jobs[ft].config["parent"] == box
+        assert jobs[ev].parents == (ft,) and c.eval_key == ev
+        plain = next(jobs[a.chain[1]] for a in alone if a.col == c.col)
+        assert jobs[ft].config["recipe"]["lr"] == pytest.approx(1.5 * plain.config["recipe"]["lr"])
+        seen.add(box)
+    assert len(seen) == 3
+    order = [j.key for j in plan.jobs]
+    assert all(order.index(p) < order.index(j.key) for j in plan.jobs for p in j.parents)
+
+
+def test_plan_box_rows_need_a_parent_and_mark_detr_and_unsupported_columns(tmp_path):
+    from benchmark.plan import plan_table
+    row = {"label": "AD", "method": "aligndet", "parent": {"method": "moco_v2", "pretrain_epochs": 200}}
+    plan = plan_table(_spec(tmp_path, ["fcos", "detr", "faster_rcnn_c4"], row), scale="tiny")
+    assert [c.missing for c in plan.cells] == ["", "needs clustering", "not supported"]
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.parent: missing"):
+        plan_table(_spec(tmp_path, ["fcos"], {"label": "AD", "method": "aligndet"}), scale="tiny")
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.parent: moco_v2 pretrains no detector"):
+        plan_table(_spec(tmp_path, ["fcos"], {"label": "M", "method": "moco_v2", "parent": {"method": "moco_v2"}}),
+                   scale="tiny")
+    with pytest.raises(ConfigError, match=r"rows\[0\]\.parent\.method"):
+        plan_table(_spec(tmp_path, ["fcos"], {**row, "parent": {"method": "aligndet"}}), scale="tiny")
+
+
+def test_micro_chain_end_to_end(isolated):
+    """``reproduce`` at micro (about 10 s): MoCo v2 -> AlignDet(FCOS) -> fine-tuning ->
+    evaluation; the AlignDet run names its parent, drops its lr at the recipe's milestones and
+    exports the parent's backbone bit for bit."""
+    import json
+    from pathlib import Path
+
+    from benchmark.cli import main
+    from benchmark.detectors import load_weights_file
+    from benchmark.plan import plan_table
+    spec = str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml")
+    assert main(["reproduce", "--table", spec, "--scale", "micro"]) == 0
+    (cell,) = plan_table(spec, scale="micro").cells
+    parent, box, ft, ev = cell.chain
+    runs = isolated / "runs"
+    for k in cell.chain:
+        assert (runs / k / "metrics.json").exists(), k
+    cfg = json.loads((runs / box / "config.json").read_text())
+    assert cfg["parent"] == parent and cfg["detector"]["name"] == "fcos"
+    assert json.loads((runs / ft / "config.json").read_text())["parent"] == box
+    lrs = [json.loads(line)["lr"] for line in (runs / box / "log.jsonl").read_text().splitlines()]
+    total = len(lrs)   # 8 at micro: drops at round(8 * 8/12) = 5 and round(8 * 11/12) = 7
+    drops = [round(f * total) for f in cfg["recipe"]["milestones"]]
+    assert lrs == pytest.approx([lrs[0] * 0.1 ** sum(s >= m for m in drops) for s in range(total)])
+    assert lrs[-1] == pytest.approx(lrs[0] * 0.01)
+    mine, theirs = load_weights_file(runs / box / "weights.pt"), load_weights_file(runs / parent / "weights.pt")
+    backbone = [k for k in theirs if not k.startswith(("fc.", "fpn.", "box_head."))]
+    assert backbone and all(torch.equal(mine[k], theirs[k]) for k in backbone if not k.endswith("num_batches_tracked"))
+    assert any(k.startswith("fpn.") or k.startswith("head.") for k in mine)   # the pretrained neck/heads
+
+
+@pytest.mark.slow
+def test_interrupted_aligndet_run_resumes_to_the_same_weights(isolated):
+    """The detector is attached before resume: a run killed half-way and resumed exports the
+    weights of an uninterrupted one (same sha256). About 13 s."""
+    from pathlib import Path
+
+    from benchmark.plan import plan_table
+    from benchmark.stages import run_job
+    from benchmark.store import RunStore
+    plan = plan_table(str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml"), scale="micro")
+    parent, box = (j for j in plan.jobs if j.stage == "pretrain")
+    assert box.parents == (parent.key,)
+    a, b = str(isolated / "a"), str(isolated / "b")
+    for store in (a, b):
+        run_job(parent, store, progress=False)
+    run_job(box, a, progress=False)
+    run_job(box, b, stop_after=3, progress=False)
+    assert RunStore(b).status(box.key) == "running"
+    run_job(box, b, progress=False)
+    assert RunStore(a).metrics(box.key)["weights_sha256"] == RunStore(b).metrics(box.key)["weights_sha256"]
