@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from benchmark.bench import inputs
 from benchmark.config import finetune_config, load_scale
 from benchmark.detectors import detector_config, list_detectors
 
@@ -64,16 +64,7 @@ def time_detector(name: str, scale: str, batch: int, steps: int, device: str, am
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(2):      # warm-up (allocator, cuDNN autotune)
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = inputs.seconds_per_step(step, steps, device)
     return {"detector": name, "s_per_step": dt, "images_per_s": batch / dt}
 
 

@@ -58,3 +58,21 @@ def samples(method, n: int, size, seed: int = 0) -> list[dict]:
     recs = records(method, n, size, seed)
     source = ListSource(recs) if method.needs_source else None
     return [method.views(r, np.random.default_rng([seed, i]), source) for i, r in enumerate(recs)]
+
+
+def seconds_per_step(step, steps: int, device: str, warmup: int = 2) -> float:
+    """Mean wall time of ``step()`` over ``steps`` calls after ``warmup`` (allocator, cuDNN
+    autotune), the GPU synchronised before and after."""
+    import time
+
+    import torch
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps

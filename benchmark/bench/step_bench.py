@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -55,16 +54,7 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
         scaler.update()
         m.momentum_update(0.5)
 
-    for _ in range(2):      # warm-up (cuDNN autotune, allocator)
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = inputs.seconds_per_step(step, steps, device)
     return {"method": name, "s_per_step": dt, "images_per_s": batch / dt, "fast": fast, "compile": compile}
 
 
