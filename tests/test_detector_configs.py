@@ -22,9 +22,10 @@ def _committed_finetune_runs():
             yield c
 
 
-def test_committed_mask_rcnn_runs_keep_their_keys():
-    """Every committed fine-tuning run (soco_table1/4/5 at tiny and tiny_long) recomputes to its
-    own key from its scale, schedule, parent and method: the registry changed no identity."""
+def test_committed_finetune_runs_keep_their_keys():
+    """Every committed fine-tuning run (soco_table1/4/5 at tiny and tiny_long, the other
+    detectors' and VOC tables) recomputes to its own key from its scale, schedule, detector,
+    protocol, parent and method: the registry changed no identity."""
     runs = list(_committed_finetune_runs())
     assert runs, f"no committed fine-tuning runs under {RUNS}"
     assert any("soco_table1" in c.get("label", "") for c in runs)
@@ -33,7 +34,7 @@ def test_committed_mask_rcnn_runs_keep_their_keys():
         if c["parent"]:
             method = json.loads((RUNS / c["parent"] / "config.json").read_text())["method"]["name"]
         cfg = finetune_config(scale=c["scale"], seed=c["seed"], schedule=c["schedule"], parent=c["parent"],
-                              method=method)
+                              method=method, detector=c["detector"]["name"], protocol=c.get("protocol", "coco"))
         assert run_key(cfg) == c["key"], c.get("label")
 
 
