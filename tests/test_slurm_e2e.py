@@ -152,9 +152,10 @@ def test_preempted_finetune_resumes_bit_identical_to_uninterrupted_run(ws, clust
     job_id = summary.job_ids[ft.key]
     run = store.run_dir(ft.key)
 
-    def logged_steps():
+    def logged_steps():   # the training records (a resumed run also logs {"event": "resumed"})
         log = run / "log.jsonl"
-        return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        return [r for r in recs if "event" not in r]
 
     # preempt once a checkpoint (every 2 steps) is on disk and training is still going
     wait_until(lambda: (run / "checkpoint.pt").exists(), 120,
@@ -195,6 +196,8 @@ def test_preempted_finetune_resumes_bit_identical_to_uninterrupted_run(ws, clust
     assert orch.requeue_counts([job_id]) == {job_id: 1}
     after = logged_steps()
     assert [r["step"] for r in after] == list(range(1, ft.config["recipe"]["steps"] + 1))
+    events = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [(e["event"], e["step"]) for e in events] == [("resumed", ckpt_step)]   # says where it resumed
     assert after[:len(before)] == before  # the records up to the checkpoint are the first process's
     st = orch.table_status(ws["results"], "micro_preempt")
     assert st["requeued_runs"] == 1 and st["counts"]["done"] == 2
