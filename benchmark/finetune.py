@@ -19,6 +19,7 @@ from benchmark.data.coco import collate_fn
 from benchmark.detectors import detector_config, load_pretrained, load_weights_file, maybe_sync_bn
 from benchmark.trainer import (JsonlLogger, LoopConfig, ResumableBatchSampler, TrainLoop, is_main_process,
                                sample_rng, save_checkpoint, seed_everything, world)
+from methods.base import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:   # torch is imported where tensors are made (the worker-side geometry needs none)
+    import torch
 
 Box = tuple[float, float, float, float]
 

@@ -155,6 +155,15 @@ def test_divergence_propagates(tiny_data, tmp_path):
                      run_dir=tmp_path, weights=None, seed=0, device="cpu", progress=False)
 
 
+def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(tiny_data, tmp_path, monkeypatch):
+    import benchmark.finetune as ft
+    from methods.base import ConfigError
+    monkeypatch.setattr(ft, "world", lambda: (0, 3))     # as if 3 processes ran it
+    with pytest.raises(ConfigError, match=r"recipe\.batch_size: 2 is not divisible by 3 processes"):
+        run_finetune(MICRO_DET, {**MICRO_RECIPE, "batch_size": 2}, tiny_data, run_dir=tmp_path, weights=None,
+                     seed=0, device="cpu", progress=False)
+
+
 def test_bad_data_and_weights_named(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"data\.train\.ann_file: missing"):
         run_finetune(MICRO_DET, MICRO_RECIPE, {"train": {"image_root": "x"}}, run_dir=tmp_path,
