@@ -198,7 +198,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     step_model = torch.compile(model) if fast["compile"] else model
 
     def step_fn(batch):
-        batch = render_deferred(to_device(batch, device), device)   # loader "device": pixels made here
+        batch = render_deferred(batch, device)   # loader "device": its pixels are made here, on the device
         return step_model(to_device(batch, device, channels_last=fast["channels_last"]))
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)

@@ -54,15 +54,8 @@ def time_detector(name: str, scale: str, batch: int, steps: int, device: str, am
     scaler = torch.amp.GradScaler(device, enabled=amp and device == "cuda")
 
     def step():
-        with torch.autocast(device, enabled=amp and device == "cuda"):
-            loss = sum(model(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if recipe.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        inputs.amp_step(lambda: sum(model(images, targets).values()), opt, scaler, device, amp,
+                        grad_clip=recipe.grad_clip, params=model.parameters())
 
     dt = inputs.seconds_per_step(step, steps, device)
     return {"detector": name, "s_per_step": dt, "images_per_s": batch / dt}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,35 +60,16 @@ def run(method_name: str, scale: str, folder: Path, *, loader: str, batch: int, 
                                      multiprocessing_context="fork" if workers else None)
 
     def step(b):
-        b = render_deferred(to_device(b, device), device)
-        b = to_device(b, device, channels_last=fp["channels_last"])
-        with torch.autocast(device, enabled=amp and device == "cuda"):
-            loss = method(b)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        b = to_device(render_deferred(b, device), device, channels_last=fp["channels_last"])
+        inputs.amp_step(lambda: method(b)["loss"], opt, scaler, device, amp)
         method.momentum_update(0.5)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
 
     it = iter(dl)
     first = next(it)
-    for _ in range(3):                       # warm-up: cuDNN, allocator, workers
-        step(next(it))
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(next(it))
-    sync()
-    loaded = (time.perf_counter() - t0) / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(first)
-    sync()
-    alone = (time.perf_counter() - t0) / steps
+    # warm-up: cuDNN, allocator and the loader's workers; then the same step fed by the loader,
+    # and on one batch held in memory
+    loaded = inputs.seconds_per_step(lambda: step(next(it)), steps, device, warmup=3)
+    alone = inputs.seconds_per_step(lambda: step(first), steps, device, warmup=0)
     return {"method": method_name, "loader": loader, "workers": workers, "batch": batch,
             "img_per_s_step_alone": batch / alone, "img_per_s_with_loading": batch / loaded,
             "fed": alone / loaded}

@@ -1,10 +1,13 @@
 """Stand-in inputs for timing or checking any registered method without a dataset: random
-images carrying what the method declares it reads (labels, proposals, other images)."""
+images carrying what the method declares it reads (labels, proposals, other images); and the
+optimizer step and timer the benchmarks share."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
+import torch
 
 from methods import get_method
 from methods.proposals import random_proposals
@@ -60,12 +63,23 @@ def samples(method, n: int, size, seed: int = 0) -> list[dict]:
     return [method.views(r, np.random.default_rng([seed, i]), source) for i, r in enumerate(recs)]
 
 
+def amp_step(loss_fn, opt, scaler, device: str, amp: bool, grad_clip: float | None = None, params=None) -> None:
+    """One optimizer step as the training loop takes it: ``loss_fn()`` under autocast (CUDA AMP),
+    scaled backward, optional gradient clipping of ``params``, step."""
+    with torch.autocast(device, enabled=amp and device == "cuda"):
+        loss = loss_fn()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 def seconds_per_step(step, steps: int, device: str, warmup: int = 2) -> float:
     """Mean wall time of ``step()`` over ``steps`` calls after ``warmup`` (allocator, cuDNN
     autotune), the GPU synchronised before and after."""
-    import time
-
-    import torch
     for _ in range(warmup):
         step()
     if device == "cuda":

@@ -46,12 +46,7 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
     scaler = torch.amp.GradScaler(device, enabled=amp and device == "cuda")
 
     def step():
-        with torch.autocast(device, enabled=amp and device == "cuda"):
-            loss = fwd(b)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        inputs.amp_step(lambda: fwd(b)["loss"], opt, scaler, device, amp)
         m.momentum_update(0.5)
 
     dt = inputs.seconds_per_step(step, steps, device)
