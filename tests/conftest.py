@@ -71,3 +71,19 @@ def wait_for_slurm_jobs(job_ids, timeout_s: float = 3600, poll_s: float = 2.0) -
             raise TimeoutError(f"jobs still queued after {timeout_s:.0f} s: "
                                + ", ".join(f"{i} {states.get(i, {}).get('state', '?')}" for i in ids))
         time.sleep(poll_s)
+
+
+@pytest.fixture
+def plain_cpu_kernels():
+    """oneDNN builds a kernel per new conv shape (seconds each on a busy 2-core machine); the
+    micro models of the method tests see many shapes once, so the plain kernels, one thread
+    (micro batches: threading costs more than it brings), are faster. Use with
+    ``pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")``."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    finally:
+        torch.set_num_threads(threads)

@@ -31,16 +31,7 @@ from methods.randaug import SOFT_TEACHER_OPS, one_of
 FPN = 32
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_kernels():
-    """Micro models see many conv shapes once: plain kernels, one thread, are faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")   # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- builders

@@ -21,16 +21,7 @@ from methods.pixpro import PixelPropagation, PixPro
 MICRO = dict(backbone="resnet18", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, crop_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_kernels():
-    """Micro models see many conv shapes once: one thread, plain kernels are faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")   # tests/conftest.py
 
 
 def make(**kw) -> PixPro:

@@ -24,17 +24,7 @@ MICRO = dict(backbone="resnet18", fpn_channels=16, head_conv_dim=16, head_fc_dim
 NO_AUG = Photometric(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_kernels():
-    """oneDNN builds a kernel per new conv shape (seconds each on a busy 2-core machine);
-    the micro models here see many shapes once, so the plain kernels, one thread, are faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # micro batches: threading costs more than it brings
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")   # tests/conftest.py
 
 
 def make(**kw) -> SoCo:
