@@ -246,11 +246,8 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         # a paper batch size from a table (SoCo Table 5b) runs at B / divisor at small scales
         recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
-    PretrainRecipe.from_dict(recipe)                 # validates names, types and ranges
-    _check_loader(recipe, cls)
-    for k in ("milestones", "grad_clip"):            # None: left out, so that existing keys stay
-        if recipe.get(k, None) is None:
-            recipe.pop(k, None)
+    _check_loader(PretrainRecipe.from_dict(recipe), cls)   # validates names, types and ranges
+    recipe = PretrainRecipe.identity(recipe)
     if cls.pretrain_images not in ("pretrain", "train"):
         raise ConfigError(f"{cls.__name__}.pretrain_images: expected 'pretrain' or 'train', got {cls.pretrain_images!r}")
     data = resolve_data_config(sc, data, data_overrides, (cls.pretrain_images,))
@@ -264,19 +261,17 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     return cfg
 
 
-def _check_loader(recipe: dict, cls) -> None:
-    """``recipe.loader`` (methods.augment.LOADERS) changes pixels, so it is part of a
-    run's identity; the default ``cpu`` is dropped so that it never changes a run key."""
+def _check_loader(recipe: PretrainRecipe, cls) -> None:
+    """``recipe.loader`` (methods.augment.LOADERS) changes pixels, so it is part of a run's
+    identity (left out at the default ``cpu``: ``PretrainRecipe.identity``)."""
     from methods.augment import LOADERS
-    loader = recipe.pop("loader", "cpu")
+    loader = recipe.loader
     if loader not in LOADERS:
         raise ConfigError(f"recipe.loader: unknown {loader!r} ({' | '.join(LOADERS)})")
-    supported = getattr(cls, "loaders", ("cpu",))
+    supported = cls.loaders
     if loader not in supported:
         raise ConfigError(f"recipe.loader: {loader!r} is not supported by method {cls.name!r} "
                           f"(supported: {' | '.join(supported)})")
-    if loader != "cpu":
-        recipe["loader"] = loader
 
 
 PROTOCOLS = ("coco", "voc")

@@ -109,10 +109,17 @@ class PretrainRecipe:
     steps_per_epoch: float | None = None
     loader: str = "cpu"      # cpu | cpu_draft | device (methods.augment.LOADERS): where pixels are made
     # multistep: the lr drops (x 0.1 each) as fractions of the run; None: the schedule's own
-    # (none). Gradient clipping at this max norm; None: none. Both leave a run's config (and so
-    # its key) when None (benchmark.config.pretrain_config).
+    # (none). Gradient clipping at this max norm; None: none.
     milestones: tuple[float, ...] | None = None
     grad_clip: float | None = None
+    # Fields added after the first tables were made: at these values they are left out of a
+    # run's config, so that the runs made before them keep their keys (``identity``).
+    ADDED_LATER = {"loader": "cpu", "milestones": None, "grad_clip": None}
+
+    @classmethod
+    def identity(cls, recipe: dict) -> dict:
+        """``recipe`` as it enters a run's config: the later fields at their defaults left out."""
+        return {k: v for k, v in recipe.items() if not (k in cls.ADDED_LATER and v == cls.ADDED_LATER[k])}
 
     @classmethod
     def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "PretrainRecipe":
