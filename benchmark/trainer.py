@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -212,23 +213,33 @@ def previous_checkpoint(path: Path) -> Path:
 def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> None:
     """torch.save to a temporary file, fsync, then rename: a kill never leaves half a file.
     ``keep_previous``: the file being replaced becomes ``<name>.prev.pt`` only once the new one
-    is complete, so there is always one whole checkpoint to fall back to."""
+    is complete, so there is always one whole checkpoint to fall back to; ``path`` itself is
+    never missing (the previous one is linked under its second name, then ``path`` is replaced
+    in one rename)."""
     if not keep_previous:
         with atomic_open(path) as f:
             torch.save(state, f)
         return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    prev = previous_checkpoint(path)
+    prev_tmp = prev.with_name(f".{prev.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
-            os.replace(path, previous_checkpoint(path))
+            prev_tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, prev_tmp)             # the current checkpoint under a second name, no copy
+            except OSError:                         # a filesystem without hard links
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, prev)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        prev_tmp.unlink(missing_ok=True)
         raise
 
 

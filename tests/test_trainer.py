@@ -122,3 +122,22 @@ def test_requested_checkpoint_is_written_at_the_end_of_the_step(tmp_path):
     assert saved == [4, 6]                   # the requested one after step 4, then at the stop
     assert T.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
     assert T._CHECKPOINT_REQUESTED is False
+
+
+def test_keeping_the_previous_checkpoint_never_leaves_the_checkpoint_missing(tmp_path, monkeypatch):
+    """A reader (a resume, a test waiting on the file) always finds ``checkpoint.pt``: the old
+    one is linked as ``checkpoint.prev.pt`` and the new one replaces it in one rename."""
+    import os
+    p = tmp_path / "checkpoint.pt"
+    T.save_checkpoint(p, {"step": 1}, keep_previous=True)
+    seen, real = [], os.replace
+
+    def spy(a, b):
+        seen.append(p.exists())
+        real(a, b)
+        seen.append(p.exists())
+    monkeypatch.setattr(os, "replace", spy)
+    T.save_checkpoint(p, {"step": 2}, keep_previous=True)
+    assert seen and all(seen)
+    assert T.load_checkpoint(p)["step"] == 2 and T.load_checkpoint(T.previous_checkpoint(p))["step"] == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
