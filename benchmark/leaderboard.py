@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmark.fsutil import atomic_open, atomic_write_bytes
 from benchmark.plan import plan_table
-from benchmark.report import (DETECTOR_NAMES, MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME,
+from benchmark.report import (detector_title, MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME,
                               _fmt, _markers, _ours, cell_values, describe_data, pretty_backbone,
                               table_dir_name)
 from benchmark.tables import available_tables, load_spec
@@ -115,8 +115,8 @@ def _board_title(key, b, df) -> str:
     keys = [j.key for j in plan.jobs if j.stage == "finetune" and j.key in df.index]
     backbone = pretty_backbone(df.at[keys[0], "backbone"]) if keys else "?"
     data = next((j.config.get("data") for j in plan.jobs if j.stage == "finetune" and j.config), None)
-    what = f"{backbone} FPN on {describe_data(data)}" if data else backbone
-    return f"{DETECTOR_NAMES.get(det, det)} · {proto.upper()} protocol · scale `{scale}` — {what}"
+    what = f"{backbone} on {describe_data(data)}" if data else backbone
+    return f"{detector_title(det)} · {proto.upper()} protocol · scale `{scale}` — {what}"
 
 
 def _cost(b, df) -> tuple[str, float, str]:
@@ -157,7 +157,7 @@ def _plot(key, b, path: Path) -> None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("AP", fontsize=8)
-    fig.suptitle(f"{DETECTOR_NAMES.get(key[0], key[0])} · {key[1].upper()} · {key[2]}: AP against compute",
+    fig.suptitle(f"{detector_title(key[0])} · {key[1].upper()} · {key[2]}: AP against compute",
                  fontsize=9)
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=100, metadata={"Software": None})

@@ -28,7 +28,10 @@ ALPHA = 0.05
 BASELINES = (("scratch", "S", "Scratch"), ("moco_v2", "M", "MoCo v2"))   # method, marker, name
 TEST_NAME = ("one-sided Welch's t-test over seeds (scipy.stats.ttest_ind, equal_var=False, "
              f"alternative='greater'), p < {ALPHA}")
-DETECTOR_NAMES = {"mask_rcnn": "Mask R-CNN", "fcos": "FCOS", "retinanet": "RetinaNet", "detr": "DETR"}
+# display name and backbone feature of each registered detector ("ResNet-18 FPN", "ResNet-50 C4")
+DETECTOR_NAMES = {"mask_rcnn": ("Mask R-CNN", "FPN"), "faster_rcnn": ("Faster R-CNN", "FPN"),
+                  "mask_rcnn_c4": ("Mask R-CNN", "C4"), "faster_rcnn_c4": ("Faster R-CNN", "C4"),
+                  "fcos": ("FCOS", "FPN"), "retinanet": ("RetinaNet", "FPN"), "detr": ("DETR", "C5")}
 
 
 def results_root() -> Path:
@@ -157,22 +160,23 @@ def spearman_vs_paper(plan: Plan, cells: dict) -> dict[str, tuple[float, int]]:
 
 
 # ====================================================================== what ran
-def _finetune_config(plan: Plan, df) -> dict | None:
-    for j in plan.jobs:
-        if j.stage == "finetune" and j.config:
-            return j.config
+def _finetune_configs(plan: Plan, df) -> list[dict]:
+    """The resolved fine-tuning configs of the plan (from the plan, else from the stored runs)."""
+    cfgs = [j.config for j in plan.jobs if j.stage == "finetune" and j.config]
+    if cfgs:
+        return cfgs
+    from benchmark.results import unflatten
     keys = [j.key for j in plan.jobs if j.stage == "finetune" and j.key in df.index]
-    if keys:
-        r = df.loc[keys[0]]
-        from benchmark.results import unflatten
-        return unflatten({k[4:]: v for k, v in r.items() if k.startswith("cfg.") and v == v})
-    return None
+    return [unflatten({k[4:]: v for k, v in df.loc[k_].items() if k.startswith("cfg.") and v == v})
+            for k_ in keys]
 
 
 def describe_data(data: dict) -> str:
     if data.get("kind") == "synthetic":
         return (f"synthetic scenes ({data.get('image_size')} px; {data.get('num_train')} train / "
                 f"{data.get('num_val')} val images)")
+    if data.get("kind") == "voc" and "synthetic" in data:    # the synthetic scenes in VOC layout
+        return f"{describe_data({'kind': 'synthetic', **data['synthetic']})} in VOC layout"
     if data.get("kind") == "coco":
         val = (data.get("val") or {}).get("ann_file", "")
         return f"COCO-format data ({Path(val).name or 'val'})"
@@ -183,15 +187,27 @@ def pretty_backbone(name: str) -> str:
     return name.replace("resnet", "ResNet-") if name and name.startswith("resnet") else (name or "?")
 
 
+def detector_title(name: str) -> str:
+    """'Mask R-CNN C4' for mask_rcnn_c4; an unknown name as it is."""
+    title, feature = DETECTOR_NAMES.get(name, (name, ""))
+    return f"{title} {feature}".rstrip()
+
+
 def what_ran(plan: Plan, df) -> str:
-    """'Mask R-CNN, ResNet-18 FPN, on synthetic scenes (...)': the detector, backbone and data
-    the runs used (not the paper's setting, unless that is what ran)."""
-    cfg = _finetune_config(plan, df)
-    if not cfg:
+    """'Mask R-CNN, ResNet-18 FPN, on synthetic scenes (...)': every detector, backbone and
+    data the runs used (not the paper's setting, unless that is what ran)."""
+    cfgs = _finetune_configs(plan, df)
+    if not cfgs:
         return plan.spec.title
-    det = cfg.get("detector", {})
-    name = DETECTOR_NAMES.get(det.get("name"), det.get("name", "?"))
-    return f"{name}, {pretty_backbone(det.get('backbone'))} FPN, on {describe_data(cfg.get('data', {}))}"
+    models, datas = [], []
+    for cfg in cfgs:
+        det = cfg.get("detector", {})
+        name, feature = DETECTOR_NAMES.get(det.get("name"), (det.get("name", "?"), ""))
+        model = f"{name}, {pretty_backbone(det.get('backbone'))} {feature}".rstrip()
+        data = describe_data(cfg.get("data", {}))
+        models += [model] if model not in models else []
+        datas += [data] if data not in datas else []
+    return f"{'; '.join(models)}, on {' and '.join(datas)}"
 
 
 def _schedules(plan: Plan) -> str:

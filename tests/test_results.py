@@ -267,3 +267,16 @@ def test_results_folder_never_makes_the_tree_dirty(tmp_path):
     assert git_info(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2")                         # the code
     assert git_info(tmp_path)["dirty"] is True
+
+
+def test_titles_name_every_detector_and_feature_that_ran(isolated):
+    """A table of several detectors says each with its backbone feature (FPN, C4, C5), and the
+    synthetic scenes in VOC layout say so: never the paper's setting, never 'FPN' for a C4."""
+    from benchmark.report import what_ran
+    store = RunStore(isolated / "runs")
+    mixed = what_ran(plan_table("detectors_tiny", scale="micro"), load_runs(store.root))
+    for part in ("Mask R-CNN, ResNet-18 FPN", "Faster R-CNN, ResNet-18 C4", "RetinaNet, ResNet-18 FPN",
+                 "FCOS, ResNet-18 FPN", "DETR, ResNet-18 C5", "synthetic scenes"):
+        assert part in mixed
+    voc = what_ran(plan_table("moco_voc", scale="micro"), load_runs(store.root))
+    assert voc.startswith("Faster R-CNN, ResNet-18 C4, on synthetic scenes") and voc.endswith("in VOC layout")
