@@ -158,7 +158,7 @@ def test_leaderboards_one_per_scale_ranked_with_cost(isolated):
     results = isolated / "results"
     readme = write_readme(df, results, store.root)
     text = readme.read_text()
-    assert text.count("## Mask R-CNN · COCO protocol") == 2 and "scale `micro`" in text and "scale `tiny`" in text
+    assert text.count("## Mask R-CNN FPN · COCO protocol") == 2 and "scale `micro`" in text and "scale `tiny`" in text
     assert "GPU-hours" in text and "CPU-hours" in text and "(GPU-h)" in text
     assert "tables/soco_table1@micro/table.md" in text and "../runs/" in text
     assert (results / "leaderboards" / "mask_rcnn_coco_tiny.png").stat().st_size > 1000
