@@ -5,6 +5,7 @@ paper defaults < method's own per-scale overrides < scale file < row/grid overri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -319,6 +320,8 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     random init). The recipe is the detector's for ``schedule`` < the scale's overrides of
     that detector < ``method``'s own fine-tuning overrides (SoCo: weight decay 2.5e-5, for
     the detectors that take them) < ``recipe_overrides``; all recorded in the run's identity.
+    The model is likewise the scale's < ``method``'s ``finetune_detector`` fields that the
+    detector has (InsLoc: the ExtraNorm box head) < ``detector_overrides``.
     ``protocol`` ("coco" | "voc") is passed through to fine-tuning and evaluation; it enters
     the config (and so the key) only when it is not "coco", so existing keys stay. ``data``: a
     dataset replacing the scale's (``--data``); a ``voc`` column on a scale whose data is not
@@ -332,7 +335,11 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     known = sorted(set(det.recipes) | set(entry.get("finetune") or {}))
     if schedule not in known:
         raise ConfigError(f"schedule: unknown {schedule!r} for {detector} (known: {', '.join(known)})")
-    model = detector_model(sc, scale, detector, detector_overrides)
+    by_method = {}
+    if method:   # the method's own detector fields (InsLoc: ExtraNorm head), where the detector has them
+        fields = {f.name for f in dataclasses.fields(det.Config)}
+        by_method = {k: v for k, v in get_method(method).finetune_detector.items() if k in fields}
+    model = detector_model(sc, scale, detector, deep_merge(by_method, detector_overrides))
     base = det.recipes[schedule].to_dict() if schedule in det.recipes else {}
     rec = deep_merge(base, (entry.get("finetune") or {}).get(schedule, {}))
     if method and det.takes_method_overrides:

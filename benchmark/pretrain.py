@@ -172,7 +172,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     B = recipe.batch_size
     lr = recipe.base_lr * B * world_size / recipe.lr_batch   # linear scaling rule
     opt = trainer.build_optimizer(method.param_groups(), recipe.optimizer, lr, recipe.weight_decay,
-                                  recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars")
+                                  recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars",
+                                  nesterov=recipe.nesterov)
     milestones = tuple(round(f * total) for f in recipe.milestones or ())
     sched = trainer.Schedule(lr, total, warmup, kind=recipe.schedule, milestones=milestones, warmup_factor=0.0)
     model = method

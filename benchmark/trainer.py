@@ -193,11 +193,15 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    fused: bool = False):
-    """``fused``: one CUDA kernel for the whole SGD/AdamW step (same update, no host syncs)."""
+                    fused: bool = False, nesterov: bool = False):
+    """``fused``: one CUDA kernel for the whole SGD/AdamW step (same update, no host syncs).
+    ``nesterov``: Nesterov momentum (SGD only)."""
+    if nesterov and name != "sgd":
+        raise ValueError(f"recipe.nesterov: Nesterov momentum is an SGD option, not {name!r}'s")
     fused = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                               **fused)
     if name == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":

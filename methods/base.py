@@ -112,9 +112,10 @@ class PretrainRecipe:
     # (none). Gradient clipping at this max norm; None: none.
     milestones: tuple[float, ...] | None = None
     grad_clip: float | None = None
+    nesterov: bool = False   # Nesterov momentum (SGD only; InsLoc)
     # Fields added after the first tables were made: at these values they are left out of a
     # run's config, so that the runs made before them keep their keys (``identity``).
-    ADDED_LATER = {"loader": "cpu", "milestones": None, "grad_clip": None}
+    ADDED_LATER = {"loader": "cpu", "milestones": None, "grad_clip": None, "nesterov": False}
 
     @classmethod
     def identity(cls, recipe: dict) -> dict:
@@ -134,7 +135,10 @@ class PretrainRecipe:
                   ("milestones", r.milestones is None or (all(0 < m < 1 for m in r.milestones)
                                                           and list(r.milestones) == sorted(r.milestones)),
                    "increasing fractions of the run in (0, 1), or null"),
-                  ("grad_clip", r.grad_clip is None or r.grad_clip > 0, "> 0 or null")]
+                  ("grad_clip", r.grad_clip is None or r.grad_clip > 0, "> 0 or null"),
+                  ("nesterov", not r.nesterov or (r.optimizer == "sgd" and r.momentum > 0),
+                   f"false with optimizer {r.optimizer!r} and momentum {r.momentum} (Nesterov momentum "
+                   f"needs optimizer sgd and momentum > 0)")]
         for field, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{prefix}.{field}: expected {want}, got {getattr(r, field)!r}")
@@ -168,6 +172,10 @@ class PretrainMethod(nn.Module):
     finetune_overrides: dict = {}
     # Factors on the fine-tuning recipe's values, whatever the detector (AlignDet: lr x 1.5)
     finetune_factors: dict = {}
+    # Fields of the fine-tuning detector's model config for this method's rows, set on every
+    # detector whose config has the field, below a table's own detector overrides (InsLoc:
+    # the ExtraNorm box head of its R-CNN FPN fine-tuning)
+    finetune_detector: dict = {}
     # What the pretraining stage hands to ``views`` besides the image:
     needs_labels = False      # record["labels"]: multi-hot image labels (Supervised at tiny)
     needs_source = False      # ``source``: the dataset, to draw other images (InsLoc's backgrounds)

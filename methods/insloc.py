@@ -33,7 +33,8 @@ Decisions where paper and official code differ or are silent:
   augmented box always overlaps it by more than 0.5.
 - The second fc and the 128-d projection are dropped at export; the box head's 4 convs and
   fc1 transfer (official ``convert_pretrained.py``). Fine-tuning adds a fresh norm after fc1
-  (``FastRCNNConvFCHeadExtraNorm``), which the fine-tuning detector must provide.
+  (``FastRCNNConvFCHeadExtraNorm``, official ``transfer/detection/train_net.py``):
+  ``finetune_detector`` turns on the Mask R-CNN's ``box_head_extra_norm`` for InsLoc's rows.
 - Initialisation of the head's fcs: Xavier-uniform, projection N(0, 0.01) (official
   ``ConvFCBBoxInsClsHead.init_weights``).
 - RoIAlign: aligned, adaptive sampling (official ``RoIAlign(out_size=7, sample_num=0)``).
@@ -162,9 +163,13 @@ class InsLocEncoder(ResNetFPN):
 @register_method("insloc")
 class InsLoc(PretrainMethod):
     # configs/FPN/insloc_fpn_200ep.py: SGD lr 0.03 (batch 256), momentum 0.9, nesterov, wd 1e-4,
-    # cosine to 0 by epoch, no warm-up, 200 epochs (400 in the model zoo). Nesterov: see README.
+    # cosine to 0 by epoch, no warm-up, 200 epochs (400 in the model zoo)
     recipe = PretrainRecipe(optimizer="sgd", base_lr=0.03, lr_batch=256, batch_size=256,
-                            weight_decay=1e-4, momentum=0.9, schedule="cosine", warmup_epochs=0, epochs=200)
+                            weight_decay=1e-4, momentum=0.9, nesterov=True, schedule="cosine",
+                            warmup_epochs=0, epochs=200)
+    # fine-tuning with the official R_50_FPN_*_insloc.yaml head: FastRCNNConvFCHeadExtraNorm
+    # (4conv1fc + a norm after fc1) on the R-CNNs with FPN; the C4 detectors have no such field
+    finetune_detector = {"box_head_extra_norm": True}
     # tiny: the composite shrinks 256 -> 64 px (as MoCo's 224 -> 64 crop): foreground sides
     # U[32, 64), anchor stride 16 -> 4 (anchors 8-64 px, the paper's 32-256 scaled by 1/4).
     # FPN 64 / box head conv 64, fc 256 equal the tiny detector's so every key transfers.

@@ -171,23 +171,131 @@ def test_level_loss_equals_a_hand_computation():
     assert torch.allclose(logits[0], torch.tensor([[2.0, 0.0, -2.0]]))
 
 
-def test_export_loads_into_the_tiny_detector_with_the_box_head_convs_and_fc1():
-    from benchmark.config import finetune_config
-    from benchmark.detectors import build_detector, get_detector, load_pretrained
+@pytest.fixture(scope="module")
+def tiny_export():
+    torch.manual_seed(0)
     m = methods.build_method("insloc", **{**methods.get_method("insloc").scales["tiny"]["method"],
                                           "queue_size": 8})
-    state = m.export()
+    return m.export()
+
+
+EXTRA_NORM = {f"roi_heads.box_head.extra_norm.{n}" for n in ("weight", "bias", "running_mean", "running_var")}
+
+
+def _insloc_detector(**overrides):
+    from benchmark.config import finetune_config
+    from benchmark.detectors import build_detector
+    det_cfg = finetune_config(scale="micro", schedule="1x", parent="p" * 16, method="insloc",
+                              detector_overrides=overrides or None)["detector"]
+    return det_cfg, build_detector(det_cfg, num_classes=9)
+
+
+def test_export_loads_into_the_insloc_finetuning_detector_with_the_box_head_loaded(tiny_export):
+    """InsLoc's rows fine-tune with the ExtraNorm head (official FastRCNNConvFCHeadExtraNorm):
+    convs + fc1 load from the export, the norm after fc1 is fresh and reported in ``other``."""
+    from benchmark.detectors import get_detector, load_pretrained
+    state = tiny_export
     assert not any(k.startswith(("fc2", "proj", "fc.")) for k in state)
     head_keys = {k for k in state if k.startswith("box_head.")}
     assert {k.split(".")[1] for k in head_keys} == {"0", "1", "2", "3", "5"}   # 4 convs (+BN) and fc1
-    det_cfg = finetune_config(scale="tiny", schedule="1x", parent=None)["detector"]
-    det = build_detector(det_cfg, num_classes=9)
+    det_cfg, det = _insloc_detector()
+    assert det_cfg["box_head_extra_norm"] is True
     report = load_pretrained(det, state, get_detector(det_cfg["name"]), require=("backbone", "fpn", "box_head"),
                              source="insloc")
     for g in ("backbone", "fpn", "box_head"):
         r = report.groups[g]
         assert r.loaded and not r.missing and not r.unexpected and not r.mismatched, (g, r)
     assert len(report.groups["box_head"].loaded) == len(head_keys)
+    assert EXTRA_NORM <= set(report.groups["other"].missing)       # freshly initialised, and said so
+    assert torch.equal(det.roi_heads.box_head[5].weight, state["box_head.5.weight"])
+    # the head's output is fc1 -> ReLU -> the extra BN (last layer; batch statistics in training)
+    head = det.roi_heads.box_head.train()
+    assert isinstance(head.extra_norm, torch.nn.BatchNorm1d) and list(head)[-1] is head.extra_norm
+    x = torch.randn(6, det_cfg["fpn_channels"], 7, 7)
+    h = x
+    for layer in list(head)[:-1]:
+        h = layer(h)
+    assert h.shape == (6, det_cfg["box_head_fc_dim"]) and (h >= 0).all()    # after fc1's ReLU
+    want = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+    assert torch.allclose(head(x), want, atol=1e-4)
+
+
+def test_an_export_with_the_extra_norm_loads_it(tiny_export):
+    from benchmark.detectors import get_detector, load_pretrained
+    fc = tiny_export["box_head.5.bias"].numel()
+    norm = {"weight": torch.full((fc,), 2.0), "bias": torch.full((fc,), -1.0),
+            "running_mean": torch.full((fc,), 0.5), "running_var": torch.full((fc,), 3.0)}
+    state = {**tiny_export, **{f"box_head.extra_norm.{k}": v for k, v in norm.items()}}
+    det_cfg, det = _insloc_detector()
+    report = load_pretrained(det, state, get_detector(det_cfg["name"]), require=("backbone", "fpn", "box_head"))
+    assert EXTRA_NORM <= set(report.groups["other"].loaded) and not EXTRA_NORM & set(report.groups["other"].missing)
+    assert not report.groups["box_head"].missing
+    for k, v in norm.items():
+        assert torch.equal(getattr(det.roi_heads.box_head.extra_norm, k), v), k
+
+
+def test_only_insloc_rows_of_fpn_rcnns_get_the_extra_norm_and_other_keys_stay():
+    from benchmark.config import finetune_config
+    from benchmark.store import run_key
+    plain = finetune_config(scale="tiny", parent="p" * 16)
+    moco = finetune_config(scale="tiny", parent="p" * 16, method="moco_v2")
+    insloc = finetune_config(scale="tiny", parent="p" * 16, method="insloc")
+    # at its default (off) the field is left out of the resolved config: other runs keep their keys
+    assert "box_head_extra_norm" not in plain["detector"] and plain["detector"] == moco["detector"]
+    assert insloc["detector"] == {**moco["detector"], "box_head_extra_norm": True}
+    assert run_key(insloc) != run_key(moco)
+    # a row override turns it off again; the C4 detectors have no fc head and no such field
+    off = finetune_config(scale="tiny", parent="p" * 16, method="insloc",
+                          detector_overrides={"box_head_extra_norm": False})
+    assert off["detector"] == moco["detector"]
+    for c4 in ("mask_rcnn_c4", "faster_rcnn_c4"):
+        assert finetune_config(scale="tiny", parent="p" * 16, method="insloc", detector=c4)["detector"] == \
+            finetune_config(scale="tiny", parent="p" * 16, method="moco_v2", detector=c4)["detector"]
+    with pytest.raises(ConfigError, match="detector.box_head_extra_norm"):
+        finetune_config(scale="tiny", parent="p" * 16, method="insloc", detector_overrides={"box_head": "2mlp"})
+
+
+def test_pretraining_optimizer_is_nesterov_for_insloc_and_not_for_moco(isolated):
+    """Official insloc_fpn_200ep.py: SGD, momentum 0.9, nesterov. The field is left out of a
+    run's config at its default (False), so MoCo v2's runs keep their keys."""
+    from benchmark.config import pretrain_config
+    from benchmark.pretrain import run_pretrain
+    from tests.conftest import MICRO_DATA
+    seen = {}
+    for name, method in (("insloc", {"queue_size": 8}), ("moco_v2", {"queue_size": 8, "crop_size": 32})):
+        cfg = pretrain_config(name, scale="tiny", epochs=4, method_overrides=method,
+                              recipe_overrides={"batch_size": 2, "steps_per_epoch": 1}, data_overrides=MICRO_DATA)
+        cfg["runtime"] = {"ckpt_every": 100, "log_every": 1}
+        run_pretrain(cfg, isolated / name, stop_after=1, progress=False)
+        opt = torch.load(isolated / name / "checkpoint.pt", weights_only=False)["optimizer"]
+        seen[name] = (cfg["recipe"].get("nesterov"), {g["nesterov"] for g in opt["param_groups"]})
+    assert seen == {"insloc": (True, {True}), "moco_v2": (None, {False})}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nesterov_step_equals_a_hand_computation(fused):
+    from benchmark.trainer import build_optimizer
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([p], "sgd", 0.1, 0.0, momentum=0.9, fused=fused, nesterov=True)
+    for _ in range(2):
+        p.grad = torch.full((3,), 2.0)
+        opt.step()
+    # buf1 = g, p1 = 1 - 0.1 (g + 0.9 buf1) = 0.62; buf2 = 0.9 g + g = 3.8, p2 = p1 - 0.1 (g + 0.9 buf2)
+    assert torch.allclose(p.detach(), torch.full((3,), 0.62 - 0.1 * (2.0 + 0.9 * 3.8)))
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_nesterov_with_another_optimizer_is_a_config_error_naming_the_field(optimizer):
+    from benchmark.config import pretrain_config
+    from benchmark.trainer import build_optimizer
+    from methods.base import PretrainRecipe
+    with pytest.raises(ConfigError, match="recipe.nesterov"):
+        PretrainRecipe.from_dict({"optimizer": optimizer, "nesterov": True})
+    with pytest.raises(ConfigError, match="recipe.nesterov"):
+        pretrain_config("insloc", scale="tiny", recipe_overrides={"optimizer": optimizer})
+    with pytest.raises(ValueError, match="recipe.nesterov"):
+        build_optimizer([torch.nn.Parameter(torch.ones(1))], optimizer, 0.1, 0.0, nesterov=True)
+    assert "nesterov" not in PretrainRecipe.identity(PretrainRecipe(optimizer=optimizer).to_dict())
 
 
 def test_c4_reconstruction_pools_c4_and_exports_res5_with_the_backbone():

@@ -46,7 +46,7 @@ def run(method_name: str, scale: str, folder: Path, *, loader: str, batch: int, 
     if fp["channels_last"]:
         method.to(memory_format=torch.channels_last)
     opt = build_optimizer(method.param_groups(), cls.recipe.optimizer, 0.01, cls.recipe.weight_decay,
-                          fused=fp["fused"] and cls.recipe.optimizer != "lars")
+                          fused=fp["fused"] and cls.recipe.optimizer != "lars", nesterov=cls.recipe.nesterov)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device == "cuda")
     source = ImageSource.from_folder(folder)
     source.loader = loader

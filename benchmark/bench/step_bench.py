@@ -42,7 +42,8 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
         m.to(memory_format=torch.channels_last)
     b = to_device(m.collate(inputs.samples(m, batch, image_size)), device, channels_last=fast)
     fused = fast and device == "cuda" and cls.recipe.optimizer != "lars"
-    opt = build_optimizer(m.param_groups(), cls.recipe.optimizer, 0.01, cls.recipe.weight_decay, fused=fused)
+    opt = build_optimizer(m.param_groups(), cls.recipe.optimizer, 0.01, cls.recipe.weight_decay, fused=fused,
+                          nesterov=cls.recipe.nesterov)
     fwd = torch.compile(m) if compile else m
     scaler = torch.amp.GradScaler(device, enabled=amp and device == "cuda")
 

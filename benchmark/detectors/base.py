@@ -54,8 +54,13 @@ class DetectorConfig:
         cfg.validate()
         return cfg
 
+    # Fields added after the first tables were made: at these values they are left out of a
+    # run's config, so that the runs made before them keep their keys (as PretrainRecipe's)
+    ADDED_LATER = {}
+
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
 
     def validate(self) -> None:
         pass

@@ -11,6 +11,10 @@ backbone   ``conv1.weight``, ``layer1.0.bn1.running_mean``  ``backbone.body.<sam
 fpn        ``fpn.inner_blocks.0.0.weight``             ``backbone.fpn.<same>``
 box_head   ``box_head.0.0.weight`` (FastRCNNConvFCHead)  ``roi_heads.box_head.<same>``
 =========  ==========================================  ====================================
+
+``box_head_extra_norm`` (InsLoc's rows) adds ``roi_heads.box_head.extra_norm.*``: a layer of
+fine-tuning only, reported in the ``other`` group (freshly initialised, as the predictors),
+and loaded from ``box_head.extra_norm.*`` when an export has it.
 """
 from __future__ import annotations
 
@@ -49,6 +53,10 @@ class MaskRCNNConfig(DetectorConfig):
     box_head_conv_dim: int = 256
     box_head_num_convs: int = 4
     box_head_fc_dim: int = 1024
+    # InsLoc's fine-tuning head (official transfer/detection/train_net.py,
+    # FastRCNNConvFCHeadExtraNorm in R_50_FPN_1x_insloc.yaml): 4conv1fc + a BatchNorm (SyncBN
+    # when distributed) over fc1's output after its ReLU
+    box_head_extra_norm: bool = False
     mask_head_dim: int = 256
     mask_head_convs: int = 4
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)   # one per level P2..P6
@@ -68,11 +76,15 @@ class MaskRCNNConfig(DetectorConfig):
     max_size: int = 1333
     test_min_size: int = 800
     trainable_layers: int = 5          # 5 = whole backbone trains (MoCo/SoCo fine-tuning)
+    ADDED_LATER = {"box_head_extra_norm": False}
 
     def validate(self) -> None:
         check_backbone(self)
         self.choice("head_norm", HEAD_NORMS)
         self.choice("box_head", BOX_HEADS)
+        if self.box_head_extra_norm and self.box_head != "4conv1fc":
+            raise ConfigError(f"detector.box_head_extra_norm: the extra norm follows fc1 of the 4conv1fc box head, "
+                              f"not {self.box_head!r} (set box_head: 4conv1fc or box_head_extra_norm: false)")
         if len(self.anchor_sizes) != 5:
             raise ConfigError(f"detector.anchor_sizes: expected 5 sizes (P2..P6), got {list(self.anchor_sizes)}")
 
@@ -90,9 +102,12 @@ def fpn_backbone(cfg) -> BackboneWithFPN:
 def box_head(cfg: MaskRCNNConfig) -> nn.Module:
     c = cfg.fpn_channels
     if cfg.box_head == "4conv1fc":
-        return FastRCNNConvFCHead((c, 7, 7), [cfg.box_head_conv_dim] * cfg.box_head_num_convs,
+        head = FastRCNNConvFCHead((c, 7, 7), [cfg.box_head_conv_dim] * cfg.box_head_num_convs,
                                   [cfg.box_head_fc_dim],
                                   norm_layer=nn.BatchNorm2d if cfg.head_norm == "bn" else None)
+        if cfg.box_head_extra_norm:   # runs last: convs -> flatten -> fc1 -> ReLU -> extra_norm
+            head.add_module("extra_norm", nn.BatchNorm1d(cfg.box_head_fc_dim))
+        return head
     return TwoMLPHead(c * 7 * 7, cfg.box_head_fc_dim)
 
 
@@ -119,7 +134,7 @@ class MaskRCNNFPN(Detector):
     # (120k, 160k), 1k warm-up iterations
     recipes = {"1x": SGDRecipe(), "2x": SGDRecipe(steps=180_000)}
     key_map = (("fpn.", "backbone.fpn.", "fpn"), ("box_head.", "roi_heads.box_head.", "box_head"),
-               ("", "backbone.body.", "backbone"))
+               ("", "backbone.body.", "backbone"), (None, "roi_heads.box_head.extra_norm.", "other"))
     with_masks = True
 
     @classmethod
