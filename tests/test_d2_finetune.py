@@ -211,7 +211,7 @@ def test_a_group_of_the_file_that_does_not_load_is_an_error_naming_it():
     model = build_detector({"name": "mask_rcnn", **MICRO, "fpn_channels": 32}, 3)   # the export's FPN is 16 wide
     before = model.backbone.body.conv1.weight.clone()
     with pytest.raises(PretrainedLoadError, match=r"fpn: the weights file has this group but it does not load "
-                                                  r"whole.*recipe.drop_groups: \[fpn\]"):
+                                                  r"whole.*--set finetune.drop_groups=\[fpn\]"):
         load_pretrained(model, _export(), det)
     assert torch.equal(model.backbone.body.conv1.weight, before)          # nothing loaded
     # a box head with norm layers the detector lacks: the extra keys have no place

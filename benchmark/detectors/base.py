@@ -336,8 +336,8 @@ class LoadReport:
                 out.append(f"{g}: the weights file has this group but it does not load whole into "
                            f"{detector.name}: {len(r.unexpected)} file keys with no place (e.g. {r.unexpected[:3]}), "
                            f"{len(r.mismatched)} shape-mismatched (e.g. {r.mismatched[:3]}), {len(r.missing)} "
-                           f"detector keys missing (e.g. {r.missing[:3]}); to fine-tune without it set "
-                           f"recipe.drop_groups: [{g}]")
+                           f"detector keys missing (e.g. {r.missing[:3]}); to fine-tune without it, drop it: "
+                           f"--set finetune.drop_groups=[{g}] (the recipe's drop_groups)")
         return out
 
 
