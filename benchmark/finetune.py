@@ -5,7 +5,9 @@ method's ``weights.pt`` (canonical keys), and trains with the shared ``TrainLoop
 detector's own optimizer and lr schedule (SGD with warm-up and steps for the R-CNNs and
 one-stage detectors, AdamW for DETR), horizontal-flip + multi-scale augmentation, crowd
 regions dropped from the targets. Resumable and bit-exact on CPU: the batch of step ``s``
-and its flips are pure functions of (seed, s); every other RNG is in the checkpoint.
+and its flips are pure functions of (seed, s); every other RNG is in the checkpoint. With
+``recipe.precise_bn_iters`` (detectron2's PreciseBN) the BN statistics of the final model are
+recomputed over the batches that follow the last step before ``model_final.pt`` is saved.
 """
 from __future__ import annotations
 
@@ -81,6 +83,34 @@ class TrainSet(torch.utils.data.Dataset):
         return image, out
 
 
+def precise_bn(model: torch.nn.Module, batches, forward, iters: int) -> int:
+    """detectron2's PreciseBN (``TEST.PRECISE_BN``; fvcore ``update_bn_stats``): the running
+    mean and variance of every BatchNorm in training mode become the plain averages of its
+    batch means and (unbiased) batch variances over ``iters`` batches, instead of the
+    momentum averages of training. ``forward(batch)`` runs the model in training mode
+    without gradients; weights and every other state are left as they were. Returns the
+    number of batches used (fewer than ``iters`` when ``batches`` runs out)."""
+    bns = [m for m in model.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    if not bns or iters <= 0:
+        return 0
+    kept = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None           # cumulative average: stat_k = mean of the k batch stats
+    n = 0
+    with torch.no_grad():
+        for batch in batches:
+            if n == iters:
+                break
+            forward(batch)
+            n += 1
+    for m, (momentum, tracked) in zip(bns, kept):
+        m.momentum = momentum
+        m.num_batches_tracked.copy_(tracked)
+    return n
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +139,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     seed_everything(seed)
     model = det.build(det_cfg, num_classes).to(dev)
     if weights:
-        report = load_pretrained(model, load_weights_file(weights), det, source=str(weights))
+        report = load_pretrained(model, load_weights_file(weights), det, drop=rec.drop_groups, source=str(weights))
         if is_main_process():
             report.save(run_dir / "load_report.json")
     model = maybe_sync_bn(model)
@@ -126,25 +156,35 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     start = loop.try_resume() if resume else 0
     logger = JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
 
-    sampler = ResumableBatchSampler(len(train_base), rec.batch_size // world_size, seed, start_step=start,
-                                    rank=rank, world_size=world_size)
-    loader = torch.utils.data.DataLoader(
-        TrainSet(train_base, seed, rec.hflip_prob), batch_sampler=sampler, num_workers=rec.num_workers,
-        collate_fn=collate_fn, pin_memory=dev.type == "cuda",
-        generator=torch.Generator().manual_seed(seed))   # iterator creation leaves the global RNG alone
+    def loader_from(step: int):
+        sampler = ResumableBatchSampler(len(train_base), rec.batch_size // world_size, seed, start_step=step,
+                                        rank=rank, world_size=world_size)
+        return torch.utils.data.DataLoader(
+            TrainSet(train_base, seed, rec.hflip_prob), batch_sampler=sampler, num_workers=rec.num_workers,
+            collate_fn=collate_fn, pin_memory=dev.type == "cuda",
+            generator=torch.Generator().manual_seed(seed))   # iterator creation leaves the global RNG alone
 
-    def step_fn(batch):
+    def losses_of(batch) -> dict:
         images, targets = batch
         images = [im.to(dev, non_blocking=True) for im in images]
         targets = [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in targets]
-        losses = net(images, targets)
+        return net(images, targets)
+
+    def step_fn(batch):
+        losses = losses_of(batch)
         out = {"loss": sum(losses.values())}
         out.update({k: v.detach() for k, v in losses.items()})
         return out
 
-    last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress) if start < rec.steps else {}
+    last = (loop.run(loader_from(start), step_fn, logger, stop_after=stop_after, progress=progress)
+            if start < rec.steps else {})
     if "loss" not in last:
         last = _last_logged(run_dir / "log.jsonl")
+    if loop.step >= rec.steps and rec.precise_bn_iters:
+        # every rank (SyncBN gathers across them), on the training batches after the last step
+        net.train()
+        n = precise_bn(net, loader_from(rec.steps), losses_of, rec.precise_bn_iters)
+        log.info("precise BN: BatchNorm statistics recomputed over %d batches", n)
     if loop.step >= rec.steps and is_main_process():
         save_checkpoint(run_dir / "model_final.pt", {"state_dict": model.state_dict(), "num_classes": num_classes,
                                                      "detector": {"name": det.name, **det_cfg.to_dict()}})

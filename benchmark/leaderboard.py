@@ -15,9 +15,9 @@ from pathlib import Path
 
 from benchmark.fsutil import atomic_open, atomic_write_bytes
 from benchmark.plan import plan_table
-from benchmark.report import (detector_title, MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME,
-                              _fmt, _markers, _ours, cell_values, describe_data, pretty_backbone,
-                              table_dir_name)
+from benchmark.report import (MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME, _fmt, _markers, _ours,
+                              _partial_mark, cell_values, describe_data, detector_title, partial_note,
+                              pretty_backbone, table_dir_name)
 from benchmark.tables import available_tables, load_spec
 from methods.base import ConfigError
 
@@ -201,7 +201,7 @@ def _board_md(key, b, df, results: Path, plot_rel: str, runs_rel: str) -> list[s
             if c is None:
                 parts.append("")
                 continue
-            s = f"{_ours(c, len(plan.seeds))}{_markers(c)} / {_fmt(c['ref'])}"
+            s = f"{_ours(c, len(plan.seeds))}{_markers(c)}{_partial_mark(c)} / {_fmt(c['ref'])}"
             if c["diff"] is not None:
                 s += f" [{c['diff']:+.1f}]"
             if c["runs"]:
@@ -209,7 +209,7 @@ def _board_md(key, b, df, results: Path, plot_rel: str, runs_rel: str) -> list[s
             parts.append(s)
         parts.append("–" if not first or first["cost"] is None else f"{first['cost']:.3f}")
         lines.append("| " + " | ".join(parts) + " |")
-    return lines + [""]
+    return lines + [""] + partial_note(c for r in b["rows"] for c in r["cells"].values())
 
 
 def _tables_index(results: Path) -> list[str]:

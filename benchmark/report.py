@@ -61,7 +61,9 @@ def _num(v) -> float | None:
 # ====================================================================== cells
 def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
     """(row, col) -> {"status", "values" (per seed), "seeds", "mean", "std", "ref", "diff",
-    "runs", "cost", "cost_unit", "p" ({"Scratch": p, ...} where tested)}.
+    "runs", "cost", "cost_unit", "p" ({"Scratch": p, ...} where tested)}, and "not_loaded"
+    (the groups of the pretrained weights some of its fine-tuning runs did not load whole)
+    where there are such groups.
 
     ``runs``: the frame of :func:`benchmark.results.load_runs`, or a RunStore."""
     df = _frame(runs)
@@ -70,7 +72,7 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
     out: dict[tuple[int, int], dict] = {}
     for cell in plan.cells:
         c = out.setdefault((cell.row, cell.col), {"values": [], "seeds": [], "statuses": [], "runs": [],
-                                                  "costs": [], "gpu": []})
+                                                  "costs": [], "gpu": [], "not_loaded": set()})
         if cell.eval_key is None:
             c["statuses"].append(cell.missing or "not implemented")
             continue
@@ -89,6 +91,9 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
             c["seeds"].append(cell.seed)
             c["statuses"].append("done")
             c["runs"].append(cell.eval_key)
+            part = df.at[cell.eval_key, "weights_not_loaded"]
+            if isinstance(part, str):
+                c["not_loaded"].update(part.split(", "))
             gpu = _num(df.at[cell.eval_key, "chain_gpu_hours"])
             cpu = _num(df.at[cell.eval_key, "chain_cpu_hours"])
             c["gpu"].append(bool(gpu))
@@ -117,6 +122,9 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
         c["cost"] = sum(costs) / len(costs) if costs else None     # per seed: pretrain + fine-tune + eval
         c["cost_unit"] = ("GPU-h" if all(gpu) else "CPU-h" if not any(gpu) else "h (GPU and CPU)") if gpu else None
         c["p"] = {}
+        part = c.pop("not_loaded")
+        if part:       # only where there is one: tables without such cells keep their content
+            c["not_loaded"] = sorted(part)
     _significance(plan, out)
     return out
 
@@ -243,6 +251,23 @@ def _ours(c: dict, nseeds: int) -> str:
 
 def _markers(c: dict) -> str:
     return "".join(f" ▲{m}" for _, m, name in BASELINES if c["p"].get(name, 1.0) < ALPHA)
+
+
+PARTIAL_MARK = "†"
+
+
+def _partial_mark(c: dict) -> str:
+    return f" {PARTIAL_MARK}" if c.get("not_loaded") else ""
+
+
+def partial_note(cells) -> list[str]:
+    """The footnote of the cells marked †, as Markdown lines (none when no cell is marked)."""
+    groups = sorted({g for c in cells if c.get("not_loaded") for g in c["not_loaded"]})
+    if not groups:
+        return []
+    return [f"{PARTIAL_MARK}: the fine-tuning run loaded only part of the pretrained weights (groups of the "
+            f"weights file not loaded whole: {', '.join(groups)}; the run's `load_report.json` says which "
+            "and why).", ""]
 
 
 def _n_label(ns: list[int]) -> str:
@@ -395,14 +420,15 @@ def _markdown(plan: Plan, cells: dict, df, version: str, rel_runs: str, version_
                                       if cells[(ri, ci)]["n"]])]
         for ci in range(len(spec.columns)):
             c = cells[(ri, ci)]
-            s = f"{_ours(c, nseeds)}{_markers(c)} / {_fmt(c['ref'])}"
+            s = f"{_ours(c, nseeds)}{_markers(c)}{_partial_mark(c)} / {_fmt(c['ref'])}"
             if c["diff"] is not None:
                 s += f" [{c['diff']:+.1f}]"
             if c["runs"]:
                 s = f"[{s}]({rel_runs}/{c['runs'][0]}/metrics.json)"
             parts.append(s)
         lines.append("| " + " | ".join(parts) + " |")
-    lines += ["", f"Made from {len(plan.jobs)} runs (`detbench runs`, or `benchmark.results.load_runs()` "
+    lines += [""] + partial_note(cells.values())
+    lines += [f"Made from {len(plan.jobs)} runs (`detbench runs`, or `benchmark.results.load_runs()` "
               "in Python). Earlier versions: the dated folders beside this file.", ""]
     return "\n".join(lines)
 

@@ -17,7 +17,9 @@ Cost of a run (columns ``hours``, ``gpu_hours``, ``cpu_hours``, ``cost_source``)
 
 Chain columns resolve what an evaluation or fine-tuning run belongs to by walking up its
 parents: ``method``, ``pretrain_epochs``, ``detector``, ``backbone``, ``schedule``,
-``data_kind``, and the cost of the whole chain (``chain_hours``, ``chain_gpu_hours``,
+``data_kind``, ``weights_not_loaded`` (the groups of the pretrained weights file that the
+fine-tuning run did not load, or loaded in part, from its ``load_report.json``: "fpn, box_head";
+None when it loaded the whole file or started from scratch), and the cost of the whole chain (``chain_hours``, ``chain_gpu_hours``,
 ``chain_cpu_hours``: pretraining + fine-tuning + evaluation).
 """
 from __future__ import annotations
@@ -35,7 +37,8 @@ from benchmark.store import RunStore
 BASE_COLUMNS = ["key", "stage", "status", "label", "scale", "seed", "parent", "created", "finished",
                 "host", "gpus", "git_sha", "git_dirty", "slurm_job_id", "error", "hours", "gpu_hours",
                 "cpu_hours", "cost_source", "method", "pretrain_epochs", "detector", "backbone",
-                "schedule", "data_kind", "chain_hours", "chain_gpu_hours", "chain_cpu_hours"]
+                "schedule", "data_kind", "weights_not_loaded", "chain_hours", "chain_gpu_hours",
+                "chain_cpu_hours"]
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -131,6 +134,14 @@ def sacct_usage(job_ids) -> dict[str, dict]:
     return out
 
 
+def groups_not_loaded(report: dict) -> list[str]:
+    """The groups of a load report (``load_report.json``) with file keys that did not load:
+    no place in the detector, the wrong shape, or dropped by the recipe. "other" (fc.*, a
+    classifier no detector takes) does not count."""
+    return [g for g, r in report.get("groups", {}).items()
+            if g != "other" and (r.get("unexpected") or r.get("mismatched") or r.get("dropped"))]
+
+
 def _read_run(d: Path, store: RunStore) -> dict | None:
     status = store.status(d.name)
     if status == "missing":
@@ -152,6 +163,7 @@ def _read_run(d: Path, store: RunStore) -> dict | None:
         "slurm_job_id": slurm_job_id(env.get("slurm") or {}), "error": _error(d),
         "hours": None if wall is None else float(wall) / 3600.0,
         "_cuda": bool(hw.get("cuda")),
+        "_not_loaded": ", ".join(groups_not_loaded(_read_json(d / "load_report.json") or {})) or None,
     }
     row.update(flatten({k: v for k, v in cfg.items() if k not in ("key", "label")}, "cfg."))
     row.update(flatten(env, "env."))
@@ -184,6 +196,7 @@ def load_runs(root: str | Path | None = None, *, use_sacct: bool = True) -> pd.D
         _resolve_chain(r, by_key)
     for r in rows:
         r.pop("_cuda")
+        r.pop("_not_loaded")
     df = pd.DataFrame(rows)
     for c in BASE_COLUMNS:
         if c not in df.columns:
@@ -212,6 +225,7 @@ def _resolve_chain(r: dict, by_key: dict) -> None:
     elif ft is not None and not ft.get("parent"):
         r["method"] = "scratch"
     if ft is not None:
+        r["weights_not_loaded"] = ft.get("_not_loaded")
         r["detector"] = ft.get("cfg.detector.name")
         r["backbone"] = ft.get("cfg.detector.backbone")
         r["schedule"] = ft.get("cfg.schedule")

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
              "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
 NORMS = ("bn", "frozen_bn")
 GROUPS = ("backbone", "fpn", "box_head", "other")
+DROPPABLE = ("fpn", "box_head")      # the backbone always loads; "other" (fc.*) never does
 IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -42,7 +44,11 @@ IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 @dataclass
 class DetectorConfig:
     """Base of every detector's config: typed, unknown keys rejected (``detector.<key>``).
-    ``name`` is the registered detector and is checked, not stored."""
+    ``name`` is the registered detector and is checked, not stored. Fields added after the
+    first tables were made are left out of ``to_dict`` (so of a run's config) at the value in
+    ``ADDED_LATER``: the runs made before them keep their keys; that value is the field's
+    default, so a config without the field builds what those runs built."""
+    ADDED_LATER: ClassVar[dict] = {}
 
     @classmethod
     def from_dict(cls, d: dict | None, name: str = "") -> "DetectorConfig":
@@ -54,13 +60,8 @@ class DetectorConfig:
         cfg.validate()
         return cfg
 
-    # Fields added after the first tables were made: at these values they are left out of a
-    # run's config, so that the runs made before them keep their keys (as PretrainRecipe's)
-    ADDED_LATER = {}
-
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-                if not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
+        return _without_later_defaults(self)
 
     def validate(self) -> None:
         pass
@@ -68,6 +69,14 @@ class DetectorConfig:
     def choice(self, key: str, allowed: tuple[str, ...]) -> None:
         if getattr(self, key) not in allowed:
             raise ConfigError(f"detector.{key}: unknown {getattr(self, key)!r} ({' | '.join(allowed)})")
+
+
+def _without_later_defaults(obj) -> dict:
+    """A config dataclass as a plain dict (tuples as lists), its ``ADDED_LATER`` fields left out
+    at their values there."""
+    later = type(obj).ADDED_LATER
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()
+            if not (k in later and v == later[k])}
 
 
 @dataclass
@@ -89,6 +98,14 @@ class FinetuneRecipe:
     log_every: int = 20
     num_workers: int = 4
     amp: bool = True                        # CUDA only
+    # detectron2 TEST.PRECISE_BN: before the final model is saved, BN statistics are recomputed
+    # over this many training batches (0: off). MoCo's and SoCo's detectron2 configs enable it
+    # at detectron2's NUM_ITER default, 200.
+    precise_bn_iters: int = 0
+    # groups of the pretrained weights not to load (fpn, box_head); any other group in the
+    # file that does not load into the detector is an error (benchmark.detectors.load_pretrained)
+    drop_groups: tuple[str, ...] = ()
+    ADDED_LATER = {"precise_bn_iters": 0, "drop_groups": ()}   # as DetectorConfig.ADDED_LATER
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FinetuneRecipe":
@@ -99,10 +116,15 @@ class FinetuneRecipe:
             raise ConfigError(f"recipe.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
         if not 0 <= r.hflip_prob <= 1:
             raise ConfigError(f"recipe.hflip_prob: expected a probability, got {r.hflip_prob}")
+        if r.precise_bn_iters < 0:
+            raise ConfigError(f"recipe.precise_bn_iters: expected >= 0 (0: off), got {r.precise_bn_iters}")
+        bad = [g for g in r.drop_groups if g not in DROPPABLE]
+        if bad:
+            raise ConfigError(f"recipe.drop_groups: unknown group {bad[0]!r} ({' | '.join(DROPPABLE)})")
         return r
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return _without_later_defaults(self)
 
     def milestone_steps(self) -> tuple[int, ...]:
         return tuple(int(round(m * self.steps)) for m in self.milestones)
@@ -140,6 +162,8 @@ class Detector:
     with_masks: bool = False          # trains on instance masks and returns them (segm AP)
     # a method's fine-tuning overrides (SoCo: weight decay 2.5e-5) are for its SGD R-CNN rows
     takes_method_overrides: bool = True
+    # groups of an export this detector loads as far as they fit, the rest reported, not an error
+    loads_in_part: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, cfg: DetectorConfig, num_classes: int) -> nn.Module:
@@ -164,6 +188,11 @@ class Detector:
             if canon is not None and key.startswith(canon) and not _is_other_group(key, canon):
                 return det + key[len(canon):]
         return None
+
+    @classmethod
+    def takes(cls, group: str) -> bool:
+        """Whether an export's ``group`` has a place in this detector (the backbone always)."""
+        return group == "backbone" or any(canon is not None and g == group for canon, _, g in cls.key_map)
 
     @classmethod
     def key_group(cls, detector_key: str) -> str:
@@ -253,6 +282,7 @@ class GroupReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)   # "key: file (shape) vs model (shape)"
+    dropped: list[str] = field(default_factory=list)      # file keys of a group the recipe drops
 
 
 @dataclass
@@ -260,20 +290,55 @@ class LoadReport:
     groups: dict[str, GroupReport] = field(default_factory=lambda: {g: GroupReport() for g in GROUPS})
     source: str = ""
     detector: str = ""
+    # group of the file -> why some of its keys did not load (dropped, no place, loaded in part)
+    not_loaded: dict[str, str] = field(default_factory=dict)
+    first_key: str = "<empty>"      # of the file, for the error message of a wrong key space
 
     def to_dict(self) -> dict:
         return {"source": self.source, "detector": self.detector,
                 "groups": {g: dataclasses.asdict(r) for g, r in self.groups.items()},
-                "summary": self.summary()}
+                "not_loaded": dict(self.not_loaded), "summary": self.summary()}
 
     def summary(self) -> str:
         return "; ".join(f"{g}: {len(r.loaded)} loaded, {len(r.missing)} missing, "
                          f"{len(r.unexpected)} unexpected, {len(r.mismatched)} shape-mismatched"
+                         + (f", {len(r.dropped)} dropped" if r.dropped else "")
                          for g, r in self.groups.items())
 
     def save(self, path: Path) -> None:
         from benchmark.fsutil import atomic_write_json
         atomic_write_json(path, self.to_dict())
+
+    def problems(self, detector: type[Detector], require: tuple[str, ...] = ("backbone",),
+                 drop: tuple[str, ...] = ()) -> list[str]:
+        """Why these weights must not be used (empty: they may), one line per group:
+        - a group in ``require`` that got no key, or misses a key, or has a shape mismatch;
+        - a group of the file that the detector takes (``Detector.takes``) and that does not
+          load whole (a file key with no place or the wrong shape, a detector key the file
+          lacks), unless it is in ``drop`` or in ``detector.loads_in_part``.
+        A group the detector has no place for (C4 and DETR have no FPN) and "other" (fc.*, a
+        classifier) are not errors: they are recorded in ``not_loaded``."""
+        out = []
+        for g in require:
+            if g not in self.groups:
+                raise ValueError(f"load_pretrained: unknown group {g!r} in require ({', '.join(GROUPS)})")
+        for g, r in self.groups.items():
+            in_file = r.loaded or r.unexpected or r.mismatched
+            if g in require and not r.loaded:
+                out.append(f"{g}: no key loaded (first key in file: {self.first_key!r}; expected the canonical "
+                           f"key space, e.g. 'conv1.weight', 'fpn.inner_blocks.0.0.weight', "
+                           f"'box_head.0.0.weight')")
+            elif g in require and (r.missing or r.mismatched):
+                out.append(f"{g}: {len(r.missing)} missing (e.g. {r.missing[:3]}), "
+                           f"{len(r.mismatched)} shape-mismatched (e.g. {r.mismatched[:3]})")
+            elif (in_file and g not in drop and g != "other" and g not in detector.loads_in_part
+                  and (detector.takes(g) or r.loaded) and (r.missing or r.unexpected or r.mismatched)):
+                out.append(f"{g}: the weights file has this group but it does not load whole into "
+                           f"{detector.name}: {len(r.unexpected)} file keys with no place (e.g. {r.unexpected[:3]}), "
+                           f"{len(r.mismatched)} shape-mismatched (e.g. {r.mismatched[:3]}), {len(r.missing)} "
+                           f"detector keys missing (e.g. {r.missing[:3]}); to fine-tune without it, drop it: "
+                           f"--set finetune.drop_groups=[{g}] (the recipe's drop_groups)")
+        return out
 
 
 class PretrainedLoadError(RuntimeError):
@@ -296,19 +361,21 @@ def own_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, state: dict, detector: type[Detector], *,
-                    require: tuple[str, ...] = ("backbone",), source: str = "<state dict>") -> LoadReport:
+                    require: tuple[str, ...] = ("backbone",), drop: tuple[str, ...] = (),
+                    source: str = "<state dict>") -> LoadReport:
     """Load canonical-key weights into ``model`` (a ``detector``) and report per group.
 
     Keys already in the detector's own key space (a ``model_final.pt``, AlignDet's export)
-    pass unchanged. Raises ``PretrainedLoadError`` (and loads nothing) if a group in
-    ``require`` got no key at all, misses any key, or has a shape mismatch. Other groups'
-    problems are logged and reported only.
+    pass unchanged. The groups in ``drop`` (``recipe.drop_groups``) are not loaded. Raises
+    ``PretrainedLoadError`` (and loads nothing) for the problems of ``LoadReport.problems``:
+    a required group that does not load whole, or a group of the file that the detector takes
+    and that does not load whole. What of the file did not load is in ``report.not_loaded``.
     """
     target = model.module if hasattr(model, "module") else model
     own = own_state(target)
     top = {n for n, _ in target.named_children()}
     mapped: dict[str, torch.Tensor] = {}
-    report = LoadReport(source=source, detector=detector.name)
+    report = LoadReport(source=source, detector=detector.name, first_key=next(iter(state), "<empty>"))
     for k, v in state.items():
         dk = k if k.split(".", 1)[0] in top else detector.detector_key(k)
         if dk is None:
@@ -322,6 +389,8 @@ def load_pretrained(model: nn.Module, state: dict, detector: type[Detector], *,
         if dk not in own:
             if not _ignorable(dk):
                 g.unexpected.append(dk)
+        elif detector.key_group(dk) in drop:
+            g.dropped.append(dk)
         elif not torch.is_tensor(v):
             g.mismatched.append(f"{dk}: file has {type(v).__name__}, model expects a tensor")
         elif tuple(v.shape) != tuple(own[dk].shape):
@@ -332,20 +401,15 @@ def load_pretrained(model: nn.Module, state: dict, detector: type[Detector], *,
     for dk in own:
         if dk not in mapped and not _ignorable(dk):
             report.groups[detector.key_group(dk)].missing.append(dk)
+    for g, r in report.groups.items():
+        if r.dropped:
+            report.not_loaded[g] = "dropped (recipe.drop_groups)"
+        elif r.unexpected or r.mismatched:
+            report.not_loaded[g] = (f"loaded in part ({len(r.loaded)} of "
+                                    f"{len(r.loaded) + len(r.unexpected) + len(r.mismatched)} keys)"
+                                    if r.loaded else f"no place in {detector.name}")
     log.info("pretrained weights %s -> %s: %s", source, detector.name, report.summary())
-    problems = []
-    for g in require:
-        if g not in report.groups:
-            raise ValueError(f"load_pretrained: unknown group {g!r} in require ({', '.join(GROUPS)})")
-        r = report.groups[g]
-        if not r.loaded:
-            example = next(iter(state), "<empty>")
-            problems.append(f"{g}: no key loaded (first key in file: {example!r}; expected the canonical "
-                            f"key space, e.g. 'conv1.weight', 'fpn.inner_blocks.0.0.weight', "
-                            f"'box_head.0.0.weight')")
-        elif r.missing or r.mismatched:
-            problems.append(f"{g}: {len(r.missing)} missing (e.g. {r.missing[:3]}), "
-                            f"{len(r.mismatched)} shape-mismatched (e.g. {r.mismatched[:3]})")
+    problems = report.problems(detector, require, drop)
     if problems:
         raise PretrainedLoadError(f"{source}: pretrained weights do not fit the {detector.name} detector: "
                                   + "; ".join(problems))

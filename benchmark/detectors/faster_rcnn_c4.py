@@ -19,16 +19,15 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from benchmark.detectors import register_detector
-from benchmark.detectors.base import (Detector, DetectorConfig, SGDRecipe, Transform, check_backbone,
-                                      norm_layer, resnet_body)
+from benchmark.detectors.base import Detector, SGDRecipe, Transform, check_backbone, norm_layer, resnet_body
 from benchmark.detectors.mask_rcnn import init_predictors
+from benchmark.detectors.rcnn import RCNNConfig, RCNNRoIHeads, RoIPooler
 
 
 @dataclass
-class RCNNC4Config(DetectorConfig):
+class RCNNC4Config(RCNNConfig):
     """Defaults: detectron2 ``Base-RCNN-C4.yaml`` with MoCo's ``Base-RCNN-C4-BN.yaml``
     (SyncBN everywhere, nothing frozen, the extra norm after res5)."""
     backbone: str = "resnet50"
@@ -52,6 +51,7 @@ class RCNNC4Config(DetectorConfig):
     test_min_size: int = 800
 
     def validate(self) -> None:
+        super().validate()
         check_backbone(self)
 
 
@@ -108,11 +108,12 @@ class FasterRCNNC4(Detector):
             rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
             rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-            # detectron2 C4: ROIAlignV2 14x14, sampling ratio 0 (adaptive)
-            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+            # detectron2 C4: ROIAlignV2 14x14, sampling ratio 0 (adaptive); aligned as configured
+            box_roi_pool=RoIPooler(["0"], 14, 0, cfg.roi_align_aligned),
             box_head=head, box_predictor=FastRCNNPredictor(head.out_channels, num_classes),
             box_batch_size_per_image=cfg.box_batch_size_per_image,
             box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh)
+        model.roi_heads = RCNNRoIHeads.like(model.roi_heads, cfg.box_reg_loss)
         model.transform = Transform(cfg.min_size, cfg.max_size, cfg.test_min_size)
         cls.add_heads(model, cfg, num_classes)
         init_predictors(model)

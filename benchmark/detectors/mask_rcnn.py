@@ -27,12 +27,11 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from benchmark.detectors import register_detector
-from benchmark.detectors.base import (Detector, DetectorConfig, SGDRecipe, Transform, check_backbone,
-                                      resnet_body)
+from benchmark.detectors.base import Detector, SGDRecipe, Transform, check_backbone, resnet_body
+from benchmark.detectors.rcnn import RCNNConfig, RCNNRoIHeads, RoIPooler
 from methods.base import ConfigError
 
 HEAD_NORMS = ("none", "bn")
@@ -40,7 +39,7 @@ BOX_HEADS = ("4conv1fc", "2mlp")
 
 
 @dataclass
-class MaskRCNNConfig(DetectorConfig):
+class MaskRCNNConfig(RCNNConfig):
     """Defaults: detectron2 ``Base-RCNN-FPN.yaml`` with MoCo's fine-tuning changes."""
     backbone: str = "resnet50"         # any torchvision ResNet factory, weights=None
     # "bn": trainable BatchNorm, SyncBN under torch.distributed (MoCo Sec. 4.2 / SoCo
@@ -76,9 +75,13 @@ class MaskRCNNConfig(DetectorConfig):
     max_size: int = 1333
     test_min_size: int = 800
     trainable_layers: int = 5          # 5 = whole backbone trains (MoCo/SoCo fine-tuning)
-    ADDED_LATER = {"box_head_extra_norm": False}
+    # RoIAlign sampling points per bin in the box and mask heads; detectron2: 0 (adaptive,
+    # ROI_BOX_HEAD / ROI_MASK_HEAD.POOLER_SAMPLING_RATIO), torchvision: 2
+    roi_sampling_ratio: int = 2
+    ADDED_LATER = {**RCNNConfig.ADDED_LATER, "roi_sampling_ratio": 2, "box_head_extra_norm": False}
 
     def validate(self) -> None:
+        super().validate()
         check_backbone(self)
         self.choice("head_norm", HEAD_NORMS)
         self.choice("box_head", BOX_HEADS)
@@ -151,16 +154,17 @@ class MaskRCNNFPN(Detector):
             rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
             rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-            box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+            box_roi_pool=RoIPooler(levels, 7, cfg.roi_sampling_ratio, cfg.roi_align_aligned),
             box_head=box_head(cfg),
             box_predictor=FastRCNNPredictor(cfg.box_head_fc_dim, num_classes),
             box_batch_size_per_image=cfg.box_batch_size_per_image,
             box_detections_per_img=cfg.box_detections_per_img,
             box_score_thresh=cfg.box_score_thresh,
-            mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+            mask_roi_pool=RoIPooler(levels, 14, cfg.roi_sampling_ratio, cfg.roi_align_aligned),
             mask_head=MaskRCNNHeads(c, [cfg.mask_head_dim] * cfg.mask_head_convs, 1, norm_layer=head_norm),
             mask_predictor=MaskRCNNPredictor(cfg.mask_head_dim, cfg.mask_head_dim, num_classes),
         )
+        model.roi_heads = RCNNRoIHeads.like(model.roi_heads, cfg.box_reg_loss)
         init_predictors(model)
         model.transform = Transform(cfg.min_size, cfg.max_size, cfg.test_min_size)
         return model

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign
 
 from benchmark.detectors import register_detector
 from benchmark.detectors.faster_rcnn_c4 import FasterRCNNC4, RCNNC4Config
+from benchmark.detectors.rcnn import RCNNRoIHeads, RoIPooler
 
 
-class C4RoIHeads(RoIHeads):
+class C4RoIHeads(RCNNRoIHeads):
     """torchvision's RoI heads whose mask head *is* the box head's res5 (no second copy of
     its weights): ``mask_head`` reads ``box_head.features``. The mask branch pools its own
     14x14 RoIs (the positives) and runs res5 on them again; same result as detectron2's
@@ -39,6 +38,7 @@ class MaskRCNNC4(FasterRCNNC4):
         heads = C4RoIHeads(
             rh.box_roi_pool, rh.box_head, rh.box_predictor, 0.5, 0.5, cfg.box_batch_size_per_image, 0.25,
             None, cfg.box_score_thresh, rh.nms_thresh, cfg.box_detections_per_img,
-            mask_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
-            mask_predictor=MaskRCNNPredictor(rh.box_head.out_channels, cfg.mask_head_dim, num_classes))
+            mask_roi_pool=RoIPooler(["0"], 14, 0, cfg.roi_align_aligned),
+            mask_predictor=MaskRCNNPredictor(rh.box_head.out_channels, cfg.mask_head_dim, num_classes),
+            box_reg_loss=cfg.box_reg_loss)
         model.roi_heads = heads
