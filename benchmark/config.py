@@ -333,7 +333,8 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     if schedule not in known:
         raise ConfigError(f"schedule: unknown {schedule!r} for {detector} (known: {', '.join(known)})")
     model = detector_model(sc, scale, detector, detector_overrides)
-    base = det.recipes[schedule].to_dict() if schedule in det.recipes else {}
+    # a schedule only the scale names (AlignDet's 12k / 90k) starts from the recipe's defaults
+    base = (det.recipes[schedule] if schedule in det.recipes else det.Recipe()).to_dict()
     rec = deep_merge(base, (entry.get("finetune") or {}).get(schedule, {}))
     if method and det.takes_method_overrides:
         mcls = get_method(method)

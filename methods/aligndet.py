@@ -92,7 +92,6 @@ _SGD_1X = PretrainRecipe(optimizer="sgd", base_lr=0.02, lr_batch=16, batch_size=
 _DETR = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=16, batch_size=16, weight_decay=1e-4,
                        momentum=0.9, schedule="multistep", warmup_epochs=0, epochs=50)
 RECIPES = {
-    "faster_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
     "mask_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
     "retinanet": BoxDomainRecipe(dataclasses.replace(_SGD_1X, base_lr=0.01), (8 / 12, 11 / 12)),
     "fcos": BoxDomainRecipe(dataclasses.replace(_SGD_1X, base_lr=0.01), (8 / 12, 11 / 12)),
@@ -100,7 +99,10 @@ RECIPES = {
 }
 
 # What each detector's builder must be asked for (the pretrained parts must exist there)
-DETECTOR_OVERRIDES = {"faster_rcnn": {"box_head": "4conv1fc"}, "mask_rcnn": {"box_head": "4conv1fc"}}
+DETECTOR_OVERRIDES = {"mask_rcnn": {"box_head": "4conv1fc"}}
+# Faster and Mask R-CNN share one pretrained model (the mask head is not pretrained): a run for
+# Faster R-CNN is the Mask R-CNN run (same config, same run key); its export loads into both
+SHARED = {"faster_rcnn": "mask_rcnn"}
 # Pseudo boxes per image, by detector (0: all); RetinaNet: official SelectTopKProposals(50)
 MAX_PROPOSALS = {"retinanet": 50}
 
@@ -123,7 +125,7 @@ class AlignDet(PretrainMethod):
 
     @dataclass
     class Config(MethodConfig):
-        detector: str = "mask_rcnn"     # faster_rcnn | mask_rcnn | retinanet | fcos
+        detector: str = "mask_rcnn"     # faster_rcnn (= mask_rcnn) | mask_rcnn | retinanet | fcos | detr
         embed_dim: int = 256            # the classification branch's output (paper Sec. 3.2)
         temperature: float = 0.5        # official ContrastiveLoss(temperature=0.5) in every config
         contrastive_weight: float = 1.0
@@ -151,6 +153,9 @@ class AlignDet(PretrainMethod):
         detr_no_object_weight: float = 0.1
         detr_cost: tuple[float, ...] = (1.0, 5.0, 2.0)     # Hungarian cost: class, L1, GIoU
         detr_loss: tuple[float, ...] = (1.0, 5.0, 2.0)     # loss weights: class, L1, GIoU
+
+        def __post_init__(self):
+            self.detector = SHARED.get(self.detector, self.detector)
 
     def __init__(self, cfg: Config):
         _validate(cfg)
@@ -714,7 +719,7 @@ class DETRHeads(_Heads):
                 for k, v in mod.state_dict().items()}
 
 
-HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads,
+HEADS = {"mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads,
          "detr": DETRHeads}
 
 
