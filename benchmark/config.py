@@ -42,16 +42,9 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     return deep_merge(base, sc)
 
 
-class NeedsClustering(ConfigError):
-    """A detector-pretraining run that needs pseudo-classes the harness does not compute yet."""
-
-
 class UnsupportedDetector(ConfigError):
     """A detector that the method pretraining a whole detector has no recipe for."""
 
-
-# detectors whose box-domain pretraining reads k-means pseudo-classes (AlignDet's DETR)
-NEEDS_CLUSTERING = ("detr",)
 
 SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detectors")
 # runtime: how a run executes, never part of its identity; (type, lowest value)
@@ -224,10 +217,6 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     if detector is not None and parent is None:
         raise ConfigError(f"parent: missing: {method} pretrains the {detector} detector over the backbone of an "
                           f"image-domain pretraining run (its parent run key)")
-    if detector is not None and detector in NEEDS_CLUSTERING:
-        raise NeedsClustering(f"method.detector: {detector!r}: {method} reads k-means pseudo-classes of the "
-                              f"proposals (methods/pseudo_classes.py), which the pretraining stage does not "
-                              f"compute yet")
     base = cls.recipe.to_dict()
     if detector is not None:   # the box-domain recipe of that detector (drops and clipping included)
         try:

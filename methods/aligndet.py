@@ -184,6 +184,10 @@ class AlignDet(PretrainMethod):
     def detector_spec(self) -> dict | None:
         return {"name": self.cfg.detector, **DETECTOR_OVERRIDES.get(self.cfg.detector, {})}
 
+    def pseudo_class_params(self) -> dict | None:
+        # paper Sec. 3.3: PCA to 256 dimensions, then k-means into 256 classes (detr_classes)
+        return {"k": self.cfg.detr_classes, "pca_dim": 256} if self.cfg.detector == "detr" else None
+
     def attach_detector(self, detector: nn.Module) -> None:
         """Split the injected detector into the frozen backbone and the online neck + heads
         (classification branch -> embedding); the target is the online part's EMA copy."""

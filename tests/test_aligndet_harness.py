@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.config import NeedsClustering, finetune_config, pretrain_config
+from benchmark.config import finetune_config, pretrain_config
 from benchmark.detectors import build_detector
 from benchmark.pretrain import attach_detector, build_for_pretrain
 from benchmark.store import run_key
@@ -35,11 +35,9 @@ def test_config_records_detector_parent_and_box_domain_recipe():
     assert len({run_key(_cfg("retinanet")), run_key(_cfg("retinanet", parent="q" * 16)), run_key(_cfg("fcos"))}) == 3
 
 
-def test_config_needs_a_parent_and_refuses_detr_and_unknown_detectors():
+def test_config_needs_a_parent_and_refuses_unknown_detectors():
     with pytest.raises(ConfigError, match="parent: missing"):
         _cfg("fcos", parent=None)
-    with pytest.raises(NeedsClustering, match="pseudo-classes"):
-        _cfg("detr")
     with pytest.raises(ConfigError, match="method.detector"):
         _cfg("mask_rcnn_c4")
 
@@ -128,11 +126,11 @@ def test_plan_chains_parent_then_one_aligndet_run_per_detector():
     assert all(order.index(p) < order.index(j.key) for j in plan.jobs for p in j.parents)
 
 
-def test_plan_box_rows_need_a_parent_and_mark_detr_and_unsupported_columns(tmp_path):
+def test_plan_box_rows_need_a_parent_and_mark_unsupported_columns(tmp_path):
     from benchmark.plan import plan_table
     row = {"label": "AD", "method": "aligndet", "parent": {"method": "moco_v2", "pretrain_epochs": 200}}
     plan = plan_table(_spec(tmp_path, ["fcos", "detr", "faster_rcnn_c4"], row), scale="tiny")
-    assert [c.missing for c in plan.cells] == ["", "needs clustering", "not supported"]
+    assert [c.missing for c in plan.cells] == ["", "", "not supported"]
     with pytest.raises(ConfigError, match=r"rows\[0\]\.parent: missing"):
         plan_table(_spec(tmp_path, ["fcos"], {"label": "AD", "method": "aligndet"}), scale="tiny")
     with pytest.raises(ConfigError, match=r"rows\[0\]\.parent: moco_v2 pretrains no detector"):
