@@ -88,7 +88,8 @@ def compute_pseudo_classes(method, source, proposals, cache_dir: str | Path, *, 
     key = cache_key(str(proposals.path), weights_sha256, params)
     final = cache_dir / f"classes-{key}.npz"
     if not final.exists():
-        with file_lock(cache_dir / f"classes-{key}.lock"):
+        lock = cache_dir / f"classes-{key}.lock"
+        with file_lock(lock):
             if not final.exists():
                 feats, offsets = proposal_features(method, source, proposals, device)
                 log.info("pseudo-classes: k-means of %d proposals of %d images into %d classes",
@@ -98,4 +99,5 @@ def compute_pseudo_classes(method, source, proposals, cache_dir: str | Path, *, 
                     np.savez(f, labels=labels.astype(np.int32), offsets=offsets,
                              meta=json.dumps({"params": params, "weights_sha256": weights_sha256,
                                               "proposals": str(proposals.path), "version": CACHE_VERSION}))
+        lock.unlink(missing_ok=True)   # the cache stays one file; waiters find it done
     return PseudoClasses.load(final, len(proposals))

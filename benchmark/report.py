@@ -472,7 +472,7 @@ def _convergence_plot(plan: Plan, cells: dict) -> bytes:
     groups = convergence_points(plan, cells)
     n = max(1, len(groups))
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False, layout="constrained")
-    for ax, ((det, metric), rows) in zip(axes[0], sorted(groups.items())):
+    for ax, ((det, metric), rows) in zip(axes[0], groups.items()):   # in the table's column order
         for ri, pts in sorted(rows.items()):
             x, m, sd = zip(*pts)
             ax.errorbar(x, m, yerr=sd, marker="o", ms=4, capsize=2, label=plan.spec.rows[ri].label)

@@ -120,7 +120,10 @@ class AlignDet(PretrainMethod):
     # tiny: 128-px scenes; views at the tiny detector's training sizes; 8 boxes per image;
     # batch 4 (lr 0.005 by the linear rule). The tiny scale counts 4 paper epochs per step, so
     # 12 epochs would be 3 steps: 400 "epochs" give 100 steps, 20 of them (5 steps) warm-up.
-    scales = {"tiny": {"method": {"short_sides": [112, 128, 144], "max_size": 160, "max_proposals": 8},
+    # DETR: 64 pseudo-classes, not 256: the tiny set has ~2k proposals (~30 per class), the
+    # micro one ~100 (k-means needs at least k points).
+    scales = {"tiny": {"method": {"short_sides": [112, 128, 144], "max_size": 160, "max_proposals": 8,
+                                  "detr_classes": 64},
                        "recipe": {"batch_size": 4, "epochs": 400, "warmup_epochs": 20}}}
 
     @dataclass
@@ -644,6 +647,7 @@ class DETRHeads(_Heads):
     ``SelfSupDETRHead``; it projects every layer but contrasts one)."""
 
     copied = ("query_position_embeddings.",)      # official: query embeddings copied, not averaged
+    key_prefix = ""                                # of the export: "detr." for the registry's wrapper
 
     def __init__(self, detr: nn.Module, cfg: AlignDet.Config):
         super().__init__()
@@ -662,11 +666,17 @@ class DETRHeads(_Heads):
 
     @classmethod
     def from_detector(cls, detector: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
-        model = getattr(detector, "model", None)
+        """``detector``: transformers' ``DetrForObjectDetection``, or the registry's DETR that
+        wraps it as ``.detr`` (the export then carries that ``detr.`` prefix)."""
+        inner = getattr(detector, "detr", detector)
+        model = getattr(inner, "model", None)
         if not all(hasattr(model, a) for a in ("backbone", "input_projection", "query_position_embeddings",
-                                               "encoder", "decoder")) or not hasattr(detector, "bbox_predictor"):
-            raise TypeError(f"aligndet: detector {cfg.detector!r}: expected transformers' DetrForObjectDetection")
-        return model.backbone, cls(detector, cfg)
+                                               "encoder", "decoder")) or not hasattr(inner, "bbox_predictor"):
+            raise TypeError(f"aligndet: detector {cfg.detector!r}: expected transformers' DetrForObjectDetection "
+                            f"(or a module holding it as .detr)")
+        heads = cls(inner, cfg)
+        heads.key_prefix = "detr." if inner is not detector else ""
+        return model.backbone, heads
 
     @staticmethod
     def backbone_features(backbone: nn.Module, images: ImageList):
@@ -719,7 +729,7 @@ class DETRHeads(_Heads):
         ``model.*``; the class head, box MLP and projector are dropped."""
         parts = {"backbone": backbone, "input_projection": self.input_projection, "encoder": self.encoder,
                  "decoder": self.decoder, "query_position_embeddings": self.query_position_embeddings}
-        return {f"model.{p}.{k}": v.detach().cpu().clone() for p, mod in parts.items()
+        return {f"{self.key_prefix}model.{p}.{k}": v.detach().cpu().clone() for p, mod in parts.items()
                 for k, v in mod.state_dict().items()}
 
 
