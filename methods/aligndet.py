@@ -474,9 +474,11 @@ class DenseHeads(_Heads):
         return anchors, emb, reg, per_level
 
     def export_parts(self) -> dict[str, nn.Module]:
-        """torchvision detector keys: ``fpn.*`` (canonical) and the two towers; the output
-        convs (``cls_logits``, ``bbox_reg``, FCOS ``bbox_ctrness``) are dropped."""
-        return {"fpn": self.fpn, "head.classification_head.conv": self.cls_convs,
+        """torchvision detector keys: the C3-C5 FPN under the detector's own ``backbone.fpn.*``
+        (the canonical ``fpn.*`` is a C2-C5 FPN, whose levels the one-stage detectors shift by
+        one) and the two towers; the output convs (``cls_logits``, ``bbox_reg``, FCOS
+        ``bbox_ctrness``) are dropped."""
+        return {"backbone.fpn": self.fpn, "head.classification_head.conv": self.cls_convs,
                 "head.regression_head.conv": self.reg_convs}
 
 
