@@ -28,7 +28,8 @@ ALPHA = 0.05
 BASELINES = (("scratch", "S", "Scratch"), ("moco_v2", "M", "MoCo v2"))   # method, marker, name
 TEST_NAME = ("one-sided Welch's t-test over seeds (scipy.stats.ttest_ind, equal_var=False, "
              f"alternative='greater'), p < {ALPHA}")
-DETECTOR_NAMES = {"mask_rcnn": "Mask R-CNN", "fcos": "FCOS", "retinanet": "RetinaNet", "detr": "DETR"}
+DETECTOR_NAMES = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN", "fcos": "FCOS", "retinanet": "RetinaNet",
+                  "detr": "DETR"}
 
 
 def results_root() -> Path:
@@ -476,7 +477,7 @@ def _convergence_plot(plan: Plan, cells: dict) -> bytes:
         for ri, pts in sorted(rows.items()):
             x, m, sd = zip(*pts)
             ax.errorbar(x, m, yerr=sd, marker="o", ms=4, capsize=2, label=plan.spec.rows[ri].label)
-        ax.set_title(f"{det}: {metric}", fontsize=8)
+        ax.set_title(f"{DETECTOR_NAMES.get(det, det)}: {metric}", fontsize=8)
         ax.set_xlabel("fine-tuning steps", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
