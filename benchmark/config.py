@@ -43,16 +43,9 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     return deep_merge(base, sc)
 
 
-class NeedsClustering(ConfigError):
-    """A detector-pretraining run that needs pseudo-classes the harness does not compute yet."""
-
-
 class UnsupportedDetector(ConfigError):
     """A detector that the method pretraining a whole detector has no recipe for."""
 
-
-# detectors whose box-domain pretraining reads k-means pseudo-classes (AlignDet's DETR)
-NEEDS_CLUSTERING = ("detr",)
 
 SCALE_KEYS = ("name", "extends", "method_scale", "data", "pretrain", "runtime", "detectors")
 # runtime: how a run executes, never part of its identity; (type, lowest value)
@@ -225,10 +218,6 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     if detector is not None and parent is None:
         raise ConfigError(f"parent: missing: {method} pretrains the {detector} detector over the backbone of an "
                           f"image-domain pretraining run (its parent run key)")
-    if detector is not None and detector in NEEDS_CLUSTERING:
-        raise NeedsClustering(f"method.detector: {detector!r}: {method} reads k-means pseudo-classes of the "
-                              f"proposals (methods/pseudo_classes.py), which the pretraining stage does not "
-                              f"compute yet")
     base = cls.recipe.to_dict()
     if detector is not None:   # the box-domain recipe of that detector (drops and clipping included)
         try:
@@ -340,7 +329,8 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
         fields = {f.name for f in dataclasses.fields(det.Config)}
         by_method = {k: v for k, v in get_method(method).finetune_detector.items() if k in fields}
     model = detector_model(sc, scale, detector, deep_merge(by_method, detector_overrides))
-    base = det.recipes[schedule].to_dict() if schedule in det.recipes else {}
+    # a schedule only the scale names (AlignDet's 12k / 90k) starts from the recipe's defaults
+    base = (det.recipes[schedule] if schedule in det.recipes else det.Recipe()).to_dict()
     rec = deep_merge(base, (entry.get("finetune") or {}).get(schedule, {}))
     if method and det.takes_method_overrides:
         mcls = get_method(method)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmark.config import (NeedsClustering, UnsupportedDetector, evaluate_config, finetune_config,
-                              pretrain_config)
+from benchmark.config import UnsupportedDetector, evaluate_config, finetune_config, pretrain_config
 from benchmark.store import run_key
 from benchmark.detectors import list_detectors
 from benchmark.tables import Column, Row, TableSpec, load_spec
@@ -33,7 +32,7 @@ class Cell:
     eval_key: str | None              # None: the row's method or the column's detector is missing
     chain: tuple = ()                 # keys from pretraining to evaluation
     missing: str = ""                 # why eval_key is None: "not implemented" | "needs detector" |
-    #                                   "needs clustering" | "not supported" (by a box-domain row's method)
+    #                                   "not supported" (by a box-domain row's method)
 
 
 @dataclass
@@ -87,8 +86,7 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
     column's detector (``method.detector``) -> fine-tuning -> evaluation. ``--set method.*`` /
     ``recipe.*`` reach the parent run (so it stays the image-domain row's run), not the
     box-domain run, whose own values are the row's ``method_overrides``/``recipe_overrides``.
-    A DETR column reads "needs clustering" (its pseudo-classes are not computed by the stage),
-    a detector the method does not pretrain "not supported"."""
+    A detector the method does not pretrain reads "not supported"."""
     spec = name_or_spec if isinstance(name_or_spec, TableSpec) else load_spec(name_or_spec)
     ov = overrides or {}
     jobs: dict[str, Job] = {}
@@ -136,15 +134,13 @@ def plan_table(name_or_spec, *, scale: str = "tiny", seeds=(0,), overrides: dict
                             bcfg = pretrain_config(row.method, scale=scale, seed=seed, epochs=row.pretrain_epochs,
                                                    method_overrides={**row.method_overrides, "detector": col.detector},
                                                    recipe_overrides=row.recipe_overrides, data=data, parent=ppkey)
-                        except NeedsClustering:
-                            per_detector[col.detector] = "needs clustering"
                         except UnsupportedDetector:
                             per_detector[col.detector] = "not supported"
                         else:
                             per_detector[col.detector] = add("pretrain", bcfg, (ppkey,),
-                                                             f"{base}/pretrain-{col.detector}")
+                                                             f"{base}/pretrain-{bcfg['detector']['name']}")
                     pkey = per_detector[col.detector]
-                    if pkey in ("needs clustering", "not supported"):
+                    if pkey == "not supported":
                         cells.append(Cell(ri, ci, seed, None, missing=pkey))
                         continue
                 ft = (col.detector, col.protocol, col.schedule)

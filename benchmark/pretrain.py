@@ -25,9 +25,10 @@ class PretrainDataset(torch.utils.data.Dataset):
     is a logged skip recorded in the run's ``SkipLog`` (counted across DataLoader workers):
     the next image takes its place (same rng stream)."""
 
-    def __init__(self, source, method, seed: int, labels: dict | None = None, proposals=None):
+    def __init__(self, source, method, seed: int, labels: dict | None = None, proposals=None,
+                 pseudo_classes=None):
         self.source, self.method, self.seed = source, method, seed
-        self.labels, self.proposals = labels, proposals
+        self.labels, self.proposals, self.pseudo_classes = labels, proposals, pseudo_classes
         self.view_source = source if method.needs_source else None   # what ``views`` may draw from
         self.skipped: set[str] = set()   # this process's, for logging once per file
 
@@ -40,6 +41,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             rec["labels"] = self.labels[rec["image_id"]]
         if self.proposals is not None:
             rec["proposals"] = self.proposals.boxes(index)
+        if self.pseudo_classes is not None:
+            rec["pseudo_classes"] = self.pseudo_classes.labels(index)
         return rec
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
@@ -166,7 +169,17 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     if ss is not None:
         proposals = compute_proposals([source.path(i) for i in range(len(source))],
                                       cache_root() / "proposals", **ss)
-    dataset = PretrainDataset(source, method, seed, labels, proposals)
+    classes = None
+    pc = method.pseudo_class_params()
+    if pc is not None:   # AlignDet's DETR: k-means of the proposals on the parent's backbone, cached
+        from benchmark.pseudo_classes import compute_pseudo_classes
+        if proposals is None or parent_weights is None:
+            raise ValueError(f"{config['method']['name']}: pseudo-classes need the proposal cache and the "
+                             f"parent run's weights (config 'parent')")
+        classes = compute_pseudo_classes(method, source, proposals, cache_root() / "pseudo_classes",
+                                         weights_sha256=sha256_file(Path(parent_weights)),
+                                         params={**pc, "seed": seed}, device=device)
+    dataset = PretrainDataset(source, method, seed, labels, proposals, classes)
 
     total, warmup = resolve_steps(recipe, len(source))
     B = recipe.batch_size

@@ -311,9 +311,12 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
         n += 1
     vdir.mkdir(parents=True)
     png = _plot(plan, cells, df)
+    curves = _convergence_plot(plan, cells) if spec.convergence else None
     for d in (vdir, tdir):
         atomic_write_bytes(d / "table.csv", csv_text.encode())
         atomic_write_bytes(d / "plot.png", png)
+        if curves is not None:
+            atomic_write_bytes(d / "convergence.png", curves)
     atomic_write_bytes(vdir / "cells.json", cells_text.encode())
     atomic_write_bytes(vdir / "table.md", _markdown(plan, cells, df, vdir.name,
                                                     os.path.relpath(runs_root, vdir), None).encode())
@@ -412,6 +415,8 @@ def _markdown(plan: Plan, cells: dict, df, version: str, rel_runs: str, version_
     lines += [_cost_line(plan, df), ""]
     if version_link:
         lines += ["![plot](plot.png)", ""]
+        if spec.convergence:
+            lines += ["![convergence: AP against fine-tuning steps](convergence.png)", ""]
     header = ["method", "n"] + [c.label for c in spec.columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -479,6 +484,49 @@ def _plot(plan: Plan, cells: dict, df) -> bytes:
             a.tick_params(axis="x", labelsize=7)
             a.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{spec.name} at {plan.scale}: {what_ran(plan, df)}", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def convergence_points(plan: Plan, cells: dict) -> dict[tuple[str, str], dict[int, list[tuple[int, float, float]]]]:
+    """(detector, metric) -> row -> [(fine-tuning steps, mean, std)] in step order, from the
+    cells that have a value: each point is a whole fine-tuning schedule of that length (its
+    own warm-up and lr drops), as the paper compares 12k with 90k iterations."""
+    steps = {j.key: j.config["recipe"]["steps"] for j in plan.jobs if j.stage == "finetune"}
+    out: dict = {}
+    for cell in plan.cells:
+        c = cells[(cell.row, cell.col)]
+        if cell.eval_key is None or c["mean"] is None or cell.seed != plan.seeds[0]:
+            continue
+        col = plan.spec.columns[cell.col]
+        pts = out.setdefault((col.detector, col.metric), {}).setdefault(cell.row, [])
+        pts.append((steps[cell.chain[-2]], c["mean"], c["std"]))
+    return {g: {r: sorted(p) for r, p in rows.items()} for g, rows in out.items()}
+
+
+def _convergence_plot(plan: Plan, cells: dict) -> bytes:
+    """One panel per (detector, metric): the metric against fine-tuning steps, a line per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = convergence_points(plan, cells)
+    n = max(1, len(groups))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False, layout="constrained")
+    for ax, ((det, metric), rows) in zip(axes[0], groups.items()):   # in the table's column order
+        for ri, pts in sorted(rows.items()):
+            x, m, sd = zip(*pts)
+            ax.errorbar(x, m, yerr=sd, marker="o", ms=4, capsize=2, label=plan.spec.rows[ri].label)
+        ax.set_title(f"{DETECTOR_NAMES.get(det, det)}: {metric}", fontsize=8)
+        ax.set_xlabel("fine-tuning steps", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if groups:
+        axes[0][0].legend(fontsize=6)
+    else:
+        axes[0][0].text(0.5, 0.5, "no finished cells yet", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle(f"{plan.spec.name} at {plan.scale}: convergence", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)

@@ -92,7 +92,6 @@ _SGD_1X = PretrainRecipe(optimizer="sgd", base_lr=0.02, lr_batch=16, batch_size=
 _DETR = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=16, batch_size=16, weight_decay=1e-4,
                        momentum=0.9, schedule="multistep", warmup_epochs=0, epochs=50)
 RECIPES = {
-    "faster_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
     "mask_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
     "retinanet": BoxDomainRecipe(dataclasses.replace(_SGD_1X, base_lr=0.01), (8 / 12, 11 / 12)),
     "fcos": BoxDomainRecipe(dataclasses.replace(_SGD_1X, base_lr=0.01), (8 / 12, 11 / 12)),
@@ -100,7 +99,10 @@ RECIPES = {
 }
 
 # What each detector's builder must be asked for (the pretrained parts must exist there)
-DETECTOR_OVERRIDES = {"faster_rcnn": {"box_head": "4conv1fc"}, "mask_rcnn": {"box_head": "4conv1fc"}}
+DETECTOR_OVERRIDES = {"mask_rcnn": {"box_head": "4conv1fc"}}
+# Faster and Mask R-CNN share one pretrained model (the mask head is not pretrained): a run for
+# Faster R-CNN is the Mask R-CNN run (same config, same run key); its export loads into both
+SHARED = {"faster_rcnn": "mask_rcnn"}
 # Pseudo boxes per image, by detector (0: all); RetinaNet: official SelectTopKProposals(50)
 MAX_PROPOSALS = {"retinanet": 50}
 
@@ -118,12 +120,15 @@ class AlignDet(PretrainMethod):
     # tiny: 128-px scenes; views at the tiny detector's training sizes; 8 boxes per image;
     # batch 4 (lr 0.005 by the linear rule). The tiny scale counts 4 paper epochs per step, so
     # 12 epochs would be 3 steps: 400 "epochs" give 100 steps, 20 of them (5 steps) warm-up.
-    scales = {"tiny": {"method": {"short_sides": [112, 128, 144], "max_size": 160, "max_proposals": 8},
+    # DETR: 64 pseudo-classes, not 256: the tiny set has ~2k proposals (~30 per class), the
+    # micro one ~100 (k-means needs at least k points).
+    scales = {"tiny": {"method": {"short_sides": [112, 128, 144], "max_size": 160, "max_proposals": 8,
+                                  "detr_classes": 64},
                        "recipe": {"batch_size": 4, "epochs": 400, "warmup_epochs": 20}}}
 
     @dataclass
     class Config(MethodConfig):
-        detector: str = "mask_rcnn"     # faster_rcnn | mask_rcnn | retinanet | fcos
+        detector: str = "mask_rcnn"     # faster_rcnn (= mask_rcnn) | mask_rcnn | retinanet | fcos | detr
         embed_dim: int = 256            # the classification branch's output (paper Sec. 3.2)
         temperature: float = 0.5        # official ContrastiveLoss(temperature=0.5) in every config
         contrastive_weight: float = 1.0
@@ -152,6 +157,9 @@ class AlignDet(PretrainMethod):
         detr_cost: tuple[float, ...] = (1.0, 5.0, 2.0)     # Hungarian cost: class, L1, GIoU
         detr_loss: tuple[float, ...] = (1.0, 5.0, 2.0)     # loss weights: class, L1, GIoU
 
+        def __post_init__(self):
+            self.detector = SHARED.get(self.detector, self.detector)
+
     def __init__(self, cfg: Config):
         _validate(cfg)
         super().__init__(cfg)
@@ -178,6 +186,10 @@ class AlignDet(PretrainMethod):
 
     def detector_spec(self) -> dict | None:
         return {"name": self.cfg.detector, **DETECTOR_OVERRIDES.get(self.cfg.detector, {})}
+
+    def pseudo_class_params(self) -> dict | None:
+        # paper Sec. 3.3: PCA to 256 dimensions, then k-means into 256 classes (detr_classes)
+        return {"k": self.cfg.detr_classes, "pca_dim": 256} if self.cfg.detector == "detr" else None
 
     def attach_detector(self, detector: nn.Module) -> None:
         """Split the injected detector into the frozen backbone and the online neck + heads
@@ -462,9 +474,11 @@ class DenseHeads(_Heads):
         return anchors, emb, reg, per_level
 
     def export_parts(self) -> dict[str, nn.Module]:
-        """torchvision detector keys: ``fpn.*`` (canonical) and the two towers; the output
-        convs (``cls_logits``, ``bbox_reg``, FCOS ``bbox_ctrness``) are dropped."""
-        return {"fpn": self.fpn, "head.classification_head.conv": self.cls_convs,
+        """torchvision detector keys: the C3-C5 FPN under the detector's own ``backbone.fpn.*``
+        (the canonical ``fpn.*`` is a C2-C5 FPN, whose levels the one-stage detectors shift by
+        one) and the two towers; the output convs (``cls_logits``, ``bbox_reg``, FCOS
+        ``bbox_ctrness``) are dropped."""
+        return {"backbone.fpn": self.fpn, "head.classification_head.conv": self.cls_convs,
                 "head.regression_head.conv": self.reg_convs}
 
 
@@ -635,6 +649,7 @@ class DETRHeads(_Heads):
     ``SelfSupDETRHead``; it projects every layer but contrasts one)."""
 
     copied = ("query_position_embeddings.",)      # official: query embeddings copied, not averaged
+    key_prefix = ""                                # of the export: "detr." for the registry's wrapper
 
     def __init__(self, detr: nn.Module, cfg: AlignDet.Config):
         super().__init__()
@@ -653,11 +668,17 @@ class DETRHeads(_Heads):
 
     @classmethod
     def from_detector(cls, detector: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
-        model = getattr(detector, "model", None)
+        """``detector``: transformers' ``DetrForObjectDetection``, or the registry's DETR that
+        wraps it as ``.detr`` (the export then carries that ``detr.`` prefix)."""
+        inner = getattr(detector, "detr", detector)
+        model = getattr(inner, "model", None)
         if not all(hasattr(model, a) for a in ("backbone", "input_projection", "query_position_embeddings",
-                                               "encoder", "decoder")) or not hasattr(detector, "bbox_predictor"):
-            raise TypeError(f"aligndet: detector {cfg.detector!r}: expected transformers' DetrForObjectDetection")
-        return model.backbone, cls(detector, cfg)
+                                               "encoder", "decoder")) or not hasattr(inner, "bbox_predictor"):
+            raise TypeError(f"aligndet: detector {cfg.detector!r}: expected transformers' DetrForObjectDetection "
+                            f"(or a module holding it as .detr)")
+        heads = cls(inner, cfg)
+        heads.key_prefix = "detr." if inner is not detector else ""
+        return model.backbone, heads
 
     @staticmethod
     def backbone_features(backbone: nn.Module, images: ImageList):
@@ -710,11 +731,11 @@ class DETRHeads(_Heads):
         ``model.*``; the class head, box MLP and projector are dropped."""
         parts = {"backbone": backbone, "input_projection": self.input_projection, "encoder": self.encoder,
                  "decoder": self.decoder, "query_position_embeddings": self.query_position_embeddings}
-        return {f"model.{p}.{k}": v.detach().cpu().clone() for p, mod in parts.items()
+        return {f"{self.key_prefix}model.{p}.{k}": v.detach().cpu().clone() for p, mod in parts.items()
                 for k, v in mod.state_dict().items()}
 
 
-HEADS = {"faster_rcnn": RCNNHeads, "mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads,
+HEADS = {"mask_rcnn": RCNNHeads, "retinanet": RetinaHeads, "fcos": FCOSHeads,
          "detr": DETRHeads}
 
 

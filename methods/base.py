@@ -203,6 +203,13 @@ class PretrainMethod(nn.Module):
         as ``record["proposals"]``; None: it reads none (the default)."""
         return None
 
+    def pseudo_class_params(self) -> dict | None:
+        """``{"k", "pca_dim"}`` of the k-means pseudo-classes of the proposals
+        (``methods.pseudo_classes``: AlignDet's DETR) that this run reads as
+        ``record["pseudo_classes"]``, computed by the harness with ``proposal_features`` on the
+        parent run's backbone and the run's seed; None: it reads none (the default)."""
+        return None
+
     @classmethod
     def pretrain_detector(cls, method_cfg: dict) -> str | None:
         """The registry name of the detector a run with config ``method_cfg`` pretrains as a

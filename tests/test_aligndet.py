@@ -296,7 +296,8 @@ def test_export_has_neck_and_heads_and_no_final_layers(kind):
     own = build(kind).state_dict()
     assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
     heads = ("rpn.head.", "box_head.") if "rcnn" in kind else ("head.classification_head.conv.", "head.regression_head.conv.")
-    assert any(k.startswith("fpn.") for k in state) and all(any(k.startswith(h) for k in state) for h in heads)
+    fpn = "fpn." if "rcnn" in kind else "backbone.fpn."     # one-stage: the C3-C5 FPN in its own keys
+    assert any(k.startswith(fpn) for k in state) and all(any(k.startswith(h) for k in state) for h in heads)
     assert not any(k.startswith(("embed", "bbox_pred", "bbox_reg", "bbox_ctrness")) for k in state)
     # every exported key has its place (and shape) in the fine-tuning detector; what is left
     # there is exactly the final layers (and Mask R-CNN's mask head): re-initialised
@@ -305,7 +306,7 @@ def test_export_has_neck_and_heads_and_no_final_layers(kind):
             return "backbone." + k
         if k.startswith("box_head."):
             return "roi_heads." + k
-        return k if k.startswith(("rpn.", "head.")) else "backbone.body." + k
+        return k if k.startswith(("rpn.", "head.", "backbone.fpn.")) else "backbone.body." + k
     mapped = {to_det(k): v for k, v in state.items()}
     assert all(k in own and own[k].shape == v.shape for k, v in mapped.items())
     left = {k for k in own if k not in mapped and not k.endswith("num_batches_tracked")}

@@ -15,7 +15,7 @@ from benchmark.evaluate import run_evaluate
 from benchmark.finetune import run_finetune
 from methods import build_method
 
-ALL = ("detr", "faster_rcnn_c4", "fcos", "mask_rcnn", "mask_rcnn_c4", "retinanet")
+ALL = ("detr", "faster_rcnn", "faster_rcnn_c4", "fcos", "mask_rcnn", "mask_rcnn_c4", "retinanet")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_every_detector_is_covered():
 
 
 # what a SoCo export (backbone + C2-C5 FPN + 4conv1fc box head) brings to each detector
-SOCO_GROUPS = {"mask_rcnn": {"fpn", "box_head"}, "retinanet": {"fpn"}, "fcos": {"fpn"},
+SOCO_GROUPS = {"mask_rcnn": {"fpn", "box_head"}, "faster_rcnn": {"fpn", "box_head"}, "retinanet": {"fpn"}, "fcos": {"fpn"},
                "faster_rcnn_c4": set(), "mask_rcnn_c4": set(), "detr": set()}
 
 

@@ -55,7 +55,8 @@ def build_detector(d: dict, num_classes: int):
 from benchmark.detectors.base import (Detector, LoadReport, PretrainedLoadError, load_pretrained,  # noqa: E402
                                       load_weights_file, maybe_sync_bn)
 # explicit imports: each registers itself
-from benchmark.detectors import detr, faster_rcnn_c4, fcos, mask_rcnn, mask_rcnn_c4, retinanet  # noqa: E402,F401
+from benchmark.detectors import (detr, faster_rcnn, faster_rcnn_c4, fcos, mask_rcnn, mask_rcnn_c4,  # noqa: E402,F401
+                                 retinanet)
 
 __all__ = ["Detector", "LoadReport", "PretrainedLoadError", "UnknownDetector", "build_detector", "detector_config",
            "get_detector", "list_detectors", "load_pretrained", "load_weights_file", "maybe_sync_bn",

@@ -61,6 +61,9 @@ class TableSpec:
     columns: list[Column]
     rows: list[Row]
     kind: str = "table"               # "table" | "grid" (an ablation grid)
+    # also draw convergence.png: each column group of one detector and metric (several
+    # schedules) as the metric against the fine-tuning steps, one line per row
+    convergence: bool = False
     path: Path | None = None
 
     def reference_rows(self) -> list[dict]:
