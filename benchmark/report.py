@@ -270,6 +270,32 @@ def partial_note(cells) -> list[str]:
             "and why).", ""]
 
 
+def gain_cells(plan: Plan, cells: dict) -> list[dict]:
+    """Per column, the spec's gain row: mean(row) - mean(over) over their seeds, its standard
+    error (sqrt(s_a^2/n_a + s_b^2/n_b), from two seeds up) and the paper's gain."""
+    spec = plan.spec
+    labels = [r.label for r in spec.rows]
+    a, b = labels.index(spec.gain.row), labels.index(spec.gain.over)
+    out = []
+    for ci, col in enumerate(spec.columns):
+        ca, cb = cells[(a, ci)], cells[(b, ci)]
+        g = {"column": col.label, "mean": None, "se": None, "ref": spec.gain_reference(col)}
+        if ca["mean"] is not None and cb["mean"] is not None:
+            g["mean"] = ca["mean"] - cb["mean"]
+            if ca["n"] > 1 and cb["n"] > 1:
+                g["se"] = math.sqrt(ca["std"] ** 2 / ca["n"] + cb["std"] ** 2 / cb["n"])
+        out.append(g)
+    return out
+
+
+def _gain_line(plan: Plan, cells: dict) -> str:
+    parts = [f"**{plan.spec.gain.label}**", ""]
+    for g in gain_cells(plan, cells):
+        s = "–" if g["mean"] is None else f"{g['mean']:+.2f}" + ("" if g["se"] is None else f" ± {g['se']:.2f}")
+        parts.append(s + " / " + ("–" if g["ref"] is None else f"{g['ref']:+.1f}"))
+    return "| " + " | ".join(parts) + " |"
+
+
 def _n_label(ns: list[int]) -> str:
     ns = sorted(set(ns))
     return "–" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
@@ -363,6 +389,11 @@ def _csv(plan: Plan, cells: dict) -> str:
                     "" if c["ref"] is None else c["ref"], "" if c["diff"] is None else f"{c['diff']:.3f}",
                     *("" if name not in c["p"] else f"{c['p'][name]:.4f}" for _, _, name in BASELINES),
                     "" if c["cost"] is None else f"{c['cost']:.4f}", c["cost_unit"] or "", " ".join(c["runs"])])
+    if spec.gain is not None:
+        for g in gain_cells(plan, cells):
+            w.writerow([spec.name, plan.scale, spec.gain.label, "", g["column"], "gain", "", "",
+                        "" if g["mean"] is None else f"{g['mean']:.3f}", "" if g["se"] is None else f"{g['se']:.3f}",
+                        "" if g["ref"] is None else g["ref"], "", "", "", "", "", ""])
     return buf.getvalue()
 
 
@@ -432,6 +463,10 @@ def _markdown(plan: Plan, cells: dict, df, version: str, rel_runs: str, version_
                 s = f"[{s}]({rel_runs}/{c['runs'][0]}/metrics.json)"
             parts.append(s)
         lines.append("| " + " | ".join(parts) + " |")
+    if spec.gain is not None:
+        lines.append(_gain_line(plan, cells))
+        lines += ["", f"{spec.gain.label}: the {spec.gain.row} row minus the {spec.gain.over} row "
+                  "(± its standard error over seeds, from two seeds up) / the paper's gain."]
     lines += [""] + partial_note(cells.values())
     lines += [f"Made from {len(plan.jobs)} runs (`detbench runs`, or `benchmark.results.load_runs()` "
               "in Python). Earlier versions: the dated folders beside this file.", ""]
@@ -518,7 +553,7 @@ def _convergence_plot(plan: Plan, cells: dict) -> bytes:
         for ri, pts in sorted(rows.items()):
             x, m, sd = zip(*pts)
             ax.errorbar(x, m, yerr=sd, marker="o", ms=4, capsize=2, label=plan.spec.rows[ri].label)
-        ax.set_title(f"{DETECTOR_NAMES.get(det, det)}: {metric}", fontsize=8)
+        ax.set_title(f"{detector_title(det)}: {metric}", fontsize=8)
         ax.set_xlabel("fine-tuning steps", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

@@ -280,3 +280,30 @@ def test_titles_name_every_detector_and_feature_that_ran(isolated):
         assert part in mixed
     voc = what_ran(plan_table("moco_voc", scale="micro"), load_runs(store.root))
     assert voc.startswith("Faster R-CNN, ResNet-18 C4, on synthetic scenes") and voc.endswith("in VOC layout")
+
+
+def test_gain_row_is_the_difference_of_two_rows_beside_the_papers_gain(isolated):
+    """aligndet_gains publishes gains, not APs: the derived row is AlignDet minus its baseline
+    (with the standard error over seeds) and the paper's gain sits in the 12k columns only."""
+    from benchmark.report import gain_cells
+    store = RunStore(isolated / "runs")
+    plan = plan_table("aligndet_gains", scale="micro", seeds=(0, 1))
+    _fill(store, plan, lambda row, seed: (2.0 + 0.3 * seed) if "AlignDet" in row else (1.0 + 0.1 * seed))
+    gains = {g["column"]: g for g in gain_cells(plan, cell_values(plan, store))}
+    fcos = gains["FCOS 12k APbb"]
+    assert fcos["mean"] == pytest.approx(2.15 - 1.05)
+    assert fcos["se"] == pytest.approx((0.3 ** 2 / 2 / 2 + 0.1 ** 2 / 2 / 2) ** 0.5)   # s^2 = d^2/2 for two seeds
+    assert fcos["ref"] == 5.3 and gains["DETR 12k APbb"]["ref"] == 2.3
+    assert gains["FCOS 90k APbb"]["ref"] is None and gains["Mask R-CNN 12k APbb"]["ref"] is None
+    md = (render(plan, store, out_root=isolated / "tables") / "table.md").read_text()
+    assert "| **AlignDet gain** |  | +1.10 ± 0.16 / +5.3 |" in md
+
+
+def test_gain_naming_a_missing_row_is_an_error_naming_the_field(tmp_path):
+    from benchmark.tables import load_spec
+    from methods.base import ConfigError
+    p = tmp_path / "t.yaml"
+    p.write_text("name: t\ncolumns: [{label: A, schedule: 1x, metric: bbox.AP}]\n"
+                 "rows: [{label: X, method: moco_v2}]\ngain: {label: G, row: X, over: Y, ref_column: g}\n")
+    with pytest.raises(ConfigError, match=r"t.yaml: gain.over: no row labelled 'Y'"):
+        load_spec(str(p))

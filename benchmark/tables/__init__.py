@@ -53,6 +53,17 @@ class Row:
 
 
 @dataclass
+class Gain:
+    """A derived row: ``row`` minus ``over`` in every column, beside the paper's gain (the
+    reference's ``ref_column`` where the column's ``ref_match`` matches), for papers that
+    publish gains rather than APs (AlignDet's abstract)."""
+    label: str
+    row: str
+    over: str
+    ref_column: str
+
+
+@dataclass
 class TableSpec:
     name: str
     title: str
@@ -64,7 +75,17 @@ class TableSpec:
     # also draw convergence.png: each column group of one detector and metric (several
     # schedules) as the metric against the fine-tuning steps, one line per row
     convergence: bool = False
+    gain: Gain | None = None
     path: Path | None = None
+
+    def gain_reference(self, col: Column) -> float | None:
+        """The paper's gain for a column (``gain.ref_column`` of the reference row matching
+        the column's ``ref_match``)."""
+        if self.gain is None or not col.ref_match:
+            return None
+        return self.reference_value(Row(label="", method="", ref_match=dict(col.ref_match)),
+                                    Column(label=col.label, schedule=col.schedule, metric=col.metric,
+                                           ref_column=self.gain.ref_column))
 
     def reference_rows(self) -> list[dict]:
         if not self.reference:
@@ -120,8 +141,14 @@ def load_spec(name_or_path: str) -> TableSpec:
                                   f"(and pretrain_epochs, method_overrides, recipe_overrides), got {row.parent!r}")
             row.parent = dataclass_from_dict(ParentRun, row.parent, f"{p}: rows[{i}].parent")
         rows.append(row)
+    gain = d.pop("gain", None)
+    if gain is not None:
+        gain = dataclass_from_dict(Gain, gain, f"{p}: gain")
+        for k in ("row", "over"):
+            if getattr(gain, k) not in [r.label for r in rows]:
+                raise ConfigError(f"{p}: gain.{k}: no row labelled {getattr(gain, k)!r}")
     spec = dataclass_from_dict(TableSpec, {"title": d.get("name"), "source": "", "reference": None, **d,
-                              "columns": cols, "rows": rows}, str(p))
+                              "columns": cols, "rows": rows, "gain": gain}, str(p))
     spec.path = p
     return spec
 
