@@ -42,7 +42,8 @@ def method_config(name: str, method_scale: dict | None = None) -> dict:
 
 def records(method, n: int, size: int | tuple[int, int], seed: int = 0) -> list[dict]:
     """``n`` random RGB records of ``size`` (W or (W, H)); with labels when the method reads
-    them and random filtered boxes standing in for cached proposals when it reads those."""
+    them, random filtered boxes standing in for cached proposals when it reads those, and
+    random pseudo-classes of those boxes when it reads them."""
     w, h = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
     out = []
@@ -52,6 +53,8 @@ def records(method, n: int, size: int | tuple[int, int], seed: int = 0) -> list[
             r["labels"] = (rng.random(NUM_CLASSES) > 0.5).astype(np.float32)
         if method.proposal_params() is not None:
             r["proposals"] = random_proposals(w, h, 16, rng)
+            if method.pseudo_class_params() is not None:    # AlignDet-DETR: a k-means class per proposal
+                r["pseudo_classes"] = rng.integers(0, method.pseudo_class_params()["k"], len(r["proposals"]))
         out.append(r)
     return out
 

@@ -5,6 +5,7 @@ is timed.
 
     python -m benchmark.bench.step_bench --scale tiny --batch 16 --steps 10
     python -m benchmark.bench.step_bench --scale paper --batch 64 --device cuda --amp [--fast [--compile]]
+    python -m benchmark.bench.step_bench --methods aligndet:fcos,aligndet:retinanet,aligndet:mask_rcnn,aligndet:detr
 
 ``--fast`` times each method again with the fast path of ``runtime`` (channels-last, fused
 optimizer) and reports its speed-up over the plain step; ``--compile`` adds a third timing with
@@ -28,9 +29,13 @@ from methods import build_method, get_method
 def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp: bool,
                 image_size: int, fast: bool = False, compile: bool = False) -> dict:
     torch.manual_seed(0)
+    name, _, detector = name.partition(":")     # "aligndet:fcos": AlignDet pretraining FCOS
     cls = get_method(name)
     sc = load_scale(scale)
-    m = build_method(name, **inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale))))
+    cfg = inputs.method_config(name, cls.scales.get(sc.get("method_scale", scale)))
+    if detector:
+        cfg["detector"] = detector
+    m = build_method(name, **cfg)
     spec = m.detector_spec()
     if spec is not None:    # AlignDet pretrains the scale's detector: inject it as the pretraining stage will
         from benchmark.config import finetune_config
@@ -52,7 +57,7 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
         m.momentum_update(0.5)
 
     dt = inputs.seconds_per_step(step, steps, device, warmup=3 if compile else 2)
-    return {"method": name, "s_per_step": dt, "images_per_s": batch / dt, "fast": fast, "compile": compile}
+    return {"method": f"{name}:{detector}" if detector else name, "s_per_step": dt, "images_per_s": batch / dt, "fast": fast, "compile": compile}
 
 
 def main(argv=None) -> int:
