@@ -77,13 +77,21 @@ def main(argv=None) -> int:
     names = a.methods.split(",")
     if "moco_v2" not in names:
         names = ["moco_v2"] + names
-    rows = []
+    rows, failed = [], []
     for n in names:
         rows.append(time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size))
         plain = rows[-1]["s_per_step"]
         for compile in ([False, True] if a.compile else [False]) if a.fast else []:
-            fast = time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size, True, compile)
-            fast["method"] = f"{n}+fast" + ("+compile" if compile else "")
+            label = f"{n}+fast" + ("+compile" if compile else "")
+            try:
+                fast = time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size, True, compile)
+            except Exception as e:   # torch.compile may fail on a torch version: say so, time the rest
+                if not compile:
+                    raise
+                failed.append({"method": label, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"})
+                print(f"{label}: failed ({failed[-1]['error']})")
+                continue
+            fast["method"] = label
             fast["speedup_vs_plain"] = plain / fast["s_per_step"]
             rows.append(fast)
     base = next(r for r in rows if r["method"] == "moco_v2")["s_per_step"]
@@ -93,10 +101,12 @@ def main(argv=None) -> int:
     for r in rows:
         r["ratio_vs_moco_v2"] = r["s_per_step"] / base
         print(f"{r['method']:22s} {r['s_per_step']:9.4f} {r['images_per_s']:8.1f} {r['ratio_vs_moco_v2']:10.2f}x")
+    for r in failed:
+        print(f"{r['method']:22s} failed: {r['error']}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"scale": a.scale, "batch": a.batch, "device": dev, "amp": a.amp,
-                               "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+                               "torch": torch.__version__, "rows": rows, "failed": failed}, indent=1) + "\n")
     return 0
 
 
