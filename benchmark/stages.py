@@ -45,9 +45,11 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
     store = RunStore(store_root)
     if store.status(job.key) == "done":
         return store.metrics(job.key)
-    for p in job.parents:
-        st = store.status(p)
-        if st != "done":
+    for p, st in trainer.broadcast_object({p: store.status(p) for p in job.parents} if main else None).items():
+        if st == "running":   # being (re)computed elsewhere, e.g. by a sibling that found its weights
+            # missing: wait for it under its lock, or finish it from its checkpoint
+            run_job(_stored_job(store, p), store_root, resume=True, device=device, progress=progress, runtime=runtime)
+        elif st != "done":
             raise ParentNotDone(f"{job.label}: parent run {p} is {st}")
     for p, why in trainer.broadcast_object(_unusable_parents(store, job) if main else None):
         print(f"{job.label}: parent run {p}: {why}; recomputing it (same config, same key)",

@@ -289,3 +289,20 @@ def test_every_missing_variable_and_path_is_listed_before_any_run(isolated, monk
     assert main(["reproduce", "--table", "soco_table1", "--scale", "small"]) == 2
     err = capsys.readouterr().err
     assert f"{isolated / 'nope.pth'} does not exist" in err and f"{isolated / 'train2017'} does not exist" in err
+
+
+def test_a_parent_a_sibling_is_recomputing_is_waited_for_not_failed(isolated):
+    """Two fine-tunings of one pretraining whose weights are missing start at once: the first
+    invalidates and recomputes the parent; the second finds it unfinished ("running") and must
+    wait for it (or finish it) under its lock, not fail with ParentNotDone (seen on a GPU
+    machine with --jobs 8)."""
+    plan = plan_table("soco_table1", scale="micro")
+    pre = next(j for j in plan.jobs if j.stage == "pretrain" and "MoCo" in j.label)
+    ft = next(j for j in plan.jobs if j.stage == "finetune" and j.parents == (pre.key,))
+    store = RunStore()
+    run_job(pre, progress=False)
+    (store.run_dir(pre.key) / "weights.pt").unlink()
+    store.invalidate(pre.key, "weights missing")                 # the sibling's first move
+    assert store.status(pre.key) == "running"
+    run_job(ft, progress=False, stop_after=1)
+    assert store.status(pre.key) == "done" and (store.run_dir(pre.key) / "weights.pt").exists()
