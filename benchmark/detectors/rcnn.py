@@ -73,7 +73,7 @@ def roi_align_grad_input(grad: torch.Tensor, rois: torch.Tensor, input_shape, sp
     """The gradient of RoIAlign's input for a fixed ``sampling_ratio`` > 0: torchvision's CPU
     backward kernel vectorised (every RoI, bin, sample point and bilinear corner adds
     ``grad * w / count`` to its pixel, in the kernel's order, so the sums are the same bit for
-    bit). RoIs are taken in chunks of at most ``max_elements`` scattered values."""
+    bit). Bins are taken in chunks of at most ``max_elements`` scattered values."""
     n, c, h, w = input_shape
     ph, pw = grad.shape[-2:]
     b = rois[:, 1:] * spatial_scale - (0.5 if aligned else 0.0)
@@ -82,15 +82,22 @@ def roi_align_grad_input(grad: torch.Tensor, rois: torch.Tensor, input_shape, sp
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
     yi, yw = _sample_axis(b[:, 1], roi_h / ph, ph, sampling_ratio, h)
     xi, xw = _sample_axis(b[:, 0], roi_w / pw, pw, sampling_ratio, w)
-    # dims: RoI, bin y, bin x, sample y, sample x, corner y, corner x
+    # dims: RoI, bin y, bin x, sample y, sample x, corner y, corner x -> [RoI x bin, tap]
+    taps, count = 4 * sampling_ratio ** 2, sampling_ratio ** 2
     pixel = (((rois[:, 0].long() * h)[:, None, None, None, None, None, None] + yi[:, :, None, :, None, :, None]) * w
-             + xi[:, None, :, None, :, None, :])
-    weight = yw[:, :, None, :, None, :, None] * xw[:, None, :, None, :, None, :] / (sampling_ratio * sampling_ratio)
-    g = grad.permute(0, 2, 3, 1)[:, :, :, None, None, None, None, :]
+             + xi[:, None, :, None, :, None, :]).reshape(-1, taps)
+    weight = (yw[:, :, None, :, None, :, None] * xw[:, None, :, None, :, None, :]).reshape(-1, taps, 1)
+    power_of_two = count & (count - 1) == 0
+    if power_of_two:   # grad * (w / count) == grad * w / count: scaling by 2^-k commutes with rounding
+        weight = weight / count
+    g = grad.permute(0, 2, 3, 1).reshape(-1, 1, c)
     out = grad.new_zeros(n * h * w, c)
-    step = max(1, max_elements // (ph * pw * sampling_ratio ** 2 * 4 * c))   # RoIs per chunk
-    for r in range(0, len(rois), step):
-        out.index_add_(0, pixel[r:r + step].reshape(-1), (g[r:r + step] * weight[r:r + step, ..., None]).reshape(-1, c))
+    step = max(1, max_elements // (taps * c))   # bins per chunk
+    for b in range(0, len(pixel), step):
+        src = torch.bmm(weight[b:b + step], g[b:b + step])   # over one term: the plain product w * grad
+        if not power_of_two:
+            src.div_(count)
+        out.index_add_(0, pixel[b:b + step].reshape(-1), src.reshape(-1, c))
     return out.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
