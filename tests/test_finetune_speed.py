@@ -1,6 +1,7 @@
 """The faster CPU fine-tuning step trains the same numbers: the vectorised RoIAlign backward
-gives torchvision's gradient bit for bit, the fused SGD the per-tensor update, and a few
-Mask R-CNN steps at the tiny config end with the weights of torchvision's pooler and SGD."""
+gives torchvision's gradient bit for bit, and a few Mask R-CNN steps at the tiny config end
+with the very weights of torchvision's pooler (a rounding difference would grow, at lr 0.02,
+into a different run within ten steps: nothing but bit equality keeps a run's results)."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,6 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align as tv_roi_align
 
 from benchmark.config import finetune_config
 from benchmark.detectors import detector_config
-from benchmark.detectors.base import param_groups
 from benchmark.detectors.rcnn import RoIPooler, roi_align, roi_align_grad_input
 
 
@@ -64,9 +64,9 @@ def test_pooler_matches_torchvisions_multiscale_roi_align_with_gradients():
                                                  torch.autograd.grad(ref, list(x.values()), grad)))
 
 
-def test_tiny_mask_rcnn_steps_train_the_numbers_of_torchvisions_pooler_and_sgd(monkeypatch):
-    """Two SGD steps of the tiny Mask R-CNN: the same losses and weights as with torchvision's
-    RoIAlign backward and the per-tensor SGD loop."""
+def test_tiny_mask_rcnn_steps_train_the_numbers_of_torchvisions_pooler(monkeypatch):
+    """Two SGD steps of the tiny Mask R-CNN: the same losses and weights, bit for bit, as with
+    torchvision's RoIAlign."""
     from benchmark.bench.detector_bench import synthetic_batch
     import benchmark.detectors.rcnn as rcnn
     cfg = finetune_config(scale="tiny", parent=None)
@@ -88,17 +88,11 @@ def test_tiny_mask_rcnn_steps_train_the_numbers_of_torchvisions_pooler_and_sgd(m
         return torch.stack(losses), m.state_dict()
 
     fast = copy.deepcopy(model)
-    opt = det.optimizer(fast, recipe)
-    assert opt.defaults["fused"]
-    fast_losses, fast_state = train(fast, opt)
-
+    fast_losses, fast_state = train(fast, det.optimizer(fast, recipe))
     monkeypatch.setattr(rcnn, "roi_align", lambda f, r, o, s, sr, al: tv_roi_align(
         f, r, o, spatial_scale=s, sampling_ratio=sr, aligned=al))
     slow = copy.deepcopy(model)
-    slow_opt = torch.optim.SGD(param_groups(slow, recipe.weight_decay, recipe.weight_decay_norm), lr=recipe.lr,
-                               momentum=recipe.momentum, weight_decay=recipe.weight_decay, foreach=False)
-    slow_losses, slow_state = train(slow, slow_opt)
-    torch.testing.assert_close(fast_losses, slow_losses, rtol=1e-6, atol=0)
-    for k, v in slow_state.items():
-        torch.testing.assert_close(fast_state[k], v, rtol=1e-6, atol=1e-9, msg=k)
+    slow_losses, slow_state = train(slow, det.optimizer(slow, recipe))
+    assert torch.equal(fast_losses, slow_losses)
+    assert [k for k, v in slow_state.items() if not torch.equal(fast_state[k], v)] == []
     assert not torch.equal(fast_state["roi_heads.box_head.0.0.weight"], model.state_dict()["roi_heads.box_head.0.0.weight"])
