@@ -6,9 +6,13 @@ checkouts timed by this script can be shown to train the same numbers:
     python -m benchmark.bench.finetune_bench --scale tiny --steps 30 --repeats 3
     PYTHONPATH=/path/to/other/checkout python -m benchmark.bench.finetune_bench ...   # the "before"
     python -m benchmark.bench.finetune_bench --profile     # where a step's time goes, by component
+    python -m benchmark.bench.finetune_bench --option box_batch_size_per_image=32 --option batch_size=2
 
 In the same process it also times RoIAlign's backward on CPU (``benchmark.detectors.rcnn``)
-against torchvision's kernel on the pooled shapes of one step, as a ratio.
+against torchvision's kernel on the pooled shapes of one step, as a ratio. ``--option``
+(repeatable; ``field=value[;field=value]``, detector fields or ``batch_size``) times the training step (forward, backward,
+SGD) of the scale's detector changed so, on the same real training batches, against the
+scale's own detector in the same process: the options that would change run keys, measured.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import statistics
 import tempfile
 import time
+import yaml
 from collections import defaultdict
 from pathlib import Path
 
@@ -148,6 +153,51 @@ def roi_align_ratio(repeats: int = 10) -> dict | None:
     return {"ours_ms": ours * 1e3, "torchvision_ms": theirs * 1e3, "speedup": theirs / ours}
 
 
+def option_ratios(scale: str, detector: str, schedule: str, options: list[str], steps: int, rounds: int = 3) -> list[dict]:
+    """Seconds per training step of the scale's detector and of each ``field=value[;...]`` variant,
+    on the first batches of the scale's training set (loaded once), round-robin over
+    ``rounds`` so that the machine's load falls on every variant alike; medians."""
+    from benchmark.data.coco import collate_fn
+    from benchmark.datasets import resolve_data
+    from benchmark.detectors import detector_config
+    from benchmark.finetune import TrainSet, open_coco
+    from benchmark.trainer import ResumableBatchSampler
+    base = finetune_config(scale=scale, detector=detector, schedule=schedule, parent=None)
+    train = open_coco(resolve_data(base["data"])["train"], "data.train", with_masks=True)
+    variants = []
+    for opt in [""] + options:
+        over = {}
+        for part in filter(None, opt.split(";")):   # "field=value;field=value": several at once
+            key, _, val = part.partition("=")
+            over[key.strip()] = yaml.safe_load(val)
+        batch = over.pop("batch_size", base["recipe"]["batch_size"])
+        cfg = finetune_config(scale=scale, detector=detector, schedule=schedule, parent=None, detector_overrides=over)
+        det, det_cfg = detector_config(cfg["detector"])
+        torch.manual_seed(0)
+        model = det.build(det_cfg, train.num_classes + 1).train()
+        sampler = iter(ResumableBatchSampler(len(train), batch, 0))
+        data = TrainSet(train, 0, det.Recipe.from_dict(cfg["recipe"]).hflip_prob)
+        batches = [collate_fn([data[k] for k in next(sampler)]) for _ in range(steps)]
+        if not det.with_masks:
+            batches = [(ims, [{k: v for k, v in t.items() if k != "masks"} for t in tg]) for ims, tg in batches]
+        variants.append({"option": opt or "(the scale's)", "batch": batch, "model": model, "batches": batches,
+                         "opt": det.optimizer(model, det.Recipe.from_dict(cfg["recipe"])), "times": []})
+    for _ in range(rounds):
+        for v in variants:
+            t0 = time.perf_counter()
+            for ims, tg in v["batches"]:
+                loss = sum(v["model"](ims, tg).values())
+                v["opt"].zero_grad(set_to_none=True)
+                loss.backward()
+                v["opt"].step()
+            v["times"].append((time.perf_counter() - t0) / steps)
+    base_s = statistics.median(variants[0]["times"])
+    return [{"option": v["option"], "s_per_step": statistics.median(v["times"]),
+             "ratio": statistics.median(v["times"]) / base_s,
+             "s_per_image_ratio": statistics.median(v["times"]) / v["batch"] / (base_s / variants[0]["batch"])}
+            for v in variants]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="tiny")
@@ -156,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="one run under torch.profiler, split by component")
+    p.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="time the step with this detector field (or batch_size) changed, as a ratio")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     a = p.parse_args(argv)
     runtime = load_scale(a.scale).get("runtime", {})
@@ -165,7 +217,12 @@ def main(argv=None) -> int:
     import benchmark
     res = {"code": str(Path(benchmark.__file__).parent.parent), "scale": a.scale, "detector": a.detector,
            "steps": a.steps, "torch_threads": torch.get_num_threads(), "num_workers": workers}
-    if a.profile:
+    if a.option:
+        res["options"] = option_ratios(a.scale, a.detector, a.schedule, a.option, a.steps, a.repeats)
+        for r in res["options"]:
+            print(f"  {r['option']:44s} {r['s_per_step']:7.3f} s/step  x{r['ratio']:.2f}  "
+                  f"(per image x{r['s_per_image_ratio']:.2f})")
+    elif a.profile:
         res["profile"] = profile(cfg, a.steps, workers)
         for k, v in res["profile"]["parts_s_per_step"].items():
             print(f"  {k:52s} {v * 1e3:8.1f} ms/step")
