@@ -69,11 +69,12 @@ def _sample_axis(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, grid:
 
 
 def roi_align_grad_input(grad: torch.Tensor, rois: torch.Tensor, input_shape, spatial_scale: float,
-                         sampling_ratio: int, aligned: bool, max_elements: int = 1 << 24) -> torch.Tensor:
+                         sampling_ratio: int, aligned: bool, max_elements: int = 1 << 17) -> torch.Tensor:
     """The gradient of RoIAlign's input for a fixed ``sampling_ratio`` > 0: torchvision's CPU
     backward kernel vectorised (every RoI, bin, sample point and bilinear corner adds
     ``grad * w / count`` to its pixel, in the kernel's order, so the sums are the same bit for
-    bit). Bins are taken in chunks of at most ``max_elements`` scattered values."""
+    bit). Bins are taken in chunks of at most ``max_elements`` scattered values (512 KiB: the
+    products stay in cache; one chunk of a 256-RoI step is as slow as torchvision's kernel)."""
     n, c, h, w = input_shape
     ph, pw = grad.shape[-2:]
     b = rois[:, 1:] * spatial_scale - (0.5 if aligned else 0.0)
