@@ -127,16 +127,18 @@ def profile(cfg: dict, steps: int, num_workers: int) -> dict:
 
 
 def roi_align_ratio(repeats: int = 10) -> dict | None:
-    """RoIAlign backward of ``benchmark.detectors.rcnn`` vs torchvision's, on box-head shapes of a
-    tiny step (64 channels, P2 of a 160-px image, 64 RoIs, 7x7, 2x2 samples)."""
+    """RoIAlign backward of ``benchmark.detectors.rcnn`` vs torchvision's, on the box head's
+    shapes in a tiny step (64 channels, P2 of four 160-px images, 256 RoIs: at 128 px nearly
+    every RoI maps to P2; 7x7 bins, 2x2 samples)."""
     try:
         from benchmark.detectors.rcnn import roi_align, tv_roi_align
     except ImportError:   # a checkout without it (the "before")
         return None
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(4, 64, 40, 40, generator=g, requires_grad=True)
-    xy = torch.rand(64, 2, generator=g) * 120
-    rois = torch.cat([torch.randint(0, 4, (64, 1), generator=g).float(), xy, xy + 8 + torch.rand(64, 2, generator=g) * 60], 1)
+    xy = torch.rand(256, 2, generator=g) * 120
+    rois = torch.cat([torch.randint(0, 4, (256, 1), generator=g).float(), xy,
+                      xy + 8 + torch.rand(256, 2, generator=g) * 60], 1)
 
     def seconds(fn):
         out = fn(feat, rois, (7, 7), 0.25, 2, False)
