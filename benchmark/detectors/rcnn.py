@@ -20,7 +20,7 @@ Precise BN (detectron2 ``TEST.PRECISE_BN``) is a fine-tuning recipe field
 RoIAlign's backward on CPU with a fixed sampling grid (the tiny scale's ``roi_sampling_ratio``
 2) is :func:`roi_align_grad_input`: torchvision's CPU kernel, vectorised. It gives torchvision's
 gradient bit for bit (same weights, same order of additions) at 2-3x its speed; RoIAlign's
-backward was 13 % of a tiny Mask R-CNN step.
+backward was 10-13 % of a tiny Mask R-CNN step (`benchmark.bench.finetune_bench --profile`).
 """
 from __future__ import annotations
 
