@@ -68,8 +68,20 @@ def _board_key(plan, col, df, cell_runs) -> tuple[str, str, str]:
     return det, getattr(col, "protocol", "coco"), plan.scale
 
 
+# a leaderboard's column is (schedule, metric): tables label the same cell differently
+# ("1x APbb" in soco_table1, "FPN 1x APbb" in insloc_modelzoo, "FPN APbb" in pixpro_coco)
+METRIC_NAMES = {"bbox.AP": "APbb", "segm.AP": "APmk", "bbox.AP50": "AP50", "bbox.AP75": "AP75"}
+
+
+def board_column(col) -> str:
+    """'1x APbb': the schedule and metric of a table column (the board fixes the detector)."""
+    return f"{col.schedule} {METRIC_NAMES.get(col.metric, col.metric)}"
+
+
 def collect_boards(df) -> dict:
-    """(detector, protocol, scale) -> {"columns": [labels], "rows": [...], "plans": [...]}."""
+    """(detector, protocol, scale) -> {"columns": [labels], "rows": [...], "plans": [...]}.
+    Columns are (schedule, metric) whatever each table calls them; rows are ranked by the
+    column most of them have."""
     boards: dict = {}
     for plan in table_plans(df):
         cells = cell_values(plan, df)
@@ -79,26 +91,34 @@ def collect_boards(df) -> dict:
                 if not c["runs"]:
                     continue
                 b = boards.setdefault(_board_key(plan, col, df, c["runs"]), {"columns": [], "rows": {}, "plans": []})
-                if col.label not in b["columns"]:
-                    b["columns"].append(col.label)
+                label = board_column(col)
+                if label not in b["columns"]:
+                    b["columns"].append(label)
                 if plan not in b["plans"]:
                     b["plans"].append(plan)
                 # one row per (table, row); a row another table already brought with the same runs is skipped
                 r = b["rows"].setdefault((plan.spec.name, row.label), {"table": plan.spec.name, "label": row.label,
                                                                         "method": row.method, "cells": {},
                                                                         "plan": plan})
-                r["cells"][col.label] = c
+                r["cells"][label] = c
     for b in boards.values():
         # a row whose runs another row already shows (a table reusing another's runs, e.g. the
         # Mask R-CNN column of detectors_tiny = soco_table1's 1x) is left out: the fuller row stays
         kept: list[tuple[set, dict]] = []
-        for r in sorted(b["rows"].values(), key=lambda r: -len(r["cells"])):
-            runs = {k for c in r["cells"].values() for k in c["runs"]}
+        def runs_of(r):
+            return {k for c in r["cells"].values() for k in c["runs"]}
+
+        for r in sorted(b["rows"].values(), key=lambda r: (-len(r["cells"]), -len(runs_of(r)))):
+            runs = runs_of(r)
             if not any(runs <= other for other, _ in kept):
                 kept.append((runs, r))
         rows = [r for _, r in kept]
         b["columns"] = [c for c in b["columns"] if any(c in r["cells"] for r in rows)]
-        first = b["columns"][0]
+        first = max(b["columns"], key=lambda c: sum(c in r["cells"] for r in rows))   # first-seen on ties
+        metric_order = list(METRIC_NAMES.values())   # box AP columns, then mask AP, ...: stable within each
+        rest = sorted((c for c in b["columns"] if c != first),
+                      key=lambda c: metric_order.index(c.split()[-1]) if c.split()[-1] in metric_order else len(metric_order))
+        b["columns"] = [first] + rest
         rows.sort(key=lambda r: -(r["cells"][first]["mean"] if first in r["cells"] else -math.inf))
         b["rows"] = rows
     return boards

@@ -154,7 +154,7 @@ def test_leaderboards_one_per_scale_ranked_with_cost(isolated):
     micro = boards[("mask_rcnn", "coco", "micro")]
     assert [r["label"] for r in micro["rows"]][:3] == ["SoCo 400ep", "SoCo* 400ep", "SoCo 100ep"]
     assert [r["label"] for r in boards[("mask_rcnn", "coco", "tiny")]["rows"]][0] == "Scratch"
-    assert micro["columns"] == ["1x APbb", "1x APmk", "2x APbb", "2x APmk"]
+    assert micro["columns"] == ["1x APbb", "2x APbb", "1x APmk", "2x APmk"]   # box AP, then mask AP
     results = isolated / "results"
     readme = write_readme(df, results, store.root)
     text = readme.read_text()
@@ -165,6 +165,27 @@ def test_leaderboards_one_per_scale_ranked_with_cost(isolated):
     mtime = readme.stat().st_mtime_ns
     write_readme(df, results, store.root)
     assert readme.stat().st_mtime_ns == mtime                          # unchanged page: not rewritten
+
+
+def test_leaderboard_columns_are_schedule_and_metric_whatever_each_table_calls_them(isolated):
+    """insloc_modelzoo calls soco_table1's "1x APbb" "FPN 1x APbb", aligndet_gains has "12k"/"90k":
+    one column per (schedule, metric), ranked by the column most rows have, and a row whose runs
+    another row already shows (MoCo v2 200ep, in both tables) appears once."""
+    store = RunStore(isolated / "runs")
+    for name in ("soco_table1", "insloc_modelzoo", "aligndet_gains"):
+        _fill(store, plan_table(name, scale="micro", seeds=(0,)), lambda row, seed: 1.0 + len(row) / 100)
+    board = collect_boards(load_runs(store.root))[("mask_rcnn", "coco", "micro")]
+    cols = board["columns"]
+    assert cols[0] == "1x APbb" and set(cols) == {"1x APbb", "2x APbb", "12k APbb", "90k APbb", "1x APmk", "2x APmk"}
+    assert [c.endswith("APbb") for c in cols] == [True] * 4 + [False] * 2      # box AP, then mask AP
+    soco = plan_table("soco_table1", scale="micro", seeds=(0,))
+    moco = next(c.eval_key for c in soco.cells if soco.spec.rows[c.row].label == "MoCo v2" and c.col == 0)
+    shows = [r["table"] for r in board["rows"] if moco in r["cells"].get("1x APbb", {}).get("runs", [])]
+    assert len(shows) == 1                                   # soco_table1's MoCo v2 = insloc's MoCo v2 200ep
+    ranked = [r for r in board["rows"] if "1x APbb" in r["cells"]]
+    assert board["rows"][:len(ranked)] == ranked             # rows without the ranking column come last
+    means = [r["cells"]["1x APbb"]["mean"] for r in ranked]
+    assert means == sorted(means, reverse=True)
 
 
 def test_runs_command_formats_and_filters(isolated, capsys):
