@@ -25,10 +25,16 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
     return F.cross_entropy(logits, labels), logits
 
 
-def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def byol_regression(p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """BYOL's normalised regression (Grill et al. 2020, Eq. 2): 2 - 2 cos(p, z), with no
-    gradient through the target ``z``; mean over rows. SoCo (Eq. 3) sums it over views."""
-    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+    gradient through the target ``z``; mean over rows, or over the rows where ``weight`` (0/1,
+    one per row) is 1 (0 when none is: no host sync, no data-dependent shape). SoCo (Eq. 3)
+    sums it over views."""
+    d = 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)
+    if weight is None:
+        return d.mean()
+    w = weight.to(d.dtype)
+    return (d * w).sum() / w.sum().clamp(min=1)
 
 
 def grouped_info_nce(q: torch.Tensor, k: torch.Tensor, group: torch.Tensor,

@@ -30,10 +30,10 @@ class MemoryQueue(nn.Module):
         n = k.shape[0]
         if n > self.size:
             k, n = k[-self.size:], self.size
-        p = int(self.ptr)
-        idx = (torch.arange(n, device=k.device) + p) % self.size
-        self.keys[idx] = k.to(self.keys.dtype)
-        self.ptr.fill_((p + n) % self.size)
+        # the pointer stays a tensor: no host sync, and torch.compile traces it without a break
+        idx = (torch.arange(n, device=k.device) + self.ptr) % self.size
+        self.keys.index_copy_(0, idx, k.to(self.keys.dtype))
+        self.ptr.copy_((self.ptr + n) % self.size)
 
 
 class LevelQueues(MemoryQueue):

@@ -82,22 +82,27 @@ def multilevel_roi_align(feats: list[torch.Tensor], strides, boxes: torch.Tensor
     InsLoc). ``sampling_ratio``: points per bin side (torchvision; <= 0: adaptive, ceil(bin
     size)). Returns (N * K * L, C, roi_size, roi_size) in (n, k, l) order.
 
-    A level that no box picks is still pooled, with an empty selection: its feature map (and
-    the FPN layers that make it) stays in the autograd graph with a zero gradient, so DDP
-    with ``find_unused_parameters=False`` finds every parameter reduced on every step."""
+    Each level pools every row, with the rows of other levels given empty boxes and their
+    outputs zeroed, so the result is exactly the per-level selection without a data-dependent
+    shape or host sync (``torch.compile`` traces it whole). With adaptive sampling an empty box
+    samples nothing; every level's feature map (and the FPN layers that make it) stays in the
+    autograd graph, with a zero gradient where no box picks it, so DDP with
+    ``find_unused_parameters=False`` finds every parameter reduced on every step."""
     N, K, L = levels.shape
     if boxes.dim() == 3:
         boxes = boxes[:, :, None, :].expand(N, K, L, 4)
-    b = boxes.reshape(-1, 4)
+    dt = feats[0].dtype
+    b = boxes.reshape(-1, 4).to(dt)
     lv = levels.reshape(-1)
-    idx = torch.arange(N, device=boxes.device)[:, None, None].expand(N, K, L).reshape(-1)
-    out = feats[0].new_zeros(b.shape[0], feats[0].shape[1], roi_size, roi_size)
+    idx = torch.arange(N, device=boxes.device)[:, None, None].expand(N, K, L).reshape(-1, 1).to(dt)
+    out = None
     for level, (f, s) in enumerate(zip(feats, strides)):
-        sel = (lv == level).nonzero(as_tuple=True)[0]
-        rois = torch.cat([idx[sel, None].to(f.dtype), b[sel].to(f.dtype)], 1)
+        mine = (lv == level)[:, None]
+        rois = torch.cat([idx, b * mine.to(dt)], 1)
         pooled = roi_align(f, rois, (roi_size, roi_size), spatial_scale=1.0 / s,
                            sampling_ratio=sampling_ratio, aligned=True)
-        out = out.index_put((sel,), pooled.to(out.dtype))
+        pooled = torch.where(mine[:, :, None, None], pooled, pooled.new_zeros(()))
+        out = pooled if out is None else out + pooled
     return out
 
 

@@ -99,11 +99,8 @@ def soco_loss(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
             keep = masks[v].to(torch.bool)[..., None].expand(q1.shape[:-1])
 
         def reg(p, z):
-            if keep is None:
-                return byol_regression(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]))
-            if not keep.any():
-                return p.sum() * 0.0
-            return byol_regression(p[keep], z[keep])
+            return byol_regression(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]),
+                                   None if keep is None else keep.reshape(-1))
         pair = reg(qv, z1) + reg(q1, zv)
         logs[f"loss_1{v[1:]}"] = pair.detach()
         total = pair if total is None else total + pair

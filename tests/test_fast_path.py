@@ -76,3 +76,46 @@ def test_a_nan_between_logging_steps_still_stops_the_run(tmp_path):
         loop.run(iter(range(100)), step, None, progress=False)
     assert loop.step <= 10   # found at the next step that reads the loss (step 10 at the latest)
     assert not (tmp_path / "checkpoint.pt").exists()   # no NaN weights were saved
+
+
+@pytest.mark.parametrize("name", ["moco_v2", "soco"])
+def test_step_traces_as_one_graph(name):
+    # no host sync and no data-dependent shape in the step (issue 8 §5): with both captures
+    # off, `int(queue.ptr)` or a per-level `nonzero` would each break the graph here
+    import torch._dynamo as dynamo
+    torch.manual_seed(0)
+    m = build_method(name, **inputs.method_config(name, get_method(name).scales.get("tiny")))
+    batch = m.collate(inputs.samples(m, 4, 64))
+    with dynamo.config.patch(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False):
+        e = dynamo.explain(m)(batch)
+    dynamo.reset()
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [str(b.reason)[:120] for b in e.break_reasons]
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_multilevel_roi_align_equals_per_level_selection(sampling_ratio):
+    # bit-identical values and feature gradients to pooling each level's own boxes, with a level
+    # that no box picks (its map still gets a zero gradient, for DDP)
+    from torchvision.ops import roi_align
+
+    from methods.roi import multilevel_roi_align
+    torch.manual_seed(0)
+    strides = (4, 8, 16, 32)
+    feats = [torch.randn(2, 3, 64 // s, 64 // s, requires_grad=True) for s in strides]
+    xy = torch.rand(2, 5, 2) * 40
+    boxes = torch.cat([xy, xy + 4 + torch.rand(2, 5, 2) * 20], -1)
+    levels = torch.tensor([[0, 1, 3, 1, 0], [3, 3, 0, 1, 1]])[..., None]    # P4 empty
+    got = multilevel_roi_align(feats, strides, boxes, levels, 7, sampling_ratio)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), feats)
+    b, lv = boxes.reshape(-1, 4), levels.reshape(-1)
+    img = torch.arange(2)[:, None].expand(2, 5).reshape(-1, 1).float()
+    want = torch.zeros_like(got)
+    for level, (f, s) in enumerate(zip(feats, strides)):
+        sel = (lv == level).nonzero(as_tuple=True)[0]
+        want[sel] = roi_align(f, torch.cat([img[sel], b[sel]], 1), (7, 7), 1 / s, sampling_ratio, aligned=True)
+    g_want = torch.autograd.grad((want * w).sum(), feats)
+    assert torch.equal(got, want)
+    for level, (a, r) in enumerate(zip(g_got, g_want)):
+        assert torch.equal(a, r), level
+    assert g_got[2].abs().sum() == 0 and g_got[0].abs().sum() > 0

@@ -61,3 +61,15 @@ def test_masked_cosine_regression():
     # pixel 0 of p is (1,0): cos 1; pixel 1 is (0,1): cos 0 -> mean -0.5
     assert masked_cosine_regression(p, z, match).item() == pytest.approx(-0.5)
     assert masked_cosine_regression(p, z, torch.zeros_like(match)).item() == 0.0
+
+
+def test_byol_regression_weighted_rows():
+    # the weighted form is the mean over the kept rows, and 0 (with a zero gradient) when none is kept
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])
+    keep = torch.tensor([True, False, True])
+    assert byol_regression(p, z, keep).item() == pytest.approx((0.0 + 4.0) / 2)
+    assert byol_regression(p, z, keep).item() == pytest.approx(byol_regression(p[keep], z[keep]).item())
+    none = byol_regression(p, z, torch.zeros(3, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and p.grad.abs().sum() == 0
