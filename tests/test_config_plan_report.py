@@ -223,3 +223,18 @@ def test_git_info_names_the_commit_and_never_invents_one(tmp_path):
     assert git_info(tmp_path) == {"sha": "unknown", "dirty": None, "snapshot": False}
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)   # a repository with no commit yet
     assert git_info(tmp_path)["sha"] == "unknown" and git_info(tmp_path)["dirty"] is None
+
+
+def test_tradeoff_bench_subset_keeps_only_the_chosen_cells_and_their_chains():
+    from benchmark.bench.tradeoff_bench import subset
+    plan = plan_table("soco_table1", scale="tiny", seeds=(0, 1))
+    sub, ri, ci = subset(plan, ["Scratch", "MoCo v2"], ["1x APbb"])
+    assert [plan.spec.rows[i].label for i in ri] == ["Scratch", "MoCo v2"]
+    assert [plan.spec.columns[i].label for i in ci] == ["1x APbb"]
+    assert len(sub.cells) == 4 and all(c.eval_key for c in sub.cells)
+    keys = {j.key for j in sub.jobs}
+    assert keys == {k for c in sub.cells for k in c.chain}
+    # Scratch: fine-tune + eval per seed; MoCo v2: pretrain + fine-tune + eval per seed
+    assert sorted(j.stage for j in sub.jobs) == ["evaluate"] * 4 + ["finetune"] * 4 + ["pretrain"] * 2
+    with pytest.raises(SystemExit, match="unknown row.*Scratch"):
+        subset(plan, ["Scrach"], ["1x APbb"])
