@@ -30,7 +30,7 @@ def _job_kind(stage: str, cfg: dict) -> tuple:
     if stage == "pretrain":
         return (stage, cfg.get("scale"), (cfg.get("method") or {}).get("name"), (cfg.get("recipe") or {}).get("epochs"))
     if stage == "finetune":
-        return (stage, cfg.get("scale"), cfg.get("schedule"))
+        return (stage, cfg.get("scale"), cfg.get("schedule"), (cfg.get("recipe") or {}).get("steps"))
     return (stage, cfg.get("scale"))
 
 
@@ -38,13 +38,22 @@ def _frame_kind(r) -> tuple:
     if r["stage"] == "pretrain":
         return ("pretrain", r["scale"], r.get("cfg.method.name"), r.get("cfg.recipe.epochs"))
     if r["stage"] == "finetune":
-        return ("finetune", r["scale"], r.get("cfg.schedule"))
+        return ("finetune", r["scale"], r.get("cfg.schedule"), _int(r.get("cfg.recipe.steps")))
     return (r["stage"], r["scale"])
 
 
+def _int(v) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def duration_estimates(frames) -> dict[tuple, float]:
-    """(stage, scale[, method, epochs | schedule]) -> median seconds of finished runs, plus
-    (stage, scale) -> the median over the stage."""
+    """(stage, scale[, method, epochs | schedule, steps]) -> median seconds of finished runs;
+    (stage, scale) -> the median over the stage; ("finetune", scale, "per step") -> median
+    seconds per fine-tuning step (a schedule run with other steps, e.g. ``--set
+    finetune.steps=900``, is estimated from it)."""
     import pandas as pd
     frames = [f for f in frames if f is not None and not f.empty]
     if not frames:
@@ -57,6 +66,9 @@ def duration_estimates(frames) -> dict[tuple, float]:
         s = float(r["hours"]) * 3600
         est.setdefault(_frame_kind(r), []).append(s)
         est.setdefault((r["stage"], r["scale"]), []).append(s)
+        steps = _int(r.get("cfg.recipe.steps")) if r["stage"] == "finetune" else None
+        if steps:
+            est.setdefault(("finetune", r["scale"], "per step"), []).append(s / steps)
     return {k: statistics.median(v) for k, v in est.items()}
 
 
@@ -99,7 +111,13 @@ class TableProgress:
     @staticmethod
     def _estimate(job: Job, est: dict) -> float | None:
         cfg = job.config or {}
-        return est.get(_job_kind(job.stage, cfg), est.get((job.stage, cfg.get("scale"))))
+        kind = _job_kind(job.stage, cfg)
+        if kind in est:
+            return est[kind]
+        steps, per_step = (cfg.get("recipe") or {}).get("steps"), est.get(("finetune", cfg.get("scale"), "per step"))
+        if job.stage == "finetune" and steps and per_step:
+            return per_step * steps
+        return est.get((job.stage, cfg.get("scale")))
 
     def _print(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)

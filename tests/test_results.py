@@ -328,3 +328,20 @@ def test_gain_naming_a_missing_row_is_an_error_naming_the_field(tmp_path):
                  "rows: [{label: X, method: moco_v2}]\ngain: {label: G, row: X, over: Y, ref_column: g}\n")
     with pytest.raises(ConfigError, match=r"t.yaml: gain.over: no row labelled 'Y'"):
         load_spec(str(p))
+
+
+def test_eta_of_a_finetuning_with_other_steps_scales_with_its_steps(isolated):
+    # a schedule run at 3x its steps (--set finetune.steps=...) is estimated per step, not as
+    # the schedule's earlier runs
+    import pandas as pd
+
+    from benchmark.progress import duration_estimates
+    frame = pd.DataFrame([{"status": "done", "hours": 0.02, "stage": "finetune", "scale": "micro",
+                           "cfg.schedule": "1x", "cfg.recipe.steps": 100}], index=["k1"])
+    est = duration_estimates([frame])
+    assert est[("finetune", "micro", "1x", 100)] == pytest.approx(72.0)
+    assert est[("finetune", "micro", "per step")] == pytest.approx(0.72)
+    plan = plan_table("soco_table1", scale="micro", seeds=(0,), overrides={"finetune": {"steps": 300}})
+    tp = TableProgress(plan, isolated / "runs", jobs=1, out=io.StringIO(), estimates=est)
+    ft = [j for j in plan.jobs if j.stage == "finetune"]
+    assert all(tp.est[j.key] == pytest.approx(0.72 * 300) for j in ft)
