@@ -105,11 +105,8 @@ def collect_boards(df) -> dict:
         # a row whose runs another row already shows (a table reusing another's runs, e.g. the
         # Mask R-CNN column of detectors_tiny = soco_table1's 1x) is left out: the fuller row stays
         kept: list[tuple[set, dict]] = []
-        def runs_of(r):
-            return {k for c in r["cells"].values() for k in c["runs"]}
-
-        for r in sorted(b["rows"].values(), key=lambda r: (-len(r["cells"]), -len(runs_of(r)))):
-            runs = runs_of(r)
+        with_runs = [({k for c in r["cells"].values() for k in c["runs"]}, r) for r in b["rows"].values()]
+        for runs, r in sorted(with_runs, key=lambda x: (-len(x[1]["cells"]), -len(x[0]))):
             if not any(runs <= other for other, _ in kept):
                 kept.append((runs, r))
         rows = [r for _, r in kept]

@@ -64,11 +64,11 @@ def duration_estimates(frames) -> dict[tuple, float]:
     est: dict[tuple, list] = {}
     for _, r in df.iterrows():
         s = float(r["hours"]) * 3600
-        est.setdefault(_frame_kind(r), []).append(s)
+        kind = _frame_kind(r)
+        est.setdefault(kind, []).append(s)
         est.setdefault((r["stage"], r["scale"]), []).append(s)
-        steps = _int(r.get("cfg.recipe.steps")) if r["stage"] == "finetune" else None
-        if steps:
-            est.setdefault(("finetune", r["scale"], "per step"), []).append(s / steps)
+        if kind[0] == "finetune" and kind[3]:     # (finetune, scale, schedule, steps)
+            est.setdefault(("finetune", r["scale"], "per step"), []).append(s / kind[3])
     return {k: statistics.median(v) for k, v in est.items()}
 
 

@@ -14,6 +14,10 @@ from benchmark.trainer import LARS, Diverged, LoopConfig, TrainLoop
 from methods import build_method, get_method
 
 
+def _double(batch: dict) -> dict:
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+
 @pytest.mark.parametrize("name", ["moco_v2", "soco"])
 def test_channels_last_gives_the_same_loss_and_gradients(name):
     # in float64, so that a difference is a different computation, not float32 round-off
@@ -21,8 +25,7 @@ def test_channels_last_gives_the_same_loss_and_gradients(name):
     torch.manual_seed(0)
     plain = build_method(name, **inputs.method_config(name, get_method(name).scales.get("tiny"))).double()
     fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-             for k, v in plain.collate(inputs.samples(plain, 4, 64)).items()}
+    batch = _double(plain.collate(inputs.samples(plain, 4, 64)))
     out = {}
     for tag, m, cl in (("plain", plain, False), ("fast", fast, True)):
         torch.manual_seed(1)            # MoCo's key shuffle draws from the global generator
@@ -131,7 +134,7 @@ def test_compiled_step_gives_the_same_loss(name):
     eager = build_method(name, **inputs.method_config(name, get_method(name).scales.get("tiny")))
     compiled, ref = copy.deepcopy(eager), copy.deepcopy(eager).double()
     batch = eager.collate(inputs.samples(eager, 4, 64))
-    b64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    b64 = _double(batch)
     out = {}
     for tag, fn, m, b in (("eager", eager, eager, batch), ("compiled", torch.compile(compiled), compiled, batch),
                           ("ref", ref, ref, b64)):
