@@ -55,7 +55,7 @@ test-slurm: setup
 test-all: test test-slow test-slurm
 
 bench: setup
-	$(BIN)/python -m benchmark.bench.proposals_bench
+	$(BIN)/python -m tools.bench.proposals_bench
 
 slurm-up:
 	slurm/cluster/start.sh

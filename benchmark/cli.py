@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from benchmark.store import STAGES, STATUSES
+from benchmark.runs.store import STAGES, STATUSES
 from methods.base import ConfigError
 
 
@@ -54,7 +54,7 @@ SECTIONS = {"pretrain": ("method", "recipe"), "finetune": ("detector", "finetune
 def _overrides(a, command: str) -> dict:
     import difflib
 
-    from benchmark.config import parse_overrides
+    from benchmark.experiments.config import parse_overrides
     ov = parse_overrides(a.overrides)
     allowed = SECTIONS[command]
     for section, value in ov.items():
@@ -70,8 +70,8 @@ def _overrides(a, command: str) -> dict:
 
 def _run(job, a) -> dict:
     """One stage in this process, or in ``--nproc`` processes (as torchrun would start them)."""
-    from benchmark.stages import run_job, run_processes
-    from benchmark.store import RunStore
+    from benchmark.runner import run_job, run_processes
+    from benchmark.runs.store import RunStore
     if a.nproc > 1:
         status, err = run_processes(job, str(RunStore(a.runs).root), nproc=a.nproc, device=a.device)
         if status != "done":
@@ -85,9 +85,9 @@ def _seeds(n: int, first: int) -> tuple[int, ...]:
 
 
 def cmd_pretrain(a) -> int:
-    from benchmark.config import check_inputs, pretrain_config
-    from benchmark.plan import Job
-    from benchmark.store import RunStore, run_key
+    from benchmark.experiments.config import check_inputs, pretrain_config
+    from benchmark.experiments.plan import Job
+    from benchmark.runs.store import RunStore, run_key
     ov = _overrides(a, "pretrain")
     data = _user_data(a, "pretrain", ("pretrain",))
     check_inputs(a.scale, (a.method,), user_data=data is not None)
@@ -102,9 +102,9 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    from benchmark.config import check_inputs, finetune_config
-    from benchmark.plan import Job
-    from benchmark.store import RunStore, run_key
+    from benchmark.experiments.config import check_inputs, finetune_config
+    from benchmark.experiments.plan import Job
+    from benchmark.runs.store import RunStore, run_key
     ov = _overrides(a, "finetune")
     store = RunStore(a.runs)
     parent = None if a.init == "scratch" else a.init
@@ -128,9 +128,9 @@ def cmd_finetune(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from benchmark.config import evaluate_config
-    from benchmark.plan import Job
-    from benchmark.store import RunStore, run_key
+    from benchmark.experiments.config import evaluate_config
+    from benchmark.experiments.plan import Job
+    from benchmark.runs.store import RunStore, run_key
     store = RunStore(a.runs)
     pc = store.config(a.init)
     if pc is None or store.status(a.init) != "done" or pc.get("stage") != "finetune":
@@ -139,7 +139,7 @@ def cmd_evaluate(a) -> int:
     # the fine-tuning run's validation data (its content now: a fixed file is a new evaluation),
     # or another dataset given with --data
     data = _user_data(a, "evaluate", ("val",)) or pc["data"]
-    protocol = "voc" if data.get("kind") == "voc" else pc.get("protocol", "coco")   # VOC: benchmark.voc_eval
+    protocol = "voc" if data.get("kind") == "voc" else pc.get("protocol", "coco")   # VOC: benchmark.stages.voc_eval
     cfg = evaluate_config(parent=a.init, data=with_identity(data), scale=pc["scale"], protocol=protocol)
     key = run_key(cfg)
     m = _run(Job("evaluate", key, {**cfg, "label": f"evaluate/{a.init}"}, (a.init,), f"evaluate/{a.init}"), a)
@@ -150,14 +150,14 @@ def cmd_evaluate(a) -> int:
 def _table_seeds(a, spec, df=None) -> tuple[tuple[int, ...], str]:
     """--seeds N; else the seeds the table was last built with (a 1-seed rerun never
     replaces a 3-seed table unasked); else the seeds the store has for it; else seed 0."""
-    from benchmark.report import table_seeds
+    from benchmark.reporting.render import table_seeds
     if a.seeds is not None:
         return _seeds(a.seeds, a.first_seed), ""
     kept = table_seeds(spec.name, a.scale)
     if kept:
         return kept, "keeping the table's seeds; --seeds N to change"
     if df is not None:
-        from benchmark.leaderboard import stored_seeds
+        from benchmark.reporting.leaderboard import stored_seeds
         found = stored_seeds(spec, a.scale, df)
         if found:
             return found, "the seeds the run store has for it; --seeds N to change"
@@ -168,7 +168,7 @@ def _fresh_store(a) -> str:
     """--fresh: a new, empty run store, so that nothing is reused."""
     from pathlib import Path
 
-    from benchmark.report import results_root
+    from benchmark.common.paths import results_root
     root = Path(a.runs) if a.runs else results_root() / f"runs-fresh-{time.strftime('%Y%m%d-%H%M%S')}"
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"--fresh: run store {root} is not empty (give an empty or new --runs folder)")
@@ -176,15 +176,16 @@ def _fresh_store(a) -> str:
 
 
 def cmd_reproduce(a) -> int:
-    from benchmark.config import check_inputs, parse_overrides
+    from benchmark.experiments.config import check_inputs, parse_overrides
     from methods import list_methods
-    from benchmark.plan import plan_table
-    from benchmark.progress import failure_summary
-    from benchmark.report import render
-    from benchmark.results import describe_reuse, load_runs
-    from benchmark.stages import run_plan_local
-    from benchmark.store import RunStore, default_root
-    from benchmark.tables import load_spec
+    from benchmark.experiments.plan import plan_table
+    from benchmark.reporting.progress import failure_summary
+    from benchmark.reporting.render import render
+    from benchmark.reporting.results import describe_reuse, load_runs
+    from benchmark.runner import run_plan_local
+    from benchmark.runs.store import RunStore
+    from benchmark.common.paths import runs_root
+    from benchmark.experiments.tables import load_spec
     name = a.table or a.grid
     ov = _overrides(a, "reproduce")
     if a.fresh:
@@ -219,7 +220,7 @@ def cmd_reproduce(a) -> int:
         submit_plan(plan, store, profile=a.profile, overrides=parse_overrides(a.slurm_set))
         return 0
     t0 = time.time()
-    from benchmark.config import load_scale
+    from benchmark.experiments.config import load_scale
     jobs = a.jobs or int(load_scale(a.scale).get("runtime", {}).get("local_jobs", 1))
     if a.executor == "submitit-local":
         jobs = a.jobs or 1
@@ -231,9 +232,9 @@ def cmd_reproduce(a) -> int:
         return 1
     before = _current_version(spec.name, a.scale)
     vdir = render(plan, store, runs=df)
-    if store.root.resolve() == default_root().resolve():
-        from benchmark.leaderboard import write_readme
-        from benchmark.report import results_root
+    if store.root.resolve() == runs_root().resolve():
+        from benchmark.reporting.leaderboard import write_readme
+        from benchmark.common.paths import results_root
         write_readme(df, results_root(), store.root)
     what = "unchanged, " if vdir.name == before else ""
     print(f"finished in {time.time() - t0:.0f} s; table: {vdir.parent / 'table.md'} ({what}version {vdir.name})")
@@ -244,19 +245,20 @@ def cmd_reproduce(a) -> int:
 
 
 def _current_version(name: str, scale: str) -> str | None:
-    from benchmark.report import read_version, results_root, table_dir_name
+    from benchmark.reporting.render import read_version, table_dir_name
+    from benchmark.common.paths import results_root
     v = read_version(results_root() / "tables" / table_dir_name(name, scale))
     return v.get("version") if v else None
 
 
 def cmd_render(a) -> int:
-    from benchmark.plan import plan_table
-    from benchmark.report import render
-    from benchmark.results import load_runs
-    from benchmark.store import RunStore
-    from benchmark.tables import load_spec
+    from benchmark.experiments.plan import plan_table
+    from benchmark.reporting.render import render
+    from benchmark.reporting.results import load_runs
+    from benchmark.runs.store import RunStore
+    from benchmark.experiments.tables import load_spec
     if a.all:
-        from benchmark.leaderboard import render_all
+        from benchmark.reporting.leaderboard import render_all
         vdirs, readme = render_all(a.runs)
         for v in vdirs:
             print(f"{v.parent / 'table.md'} (version {v.name})")
@@ -278,8 +280,8 @@ def cmd_render(a) -> int:
 def cmd_runs(a) -> int:
     import pandas as pd
 
-    from benchmark.results import load_runs
-    from benchmark.store import RunStore
+    from benchmark.reporting.results import load_runs
+    from benchmark.runs.store import RunStore
     df = load_runs(a.runs)
     for col in ("stage", "status", "scale"):
         if getattr(a, col):
@@ -299,7 +301,7 @@ def cmd_runs(a) -> int:
 
 
 def cmd_tables(a) -> int:
-    from benchmark.tables import available_tables, load_spec
+    from benchmark.experiments.tables import available_tables, load_spec
     from methods import list_methods
     for name in available_tables():
         s = load_spec(name)
@@ -310,8 +312,8 @@ def cmd_tables(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from benchmark.export import export_run
-    from benchmark.store import RunStore
+    from benchmark.stages.export import export_run
+    from benchmark.runs.store import RunStore
     report = export_run(RunStore(a.runs), a.run, a.to, a.out, allow_unmapped=a.allow_unmapped)
     print(json.dumps(report, indent=1))
     return 0
@@ -409,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "or an empty --runs folder); nothing is reused")
         s.add_argument("--first-seed", type=int, default=0)
         s.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"])
-        s.add_argument("--profile", default="local-ci", help="Slurm cluster profile (slurm/profiles/)")
+        s.add_argument("--profile", default="local-ci", help="Slurm cluster profile (configs/slurm/)")
         s.add_argument("--slurm-set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a profile field, e.g. partition=gpu")
         s.add_argument("--dry-run", action="store_true", help="print the plan and stop")
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from benchmark.trainer import Stopped
+    from benchmark.engine.loop import Stopped
     try:
         return a.fn(a)
     except Stopped:   # the loop saved and said "stopped at step N; the same command resumes"

@@ -1,6 +1,6 @@
 """Object proposals as a method reads them: SoCo's filter, the K-per-image sampler and
 random boxes (SoCo Table 5c). Computing and caching selective search over a dataset is the
-harness's job (``benchmark.proposals``); this module needs neither.
+harness's job (``benchmark.data.proposal_cache``); this module needs neither.
 
 Box convention: ``xyxy`` in pixel-edge coordinates, ``x2 = x + w`` (exclusive), so a box
 ``[0, 0, W, H]`` covers the whole image and ``w = x2 - x1``.

@@ -56,7 +56,7 @@ What the official code (hologerry/SoCo; file names there) does, and our default 
 - Selective search: the official proposals come from the Python selective search with one
   strategy, Felzenszwalb scale 300, sigma 0.9, min size 100 (``selective_search/
   generate_imagenet_ss_proposals.py``); ``ss_mode="soco"`` is OpenCV set up the same way
-  (``benchmark.proposals``); "fast" stays an option.
+  (``benchmark.data.proposal_cache``); "fast" stays an option.
 - FPN and box head have BatchNorm (official ``SoCo_FPN.py``: FPN ``norm_cfg=BN``, BN in the
   4conv1fc head; detectron2 fine-tuning config ``R_50_FPN_1x.yaml``: FPN/ROI_BOX_HEAD NORM
   SyncBN). The detector must be built with ``head_norm: bn`` for the keys to transfer;
@@ -194,7 +194,7 @@ class SoCo(PretrainMethod):
         mask_padding: bool = False       # official keeps padded (repeated) boxes in the loss
         random_candidates: int = 32      # "random" source: boxes drawn per image (official max_props)
         ss_mode: str = "soco"            # selective search: one strategy, Felzenszwalb 300/0.9/100
-        ss_max_side: int = 0             # 0: the harness default, benchmark.proposals.DEFAULT_MAX_SIDE (500 px)
+        ss_max_side: int = 0             # 0: the harness default, benchmark.data.proposal_cache.DEFAULT_MAX_SIDE (500 px)
         # -- model --------------------------------------------------------------------------
         fpn_channels: int = 256
         head_norm: str = "bn"            # "bn" (official) | "none"

@@ -39,7 +39,7 @@ STATUS_ORDER = ("pending", "running", "requeued", "done", "failed", "diverged", 
 def _results_dir(results_dir: str | os.PathLike | None = None) -> Path:
     if results_dir is not None:
         return Path(results_dir).resolve()
-    from benchmark.report import results_root
+    from benchmark.common.paths import results_root
 
     return results_root().resolve()
 
@@ -47,7 +47,7 @@ def _results_dir(results_dir: str | os.PathLike | None = None) -> Path:
 def job_environment(store_root: str | os.PathLike, results_dir: str | os.PathLike) -> dict[str, str]:
     """Absolute ``DETBENCH_RUNS`` / ``DETBENCH_CACHE`` / ``DETBENCH_RESULTS`` for the jobs
     (they run in the code snapshot, where relative defaults would point inside it)."""
-    from benchmark.datasets import cache_root
+    from benchmark.common.paths import cache_root
 
     return {"DETBENCH_RUNS": str(Path(store_root).resolve()),
             "DETBENCH_CACHE": str(cache_root().resolve()),
@@ -56,7 +56,7 @@ def job_environment(store_root: str | os.PathLike, results_dir: str | os.PathLik
 
 def _spec_ref(spec) -> str:
     """A shipped table by name, any other spec file by its absolute path."""
-    from benchmark.tables import SPECS
+    from benchmark.experiments.tables import SPECS
 
     path = getattr(spec, "path", None)
     if path is None:
@@ -87,7 +87,7 @@ def plan_record(plan, store_root: str | os.PathLike) -> dict:
 
 
 def _load_spec_from_record(rec: dict, state_file: Path):
-    from benchmark.tables import load_spec
+    from benchmark.experiments.tables import load_spec
 
     ref = rec["spec"]
     try:
@@ -109,7 +109,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
     over the recorded cells is returned instead, so that the table shows what was run.
     Returns ``(plan, note)``; ``note`` says which way it was built.
     """
-    from benchmark.plan import Cell, Job, Plan, plan_table
+    from benchmark.experiments.plan import Cell, Job, Plan, plan_table
 
     state = SlurmState.for_name(results_dir, name)
     data = state.load()
@@ -139,7 +139,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
 def _state_names(results_dir: Path, name: str | None) -> list[str]:
     if name:
         if name.endswith((".yaml", ".yml")):  # a spec path: its table name
-            from benchmark.tables import load_spec
+            from benchmark.experiments.tables import load_spec
 
             name = load_spec(name).name
         if not state_path(results_dir, name).exists():
@@ -150,7 +150,7 @@ def _state_names(results_dir: Path, name: str | None) -> list[str]:
 
 
 def _store_for(a_runs, rec: dict | None):
-    from benchmark.store import RunStore
+    from benchmark.runs.store import RunStore
 
     if a_runs:
         return RunStore(a_runs)
@@ -165,7 +165,7 @@ def submit_plan(plan, store, *, profile: str | SlurmProfile = "local-ci", overri
                 repo_root: str | os.PathLike | None = None, quiet: bool = False) -> SubmitSummary:
     """Submit the plan's missing runs to Slurm and return without waiting.
 
-    ``profile``: a profile name (``slurm/profiles/<name>.yaml``), a path, or a
+    ``profile``: a profile name (``configs/slurm/<name>.yaml``), a path, or a
     :class:`SlurmProfile`; ``overrides``: profile fields (``--slurm-set k=v``).
     The plan's ``--set`` overrides are recorded so that ``collect`` re-plans identically.  Results (state file, logs,
     snapshots) go under ``results_dir`` (default ``$DETBENCH_RESULTS`` or ``./results``).
@@ -324,7 +324,7 @@ def cli_status(a) -> int:
 # ====================================================================== collect
 def collect(results_dir: str | os.PathLike, name: str, store=None, out_root: str | os.PathLike | None = None) -> dict:
     """Rebuild the table's plan from its state file and render it. Returns a summary."""
-    from benchmark.report import cell_values, render
+    from benchmark.reporting.render import cell_values, render
 
     plan, how = rebuild_plan(results_dir, name)
     rec = SlurmState.for_name(results_dir, name).load().get("plan") or {}

@@ -1,6 +1,6 @@
 """Cluster profiles: where and how big the Slurm jobs of a table or grid are.
 
-A profile is a small YAML file (``slurm/profiles/<name>.yaml``)::
+A profile is a small YAML file (``configs/slurm/<name>.yaml``)::
 
     partition: gpu
     account: my-lab
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from benchmark.common.paths import configs_root
 
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILES_DIR = configs_root() / "slurm"
 DEFAULT_MAX_ARRAY_SIZE = 1000  # Slurm's own default for MaxArraySize
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from benchmark.fsutil import atomic_write_bytes, file_lock
+from benchmark.common.fs import atomic_write_bytes, file_lock
 
 VERSION = 1
 

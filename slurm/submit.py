@@ -38,10 +38,11 @@ import submitit
 
 from slurm.profile import SlurmProfile
 from slurm.state import SlurmState, now_iso
+from benchmark.engine.signals import REQUESTS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STAGE_FN = "benchmark.stages:run_job"
+DEFAULT_STAGE_FN = "benchmark.runner:run_job"
 
 # Slurm job states in which a job still holds its place in the queue
 ACTIVE_STATES = {
@@ -168,7 +169,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     With several tasks (``gpus_per_node`` > 1 or several nodes) it exports torchrun's
     variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) from Slurm's through submitit,
-    so the stage joins one torch.distributed group (``benchmark.stages.run_job``).
+    so the stage joins one torch.distributed group (``benchmark.runner.run_job``).
     With ``threaded=True`` (default) the stage runs in a worker thread while the main thread
     waits, so that the preemption signal handler (which submitit runs in the main thread)
     can ask the trainer for a checkpoint and wait for it while training goes on.
@@ -206,12 +207,11 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, job: Any, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """On preemption or timeout: ask the training loop to save at the end of its current
         step, wait for it (at most ``checkpoint_wait_s``), then requeue."""
-        trainer = importlib.import_module("benchmark.trainer")
-        trainer.request_checkpoint()
+        REQUESTS.request_checkpoint()
         deadline = time.monotonic() + self.checkpoint_wait_s
-        while trainer.checkpoint_pending() and time.monotonic() < deadline:
+        while REQUESTS.checkpoint_pending() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if trainer.checkpoint_pending():
+        if REQUESTS.checkpoint_pending():
             log.warning("checkpoint not saved within %.0f s; requeueing from the last saved one",
                         self.checkpoint_wait_s)
         return submitit.helpers.DelayedSubmission(self, job)
@@ -323,7 +323,7 @@ def _topological(jobs: Sequence[Any], known_done: Callable[[str], bool]) -> list
 
 
 def _default_store(store_root: str):
-    from benchmark.store import RunStore  # the harness's run store
+    from benchmark.runs.store import RunStore  # the harness's run store
 
     return RunStore(store_root)
 
@@ -347,9 +347,9 @@ def submit_jobs(
 ) -> SubmitSummary:
     """Submit what the plan still needs and return at once (never waits for jobs).
 
-    ``jobs``: ``benchmark.plan.Job``-like objects (``stage``, ``key``, ``config``,
+    ``jobs``: ``benchmark.experiments.plan.Job``-like objects (``stage``, ``key``, ``config``,
     ``parents``, ``label``).  ``store``: anything with ``status(key)``; by default
-    ``benchmark.store.RunStore(store_root)``.  ``fn``: the stage function (or its
+    ``benchmark.runs.store.RunStore(store_root)``.  ``fn``: the stage function (or its
     ``"module:attr"`` path, imported inside the job, i.e. from the snapshot).  ``env``:
     variables exported in the job script (after the snapshot's, before the stage runs),
     e.g. absolute ``DETBENCH_RUNS``/``DETBENCH_CACHE``/``DETBENCH_RESULTS``: the jobs run

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.config import finetune_config, pretrain_config
+from benchmark.experiments.config import finetune_config, pretrain_config
 from benchmark.detectors import build_detector
-from benchmark.pretrain import attach_detector, build_for_pretrain
-from benchmark.store import run_key
+from benchmark.stages.pretrain import attach_detector, build_for_pretrain
+from benchmark.runs.store import run_key
 from methods.aligndet import AlignDet
 from methods.base import ConfigError
 
@@ -95,7 +95,7 @@ def test_attach_detector_loads_the_parents_backbone(tmp_path):
 
 def _spec(tmp_path, columns, row):
     import yaml
-    from benchmark.tables import load_spec
+    from benchmark.experiments.tables import load_spec
     p = tmp_path / "t.yaml"
     p.write_text(yaml.safe_dump({"name": "t", "columns": [{"label": d, "schedule": "1x", "metric": "bbox.AP",
                                                             "detector": d} for d in columns], "rows": [row]}))
@@ -103,7 +103,7 @@ def _spec(tmp_path, columns, row):
 
 
 def test_plan_chains_parent_then_one_aligndet_run_per_detector():
-    from benchmark.plan import plan_table
+    from benchmark.experiments.plan import plan_table
     plan = plan_table("aligndet_gains", scale="tiny")
     jobs = {j.key: j for j in plan.jobs}
     alone = [c for c in plan.cells if c.row == 0]
@@ -130,7 +130,7 @@ def test_plan_chains_parent_then_one_aligndet_run_per_detector():
 
 
 def test_plan_box_rows_need_a_parent_and_mark_unsupported_columns(tmp_path):
-    from benchmark.plan import plan_table
+    from benchmark.experiments.plan import plan_table
     row = {"label": "AD", "method": "aligndet", "parent": {"method": "moco_v2", "pretrain_epochs": 200}}
     plan = plan_table(_spec(tmp_path, ["fcos", "detr", "faster_rcnn_c4"], row), scale="tiny")
     assert [c.missing for c in plan.cells] == ["", "", "not supported"]
@@ -152,7 +152,7 @@ def test_micro_chain_end_to_end(isolated):
 
     from benchmark.cli import main
     from benchmark.detectors import load_weights_file
-    from benchmark.plan import plan_table
+    from benchmark.experiments.plan import plan_table
     spec = str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml")
     assert main(["reproduce", "--table", spec, "--scale", "micro"]) == 0
     (cell,) = plan_table(spec, scale="micro").cells
@@ -180,9 +180,9 @@ def test_interrupted_aligndet_run_resumes_to_the_same_weights(isolated):
     weights of an uninterrupted one (same sha256). About 13 s."""
     from pathlib import Path
 
-    from benchmark.plan import plan_table
-    from benchmark.stages import run_job
-    from benchmark.store import RunStore
+    from benchmark.experiments.plan import plan_table
+    from benchmark.runner import run_job
+    from benchmark.runs.store import RunStore
     plan = plan_table(str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml"), scale="micro")
     parent, box = (j for j in plan.jobs if j.stage == "pretrain")
     assert box.parents == (parent.key,)
@@ -281,7 +281,7 @@ class _Features:
 
 
 def test_pseudo_classes_are_cached_per_backbone_and_one_per_proposal(tmp_path):
-    from benchmark.pseudo_classes import compute_pseudo_classes
+    from benchmark.data.pseudo_class_cache import compute_pseudo_classes
     rng = np.random.default_rng(0)
     boxes = [rng.integers(0, 30, (n, 4)).astype(np.int64) for n in (5, 0, 7, 4)]   # image 1: none
     props = _Proposals(tmp_path / "proposals-abc.npz", boxes)
@@ -316,8 +316,8 @@ def test_detr_aligndet_config_reads_pseudo_classes_at_the_scale_size():
 
 
 def test_convergence_points_follow_the_schedules_of_each_detector():
-    from benchmark.plan import plan_table
-    from benchmark.report import convergence_points
+    from benchmark.experiments.plan import plan_table
+    from benchmark.reporting.render import convergence_points
     plan = plan_table("aligndet_gains", scale="micro")
     cells = {(c.row, c.col): {"mean": float(10 * c.row + c.col), "std": 0.0} for c in plan.cells}
     pts = convergence_points(plan, cells)
@@ -333,8 +333,8 @@ def test_micro_detr_chain_clusters_the_proposals_once(isolated, tmp_path):
     proposal on its parent's backbone and trains on them; another parent (backbone) gets its
     own classes."""
     from benchmark.cli import main
-    from benchmark.proposals import ProposalCache
-    from benchmark.pseudo_classes import PseudoClasses
+    from benchmark.data.proposal_cache import ProposalCache
+    from benchmark.data.pseudo_class_cache import PseudoClasses
     row = {"label": "AD", "method": "aligndet", "parent": {"method": "moco_v2", "pretrain_epochs": 200}}
     spec = _spec(tmp_path, ["detr"], row)
     assert main(["reproduce", "--table", str(spec.path), "--scale", "micro"]) == 0

@@ -30,13 +30,13 @@ def test_unknown_table(isolated, capsys):
 def test_dry_run_lists_the_plan(isolated, capsys):
     assert main(["reproduce", "--table", "soco_table1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    from benchmark.plan import plan_table
+    from benchmark.experiments.plan import plan_table
     n = len(plan_table("soco_table1").jobs)      # grows as methods register (PixPro: 29 -> 34)
     assert f"{n} runs, {n} to run" in out and "soco_table1/MoCo v2/seed0/pretrain" in out
 
 
 def test_runs_lists_the_store(isolated, capsys):
-    from benchmark.store import RunStore
+    from benchmark.runs.store import RunStore
     s = RunStore()
     s.begin("abc123", {"stage": "pretrain", "label": "x/y"})
     assert main(["runs"]) == 0

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from benchmark.config import finetune_config, parse_overrides, pretrain_config
-from benchmark.plan import Plan, plan_table
-from benchmark.report import cell_values, render
-from benchmark.store import RunStore, run_key
-from benchmark.tables import load_spec
+from benchmark.experiments.config import finetune_config, parse_overrides, pretrain_config
+from benchmark.experiments.plan import Plan, plan_table
+from benchmark.reporting.render import cell_values, render
+from benchmark.runs.store import RunStore, run_key
+from benchmark.experiments.tables import load_spec
 from methods.base import ConfigError
 
 
@@ -16,7 +16,7 @@ def test_scale_is_overrides_not_fork():
     assert tiny["method"]["backbone"] == "resnet18"
     assert tiny["method"]["temperature"] == 0.2            # paper default survives the scale
     assert tiny["recipe"]["epochs"] == 200 and tiny["recipe"]["steps_per_epoch"] == 0.25
-    from benchmark.pretrain import resolve_steps
+    from benchmark.stages.pretrain import resolve_steps
     from methods.base import PretrainRecipe
     assert resolve_steps(PretrainRecipe.from_dict(tiny["recipe"]), 1000) == (50, 0)
 
@@ -32,7 +32,7 @@ def test_a_scale_can_extend_another_and_keeps_its_methods_overrides(tmp_path, mo
     assert f_long["recipe"]["steps"] == 3000 and f_long["recipe"]["lr"] == f_tiny["recipe"]["lr"]
     assert f_long["detector"] == f_tiny["detector"] and run_key(f_long) != run_key(f_tiny)
     # a cycle is a clear error naming the chain
-    import benchmark.config as config
+    import benchmark.experiments.config as config
     (tmp_path / "a.yaml").write_text("extends: b\n")
     (tmp_path / "b.yaml").write_text("extends: a\n")
     monkeypatch.setattr(config, "SCALES_DIR", tmp_path)
@@ -185,8 +185,8 @@ def test_finished_run_is_never_overwritten(isolated):
 def test_supervised_row_at_paper_scale_reads_the_users_weights(isolated, monkeypatch):
     import torch
     import torchvision
-    from benchmark.plan import Job
-    from benchmark.stages import run_job
+    from benchmark.experiments.plan import Job
+    from benchmark.runner import run_job
     for v in ("IMAGENET_ROOT", "COCO_ROOT"):
         monkeypatch.setenv(v, str(isolated))
     monkeypatch.delenv("SUPERVISED_WEIGHTS", raising=False)
@@ -207,7 +207,7 @@ def test_supervised_row_at_paper_scale_reads_the_users_weights(isolated, monkeyp
 
 
 def test_small_values_keep_two_decimals():
-    from benchmark.report import _ours
+    from benchmark.reporting.render import _ours
     assert _ours({"mean": 0.123, "std": 0.0, "values": [0.123], "status": "done"}, 1) == "0.12"
     assert _ours({"mean": 42.26, "std": 0.5, "values": [42.0, 42.5], "status": "done"}, 2) == "42.3 ± 0.5"
     assert _ours({"mean": 1.0, "std": 0.0, "values": [1.0], "status": "partial"}, 3) == "1.00 (1/3 seeds)"
@@ -216,7 +216,7 @@ def test_small_values_keep_two_decimals():
 def test_git_info_names_the_commit_and_never_invents_one(tmp_path):
     import subprocess
 
-    from benchmark.store import git_info
+    from benchmark.runs.store import git_info
     here = git_info()
     assert len(here["sha"]) == 40 and isinstance(here["dirty"], bool)
     # a copy of the code without git history (a device copy, an unpacked archive)
@@ -226,7 +226,7 @@ def test_git_info_names_the_commit_and_never_invents_one(tmp_path):
 
 
 def test_tradeoff_bench_subset_keeps_only_the_chosen_cells_and_their_chains():
-    from benchmark.bench.tradeoff_bench import subset
+    from tools.bench.tradeoff_bench import subset
     plan = plan_table("soco_table1", scale="tiny", seeds=(0, 1))
     sub, ri, ci = subset(plan, ["Scratch", "MoCo v2"], ["1x APbb"])
     assert [plan.spec.rows[i].label for i in ri] == ["Scratch", "MoCo v2"]

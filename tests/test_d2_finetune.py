@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from benchmark.config import finetune_config
+from benchmark.experiments.config import finetune_config
 from benchmark.detectors import PretrainedLoadError, build_detector, get_detector, load_pretrained
 from benchmark.detectors.base import GroupReport, LoadReport
 from benchmark.detectors.rcnn import RoIPooler, l1_box_loss
-from benchmark.finetune import precise_bn
-from benchmark.results import groups_not_loaded
-from benchmark.store import run_key
+from benchmark.stages.finetune import precise_bn
+from benchmark.reporting.results import groups_not_loaded
+from benchmark.runs.store import run_key
 from methods.base import ConfigError
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
@@ -134,9 +134,9 @@ def test_precise_bn_leaves_eval_and_frozen_bn_alone():
 
 
 def test_finetune_with_precise_bn_changes_only_bn_statistics(tmp_path):
-    from benchmark.datasets import resolve_data
-    from benchmark.config import pretrain_config
-    from benchmark.finetune import run_finetune
+    from benchmark.data.resolve import resolve_data
+    from benchmark.experiments.config import pretrain_config
+    from benchmark.stages.finetune import run_finetune
     data = resolve_data(pretrain_config("moco_v2", scale="micro")["data"])
     cfg = finetune_config(scale="micro", detector="mask_rcnn", parent=None, recipe_overrides={"precise_bn_iters": 2})
     recipe = {**cfg["recipe"], "steps": 1, "num_workers": 0}
@@ -275,9 +275,9 @@ def test_no_committed_finetuning_run_would_now_fail_its_load():
 
 # ------------------------------------------------------------------ the table mark
 def test_tables_mark_cells_whose_runs_loaded_part_of_the_weights():
-    from benchmark.plan import plan_table
-    from benchmark.report import _markdown, cell_values
-    from benchmark.results import load_runs
+    from benchmark.experiments.plan import plan_table
+    from benchmark.reporting.render import _markdown, cell_values
+    from benchmark.reporting.results import load_runs
     df = load_runs(RUNS, use_sacct=False)
     plan = plan_table("detectors_tiny", scale="tiny", seeds=(0,))
     cells = cell_values(plan, df)

@@ -138,7 +138,8 @@ def test_protocol_defaults_are_the_papers():
 
 def test_synthetic_scenes_in_voc_layout(isolated):
     from benchmark.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_dataset
-    from benchmark.datasets import cache_root, resolve_data
+    from benchmark.common.paths import cache_root
+    from benchmark.data.resolve import resolve_data
     params = {"image_size": 128, "num_pretrain": 2, "num_train": 4, "num_val": 8, "seed": 0}
     coco = ensure_synthetic_dataset(cache_root(), **params)
     before = {s: Path(v["ann_file"]).read_bytes() for s, v in coco.items()}

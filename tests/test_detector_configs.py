@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.config import finetune_config
+from benchmark.experiments.config import finetune_config
 from benchmark.detectors import get_detector, list_detectors
-from benchmark.plan import plan_table
-from benchmark.store import run_key
-from benchmark.tables import load_spec
+from benchmark.experiments.plan import plan_table
+from benchmark.runs.store import run_key
+from benchmark.experiments.tables import load_spec
 from methods.base import ConfigError
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from benchmark.config import finetune_config, pretrain_config
-from benchmark.datasets import resolve_data
+from benchmark.experiments.config import finetune_config, pretrain_config
+from benchmark.data.resolve import resolve_data
 from benchmark.detectors import detector_config, get_detector, list_detectors, load_pretrained
-from benchmark.evaluate import run_evaluate
-from benchmark.finetune import run_finetune
+from benchmark.stages.evaluate import run_evaluate
+from benchmark.stages.finetune import run_finetune
 from methods import build_method
 
 ALL = ("detr", "faster_rcnn", "faster_rcnn_c4", "fcos", "mask_rcnn", "mask_rcnn_c4", "retinanet")

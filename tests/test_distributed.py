@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from benchmark.config import evaluate_config, finetune_config, pretrain_config
-from benchmark.plan import Job, plan_table
-from benchmark.stages import run_job, run_plan_local, run_processes
-from benchmark.store import RunStore, run_key
+from benchmark.experiments.config import evaluate_config, finetune_config, pretrain_config
+from benchmark.experiments.plan import Job, plan_table
+from benchmark.runner import run_job, run_plan_local, run_processes
+from benchmark.runs.store import RunStore, run_key
 
 
 def _job(stage, cfg, parents=()):

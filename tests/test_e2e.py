@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from benchmark.cli import main
-from benchmark.plan import plan_table
-from benchmark.stages import run_job, run_plan_local
-from benchmark.store import RunStore
+from benchmark.experiments.plan import plan_table
+from benchmark.runner import run_job, run_plan_local
+from benchmark.runs.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_reproduce_table_then_nothing_to_do(isolated, spec_path, capsys, monkeyp
     assert all(len(store.metrics(r["key"])["weights_sha256"]) == 64 for r in pre)
     # same keys -> nothing recomputed
     calls = []
-    import benchmark.stages as stages
+    import benchmark.runner as stages
     monkeypatch.setattr(stages, "run_job", lambda *a, **k: calls.append(a) or {})
     assert main(["reproduce", "--table", str(spec_path), "--scale", "micro"]) == 0
     out = capsys.readouterr().out

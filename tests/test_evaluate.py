@@ -9,7 +9,7 @@ from pycocotools import mask as mask_util
 
 from benchmark.data.coco import CocoDetection
 from benchmark.detectors import build_detector
-from benchmark.evaluate import coco_summary, evaluate_detector, evaluate_results, predict, run_evaluate
+from benchmark.stages.evaluate import coco_summary, evaluate_detector, evaluate_results, predict, run_evaluate
 
 SIZES = {1: (100, 120), 2: (110, 120), 3: (64, 64)}   # image id -> (h, w)
 

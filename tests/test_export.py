@@ -21,7 +21,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPH
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from benchmark.export import ExportError, export_run, load_export, save_export, to_framework
+from benchmark.stages.export import ExportError, export_run, load_export, save_export, to_framework
 
 R50_DEPTHS = (3, 4, 6, 3)
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -176,7 +176,7 @@ def test_unmapped_keys_are_named_never_dropped(r50_fpn_4conv1fc, tmp_path):
 
 
 def _store_with_run(root, state):
-    from benchmark.store import RunStore
+    from benchmark.runs.store import RunStore
     store = RunStore(root)
     cfg = {"stage": "pretrain", "method": {"name": "moco_v2"}, "seed": 0, "label": "pretrain/moco_v2/seed0"}
     d = store.begin("k1", cfg)
@@ -213,7 +213,7 @@ def test_fine_tuned_model_exports_its_parts(isolated, capsys):
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-    from benchmark.store import RunStore
+    from benchmark.runs.store import RunStore
     store = RunStore(isolated / "runs")
     d = store.begin("ft", {"stage": "finetune", "seed": 0})
     model = MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5), num_classes=3)

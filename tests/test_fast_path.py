@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 
-from benchmark.bench import inputs
-from benchmark.pretrain import to_device
-from benchmark.trainer import LARS, Diverged, LoopConfig, TrainLoop
+from tests import inputs
+from benchmark.stages.pretrain import to_device
+from benchmark.engine.optim import LARS
+from benchmark.engine.loop import Diverged, LoopConfig, TrainLoop
 from methods import build_method, get_method
 
 

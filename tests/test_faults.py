@@ -10,12 +10,13 @@ import threading
 import pytest
 import torch
 
-import benchmark.trainer as T
+from benchmark.engine.checkpoint import previous_checkpoint
+from benchmark.engine.loop import JsonlLogger, LoopConfig, ResumeError, Stopped, TrainLoop
 from benchmark.cli import build_parser, main
-from benchmark.config import pretrain_config
-from benchmark.plan import Job, plan_table
-from benchmark.stages import run_job
-from benchmark.store import RunStore, StoreError, run_key
+from benchmark.experiments.config import pretrain_config
+from benchmark.experiments.plan import Job, plan_table
+from benchmark.runner import run_job
+from benchmark.runs.store import RunStore, StoreError, run_key
 
 
 def _micro_pretrain():
@@ -26,7 +27,7 @@ def _micro_pretrain():
 def _loop(tmp_path, total=10):
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return T.TrainLoop(model, opt, lambda s: 0.1, T.LoopConfig(total_steps=total, ckpt_every=2, log_every=1),
+    return TrainLoop(model, opt, lambda s: 0.1, LoopConfig(total_steps=total, ckpt_every=2, log_every=1),
                        tmp_path)
 
 
@@ -115,31 +116,31 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys)
     again = _loop(tmp_path)
     assert again.try_resume() == 4
     assert "resumed from" in capsys.readouterr().err and again.resumed_from.name == "checkpoint.prev.pt"
-    T.previous_checkpoint(ck).write_bytes(b"garbage")
-    with pytest.raises(T.ResumeError, match="checkpoint.prev.pt.*--no-resume"):
+    previous_checkpoint(ck).write_bytes(b"garbage")
+    with pytest.raises(ResumeError, match="checkpoint.prev.pt.*--no-resume"):
         _loop(tmp_path).try_resume()
 
 
 def test_a_torn_last_log_line_is_dropped_and_a_bad_middle_line_named(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
-    T.JsonlLogger(log, resume_step=2)
+    JsonlLogger(log, resume_step=2)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(T.ResumeError, match=r"log.jsonl: line 2 is not JSON.*--no-resume"):
-        T.JsonlLogger(log, resume_step=2)
+    with pytest.raises(ResumeError, match=r"log.jsonl: line 2 is not JSON.*--no-resume"):
+        JsonlLogger(log, resume_step=2)
 
 
 def test_sigint_saves_at_the_end_of_the_step_and_the_same_command_resumes(tmp_path, capsys):
     loop = _loop(tmp_path, total=10)
-    logger = T.JsonlLogger(tmp_path / "log.jsonl")
+    logger = JsonlLogger(tmp_path / "log.jsonl")
     before = signal.getsignal(signal.SIGINT)     # SIG_IGN when started in the background (nohup, CI)
 
     def step(b):
         if loop.step == 3:
             os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C during step 4
         return {"loss": loop.model(torch.ones(1, 2)).sum()}
-    with pytest.raises(T.Stopped):
+    with pytest.raises(Stopped):
         loop.run(iter([None] * 10), step, logger, progress=False)
     assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped at step 4; the same command resumes"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
@@ -147,14 +148,14 @@ def test_sigint_saves_at_the_end_of_the_step_and_the_same_command_resumes(tmp_pa
     again = _loop(tmp_path, total=10)
     start = again.try_resume()
     assert start == 4 and "resumed from" in capsys.readouterr().err
-    again.run(iter([None] * 6), _step(again), T.JsonlLogger(tmp_path / "log.jsonl", resume_step=start),
+    again.run(iter([None] * 6), _step(again), JsonlLogger(tmp_path / "log.jsonl", resume_step=start),
               progress=False)
     recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert {"step": 4, "event": "resumed", "from": "checkpoint.pt"} in recs and recs[-1]["step"] == 10
 
 
 def test_ctrl_c_through_the_cli_is_one_line_and_no_failed_run(isolated, capsys, monkeypatch):
-    real = T.TrainLoop.run
+    real = TrainLoop.run
 
     def interrupted(self, batches, step_fn, *a, **k):
         def step(b):
@@ -162,14 +163,14 @@ def test_ctrl_c_through_the_cli_is_one_line_and_no_failed_run(isolated, capsys, 
                 os.kill(os.getpid(), signal.SIGINT)
             return step_fn(b)
         return real(self, batches, step, *a, **k)
-    monkeypatch.setattr(T.TrainLoop, "run", interrupted)
+    monkeypatch.setattr(TrainLoop, "run", interrupted)
     cmd = ["pretrain", "--method", "moco_v2", "--scale", "micro", "--epochs", "300"]   # 6 steps
     assert main(cmd) == 130
     err = capsys.readouterr().err
     assert "stopped at step 2; the same command resumes" in err and "Traceback" not in err
     key = run_key(pretrain_config("moco_v2", scale="micro", epochs=300))
     assert RunStore().status(key) == "running"
-    monkeypatch.setattr(T.TrainLoop, "run", real)
+    monkeypatch.setattr(TrainLoop, "run", real)
     assert main(cmd) == 0
     assert "at step 2" in capsys.readouterr().err
 
@@ -199,8 +200,8 @@ def test_truncated_or_missing_parent_weights_are_recomputed_before_use(isolated,
 # ------------------------------------------------------------------ caches and folders
 def test_a_corrupt_proposal_cache_is_recomputed(tmp_path):
     pytest.importorskip("cv2.ximgproc")
-    from benchmark.bench.proposals_bench import make_images
-    from benchmark.proposals import compute_proposals
+    from tools.bench.proposals_bench import make_images
+    from benchmark.data.proposal_cache import compute_proposals
     paths = make_images(tmp_path / "img", 3, 64)
     first = compute_proposals(paths, tmp_path / "cache", num_workers=1, progress=False)
     first.path.write_bytes(first.path.read_bytes()[:50])
@@ -213,7 +214,7 @@ def test_a_complete_read_only_cache_is_read_without_its_lock(isolated, monkeypat
     from benchmark.data.synthetic import ensure_synthetic_dataset
     params = {k: v for k, v in __import__("conftest").MICRO_DATA.items() if k != "kind"}
     done = ensure_synthetic_dataset(isolated / "c", **params)
-    import benchmark.fsutil as fs
+    import benchmark.common.fs as fs
 
     def no_lock(*a, **k):
         raise fs.UnwritableError("read-only")
@@ -222,8 +223,8 @@ def test_a_complete_read_only_cache_is_read_without_its_lock(isolated, monkeypat
 
 
 def test_unwritable_store_and_results_are_named(isolated, monkeypatch, capsys):
-    import benchmark.report as report
-    import benchmark.store as store
+    import benchmark.reporting.render as report
+    import benchmark.runs.store as store
     monkeypatch.setattr(store, "unwritable", lambda p: "permission denied")
     assert main(["pretrain", "--method", "moco_v2", "--scale", "micro"]) == 2
     err = capsys.readouterr().err
@@ -236,7 +237,7 @@ def test_unwritable_store_and_results_are_named(isolated, monkeypatch, capsys):
 
 
 def test_unwritable_cache_lock_names_the_folder(tmp_path, monkeypatch):
-    import benchmark.fsutil as fs
+    import benchmark.common.fs as fs
     monkeypatch.setattr(fs, "unwritable", lambda p: "permission denied")
     with pytest.raises(fs.UnwritableError, match=f"cache {tmp_path} is not writable.*DETBENCH_CACHE"):
         with fs.file_lock(tmp_path / "x.lock"):
@@ -244,8 +245,8 @@ def test_unwritable_cache_lock_names_the_folder(tmp_path, monkeypatch):
 
 
 def test_tables_are_written_atomically(isolated, monkeypatch):
-    import benchmark.fsutil as fs
-    import benchmark.report as report
+    import benchmark.common.fs as fs
+    import benchmark.reporting.render as report
     written = []
     real = fs.atomic_open
 
@@ -269,7 +270,7 @@ def test_tables_are_written_atomically(isolated, monkeypatch):
     ("name: bad\ndata: {kind: synthetic\n", "invalid YAML"),
 ])
 def test_a_bad_scale_file_is_an_error_naming_file_and_field(tmp_path, monkeypatch, text, msg):
-    import benchmark.config as config
+    import benchmark.experiments.config as config
     from methods.base import ConfigError
     (tmp_path / "bad.yaml").write_text(text)
     monkeypatch.setattr(config, "SCALES_DIR", tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align as tv_roi_align
 
-from benchmark.config import finetune_config
+from benchmark.experiments.config import finetune_config
 from benchmark.detectors import detector_config
 from benchmark.detectors.rcnn import RoIPooler, roi_align, roi_align_grad_input
 
@@ -67,7 +67,7 @@ def test_pooler_matches_torchvisions_multiscale_roi_align_with_gradients():
 def test_tiny_mask_rcnn_steps_train_the_numbers_of_torchvisions_pooler(monkeypatch):
     """Two SGD steps of the tiny Mask R-CNN: the same losses and weights, bit for bit, as with
     torchvision's RoIAlign."""
-    from benchmark.bench.detector_bench import synthetic_batch
+    from tools.bench.detector_bench import synthetic_batch
     import benchmark.detectors.rcnn as rcnn
     cfg = finetune_config(scale="tiny", parent=None)
     det, det_cfg = detector_config(cfg["detector"])

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 import methods
-from benchmark.bench.inputs import ListSource
+from tests.inputs import ListSource
 from methods.base import ConfigError
 from methods.geometry import whole_view
 from methods.insloc import anchor_augment, anchor_grid, rescaled_size
@@ -183,7 +183,7 @@ EXTRA_NORM = {f"roi_heads.box_head.extra_norm.{n}" for n in ("weight", "bias", "
 
 
 def _insloc_detector(**overrides):
-    from benchmark.config import finetune_config
+    from benchmark.experiments.config import finetune_config
     from benchmark.detectors import build_detector
     det_cfg = finetune_config(scale="micro", schedule="1x", parent="p" * 16, method="insloc",
                               detector_overrides=overrides or None)["detector"]
@@ -235,8 +235,8 @@ def test_an_export_with_the_extra_norm_loads_it(tiny_export):
 
 
 def test_only_insloc_rows_of_fpn_rcnns_get_the_extra_norm_and_other_keys_stay():
-    from benchmark.config import finetune_config
-    from benchmark.store import run_key
+    from benchmark.experiments.config import finetune_config
+    from benchmark.runs.store import run_key
     plain = finetune_config(scale="tiny", parent="p" * 16)
     moco = finetune_config(scale="tiny", parent="p" * 16, method="moco_v2")
     insloc = finetune_config(scale="tiny", parent="p" * 16, method="insloc")
@@ -258,8 +258,8 @@ def test_only_insloc_rows_of_fpn_rcnns_get_the_extra_norm_and_other_keys_stay():
 def test_pretraining_optimizer_is_nesterov_for_insloc_and_not_for_moco(isolated):
     """Official insloc_fpn_200ep.py: SGD, momentum 0.9, nesterov. The field is left out of a
     run's config at its default (False), so MoCo v2's runs keep their keys."""
-    from benchmark.config import pretrain_config
-    from benchmark.pretrain import run_pretrain
+    from benchmark.experiments.config import pretrain_config
+    from benchmark.stages.pretrain import run_pretrain
     from tests.conftest import MICRO_DATA
     seen = {}
     for name, method in (("insloc", {"queue_size": 8}), ("moco_v2", {"queue_size": 8, "crop_size": 32})):
@@ -274,7 +274,7 @@ def test_pretraining_optimizer_is_nesterov_for_insloc_and_not_for_moco(isolated)
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_nesterov_step_equals_a_hand_computation(fused):
-    from benchmark.trainer import build_optimizer
+    from benchmark.engine.optim import build_optimizer
     p = torch.nn.Parameter(torch.ones(3))
     opt = build_optimizer([p], "sgd", 0.1, 0.0, momentum=0.9, fused=fused, nesterov=True)
     for _ in range(2):
@@ -286,8 +286,8 @@ def test_nesterov_step_equals_a_hand_computation(fused):
 
 @pytest.mark.parametrize("optimizer", ["lars", "adamw"])
 def test_nesterov_with_another_optimizer_is_a_config_error_naming_the_field(optimizer):
-    from benchmark.config import pretrain_config
-    from benchmark.trainer import build_optimizer
+    from benchmark.experiments.config import pretrain_config
+    from benchmark.engine.optim import build_optimizer
     from methods.base import PretrainRecipe
     with pytest.raises(ConfigError, match="recipe.nesterov"):
         PretrainRecipe.from_dict({"optimizer": optimizer, "nesterov": True})
@@ -322,9 +322,9 @@ def test_bad_config_values_name_the_field(key, value, match):
 def test_modelzoo_plans_fpn_and_c4_columns_and_an_unknown_detector_needs_it(tmp_path):
     import dataclasses
 
-    from benchmark.plan import plan_table
-    from benchmark.report import cell_values
-    from benchmark.store import RunStore
+    from benchmark.experiments.plan import plan_table
+    from benchmark.reporting.render import cell_values
+    from benchmark.runs.store import RunStore
     plan = plan_table("insloc_modelzoo", scale="micro", seeds=(0,))
     spec = plan.spec
     jobs = {j.key: j for j in plan.jobs}

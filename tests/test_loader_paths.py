@@ -9,10 +9,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
-from benchmark.config import pretrain_config
+from benchmark.experiments.config import pretrain_config
 from benchmark.data.errors import CorruptImage
 from benchmark.data.images import EncodedImage, ImageSource, LazyImage, read_rgb, render_deferred
-from benchmark.store import run_key
+from benchmark.runs.store import run_key
 from methods import augment as A
 from methods import build_method
 from methods.base import ConfigError
@@ -256,9 +256,9 @@ def test_loader_in_config_and_run_key():
 @pytest.mark.slow
 @pytest.mark.parametrize("method,loader", [("soco", "device"), ("moco_v2", "cpu_draft")])
 def test_pretrain_runs_with_the_loader_recorded(isolated, method, loader):
-    from benchmark.plan import Job
-    from benchmark.stages import run_job
-    from benchmark.store import RunStore
+    from benchmark.experiments.plan import Job
+    from benchmark.runner import run_job
+    from benchmark.runs.store import RunStore
     cfg = pretrain_config(method, scale="micro", recipe_overrides={"loader": loader})
     key = run_key(cfg)
     m = run_job(Job("pretrain", key, cfg, (), f"pretrain/{method}"), progress=False)

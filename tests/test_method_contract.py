@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.bench import inputs
-from benchmark.config import finetune_config
+from tests import inputs
+from benchmark.experiments.config import finetune_config
 from benchmark.detectors import build_detector, get_detector, load_pretrained
-from benchmark.trainer import build_optimizer
+from benchmark.engine.optim import build_optimizer
 from methods import build_method, get_method, list_methods
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Behavioural tests for benchmark.proposals (the selective-search cache) and methods.proposals
+"""Behavioural tests for benchmark.data.proposal_cache (the selective-search cache) and methods.proposals
 (SoCo's filter, sampler and random boxes)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from benchmark import proposals as P
+from benchmark.data import proposal_cache as P
 from methods import proposals as MP
 from benchmark.data.errors import CorruptImage, DataError
 
@@ -295,7 +295,7 @@ def test_corrupt_image_is_a_counted_skip(images, tmp_path, caplog):
     bad = tmp_path / "img" / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     paths = [images[0], str(bad), images[1]]
-    with caplog.at_level("WARNING", logger="benchmark.proposals"):
+    with caplog.at_level("WARNING", logger="benchmark.data.proposal_cache"):
         cache = P.compute_proposals(paths, tmp_path / "c", num_workers=0, chunk_size=2, progress=False)
     assert cache.n_skipped == 1 and cache.meta["n_skipped"] == 1
     np.testing.assert_array_equal(cache.skipped, [1])

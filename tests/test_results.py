@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.leaderboard import collect_boards, write_readme
-from benchmark.plan import plan_table
-from benchmark.progress import TableProgress, failure_summary
-from benchmark.report import cell_values, render, welch_greater
-from benchmark.results import load_runs, sacct_usage
-from benchmark.store import RunStore
+from benchmark.reporting.leaderboard import collect_boards, write_readme
+from benchmark.experiments.plan import plan_table
+from benchmark.reporting.progress import TableProgress, failure_summary
+from benchmark.reporting.render import cell_values, render, welch_greater
+from benchmark.reporting.results import load_runs, sacct_usage
+from benchmark.runs.store import RunStore
 
 
 def _finish(store, job, metrics=None, *, time="2026-01-02T03:04:05", wall_s=36.0, gpus=(), slurm=None):
@@ -225,7 +225,7 @@ def test_reproduce_keeps_the_tables_seeds_and_says_what_it_reused(isolated, caps
 
 
 def test_table_whose_runs_all_failed_exits_non_zero_once(isolated, capsys, monkeypatch):
-    import benchmark.stages as stages
+    import benchmark.runner as stages
 
     def all_fail(plan, store_root=None, **kw):
         s = RunStore(store_root)
@@ -273,7 +273,7 @@ def test_progress_line_eta_and_errors_once(isolated):
 def test_results_folder_never_makes_the_tree_dirty(tmp_path):
     import subprocess
 
-    from benchmark.store import git_info
+    from benchmark.runs.store import git_info
 
     def git(*a):
         subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
@@ -293,7 +293,7 @@ def test_results_folder_never_makes_the_tree_dirty(tmp_path):
 def test_titles_name_every_detector_and_feature_that_ran(isolated):
     """A table of several detectors says each with its backbone feature (FPN, C4, C5), and the
     synthetic scenes in VOC layout say so: never the paper's setting, never 'FPN' for a C4."""
-    from benchmark.report import what_ran
+    from benchmark.reporting.render import what_ran
     store = RunStore(isolated / "runs")
     mixed = what_ran(plan_table("detectors_tiny", scale="micro"), load_runs(store.root))
     for part in ("Mask R-CNN, ResNet-18 FPN", "Faster R-CNN, ResNet-18 C4", "RetinaNet, ResNet-18 FPN",
@@ -306,7 +306,7 @@ def test_titles_name_every_detector_and_feature_that_ran(isolated):
 def test_gain_row_is_the_difference_of_two_rows_beside_the_papers_gain(isolated):
     """aligndet_gains publishes gains, not APs: the derived row is AlignDet minus its baseline
     (with the standard error over seeds) and the paper's gain sits in the 12k columns only."""
-    from benchmark.report import gain_cells
+    from benchmark.reporting.render import gain_cells
     store = RunStore(isolated / "runs")
     plan = plan_table("aligndet_gains", scale="micro", seeds=(0, 1))
     _fill(store, plan, lambda row, seed: (2.0 + 0.3 * seed) if "AlignDet" in row else (1.0 + 0.1 * seed))
@@ -321,7 +321,7 @@ def test_gain_row_is_the_difference_of_two_rows_beside_the_papers_gain(isolated)
 
 
 def test_gain_naming_a_missing_row_is_an_error_naming_the_field(tmp_path):
-    from benchmark.tables import load_spec
+    from benchmark.experiments.tables import load_spec
     from methods.base import ConfigError
     p = tmp_path / "t.yaml"
     p.write_text("name: t\ncolumns: [{label: A, schedule: 1x, metric: bbox.AP}]\n"
@@ -335,7 +335,7 @@ def test_eta_of_a_finetuning_with_other_steps_scales_with_its_steps(isolated):
     # the schedule's earlier runs
     import pandas as pd
 
-    from benchmark.progress import duration_estimates
+    from benchmark.reporting.progress import duration_estimates
     frame = pd.DataFrame([{"status": "done", "hours": 0.02, "stage": "finetune", "scale": "micro",
                            "cfg.schedule": "1x", "cfg.recipe.steps": 100}], index=["k1"])
     est = duration_estimates([frame])

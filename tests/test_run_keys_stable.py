@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.plan import plan_table
+from benchmark.experiments.plan import plan_table
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-# ---------------------------------------------------------------- fakes of benchmark.plan/store/stages
+# ---------------------------------------------------------------- fakes of benchmark.experiments.plan/store/stages
 @dataclass(frozen=True)
 class FakeJob:
     stage: str
@@ -88,11 +88,11 @@ def fake_stage(job, store_root, resume=True):
         tmp = run / "progress.tmp"
         tmp.write_text(str(step))
         _os.replace(tmp, progress_file)
-        trainer = _sys.modules.get("benchmark.trainer")  # imported by StageJob.checkpoint()
-        if trainer is not None and getattr(trainer, "_CHECKPOINT_REQUESTED", False):
+        from benchmark.engine.signals import REQUESTS   # what StageJob.checkpoint() asks
+        if REQUESTS.checkpoint:
             with open(run / "checkpoints.jsonl", "a") as fh:  # saved on request, like TrainLoop
                 fh.write(_json.dumps({"step": step}) + "\n")
-            trainer._CHECKPOINT_REQUESTED = False
+            REQUESTS.checkpoint = False
     (run / "status").write_text("done")
     return {"key": job.key, "steps": step}
 

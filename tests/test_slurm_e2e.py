@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.plan import plan_table
-from benchmark.store import RunStore
+from benchmark.experiments.plan import plan_table
+from benchmark.runs.store import RunStore
 from slurm import orchestrate as orch
 from slurm.state import SlurmState
 from slurm.submit import slurm_job_states
@@ -49,7 +49,7 @@ def cluster(tmp_path_factory):
     shared = tmp_path_factory.mktemp("slurm-e2e")
     # one dataset cache and one code snapshot for the whole module; the synthetic data is
     # generated here once, so that concurrent jobs never race to create it
-    from benchmark.datasets import resolve_data
+    from benchmark.data.resolve import resolve_data
 
     saved = os.environ.get("DETBENCH_CACHE")
     os.environ["DETBENCH_CACHE"] = str(shared / "cache")
@@ -179,7 +179,7 @@ def test_preempted_finetune_resumes_bit_identical_to_uninterrupted_run(ws, clust
     # uninterrupted, in another store
     t_ref = time.monotonic()
     ref_store = RunStore(tmp_path / "reference")
-    from benchmark.stages import run_job
+    from benchmark.runner import run_job
 
     reference = run_job(ft, str(ref_store.root), progress=False)
     t_ref = time.monotonic() - t_ref

@@ -12,6 +12,7 @@ import submitit
 import slurm.submit as sub
 from slurm.profile import load_profile
 from slurm.state import SlurmState
+from benchmark.engine.signals import Requests
 
 
 @dataclass(frozen=True)
@@ -165,16 +166,14 @@ def test_stagejob_runs_with_resume_and_checkpoint_waits_for_save(monkeypatch):
     with pytest.raises(KeyError):
         sub.StageJob("/s", fn=boom)(job)
 
-    trainer = types.ModuleType("benchmark.trainer")
-    trainer._CHECKPOINT_REQUESTED = False
+    requests = Requests()   # a loop that saves 0.3 s after being asked
 
     def request_checkpoint():
-        trainer._CHECKPOINT_REQUESTED = True
-        threading.Timer(0.3, lambda: setattr(trainer, "_CHECKPOINT_REQUESTED", False)).start()
+        requests.checkpoint = True
+        threading.Timer(0.3, lambda: setattr(requests, "checkpoint", False)).start()
 
-    trainer.request_checkpoint = request_checkpoint
-    trainer.checkpoint_pending = lambda: trainer._CHECKPOINT_REQUESTED
-    monkeypatch.setitem(sys.modules, "benchmark.trainer", trainer)
+    requests.request_checkpoint = request_checkpoint
+    monkeypatch.setattr(sub, "REQUESTS", requests)
     t0 = time.monotonic()
     delayed = sj.checkpoint(job)
     assert 0.25 < time.monotonic() - t0 < 5
@@ -185,7 +184,7 @@ def test_stagejob_runs_with_resume_and_checkpoint_waits_for_save(monkeypatch):
 def test_aligndet_chain_waits_on_its_image_domain_parent(fake_slurm, tmp_path):
     """A pretraining run with a pretraining parent (AlignDet over MoCo v2) is submitted after
     it, with ``afterok`` on the parent's job."""
-    from benchmark.plan import plan_table
+    from benchmark.experiments.plan import plan_table
     plan = plan_table("aligndet_gains", scale="tiny")
     s = _submit(plan.jobs, tmp_path)
     ids = {e["key"]: e for e in s.submitted}

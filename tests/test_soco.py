@@ -426,13 +426,13 @@ def test_roi_align_adaptive_sampling(monkeypatch):
 
 
 def test_selective_search_soco_mode_is_one_strategy_with_the_official_segmentation(monkeypatch):
-    """benchmark.proposals mode "soco": one image, one Felzenszwalb segmentation with scale
+    """benchmark.data.proposal_cache mode "soco": one image, one Felzenszwalb segmentation with scale
     (k) 300, sigma 0.9, min size 100 (official generate_imagenet_ss_proposals.py), and one
     strategy combining colour, texture, size and fill."""
     cv2 = pytest.importorskip("cv2")
     if not hasattr(cv2, "ximgproc"):
         pytest.skip("OpenCV without ximgproc")
-    from benchmark import proposals as P
+    from benchmark.data import proposal_cache as P
     seg = cv2.ximgproc.segmentation
     calls = []
 

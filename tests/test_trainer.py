@@ -2,12 +2,16 @@
 import pytest
 import torch
 
-from benchmark import trainer as T
+from benchmark.engine.checkpoint import load_checkpoint, previous_checkpoint, save_checkpoint
+from benchmark.engine.loop import Diverged, LoopConfig, TrainLoop
+from benchmark.engine.optim import LARS, Schedule
+from benchmark.engine.sampling import ResumableBatchSampler
+from benchmark.engine.signals import REQUESTS
 from tests.conftest import MICRO_DATA
 
 
 def test_cosine_schedule_with_warmup():
-    s = T.Schedule(base_lr=1.0, total_steps=110, warmup_steps=10, kind="cosine", warmup_factor=0.0)
+    s = Schedule(base_lr=1.0, total_steps=110, warmup_steps=10, kind="cosine", warmup_factor=0.0)
     assert s(0) == 0.0
     assert s(5) == pytest.approx(0.5)
     assert s(10) == pytest.approx(1.0)
@@ -16,13 +20,13 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_multistep_schedule_is_detectron2_like():
-    s = T.Schedule(base_lr=0.02, total_steps=90, warmup_steps=10, kind="multistep", milestones=(60, 80))
+    s = Schedule(base_lr=0.02, total_steps=90, warmup_steps=10, kind="multistep", milestones=(60, 80))
     assert s(0) == pytest.approx(0.02 * 0.001)
     assert s(30) == pytest.approx(0.02)
     assert s(60) == pytest.approx(0.002)
     assert s(85) == pytest.approx(0.0002)
     with pytest.raises(ValueError, match="schedule.kind"):
-        T.Schedule(1.0, 10, kind="poly")
+        Schedule(1.0, 10, kind="poly")
 
 
 
@@ -30,7 +34,7 @@ def test_multistep_schedule_is_detectron2_like():
 def test_lars_trust_ratio_scales_update():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))     # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = T.LARS([w, b], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.1)
+    opt = LARS([w, b], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.1)
     w.grad = torch.tensor([[0.0, 10.0]])                    # ||g|| = 10 -> trust = 0.1 * 5 / 10
     b.grad = torch.tensor([2.0])                            # 1-d: not adapted
     opt.step()
@@ -39,10 +43,10 @@ def test_lars_trust_ratio_scales_update():
 
 
 def test_sampler_resumes_the_same_stream():
-    full = T.ResumableBatchSampler(10, 4, seed=3)
+    full = ResumableBatchSampler(10, 4, seed=3)
     it = iter(full)
     batches = [next(it) for _ in range(6)]                  # crosses epoch boundaries
-    again = iter(T.ResumableBatchSampler(10, 4, seed=3, start_step=4))
+    again = iter(ResumableBatchSampler(10, 4, seed=3, start_step=4))
     assert [next(again) for _ in range(2)] == batches[4:]
     flat = [x for b in batches[:5] for x in b]              # 20 items = 2 epochs
     assert sorted(i for e, i in flat if e == 0) == list(range(10))
@@ -50,36 +54,36 @@ def test_sampler_resumes_the_same_stream():
 
 
 def test_sampler_shards_across_ranks():
-    a = next(iter(T.ResumableBatchSampler(16, 2, seed=0, rank=0, world_size=2)))
-    b = next(iter(T.ResumableBatchSampler(16, 2, seed=0, rank=1, world_size=2)))
-    one = next(iter(T.ResumableBatchSampler(16, 4, seed=0)))
+    a = next(iter(ResumableBatchSampler(16, 2, seed=0, rank=0, world_size=2)))
+    b = next(iter(ResumableBatchSampler(16, 2, seed=0, rank=1, world_size=2)))
+    one = next(iter(ResumableBatchSampler(16, 4, seed=0)))
     assert a + b == one
 
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     p = tmp_path / "c.pt"
-    T.save_checkpoint(p, {"x": torch.ones(2)})
+    save_checkpoint(p, {"x": torch.ones(2)})
 
     def boom(*a, **k):
         raise RuntimeError("killed mid-write")
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        T.save_checkpoint(p, {"x": torch.zeros(2)})
-    assert torch.equal(T.load_checkpoint(p)["x"], torch.ones(2))   # old file intact
+        save_checkpoint(p, {"x": torch.zeros(2)})
+    assert torch.equal(load_checkpoint(p)["x"], torch.ones(2))   # old file intact
     assert [f.name for f in tmp_path.iterdir()] == ["c.pt"]          # no temporary file left behind
 
 
 def test_loss_nan_raises_diverged(tmp_path):
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loop = T.TrainLoop(model, opt, lambda s: 0.1, T.LoopConfig(total_steps=3), tmp_path)
-    with pytest.raises(T.Diverged):
+    loop = TrainLoop(model, opt, lambda s: 0.1, LoopConfig(total_steps=3), tmp_path)
+    with pytest.raises(Diverged):
         loop.run(iter([None] * 3), lambda b: {"loss": torch.tensor(float("nan"), requires_grad=True)},
                  None, progress=False)
 
 
 def _pretrain_cfg():
-    from benchmark.config import pretrain_config
+    from benchmark.experiments.config import pretrain_config
     return pretrain_config("moco_v2", scale="tiny", seed=0, epochs=6,
                            method_overrides={"queue_size": 32, "crop_size": 32},
                            recipe_overrides={"batch_size": 4, "steps_per_epoch": 1, "base_lr": 0.5},
@@ -87,7 +91,7 @@ def _pretrain_cfg():
 
 
 def test_pretrain_stop_and_resume_is_bit_exact(isolated):
-    from benchmark.pretrain import run_pretrain
+    from benchmark.stages.pretrain import run_pretrain
     cfg = _pretrain_cfg()
     cfg["runtime"] = {"ckpt_every": 100, "log_every": 1}
     full = run_pretrain(cfg, isolated / "a", progress=False)
@@ -109,19 +113,19 @@ def test_pretrain_stop_and_resume_is_bit_exact(isolated):
 def test_requested_checkpoint_is_written_at_the_end_of_the_step(tmp_path):
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loop = T.TrainLoop(model, opt, lambda s: 0.1, T.LoopConfig(total_steps=10, ckpt_every=1000), tmp_path)
+    loop = TrainLoop(model, opt, lambda s: 0.1, LoopConfig(total_steps=10, ckpt_every=1000), tmp_path)
 
     def step(b):
         if loop.step == 3:
-            T.request_checkpoint()          # what submitit's checkpoint() / SIGUSR1 call
+            REQUESTS.request_checkpoint()          # what submitit's checkpoint() / SIGUSR1 call
         return {"loss": model(torch.ones(1, 2)).sum()}
     saved = []
     real_save = loop.save
     loop.save = lambda: (saved.append(loop.step), real_save())
     loop.run(iter([None] * 10), step, None, stop_after=6, progress=False)
     assert saved == [4, 6]                   # the requested one after step 4, then at the stop
-    assert T.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
-    assert T._CHECKPOINT_REQUESTED is False
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
+    assert REQUESTS.checkpoint is False
 
 
 def test_keeping_the_previous_checkpoint_never_leaves_the_checkpoint_missing(tmp_path, monkeypatch):
@@ -129,7 +133,7 @@ def test_keeping_the_previous_checkpoint_never_leaves_the_checkpoint_missing(tmp
     one is linked as ``checkpoint.prev.pt`` and the new one replaces it in one rename."""
     import os
     p = tmp_path / "checkpoint.pt"
-    T.save_checkpoint(p, {"step": 1}, keep_previous=True)
+    save_checkpoint(p, {"step": 1}, keep_previous=True)
     seen, real = [], os.replace
 
     def spy(a, b):
@@ -137,7 +141,7 @@ def test_keeping_the_previous_checkpoint_never_leaves_the_checkpoint_missing(tmp
         real(a, b)
         seen.append(p.exists())
     monkeypatch.setattr(os, "replace", spy)
-    T.save_checkpoint(p, {"step": 2}, keep_previous=True)
+    save_checkpoint(p, {"step": 2}, keep_previous=True)
     assert seen and all(seen)
-    assert T.load_checkpoint(p)["step"] == 2 and T.load_checkpoint(T.previous_checkpoint(p))["step"] == 1
+    assert load_checkpoint(p)["step"] == 2 and load_checkpoint(previous_checkpoint(p))["step"] == 1
     assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]

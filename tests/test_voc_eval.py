@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmark.voc_eval import class_pr, voc_ap, voc_evaluate, voc_summary
+from benchmark.stages.voc_eval import class_pr, voc_ap, voc_evaluate, voc_summary
 
 A, B = 1, 2
 
@@ -148,10 +148,10 @@ def test_run_evaluate_with_the_voc_protocol(isolated):
     """``protocol: voc`` on the synthetic scenes in VOC layout: the switch, its file, its keys."""
     import torch
 
-    from benchmark.config import evaluate_config
-    from benchmark.datasets import resolve_data
+    from benchmark.experiments.config import evaluate_config
+    from benchmark.data.resolve import resolve_data
     from benchmark.detectors import build_detector
-    from benchmark.evaluate import run_evaluate
+    from benchmark.stages.evaluate import run_evaluate
     voc_data = {"kind": "voc", "synthetic": {"image_size": 64, "num_pretrain": 2, "num_train": 2, "num_val": 3,
                                              "seed": 1}}
     data = resolve_data(voc_data)
@@ -176,7 +176,7 @@ def test_run_evaluate_with_the_voc_protocol(isolated):
     import shutil
 
     from benchmark.cli import main
-    from benchmark.store import RunStore
+    from benchmark.runs.store import RunStore
     store = RunStore()
     d = store.begin("ft", {"stage": "finetune", "scale": "tiny", "seed": 0, "data": voc_data})
     shutil.copy(path, d / "model_final.pt")

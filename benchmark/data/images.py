@@ -4,7 +4,7 @@
 pretraining). :class:`ImageSource` lists images (a folder tree or the images of a COCO json)
 and loads one as a record; how a record carries its pixels depends on the run's
 ``recipe.loader`` (see ``methods.augment.LOADERS``). The pretraining stage's dataset
-(``benchmark.pretrain.PretrainDataset``) skips unreadable images and draws each sample's
+(``benchmark.stages.pretrain.PretrainDataset``) skips unreadable images and draws each sample's
 views from (seed, epoch, index).
 """
 from __future__ import annotations

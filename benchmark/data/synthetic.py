@@ -356,7 +356,7 @@ def ensure_synthetic_dataset(
         return out   # complete: read without the lock (a read-only shared cache works)
     # runs started at once (the parallel local executor, array jobs) generate the data once:
     # the others wait on this lock, then find every split complete
-    from benchmark.fsutil import file_lock
+    from benchmark.common.fs import file_lock
     with file_lock(root / ".lock"):
         for split, n in counts.items():
             split_dir = root / split
@@ -426,7 +426,7 @@ def write_voc_layout(splits: dict[str, dict], out_dir: Path) -> Path:
 def ensure_synthetic_voc(cache_dir: Path, **params) -> Path:
     """The synthetic dataset of ``ensure_synthetic_dataset(cache_dir, **params)`` in VOC layout:
     ``<synthetic root>/voc`` (written once, beside the COCO splits). Returns the devkit folder."""
-    from benchmark.fsutil import file_lock
+    from benchmark.common.fs import file_lock
     splits = ensure_synthetic_dataset(cache_dir, **params)
     root = Path(splits["train"]["ann_file"]).parent.parent
     out = root / "voc"

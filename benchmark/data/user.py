@@ -184,7 +184,7 @@ _MEMO: dict = {}
 
 
 def _cache_file() -> Path:
-    from benchmark.datasets import cache_root
+    from benchmark.common.paths import cache_root
     return cache_root() / "data-identity.json"
 
 
@@ -210,7 +210,7 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     _MEMO[sig] = h.hexdigest()
     try:
-        from benchmark.fsutil import atomic_write_json, file_lock
+        from benchmark.common.fs import atomic_write_json, file_lock
         with file_lock(cache.with_suffix(".lock")):
             try:
                 known = json.loads(cache.read_text())
@@ -306,7 +306,7 @@ def check_dataset(data: dict, decode: bool = True) -> dict:
 
     from benchmark.data.coco import CocoDetection, read_rgb
     from benchmark.data.errors import CorruptImage
-    from benchmark.datasets import resolve_data
+    from benchmark.data.resolve import resolve_data
     splits = resolve_data(data)
     report: dict = {"kind": data.get("kind"), "splits": {}}
     for name, split in splits.items():

@@ -251,7 +251,7 @@ def ensure_voc_split(root: str | Path, splits, class_names=VOC_CLASSES, *, cache
     """Convert (once per content) and locate a VOC split: ``{"image_root", "ann_file"}`` for
     ``CocoDetection``. The json lands in ``<cache_dir>/voc/<content hash>.json``: an edited XML
     gives a new file, never a stale one."""
-    from benchmark.fsutil import atomic_write_json
+    from benchmark.common.fs import atomic_write_json
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "data.root", "VOC devkit folder not found (set VOC_ROOT to the folder holding VOC2007/)")

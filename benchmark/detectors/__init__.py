@@ -1,6 +1,6 @@
 """A decorator registry of fine-tuning detectors, one file each (as ``methods/`` has for
 pretraining methods). Adding a detector = one file here, its import at the bottom of this
-module, and its entries in ``benchmark/configs/scales/*.yaml`` (``detectors: {name: {model:
+module, and its entries in ``configs/scales/*.yaml`` (``detectors: {name: {model:
 ..., finetune: {1x: ...}}}``)."""
 from __future__ import annotations
 

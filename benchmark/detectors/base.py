@@ -27,7 +27,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from benchmark.trainer import Schedule
+from benchmark.engine.optim import Schedule
 from methods.base import ConfigError, dataclass_from_dict
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class LoadReport:
                          for g, r in self.groups.items())
 
     def save(self, path: Path) -> None:
-        from benchmark.fsutil import atomic_write_json
+        from benchmark.common.fs import atomic_write_json
         atomic_write_json(path, self.to_dict())
 
     def problems(self, detector: type[Detector], require: tuple[str, ...] = ("backbone",),

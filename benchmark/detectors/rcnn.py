@@ -15,12 +15,12 @@ that default a field is left out of a run's config) and whose other value is det
   (beta 1/9, same normalisation).
 
 Precise BN (detectron2 ``TEST.PRECISE_BN``) is a fine-tuning recipe field
-(``benchmark.finetune.precise_bn``).
+(``benchmark.stages.finetune.precise_bn``).
 
 RoIAlign's backward on CPU with a fixed sampling grid (the tiny scale's ``roi_sampling_ratio``
 2) is :func:`roi_align_grad_input`: torchvision's CPU kernel, vectorised. It gives torchvision's
 gradient bit for bit (same weights, same order of additions) at 2-3x its speed; RoIAlign's
-backward was 10-13 % of a tiny Mask R-CNN step (`benchmark.bench.finetune_bench --profile`).
+backward was 10-13 % of a tiny Mask R-CNN step (`tools.bench.finetune_bench --profile`).
 """
 from __future__ import annotations
 

@@ -1,0 +1,2 @@
+"""The bottom of the harness: crash-safe files and locks, path roots, the device. Imports
+nothing of the project."""

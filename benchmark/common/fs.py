@@ -1,0 +1,88 @@
+"""Crash-safe writes and inter-process locks, shared by the trainer, the run store, the
+proposal cache, the synthetic data and the Slurm state file. No torch here: the run store
+and the Slurm commands import it without loading the trainer."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` through a temporary file beside it: fsync'd and renamed onto ``path``
+    when the block ends, removed if it raises, so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n").encode())
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``folder`` (created if missing), or None when they can."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create it: {e.strerror or e}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None
+
+
+class UnwritableError(OSError):
+    """A folder the harness must write into cannot be written; the message names it."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str = "cache") -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing) for the block: concurrent
+    runs (parallel local jobs, array tasks) build a shared artifact once. A folder where the
+    lock cannot be created raises ``UnwritableError`` naming it (a complete read-only cache
+    is read by its callers without taking the lock)."""
+    path = Path(path)
+    why = unwritable(path.parent)
+    fix = (": point DETBENCH_CACHE at a writable folder, or fill this one once from an account that can "
+           "write it" if what == "cache" else "")
+    if why:
+        raise UnwritableError(f"{what} {path.parent} is not writable ({why}){fix}")
+    try:
+        fh = open(path, "a")
+    except PermissionError as e:
+        raise UnwritableError(f"{what} {path.parent}: cannot open the lock {path} ({e.strerror}){fix}") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,49 @@
+"""What signals ask of the running loop, as one object: a checkpoint (preemption:
+submitit's ``checkpoint()`` or SIGUSR1) and a stop (SIGINT/SIGTERM: save after the current
+step, then stop)."""
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Iterator
+
+
+class Requests:
+    def __init__(self) -> None:
+        self.checkpoint = False   # write a checkpoint at the end of the current step
+        self.stop = 0             # the signal that asked the loop to stop after its current step
+
+    def request_checkpoint(self, *_args) -> None:
+        self.checkpoint = True
+
+    def checkpoint_pending(self) -> bool:
+        """True from ``request_checkpoint`` until the loop has saved."""
+        return self.checkpoint
+
+    def request_stop(self, signum, _frame=None) -> None:
+        """A second signal before the loop has stopped interrupts at once."""
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = signum
+
+    @contextlib.contextmanager
+    def handlers(self) -> Iterator[None]:
+        """SIGUSR1 -> checkpoint, SIGINT/SIGTERM (Ctrl-C, kill, Slurm's cancel) -> stop, for the
+        duration of a loop; the previous handlers come back after it (main thread only)."""
+        old = {}
+        self.stop = 0
+        try:
+            old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self.request_checkpoint)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, self.request_stop)
+        except ValueError:  # not in the main thread
+            pass
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            self.stop = 0
+
+
+REQUESTS = Requests()   # the process's one instance (signal handlers are per process)
