@@ -8,7 +8,7 @@ import sys
 import time
 
 from benchmark.runs.store import STAGES, STATUSES
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     _data(p)
     _nproc(p)
+
+
+def _allow_dirty(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write the table version even though the code has uncommitted changes (named <date>_<sha>-dirty; "
+                        "refused by default in the repository's own results/; or DETBENCH_ALLOW_DIRTY=1)")
 
 
 def _data(p: argparse.ArgumentParser) -> None:
@@ -70,7 +76,8 @@ def _overrides(a, command: str) -> dict:
 
 def _run(job, a) -> dict:
     """One stage in this process, or in ``--nproc`` processes (as torchrun would start them)."""
-    from benchmark.runner import run_job, run_processes
+    from benchmark.runner import run_job
+    from slurm.local import run_processes
     from benchmark.runs.store import RunStore
     if a.nproc > 1:
         status, err = run_processes(job, str(RunStore(a.runs).root), nproc=a.nproc, device=a.device)
@@ -87,7 +94,8 @@ def _seeds(n: int, first: int) -> tuple[int, ...]:
 def cmd_pretrain(a) -> int:
     from benchmark.experiments.config import check_inputs, pretrain_config
     from benchmark.experiments.plan import Job
-    from benchmark.runs.store import RunStore, run_key
+    from benchmark.runs.store import RunStore
+    from benchmark.runs.identity import run_key
     ov = _overrides(a, "pretrain")
     data = _user_data(a, "pretrain", ("pretrain",))
     check_inputs(a.scale, (a.method,), user_data=data is not None)
@@ -104,7 +112,8 @@ def cmd_pretrain(a) -> int:
 def cmd_finetune(a) -> int:
     from benchmark.experiments.config import check_inputs, finetune_config
     from benchmark.experiments.plan import Job
-    from benchmark.runs.store import RunStore, run_key
+    from benchmark.runs.store import RunStore
+    from benchmark.runs.identity import run_key
     ov = _overrides(a, "finetune")
     store = RunStore(a.runs)
     parent = None if a.init == "scratch" else a.init
@@ -130,7 +139,8 @@ def cmd_finetune(a) -> int:
 def cmd_evaluate(a) -> int:
     from benchmark.experiments.config import evaluate_config
     from benchmark.experiments.plan import Job
-    from benchmark.runs.store import RunStore, run_key
+    from benchmark.runs.store import RunStore
+    from benchmark.runs.identity import run_key
     store = RunStore(a.runs)
     pc = store.config(a.init)
     if pc is None or store.status(a.init) != "done" or pc.get("stage") != "finetune":
@@ -182,7 +192,7 @@ def cmd_reproduce(a) -> int:
     from benchmark.reporting.progress import failure_summary
     from benchmark.reporting.render import render
     from benchmark.reporting.results import describe_reuse, load_runs
-    from benchmark.runner import run_plan_local
+    from slurm.local import run_plan_local
     from benchmark.runs.store import RunStore
     from benchmark.common.paths import runs_root
     from benchmark.experiments.tables import load_spec
@@ -231,7 +241,7 @@ def cmd_reproduce(a) -> int:
         print(failures, file=sys.stderr)
         return 1
     before = _current_version(spec.name, a.scale)
-    vdir = render(plan, store, runs=df)
+    vdir = render(plan, store, runs=df, allow_dirty=a.allow_dirty)
     if store.root.resolve() == runs_root().resolve():
         from benchmark.reporting.leaderboard import write_readme
         from benchmark.common.paths import results_root
@@ -259,7 +269,7 @@ def cmd_render(a) -> int:
     from benchmark.experiments.tables import load_spec
     if a.all:
         from benchmark.reporting.leaderboard import render_all
-        vdirs, readme = render_all(a.runs)
+        vdirs, readme = render_all(a.runs, allow_dirty=a.allow_dirty)
         for v in vdirs:
             print(f"{v.parent / 'table.md'} (version {v.name})")
         print(readme)
@@ -272,7 +282,7 @@ def cmd_render(a) -> int:
     seeds, why = _table_seeds(a, spec, df)
     plan = plan_table(spec, scale=a.scale, seeds=seeds, overrides=_overrides(a, "reproduce"),
                       data=_user_data(a, "render", ("pretrain", "train", "val")))
-    vdir = render(plan, store, runs=df)
+    vdir = render(plan, store, runs=df, allow_dirty=a.allow_dirty)
     print(f"{vdir.parent / 'table.md'} (version {vdir.name}{'; ' + why if why else ''})")
     return 0
 
@@ -417,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dry-run", action="store_true", help="print the plan and stop")
         s.add_argument("--jobs", type=int, default=0,
                        help="local executor: runs at once (default: the scale's local_jobs; tiny 2)")
+        _allow_dirty(s)
         _common(s)
         s.set_defaults(fn=cmd_reproduce)
 
@@ -427,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "then the leaderboards in results/README.md")
     s.add_argument("--seeds", type=int, default=None, help="default: the seeds the table was built with")
     s.add_argument("--first-seed", type=int, default=0)
+    _allow_dirty(s)
     _common(s)
     s.set_defaults(fn=cmd_render)
 

@@ -1,9 +1,10 @@
-"""AlignDet (Li, Wang, Xie, Ding, Wang, Lin; ICCV 2023, "AlignDet: Aligning Pre-training and
-Fine-tuning in Object Detection"; official code liming-ai/AlignDet on mmdet 2.25).
+"""AlignDet (Li, Wu, Wang, Chen, Qin, Xiao, Wang, Zheng, Pan; ICCV 2023, "AlignDet: Aligning
+Pre-training and Fine-tuning in Object Detection", arXiv:2307.11077; official code
+liming-ai/AlignDet on mmdet 2.25).
 
-Box-domain pretraining of the very detector that will be fine-tuned, over a frozen backbone
-produced by an image-domain method (the run's parent). Pseudo-code (paper Sec. 3.2, Fig. 3),
-recognisable in ``forward``:
+Box-domain pretraining of the very detector that will be fine-tuned (Faster/Mask R-CNN,
+RetinaNet, FCOS, DETR), over a frozen backbone produced by an image-domain method (the run's
+parent). Pseudo-code (paper Sec. 3.2, Fig. 3), recognisable in ``forward``:
     b          = selective-search proposals of the image, each its own instance id
     V1, V2     = two views (resize short side in {640..800}, flip, one RandAugment op)
     f          = frozen backbone (no gradient, BN in eval mode)
@@ -13,33 +14,9 @@ recognisable in ``forward``:
     z2, y2        = target(f(V2), b2)      (no gradient)
     L = contrastive(z1, y1, z2, y2) + L_reg     (``methods.losses.instance_contrastive``)
 
-The detector is injected (``detector_spec`` / ``attach_detector``, methods/base.py): the
-harness builds it with the fine-tuning builder, so the export is that detector's state minus
-its final classifiers and regressors.
+The detector is injected (``detector_spec`` / ``attach_detector``, methods/base.py).
 
-Per detector (official files under AlignDet/models/):
-- Faster / Mask R-CNN (``selfsup_mask_rcnn.py``, ``convfc_bbox_head.py``, config
-  ``selfsup_mask_rcnn_r50_fpn.py``): the RPN trains on the proposals (sampler: up to 4096
-  anchors, positives first); RoIs (RPN proposals plus the pseudo boxes) with IoU >= 0.5 to a
-  pseudo box are the samples (positives only: ``neg_pos_ub=0``, up to 4096 per image); the
-  4conv1fc box head feeds ``fc_cls`` = fc-ReLU-fc -> 256 and a class-agnostic L1 box
-  regression. The mask head is not pretrained.
-- RetinaNet (``retina_head.py``): ``retina_cls`` = 1x1-ReLU-1x1 -> 256*A; anchors with IoU
-  >= 0.5 are samples of their box, < 0.4 background (negatives of every id), the rest
-  ignored; L1 regression of the encoded deltas on positives; the 50 first proposals per image
-  (official ``SelectTopKProposals(topk=50)``).
-- FCOS (``fcos_head.py``): ``conv_cls`` = 3x3-ReLU-1x1 -> 256; FCOS point assignment (the
-  fine-tuning detector's rule); at most 2048 points per image, positives first; IoU loss
-  (-log IoU, centerness-weighted) and centerness BCE on positives.
-
-Decisions where the official code differs or is silent:
-- Background is ``losses.BACKGROUND`` (-1), never a number an instance id can take (the
-  official label 256 collides with the 257th box of a batch).
-- R-CNN box regression is class-agnostic (official: 256 class-specific regressors indexed by
-  the instance id, which overflows past 256 ids); the regressor is dropped at export anyway.
-- FCOS caps points per image (the official sampler caps per view over the whole batch).
-- An image with no proposal gives no sample (its anchors are all background); the official
-  pipeline drops such an image.
+Choices and official-vs-paper decisions: docs/methods/aligndet.md
 """
 from __future__ import annotations
 
@@ -57,7 +34,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from methods.augment import to_tensor
-from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.config import ConfigError
+from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import whole_view
 from methods.heads import MLPHead

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-
-class ConfigError(ValueError):
-    """A bad config value or key; the message names the key."""
+from methods.config import ConfigError, dataclass_from_dict
 
 
 @dataclasses.dataclass
@@ -36,55 +31,6 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def dataclass_from_dict(cls, d: dict | None, prefix: str):
-    """Build dataclass ``cls`` from a plain dict; unknown keys and badly typed values raise
-    ``ConfigError`` naming ``<prefix>.<key>``. Lists become tuples for tuple fields."""
-    d = dict(d or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for k in d:
-        if k not in fields:
-            near = difflib.get_close_matches(str(k), sorted(fields), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"{prefix}.{k}: unknown key (known: {', '.join(sorted(fields))}){hint}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
-
-
-def _coerce(v: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if args and type(None) in args:  # Optional[X] / X | None
-        if v is None:
-            return None
-        others = [a for a in args if a is not type(None)]
-        if len(others) > 1:   # int | float | None: a value of any of them is kept as it is
-            if any(isinstance(v, a) and not (isinstance(v, bool) and a is not bool) for a in others):
-                return v
-            raise ConfigError(f"{where}: expected {' or '.join(a.__name__ for a in others)}, got {v!r}")
-        tp = others[0]
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = (v,)
-        if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {v!r}")
-        return tuple(_coerce(x, args[0] if args else Any, where) for x in v)
-    if tp is bool:
-        if not isinstance(v, bool):
-            raise ConfigError(f"{where}: expected true/false, got {v!r}")
-        return v
-    if tp is int:
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-            raise ConfigError(f"{where}: expected an integer, got {v!r}")
-        return int(v)
-    if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {v!r}")
-        return float(v)
-    if tp is str and not isinstance(v, str):
-        raise ConfigError(f"{where}: expected a string, got {v!r}")
-    return v
 
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -113,15 +59,6 @@ class PretrainRecipe:
     milestones: tuple[float, ...] | None = None
     grad_clip: float | None = None
     nesterov: bool = False   # Nesterov momentum (SGD only; InsLoc)
-    # Fields added after the first tables were made: at these values they are left out of a
-    # run's config, so that the runs made before them keep their keys (``identity``).
-    ADDED_LATER = {"loader": "cpu", "milestones": None, "grad_clip": None, "nesterov": False}
-
-    @classmethod
-    def identity(cls, recipe: dict) -> dict:
-        """``recipe`` as it enters a run's config: the later fields at their defaults left out."""
-        return {k: v for k, v in recipe.items() if not (k in cls.ADDED_LATER and v == cls.ADDED_LATER[k])}
-
     @classmethod
     def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "PretrainRecipe":
         r = dataclass_from_dict(cls, d, prefix)

@@ -1,5 +1,5 @@
 """InsLoc (Yang, Wu, Zhou, Lin; CVPR 2021, "Instance Localization for Self-supervised
-Detection Pretraining"; official code limbo0000/InstanceLoc).
+Detection Pretraining", arXiv:2102.08318; official code limbo0000/InstanceLoc).
 
 Pseudo-code (paper Sec. 3, Fig. 2; official ``insloc_fpn.py``), recognisable in ``views``
 and ``forward``:
@@ -14,35 +14,7 @@ and ``forward``:
         L += InfoNCE(q_l, k_l, queue_l, tau=0.2)
     enqueue(k_P2..k_P5) with one shared pointer;  f_k = m f_k + (1 - m) f_q, m = 0.999
 
-Decisions where paper and official code differ or are silent:
-- Backgrounds are drawn uniformly from the whole dataset, the foreground itself included
-  (official ``imagenet.py``: ``np.random.randint(0, len)``, no exclusion).
-- The foreground crop is torchvision's RandomResizedCrop draw (scale 0.2-1, aspect 0.5-2,
-  log-uniform; official ``CopyAndPaste.get_rescale_param``), then rescaled as mmcv's
-  ``imrescale(crop, (w, h))``: the largest size keeping the aspect whose long side is at most
-  max(w, h) and short side at most min(w, h). The paste position is uniform over the
-  positions that keep the patch inside (``np.random.randint(0, 256 - w)``).
-- Pixel augmentation is applied to the whole composite, after the paste (official pipeline:
-  ``CopyAndPaste`` -> ``PixelAugPil`` -> ``RandomFlip``); there is no crop of the composite.
-- AnchorAugHead runs in the data worker with the sample's rng (official: on the GPU in the
-  forward pass with ``torch.rand`` scores); same distribution, reproducible per sample.
-  Anchors follow mmdet's ``AnchorGenerator(strides=[16], scales=[2,4,8,16],
-  ratios=[.5,.75,1,1.5,2])`` on the stride-16 grid (ratio = h/w, centres at multiples of the
-  stride). When no anchor has IoU > 0.5 with the box, the official code falls back to the
-  4000 best-overlapping anchors (any IoU); here the true box is used instead, so the
-  augmented box always overlaps it by more than 0.5.
-- The second fc and the 128-d projection are dropped at export; the box head's 4 convs and
-  fc1 transfer (official ``convert_pretrained.py``). Fine-tuning adds a fresh norm after fc1
-  (``FastRCNNConvFCHeadExtraNorm``, official ``transfer/detection/train_net.py``):
-  ``finetune_detector`` turns on the Mask R-CNN's ``box_head_extra_norm`` for InsLoc's rows.
-- Initialisation of the head's fcs: Xavier-uniform, projection N(0, 0.01) (official
-  ``ConvFCBBoxInsClsHead.init_weights``).
-- RoIAlign: aligned, adaptive sampling (official ``RoIAlign(out_size=7, sample_num=0)``).
-- C4 (``arch="c4"``): the official repo has no C4 pretraining config; ours is a
-  reconstruction from the paper: RoIAlign 14 x 14 (detectron2's C4 pooler) on C4, res5 (the
-  backbone's own ``layer4``, exported with the backbone, as the C4 detector's RoI head)
-  -> global average pool -> fc 1024 -> fc 1024 -> 128; one level, one queue, which pools
-  the augmented box.
+Choices and official-vs-paper decisions: docs/methods/insloc.md
 """
 from __future__ import annotations
 
@@ -58,7 +30,8 @@ from torchvision.ops import box_iou, nms
 
 from methods.augment import MOCO_V2_AUG, to_tensor
 from methods.backbones import resnet_stages, stage_channels
-from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.config import ConfigError
+from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import momentum_copy, update_momentum
 from methods.geometry import ViewGeometry, random_resized_crop, whole_view
 from methods.losses import level_info_nce

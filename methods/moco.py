@@ -1,10 +1,12 @@
 """MoCo v2 (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
-Learning"), the baseline of every detection-pretraining paper here.
+Learning", arXiv:2003.04297), the baseline of every detection-pretraining paper here.
 
 Pseudo-code (He et al. 2020, Algorithm 1), recognisable in ``forward``:
     q = f_q(x_q); k = f_k(x_k).detach()
     loss = InfoNCE(q, k, queue, tau)
     f_k = m f_k + (1 - m) f_q ; enqueue(k)
+
+Choices and official-vs-paper decisions: docs/methods/moco_v2.md
 """
 from __future__ import annotations
 

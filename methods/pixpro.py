@@ -1,6 +1,6 @@
 """PixPro (Xie, Lin, Zhang, Cao, Lin, Hu; CVPR 2021, "Propagate Yourself: Exploring
-Pixel-Level Consistency for Unsupervised Visual Representation Learning"), and its
-PixContrast baseline.
+Pixel-Level Consistency for Unsupervised Visual Representation Learning", arXiv:2011.10043;
+official code zdaxie/PixPro), and its PixContrast baseline.
 
 Pseudo-code (paper Sec. 3), recognisable in ``forward``:
     V1, V2 = two random resized crops (+ flip) of one image, BYOL's asymmetric colour views
@@ -12,28 +12,7 @@ Pseudo-code (paper Sec. 3), recognisable in ``forward``:
     PixContrast: L = InfoNCE over pixels: positives A_ij, negatives the other pixels, tau 0.3
     + instance:  L += alpha * BYOL(q(h(pool f(V1))), h'(pool f'(V2))) + symmetric
 
-Decisions where paper and official code (zdaxie/PixPro) differ or are silent:
-- Bin centres are compared in source *pixels* (paper: "original image space"), through the
-  shared geometry layer, so the distance is isotropic. The official code normalises x by
-  the image width and y by its height (``transform_coord.py``), which differs on non-square
-  images, and spans a crop from its first to its last pixel centre (w - 1 wide, not w).
-- Loss factor and averaging follow the official ``regression_loss``: -2 cos (BYOL's 2 - 2cos
-  without the constant), mean over the positive pairs of each image, then over the images
-  (an image whose views do not overlap counts 0). PixContrast averages the same way.
-- PPM: the transformed values g(x_j) are L2-normalised before propagation (official
-  ``featprop``; the paper is silent). g: l=0 identity, l=1 1x1 conv (default, official
-  scripts), l=2 conv-BN-ReLU-conv 256-256-256 (official ``MLP2d``).
-- PixContrast was never released in the official code: this is our implementation of the
-  paper's pixel InfoNCE (Sec. 3.1; tau 0.3, same positive threshold, negatives = every non-positive pixel of the
-  other view of the same image). The official options keep an unused ``--pixpro-neg-ratio``
-  (1.0, a band between positives and negatives); we follow the paper (no band).
-- Instance branch (the paper's "+ instance"): projector and predictor are BYOL's MLPs on
-  the *average-pooled* C5 (paper); the official code runs 1x1-conv MLPs per pixel and pools
-  after the predictor. Weight ``instance_weight`` = alpha: the paper's "+ instance" rows use
-  1, the released scripts (tools/pixpro_base_r50_*.sh) 0, our default (0: the branch is not
-  built). Its loss is BYOL's 2 - 2cos, symmetric.
-- Positive pairs are computed with the views (in the DataLoader worker) for the C5 grid of
-  the crop size; ``forward`` checks the grid against the feature map.
+Choices and official-vs-paper decisions: docs/methods/pixpro.md
 """
 from __future__ import annotations
 
@@ -47,7 +26,8 @@ from torch import nn
 
 from methods.augment import BYOL_AUG_1, BYOL_AUG_2, to_tensor
 from methods.backbones import backbone_state, build_resnet, c5_size, resnet_stages
-from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.config import ConfigError
+from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import grid_matches, random_view
 from methods.heads import ConvMLPHead, byol_predictor, byol_projector, pixpro_projector

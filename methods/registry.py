@@ -1,37 +1,46 @@
-"""A decorator registry of pretraining methods (in the style of timm's model registry).
-Methods register when ``methods/__init__.py`` imports their module: explicitly, one line each."""
+"""A decorator registry (in the style of timm's model registry), used for the pretraining
+methods here and for the detectors (``benchmark.detectors.registry``). Entries register when
+their module is imported: explicitly, one import line each."""
 from __future__ import annotations
 
 from typing import Callable
 
-_METHODS: dict[str, type] = {}
+from methods.config import ConfigError
 
 
-class UnknownMethod(KeyError, ValueError):
-    """A method name that is not registered (a config error that names the field)."""
+class UnknownName(KeyError, ConfigError):
+    """A name that is not registered (a config error that names the field)."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-def register_method(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise KeyError(f"method {name!r} registered twice ({_METHODS[name].__name__}, {cls.__name__})")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-    return deco
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind              # "method", "detector": also the config field, <kind>.name
+        self._entries: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            if name in self._entries and self._entries[name] is not cls:
+                raise KeyError(f"{self.kind} {name!r} registered twice ({self._entries[name].__name__}, "
+                               f"{cls.__name__})")
+            cls.name = name
+            self._entries[name] = cls
+            return cls
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> type:
+        if name not in self._entries:
+            raise UnknownName(f"{self.kind}.name: unknown {self.kind} {name!r} (available: {', '.join(self.names())})")
+        return self._entries[name]
 
 
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> type:
-    if name not in _METHODS:
-        raise UnknownMethod(f"method.name: unknown method {name!r} (available: {', '.join(sorted(_METHODS))})")
-    return _METHODS[name]
+METHODS = Registry("method")
+register_method, list_methods, get_method = METHODS.register, METHODS.names, METHODS.get
 
 
 def build_method(name: str, **cfg):

@@ -1,5 +1,5 @@
-"""SoCo (Wei, Gao, Wu, Zhang, Hu, Lin, Lin; NeurIPS 2021, "Aligning Pretraining for
-Detection via Object-Level Contrastive Learning").
+"""SoCo (Wei, Gao, Wu, Hu, Lin; NeurIPS 2021, "Aligning Pretraining for Detection via
+Object-Level Contrastive Learning", arXiv:2106.02637; official code hologerry/SoCo).
 
 Pseudo-code (paper Sec. 3, Eq. 3), recognisable in ``forward``:
     V1 = whole image @224, V2 = random crop (scale [0.5, 1]) @224, V3 = V2 downsampled @112
@@ -10,57 +10,7 @@ Pseudo-code (paper Sec. 3, Eq. 3), recognisable in ``forward``:
     L = sum_pairs sum_box (2 - 2cos(v_V, v'_1)) + (2 - 2cos(v_1, v'_V))
     f' = m f' + (1 - m) f,  m: 0.99 -> 1 on a cosine schedule
 
-What the official code (hologerry/SoCo; file names there) does, and our default for each.
-"switch" names the config key that selects the other behaviour.
-- V3: the paper (Sec. 3.2) derives V3 from V2 by downsampling; the official transforms draw
-  an independent crop (``transform.py``: ``RandomResizedCropParams(image_size//2)``).
-  Default: the paper's; switch ``v3_from_v2=False`` for the official crop.
-- SoCo* (``soco_star``, ``tools/SoCo_FPN_Star_400ep.sh`` + ``ImageFolderImageAsymBboxAware
-  Multi3ResizeExtraJitter1`` in ``dataset.py``): V3 is an independent crop at 192
-  (``star_v3_size``) and V4 is V2 resized to 112 (``v4_size``); V4 is paired with V1
-  through the V1-V2 proposals (official ``bboxs1_14 = bboxs1_12``, ``bboxs4 = bboxs2``).
-- Proposals per view pair (``dataset.py``): V1-V2 and V1-V3 each pick their own K proposals
-  among those visible in both views of the pair; when a pair has fewer than ``need``
-  (K // 2 at first, halved after each try, at least 1), all views are drawn again, up to
-  ``view_tries`` = 5 times (official ``max_tries``); then the K are padded by repetition
-  (marked invalid; ``mask_padding=True`` drops them from the loss, the official code keeps
-  them). "Visible" is ours: at least ``min_visible`` of the box inside each view of the
-  pair (the official code only asks for any overlap with the pair's common region).
-- Box jitter (p 0.5, ratio 0.1; official ``jitter_props``) moves the **V1** box of each pair;
-  the other view keeps the proposal (official: ``bboxs1_12`` from the jittered proposals,
-  ``bboxs2`` from the plain ones). Default: the official; switch ``jitter_on="crop"`` to
-  jitter the other view's box instead (our earlier reading of Sec. 3.3).
-- Cutout: only the 100-epoch FPN script uses it (``--aug ImageAsymBboxAwareMultiJitter1Cutout``);
-  the 400-epoch and SoCo* scripts' augmentations have none. Official ``RandomCutoutInBbox``:
-  per box of V2 and V3, p 0.5, a square of 0.1-0.3 of the box's area centred in the box
-  (``methods.augment.cutout_in_boxes``; ours clips the square to the box). Default on (the
-  recipe is the 100-epoch one); the 400-epoch table rows set ``cutout: false``.
-- Scale-aware assignment (Table 4 step 5; official ``assign_bboxs_to_feature_map`` with
-  ``aware_range`` 48/96/192): each box goes to the level its size sqrt(wh) **in its own
-  view's pixels** picks: <= 48 -> P2, <= 96 -> P3, <= 192 -> P4, else P5. The thresholds are
-  never rescaled by the view's size, so a box in the 112-px V3 lands one level finer than
-  the same box in the 224-px V2, and the V1 and V3 features of a box come from different
-  levels: that cross-level match is what V3 teaches (scale invariance). At the tiny scale
-  (64-px V1/V2, 32-px V3) the thresholds are scaled once to the 64-px views (48 * 64/224 ...)
-  and then applied in every view's own pixels, exactly as 48/96/192 are at 224.
-  (The official model pools every box on all four levels and lets a correspondence matrix
-  keep the assigned level of each side; we pool only the assigned level: the same loss.)
-  Official ``aware_range`` ends at 224 for P5 (a larger box would get no level); boxes are
-  clipped to their view, so none exceeds it at 224 and ours sends anything above 192 to P5.
-  With ``scale_aware`` off (Table 4 steps 3-4) every box is pooled on all of P2..P5 and each
-  level is compared with the same level of the other view (ours; the paper does not say).
-- RoIAlign: 7x7, aligned, adaptive sampling (official ``tvops.roi_align(..., aligned=True)``
-  with torchvision's default ``sampling_ratio=-1``): ``roi_sampling_ratio=-1``.
-- Backbone: the last BatchNorm gamma of each residual block starts at zero (official
-  ``resnet.py``, "zero gamma"): ``zero_init_residual=True``.
-- Selective search: the official proposals come from the Python selective search with one
-  strategy, Felzenszwalb scale 300, sigma 0.9, min size 100 (``selective_search/
-  generate_imagenet_ss_proposals.py``); ``ss_mode="soco"`` is OpenCV set up the same way
-  (``benchmark.data.proposal_cache``); "fast" stays an option.
-- FPN and box head have BatchNorm (official ``SoCo_FPN.py``: FPN ``norm_cfg=BN``, BN in the
-  4conv1fc head; detectron2 fine-tuning config ``R_50_FPN_1x.yaml``: FPN/ROI_BOX_HEAD NORM
-  SyncBN). The detector must be built with ``head_norm: bn`` for the keys to transfer;
-  ``head_norm="none"`` matches the plain torchvision builder instead.
+Choices and official-vs-paper decisions: docs/methods/soco.md
 """
 from __future__ import annotations
 
@@ -71,7 +21,8 @@ import numpy as np
 import torch
 
 from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout_in_boxes, decode_for, render_view
-from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.config import ConfigError
+from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
 from methods.heads import byol_predictor, byol_projector

@@ -1,10 +1,12 @@
-"""The Supervised baseline row. ``tiny``: multi-label classification pretraining on the
-synthetic scenes' labels (the stand-in for ImageNet classification). ``paper``: no
-training — the user gives a local path to ImageNet weights (nothing is downloaded)."""
+"""The Supervised baseline row: multi-label classification pretraining on the synthetic
+scenes' labels at ``tiny`` (the stand-in for ImageNet classification); at ``small``/``paper``
+no training, the user's local ImageNet weights (nothing is downloaded).
+
+Choices: docs/methods/supervised.md
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,9 +16,11 @@ from torch import nn
 
 from methods.augment import Photometric, to_tensor
 from methods.backbones import backbone_state, build_resnet
-from methods.base import ConfigError, MethodConfig, PretrainMethod, PretrainRecipe
+from methods.config import ConfigError
+from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.geometry import random_view
 from methods.registry import register_method
+from methods.weights import read_state_dict
 
 
 @register_method("supervised")
@@ -59,16 +63,10 @@ class Supervised(PretrainMethod):
         and a ``module.`` prefix are accepted), without the classifier ``fc``."""
         if not self.cfg.weights:
             return None
-        path = Path(self.cfg.weights)
-        if not path.is_file():
-            raise ConfigError(f"method.weights: {path} does not exist (a local ImageNet checkpoint; nothing is downloaded)")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConfigError(f"method.weights: cannot read {path} ({type(e).__name__}: {e})") from None
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
+            state = read_state_dict(self.cfg.weights)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"method.weights: {e} (a local ImageNet checkpoint; nothing is downloaded)") from None
         state = {k.removeprefix("module."): v for k, v in state.items()}
         return {k: v for k, v in state.items() if not k.startswith("fc.")}
 

@@ -12,6 +12,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from slurm.profile import SlurmProfile, load_profile
@@ -65,25 +66,16 @@ def _spec_ref(spec) -> str:
     return spec.name if path == (SPECS / f"{spec.name}.yaml").resolve() else str(path)
 
 
-def _cell_rows(plan) -> list[list]:
-    return [[c.row, c.col, c.seed, c.eval_key, list(c.chain)] for c in plan.cells]
-
-
 def plan_record(plan, store_root: str | os.PathLike) -> dict:
-    """What the state file keeps about a plan: enough to rebuild it (``rebuild_plan``)."""
+    """What the state file keeps about a plan: enough to rebuild it (``rebuild_plan``).
+    The jobs' configs stay in the run store."""
     spec = plan.spec
     spec_text = None
     if getattr(spec, "path", None) and Path(spec.path).is_file():
         spec_text = Path(spec.path).read_text()
-    overrides = dict(plan.overrides)
-    return {
-        "table": spec.name, "kind": getattr(spec, "kind", "table"), "spec": _spec_ref(spec),
-        "spec_text": spec_text, "scale": plan.scale, "seeds": list(plan.seeds),
-        "overrides": overrides,
-        "store_root": str(Path(store_root).resolve()),
-        "jobs": [{"key": j.key, "stage": j.stage, "label": j.label, "parents": list(j.parents)} for j in plan.jobs],
-        "cells": _cell_rows(plan), "recorded_at": now_iso(),
-    }
+    return {"table": spec.name, "kind": getattr(spec, "kind", "table"), "spec": _spec_ref(spec),
+            "spec_text": spec_text, **plan.to_dict(configs=False),
+            "store_root": str(Path(store_root).resolve()), "recorded_at": now_iso()}
 
 
 def _load_spec_from_record(rec: dict, state_file: Path):
@@ -101,39 +93,39 @@ def _load_spec_from_record(rec: dict, state_file: Path):
     return load_spec(str(copy))
 
 
+def _same_runs(a, b) -> bool:
+    """Two lists of cells point at the same runs (whatever reason a cell without runs gives)."""
+    return [replace(c, missing="") for c in a] == [replace(c, missing="") for c in b]
+
+
 def rebuild_plan(results_dir: str | os.PathLike, name: str):
     """The plan a table's state file was submitted with.
 
     Re-planned from the recorded parameters; when that gives other runs than the ones
-    submitted (the spec or the code changed, or the overrides were not known), a plan
-    over the recorded cells is returned instead, so that the table shows what was run.
-    Returns ``(plan, note)``; ``note`` says which way it was built.
+    submitted (the spec or the code changed, or the overrides were not known), the plan
+    recorded at submission (cells and jobs, without configs) is returned instead, so that
+    the table shows what was run. Returns ``(plan, note)``; ``note`` says which way it was built.
     """
-    from benchmark.experiments.plan import Cell, Job, Plan, plan_table
+    from benchmark.experiments.plan import Cell, Plan, plan_table
 
     state = SlurmState.for_name(results_dir, name)
-    data = state.load()
-    rec = data.get("plan")
+    rec = state.load().get("plan")
     if not rec:
-        raise StateError(f"{state.path}: no plan recorded (submit it with `detbench reproduce|grid "
-                         f"--executor slurm` first)")
+        raise StateError(state.path, "no plan recorded (submit it with `detbench reproduce|grid "
+                                     "--executor slurm` first)")
     spec = _load_spec_from_record(rec, state.path)
-    recorded = [(r, c, s, k, tuple(ch)) for r, c, s, k, ch in rec["cells"]]
     if rec.get("overrides") is not None:
         try:
             plan = plan_table(spec, scale=rec["scale"], seeds=tuple(rec["seeds"]), overrides=rec["overrides"])
-            cells = [(c.row, c.col, c.seed, c.eval_key, tuple(c.chain)) for c in plan.cells]
-            if cells == recorded:
+            if _same_runs(plan.cells, [Cell.from_dict(c) for c in rec["cells"]]):
                 return plan, "re-planned"
         except Exception as err:
             print(f"{name}: re-planning failed ({type(err).__name__}: {err}); using the recorded cells",
                   file=sys.stderr)
-    jobs = [Job(j["stage"], j["key"], {}, tuple(j.get("parents", ())), j.get("label", "")) for j in rec["jobs"]]
-    cells = [Cell(r, c, s, k, ch) for r, c, s, k, ch in recorded]
-    if len(spec.rows) <= max((c.row for c in cells), default=-1) or \
-            len(spec.columns) <= max((c.col for c in cells), default=-1):
-        raise StateError(f"{state.path}: spec {rec['spec']} no longer has the rows/columns that were submitted")
-    return Plan(spec, rec["scale"], tuple(rec["seeds"]), jobs, cells), "recorded cells (spec or code changed)"
+    try:
+        return Plan.from_dict(rec, spec), "recorded cells (spec or code changed)"
+    except ValueError as err:
+        raise StateError(state.path, f"the recorded plan does not fit spec {rec['spec']}: {err}") from None
 
 
 def _state_names(results_dir: Path, name: str | None) -> list[str]:
@@ -143,8 +135,8 @@ def _state_names(results_dir: Path, name: str | None) -> list[str]:
 
             name = load_spec(name).name
         if not state_path(results_dir, name).exists():
-            raise StateError(f"{state_path(results_dir, name)}: nothing submitted for {name!r} "
-                                    f"(state files live in {results_dir / 'slurm'})")
+            raise StateError(state_path(results_dir, name), f"nothing submitted for {name!r} "
+                                                            f"(state files live in {results_dir / 'slurm'})")
         return [name]
     return sorted(p.stem for p in (results_dir / "slurm").glob("*.json"))
 
@@ -170,11 +162,10 @@ def submit_plan(plan, store, *, profile: str | SlurmProfile = "local-ci", overri
     The plan's ``--set`` overrides are recorded so that ``collect`` re-plans identically.  Results (state file, logs,
     snapshots) go under ``results_dir`` (default ``$DETBENCH_RESULTS`` or ``./results``).
     """
-    prof = profile if isinstance(profile, SlurmProfile) else load_profile(profile, dict(overrides or {}))
-    if isinstance(profile, SlurmProfile) and overrides:
-        from slurm.profile import _apply
-
-        prof = _apply(prof, dict(overrides), f"{prof.source} (overrides)")
+    if isinstance(profile, SlurmProfile):
+        prof = profile.with_overrides(dict(overrides)) if overrides else profile
+    else:
+        prof = load_profile(profile, dict(overrides or {}))
     results = _results_dir(results_dir)
     store_root = Path(store.root).resolve()
     name = plan.spec.name

@@ -77,6 +77,11 @@ class SlurmProfile:
             return self
         return _apply(self, changes, f"{self.source} (stage_overrides.{stage})", prefix=f"stage_overrides.{stage}.")
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "SlurmProfile":
+        """The profile with ``overrides`` (``--slurm-set k=v``) applied, checked as the file's
+        keys are (a ProfileError's path ends in "(overrides)")."""
+        return _apply(self, overrides, f"{self.source} (overrides)")
+
     def resolved_max_array_size(self) -> int:
         if self.max_array_size is not None:
             return self.max_array_size
@@ -213,9 +218,7 @@ def load_profile(path_or_name: str | Path, overrides: Mapping[str, Any] | None =
     data.setdefault("name", path.stem)
     profile = _apply(SlurmProfile(source=str(path)), data, str(path))
     profile = dataclasses.replace(profile, source=str(path))
-    if overrides:
-        profile = _apply(profile, overrides, f"{path} (overrides)")
-    return profile
+    return profile.with_overrides(overrides) if overrides else profile
 
 
 def cluster_max_array_size(default: int = DEFAULT_MAX_ARRAY_SIZE) -> int:

@@ -18,8 +18,8 @@
 from __future__ import annotations
 
 import getpass
+import functools
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -41,8 +41,6 @@ from slurm.state import SlurmState, now_iso
 from benchmark.engine.signals import REQUESTS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_STAGE_FN = "benchmark.runner:run_job"
 
 # Slurm job states in which a job still holds its place in the queue
 ACTIVE_STATES = {
@@ -153,14 +151,12 @@ def _num_tasks() -> int:
         return 1
 
 
-def _resolve(fn: Callable | str) -> Callable:
-    if callable(fn):
-        return fn
-    module, _, attr = fn.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+def run_stage(job: Any, store_root: str, resume: bool = True) -> dict:
+    """The default stage function: ``benchmark.runner.run_job``, imported when the job runs
+    (from the snapshot; submitting loads no torch)."""
+    from benchmark.runner import run_job
+
+    return run_job(job, store_root, resume=resume)
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -175,7 +171,7 @@ class StageJob(submitit.helpers.Checkpointable):
     can ask the trainer for a checkpoint and wait for it while training goes on.
     """
 
-    def __init__(self, store_root: str, fn: Callable | str = DEFAULT_STAGE_FN, threaded: bool = True,
+    def __init__(self, store_root: str, fn: Callable = run_stage, threaded: bool = True,
                  checkpoint_wait_s: float = 20.0):
         self.store_root = str(store_root)
         self.fn = fn
@@ -185,7 +181,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self, job: Any) -> Any:
         if _num_tasks() > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        fn = _resolve(self.fn)
+        fn = self.fn
         if not self.threaded:
             return fn(job, self.store_root, resume=True)
         box: dict[str, Any] = {}
@@ -340,7 +336,7 @@ def submit_jobs(
     store_root: str | os.PathLike,
     profile: SlurmProfile,
     store: Any = None,
-    fn: Callable | str = DEFAULT_STAGE_FN,
+    fn: Callable = run_stage,
     repo_root: str | os.PathLike | None = None,
     threaded: bool = True,
     env: Mapping[str, str] | None = None,
@@ -349,75 +345,123 @@ def submit_jobs(
 
     ``jobs``: ``benchmark.experiments.plan.Job``-like objects (``stage``, ``key``, ``config``,
     ``parents``, ``label``).  ``store``: anything with ``status(key)``; by default
-    ``benchmark.runs.store.RunStore(store_root)``.  ``fn``: the stage function (or its
-    ``"module:attr"`` path, imported inside the job, i.e. from the snapshot).  ``env``:
-    variables exported in the job script (after the snapshot's, before the stage runs),
-    e.g. absolute ``DETBENCH_RUNS``/``DETBENCH_CACHE``/``DETBENCH_RESULTS``: the jobs run
-    from the snapshot directory, where relative defaults would point elsewhere.
+    ``benchmark.runs.store.RunStore(store_root)``.  ``fn``: the stage function
+    ``fn(job, store_root, resume=True)``, pickled by reference (its module is imported in the
+    job, from the snapshot).  ``env``: variables exported in the job script (after the
+    snapshot's, before the stage runs), e.g. absolute ``DETBENCH_RUNS``/``DETBENCH_CACHE``/
+    ``DETBENCH_RESULTS``: the jobs run from the snapshot directory, where relative defaults
+    would point elsewhere.
     """
     results_dir = Path(results_dir).resolve()
     store_root = str(Path(store_root).resolve())
-    store = store if store is not None else _default_store(store_root)
+    status = functools.lru_cache(maxsize=None)((store if store is not None else _default_store(store_root)).status)
     state = SlurmState.for_name(results_dir, name)
-    summary = SubmitSummary(name=name, state_path=state.path)
-
-    statuses: dict[str, str] = {}
-
-    def status(key: str) -> str:
-        if key not in statuses:
-            statuses[key] = store.status(key)
-        return statuses[key]
-
     order = _topological(list(jobs), lambda k: status(k) == "done")
     previous = state.runs
-    slurm = slurm_job_states(e.get("job_id") for k, e in previous.items() if k in {j.key for j in order})
+    planned = {j.key for j in order}
+    triage = _triage(order, status, previous, slurm_job_states(e.get("job_id") for k, e in previous.items()
+                                                               if k in planned))
+    if triage.stale:
+        cancel(list(triage.stale))
+        state.record_many({k: {"cancelled": True} for k, e in previous.items() if e.get("job_id") in triage.stale})
+    if not triage.submit:
+        state.record_many({}, submission={"at": now_iso(), "submitted": 0, "skipped": len(triage.skipped)})
+        return SubmitSummary(name, state.path, skipped=list(triage.skipped), cancelled=list(triage.stale))
+    repo = Path(repo_root) if repo_root else _find_repo_root()
+    snapshot = snapshot_code(repo, _snapshot_root(profile, results_dir, repo))
+    sub = _Submission(name=name, profile=profile, log_folder=results_dir / "slurm" / "logs" / name,
+                      setup=_job_setup(snapshot, repo, env or {}), snapshot=snapshot,
+                      stage_job=StageJob(store_root, fn=fn, threaded=threaded))
+    submitted, arrays = _submit_levels(sub, state, triage.submit, triage.queued)
+    state.record_many({}, submission={"at": now_iso(), "submitted": len(submitted),
+                                      "skipped": len(triage.skipped), "snapshot": snapshot.as_dict()})
+    return SubmitSummary(name, state.path, snapshot, submitted=submitted, skipped=list(triage.skipped),
+                         cancelled=list(triage.stale), arrays=arrays)
 
-    to_submit: list[Any] = []
-    submit_keys: set[str] = set()
-    queued: dict[str, str] = {}  # key -> job id of a live job kept as it is
+
+# ---------------------------------------------------------------- which jobs go out
+@dataclass(frozen=True)
+class _Triage:
+    """What one submission does with the plan's jobs (each tuple in topological order)."""
+    submit: tuple = ()                     # jobs to submit
+    skipped: tuple = ()                    # {key, label, stage, reason, job_id?} of the others
+    queued: Mapping[str, str] = field(default_factory=dict)   # key -> id of a live job kept as it is
+    stale: tuple = ()                      # ids of live jobs replaced by a resubmission: cancel them
+
+
+def _verdict(job: Any, status: str, info: dict | None, blocked: set, resubmitted: set) -> tuple[str, str]:
+    """``(action, reason)`` for one job: "skip" (done), "block" (it or a parent diverged; its
+    children are blocked too), "keep" (its live job stays queued) or "submit"."""
+    if status == "done":
+        return "skip", "done"
+    if status == "diverged":  # a deterministic outcome: resubmitting would diverge again
+        return "block", "diverged"
+    if any(p in blocked for p in job.parents):
+        return "block", "blocked: a parent run diverged"
+    # a pending job waits on its parents' old jobs: a resubmitted parent replaces it
+    if _is_alive(info) and not (info["state"] == "PENDING" and any(p in resubmitted for p in job.parents)):
+        return "keep", f"already {info['state'].lower()}"
+    return "submit", ""
+
+
+def _triage(order: Sequence[Any], status: Callable[[str], str], previous: Mapping[str, dict],
+            slurm: Mapping[str, dict]) -> _Triage:
+    """``previous``: the state file's entries; ``slurm``: Slurm's states of their job ids."""
+    submit, skipped, stale = [], [], []
+    queued: dict[str, str] = {}
     blocked: set[str] = set()
-    stale: list[str] = []
+    resubmitted: set[str] = set()
     for job in order:
-        st = status(job.key)
-        skip = lambda reason, **kw: summary.skipped.append(  # noqa: E731
-            {"key": job.key, "label": job.label, "stage": job.stage, "reason": reason, **kw})
-        if st == "done":
-            skip("done")
-            continue
-        if st == "diverged":  # a deterministic outcome: resubmitting would diverge again
-            skip("diverged")
-            blocked.add(job.key)
-            continue
-        if any(p in blocked for p in job.parents):
-            skip("blocked: a parent run diverged")
-            blocked.add(job.key)
-            continue
         entry = previous.get(job.key) or {}
         info = slurm.get(str(entry.get("job_id")))
-        parent_resubmitted = any(p in submit_keys for p in job.parents)
-        if _is_alive(info) and not (parent_resubmitted and info["state"] == "PENDING"):
-            skip(f"already {info['state'].lower()}", job_id=entry["job_id"])
-            queued[job.key] = entry["job_id"]
+        action, reason = _verdict(job, status(job.key), info, blocked, resubmitted)
+        if action == "submit":
+            if info and info["state"] in ACTIVE_STATES:
+                stale.append(entry["job_id"])  # waits forever or on a parent that is replaced
+            submit.append(job)
+            resubmitted.add(job.key)
             continue
-        if info and info["state"] in ACTIVE_STATES:
-            stale.append(entry["job_id"])  # waits forever or on a parent that is replaced
-        to_submit.append(job)
-        submit_keys.add(job.key)
+        row = {"key": job.key, "label": job.label, "stage": job.stage, "reason": reason}
+        if action == "keep":
+            queued[job.key] = entry["job_id"]
+            row["job_id"] = entry["job_id"]
+        elif action == "block":
+            blocked.add(job.key)
+        skipped.append(row)
+    return _Triage(tuple(submit), tuple(skipped), queued, tuple(stale))
 
-    if stale:
-        cancel(stale)
-        summary.cancelled = stale
-        state.record_many({k: {"cancelled": True} for k, e in previous.items() if e.get("job_id") in stale})
-    if not to_submit:
-        state.record_many({}, submission={"at": now_iso(), "submitted": 0, "skipped": len(summary.skipped)})
-        return summary
 
-    repo = Path(repo_root) if repo_root else _find_repo_root()
-    snap_root = Path(profile.snapshot_dir) if profile.snapshot_dir else results_dir / "slurm" / "snapshots"
-    if not snap_root.is_absolute():
-        snap_root = repo / snap_root
-    snapshot = snapshot_code(repo, snap_root)
-    summary.snapshot = snapshot
+# ---------------------------------------------------------------- how they go out
+@dataclass(frozen=True)
+class _Submission:
+    """What every batch of one ``submit_jobs`` call shares."""
+    name: str
+    profile: SlurmProfile
+    log_folder: Path
+    setup: tuple[str, ...]                 # job script lines run before the stage
+    snapshot: Snapshot
+    stage_job: StageJob
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One sbatch call: a job array of one stage whose tasks all wait on the same jobs."""
+    stage: str
+    jobs: tuple
+    after: tuple[str, ...] = ()            # Slurm job ids (afterok)
+
+    @property
+    def dependency(self) -> str | None:
+        return f"afterok:{':'.join(self.after)}" if self.after else None
+
+
+def _snapshot_root(profile: SlurmProfile, results_dir: Path, repo: Path) -> Path:
+    root = Path(profile.snapshot_dir) if profile.snapshot_dir else results_dir / "slurm" / "snapshots"
+    return root if root.is_absolute() else repo / root
+
+
+def _job_setup(snapshot: Snapshot, repo: Path, env: Mapping[str, str]) -> tuple[str, ...]:
+    """Job script lines: run the snapshot's code from its directory, then export ``env``."""
     setup = [
         f"export PYTHONPATH={shlex.quote(str(snapshot.path))}${{PYTHONPATH:+:$PYTHONPATH}}",
         f"export DETBENCH_SNAPSHOT={shlex.quote(str(snapshot.path))}",
@@ -426,66 +470,82 @@ def submit_jobs(
     ]
     if snapshot.sha:  # the snapshot has no .git: the run store's env.json reads the sha from here
         setup.append(f"export DETBENCH_SNAPSHOT_SHA={shlex.quote(snapshot.sha)}")
-    for var, value in (env or {}).items():
+    for var, value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             raise ValueError(f"env: {var!r} is not a valid environment variable name")
         setup.append(f"export {var}={shlex.quote(str(value))}")
-    log_folder = results_dir / "slurm" / "logs" / name
-    callable_ = StageJob(store_root, fn=fn, threaded=threaded)
+    return tuple(setup)
 
-    # level = 1 + deepest parent submitted in this call: parents go out before children
+
+def _levels(jobs: Sequence[Any]) -> list[list[Any]]:
+    """Jobs (topological order) by level, 1 + the deepest parent among them: a level goes
+    out after the levels its parents are in."""
     level: dict[str, int] = {}
-    for job in to_submit:  # topological order
+    for job in jobs:
         level[job.key] = 1 + max((level[p] for p in job.parents if p in level), default=-1)
-    new_ids: dict[str, str] = {}
-    for lvl in sorted(set(level.values())):
-        groups: dict[tuple, list[Any]] = defaultdict(list)
-        for job in to_submit:
-            if level[job.key] != lvl:
-                continue
-            deps = tuple(sorted({new_ids.get(p) or queued[p] for p in job.parents if p in new_ids or p in queued}))
-            groups[(job.stage, deps)].append(job)
-        for (stage, deps), group in groups.items():
-            stage_profile = profile.for_stage(stage)
-            chunk_size = stage_profile.resolved_max_array_size()
-            for start in range(0, len(group), chunk_size):
-                chunk = group[start:start + chunk_size]
-                _submit_chunk(chunk, stage, deps, stage_profile, log_folder, setup, callable_, name,
-                              snapshot, state, summary, new_ids)
-    state.record_many({}, submission={"at": now_iso(), "submitted": len(summary.submitted),
-                                      "skipped": len(summary.skipped), "snapshot": snapshot.as_dict()})
-    return summary
+    return [[j for j in jobs if level[j.key] == n] for n in sorted(set(level.values()))]
 
 
-def _submit_chunk(chunk, stage, deps, profile, log_folder, setup, callable_, name, snapshot, state, summary, new_ids):
-    executor = submitit.AutoExecutor(folder=log_folder / "%j", cluster="slurm")
-    params = profile.executor_parameters()
+def _batches(jobs: Sequence[Any], ids: Mapping[str, str], profile: SlurmProfile) -> list[_Batch]:
+    """One level's jobs as arrays of one stage and one dependency, no larger than the stage's
+    max array size.  ``ids``: run key -> Slurm job id of the parents queued or submitted."""
+    groups: dict[tuple, list[Any]] = defaultdict(list)
+    for job in jobs:
+        groups[(job.stage, tuple(sorted({ids[p] for p in job.parents if p in ids})))].append(job)
+    batches = []
+    for (stage, after), group in groups.items():
+        size = profile.for_stage(stage).resolved_max_array_size()
+        batches += [_Batch(stage, tuple(group[i:i + size]), after) for i in range(0, len(group), size)]
+    return batches
+
+
+def _submit_levels(sub: _Submission, state: SlurmState, jobs: Sequence[Any],
+                   queued: Mapping[str, str]) -> tuple[list[dict], list[dict]]:
+    """Submit ``jobs`` level by level, each job after its parents' jobs (``queued``: those kept
+    from an earlier submission).  Each batch is recorded in the state file as it goes out, so
+    a later failure loses nothing.  Returns the summary's ``submitted`` and ``arrays``."""
+    ids = dict(queued)
+    submitted: list[dict] = []
+    arrays: list[dict] = []
+    for level in _levels(jobs):
+        for batch in _batches(level, ids, sub.profile):
+            entries = _entries(sub, batch, _sbatch(sub, batch), now_iso())
+            state.record_many(entries)
+            ids.update({key: e["job_id"] for key, e in entries.items()})
+            submitted += [{"key": key, "label": e["label"], "stage": batch.stage, "job_id": e["job_id"],
+                           "dependency": batch.dependency} for key, e in entries.items()]
+            arrays.append({"stage": batch.stage, "array_job_id": entries[batch.jobs[0].key]["array_job_id"],
+                           "size": len(batch.jobs), "dependency": batch.dependency})
+    return submitted, arrays
+
+
+def _sbatch(sub: _Submission, batch: _Batch) -> list[submitit.Job]:
+    """Submit one batch as one job array; its submitit jobs, in the batch's order."""
+    executor = submitit.AutoExecutor(folder=sub.log_folder / "%j", cluster="slurm")
+    params = sub.profile.for_stage(batch.stage).executor_parameters()
     extra = dict(params.pop("slurm_additional_parameters", {}))
-    dependency = f"afterok:{':'.join(deps)}" if deps else None
-    if dependency:
-        extra["dependency"] = dependency
+    if batch.dependency:
+        extra["dependency"] = batch.dependency
         extra.setdefault("kill-on-invalid-dep", "no")  # keep it visible as DependencyNeverSatisfied
-    executor.update_parameters(name=f"detbench-{name}-{stage}", slurm_setup=list(setup),
+    executor.update_parameters(name=f"detbench-{sub.name}-{batch.stage}", slurm_setup=list(sub.setup),
                                slurm_additional_parameters=extra, **params)
-    submitted = []
     with executor.batch():
-        for job in chunk:
-            submitted.append(executor.submit(callable_, job))
+        sjobs = [executor.submit(sub.stage_job, job) for job in batch.jobs]
+    return sjobs  # their job ids are known once the batch is out
+
+
+def _entries(sub: _Submission, batch: _Batch, sjobs: Sequence[Any], at: str) -> dict[str, dict]:
+    """The state file's entry of each job of a submitted batch."""
     entries = {}
-    at = now_iso()
-    for job, sjob in zip(chunk, submitted):
+    for job, sjob in zip(batch.jobs, sjobs, strict=True):
         job_id = str(sjob.job_id)
         array_id, _, task = job_id.partition("_")
-        new_ids[job.key] = job_id
         entries[job.key] = {
             "stage": job.stage, "label": job.label, "job_id": job_id, "array_job_id": array_id,
             "array_task_id": int(task) if task else None, "submitted_at": at,
             "stdout": str(sjob.paths.stdout), "stderr": str(sjob.paths.stderr),
-            "parents": list(job.parents), "dependency": dependency, "profile": profile.name,
-            "snapshot": snapshot.as_dict(), "cancelled": False,
+            "parents": list(job.parents), "dependency": batch.dependency,
+            "profile": sub.profile.for_stage(batch.stage).name, "snapshot": sub.snapshot.as_dict(),
+            "cancelled": False,
         }
-        summary.submitted.append({"key": job.key, "label": job.label, "stage": stage, "job_id": job_id,
-                                  "dependency": dependency})
-    state.record_many(entries)  # recorded chunk by chunk: a later failure loses nothing
-    summary.arrays.append({"stage": stage, "array_job_id": str(submitted[0].job_id).partition("_")[0],
-                           "size": len(chunk), "dependency": dependency})
+    return entries

@@ -15,9 +15,9 @@ def isolated(tmp_path, monkeypatch):
 
 MICRO_DATA = {"kind": "synthetic", "image_size": 64, "num_pretrain": 16, "num_train": 8, "num_val": 4, "seed": 0}
 
-# the real COCO excerpt: ../shared/data/tiny_coco beside the checkout (CI and sessions)
-TINY_COCO = Path(os.environ.get("DETBENCH_TINY_COCO",
-                                Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"))
+# a real COCO 2017 excerpt in the repository (tests/data/coco_excerpt/SOURCE.md);
+# DETBENCH_TINY_COCO points the same tests at another COCO-layout folder
+TINY_COCO = Path(os.environ.get("DETBENCH_TINY_COCO", Path(__file__).resolve().parent / "data" / "coco_excerpt"))
 
 
 def connect_slurm_or_skip(base: Path) -> str:

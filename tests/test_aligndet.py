@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from methods import build_method
 from methods.augment import IMAGENET_MEAN, IMAGENET_STD
-from methods.base import ConfigError
+from methods.config import ConfigError
 from methods.losses import BACKGROUND, instance_contrastive
 from methods.randaug import SOFT_TEACHER_OPS, one_of
 

@@ -10,9 +10,9 @@ import torch
 from benchmark.experiments.config import finetune_config, pretrain_config
 from benchmark.detectors import build_detector
 from benchmark.stages.pretrain import attach_detector, build_for_pretrain
-from benchmark.runs.store import run_key
+from benchmark.runs.identity import run_key
 from methods.aligndet import AlignDet
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 
 def _cfg(detector="retinanet", parent="p" * 16, **kw):
@@ -151,7 +151,7 @@ def test_micro_chain_end_to_end(isolated):
     from pathlib import Path
 
     from benchmark.cli import main
-    from benchmark.detectors import load_weights_file
+    from methods.weights import read_state_dict
     from benchmark.experiments.plan import plan_table
     spec = str(Path(__file__).resolve().parent / "specs" / "micro_aligndet.yaml")
     assert main(["reproduce", "--table", spec, "--scale", "micro"]) == 0
@@ -168,7 +168,7 @@ def test_micro_chain_end_to_end(isolated):
     drops = [round(f * total) for f in cfg["recipe"]["milestones"]]
     assert lrs == pytest.approx([lrs[0] * 0.1 ** sum(s >= m for m in drops) for s in range(total)])
     assert lrs[-1] == pytest.approx(lrs[0] * 0.01)
-    mine, theirs = load_weights_file(runs / box / "weights.pt"), load_weights_file(runs / parent / "weights.pt")
+    mine, theirs = read_state_dict(runs / box / "weights.pt"), read_state_dict(runs / parent / "weights.pt")
     backbone = [k for k in theirs if not k.startswith(("fc.", "fpn.", "box_head."))]
     assert backbone and all(torch.equal(mine[k], theirs[k]) for k in backbone if not k.endswith("num_batches_tracked"))
     assert any(k.startswith("fpn.") or k.startswith("head.") for k in mine)   # the pretrained neck/heads

@@ -6,9 +6,10 @@ import pytest
 from benchmark.experiments.config import finetune_config, parse_overrides, pretrain_config
 from benchmark.experiments.plan import Plan, plan_table
 from benchmark.reporting.render import cell_values, render
-from benchmark.runs.store import RunStore, run_key
+from benchmark.runs.store import RunStore
+from benchmark.runs.identity import run_key
 from benchmark.experiments.tables import load_spec
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 
 def test_scale_is_overrides_not_fork():
@@ -116,6 +117,22 @@ def test_plan_table_dedups_and_orders():
     assert len({c.chain[0] for c in plan.cells if c.row == moco and c.seed == 0}) == 1
 
 
+def test_plan_serialises_itself():
+    from benchmark.experiments.plan import Cell
+    plan = plan_table("soco_table1", scale="tiny", seeds=(0, 1))
+    data = json.loads(json.dumps(plan.to_dict()))
+    back = Plan.from_dict(data, plan.spec)
+    assert back == plan and back.cells == plan.cells and back.seeds == (0, 1)
+    assert [json.dumps(j.config, sort_keys=True) for j in back.jobs] == \
+        [json.dumps(j.config, sort_keys=True) for j in plan.jobs]
+    light = Plan.from_dict(plan.to_dict(configs=False), plan.spec)
+    assert light == plan and all(j.config == {} for j in light.jobs)
+    with pytest.raises(ValueError, match="no cell"):
+        Plan.from_dict({**data, "cells": [{**data["cells"][0], "row": len(plan.spec.rows)}]}, plan.spec)
+    with pytest.raises(ValueError, match="missing"):
+        Cell.from_dict({**data["cells"][0], "missing": "because"})
+
+
 def test_reference_values_come_from_the_papers_table():
     spec = load_spec("soco_table1")
     row = next(r for r in spec.rows if r.label == "MoCo v2")
@@ -207,10 +224,10 @@ def test_supervised_row_at_paper_scale_reads_the_users_weights(isolated, monkeyp
 
 
 def test_small_values_keep_two_decimals():
-    from benchmark.reporting.render import _ours
-    assert _ours({"mean": 0.123, "std": 0.0, "values": [0.123], "status": "done"}, 1) == "0.12"
-    assert _ours({"mean": 42.26, "std": 0.5, "values": [42.0, 42.5], "status": "done"}, 2) == "42.3 ± 0.5"
-    assert _ours({"mean": 1.0, "std": 0.0, "values": [1.0], "status": "partial"}, 3) == "1.00 (1/3 seeds)"
+    from benchmark.reporting.format import ours
+    assert ours({"mean": 0.123, "std": 0.0, "values": [0.123], "status": "done"}, 1) == "0.12"
+    assert ours({"mean": 42.26, "std": 0.5, "values": [42.0, 42.5], "status": "done"}, 2) == "42.3 ± 0.5"
+    assert ours({"mean": 1.0, "std": 0.0, "values": [1.0], "status": "partial"}, 3) == "1.00 (1/3 seeds)"
 
 
 def test_git_info_names_the_commit_and_never_invents_one(tmp_path):

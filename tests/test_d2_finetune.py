@@ -18,8 +18,8 @@ from benchmark.detectors.base import GroupReport, LoadReport
 from benchmark.detectors.rcnn import RoIPooler, l1_box_loss
 from benchmark.stages.finetune import precise_bn
 from benchmark.reporting.results import groups_not_loaded
-from benchmark.runs.store import run_key
-from methods.base import ConfigError
+from benchmark.runs.identity import run_key
+from methods.config import ConfigError
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 MICRO = {"backbone": "resnet18", "fpn_channels": 16, "box_head_conv_dim": 16, "box_head_fc_dim": 32,

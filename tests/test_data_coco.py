@@ -1,4 +1,4 @@
-"""CocoDetection: targets, mask formats, real tiny_coco, and every bad-input error."""
+"""CocoDetection: targets, mask formats, a real COCO excerpt, and every bad-input error."""
 from __future__ import annotations
 
 import json
@@ -180,26 +180,34 @@ def test_boxes_outside_image_are_clipped_and_degenerate_dropped(tmp_path, caplog
     assert t["masks"].shape == (1, H, W)
 
 
-# --------------------------------------------------------------------- real tiny_coco
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="shared tiny_coco excerpt not available")
-
-
-@needs_tiny
+# ------------------------------------------------------- real COCO excerpt (tests/data)
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_real_tiny_coco(split):
-    ds = CocoDetection(TINY / f"{split}2017", TINY / "annotations" / f"instances_{split}2017.json")
-    assert len(ds) == 50 and ds.num_classes == 80 and ds.class_names[0] == "person"
-    assert ds.contiguous_to_cat_id[80] == 90
-    ratios, crowd_seen, empty_seen = [], 0, 0
+    ann_file = TINY / "annotations" / f"instances_{split}2017.json"
+    raw = json.loads(ann_file.read_text())
+    ds = CocoDetection(TINY / f"{split}2017", ann_file)
+    cats = sorted(raw["categories"], key=lambda c: c["id"])
+    assert len(ds) == len(raw["images"]) and ds.ids == sorted(im["id"] for im in raw["images"])
+    assert ds.num_classes == len(cats) and ds.class_names[0] == cats[0]["name"] == "person"
+    assert ds.contiguous_to_cat_id[len(cats)] == cats[-1]["id"]
+    sizes = {im["id"]: (im["height"], im["width"]) for im in raw["images"]}
+    per_image = {im["id"]: 0 for im in raw["images"]}
+    for a in raw["annotations"]:
+        per_image[a["image_id"]] += 1
+    ratios, boxes_seen, crowd_seen, empty_seen = [], 0, 0, 0
     for i in range(len(ds)):
         img, t = ds[i]
         _, h, w = img.shape
+        image_id = int(t["image_id"])
+        assert image_id == ds.ids[i] and (h, w) == sizes[image_id]
         n = len(t["boxes"])
+        assert n <= per_image[image_id]
+        boxes_seen += n
         assert t["masks"].shape == (n, h, w) and t["labels"].shape == (n,)
         if n == 0:
             empty_seen += 1
             continue
-        assert 1 <= t["labels"].min() and t["labels"].max() <= 80
+        assert 1 <= t["labels"].min() and t["labels"].max() <= ds.num_classes
         b = t["boxes"]
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all() and (b[:, 2] > b[:, 0]).all()
         areas = t["masks"].flatten(1).sum(1).float()
@@ -209,7 +217,11 @@ def test_real_tiny_coco(split):
         ratios += (areas[~crowd] / t["area"][~crowd]).tolist()
         big = ~crowd & (t["area"] > 500)
         assert ((areas[big] / t["area"][big] - 1).abs() < 0.15).all()
-    assert crowd_seen > 0 and empty_seen > 0
+    # every annotation is a target or counted as dropped; the excerpt keeps crowd (RLE)
+    # regions and images without annotations (tests/data/coco_excerpt/SOURCE.md)
+    assert boxes_seen + ds.num_dropped == len(raw["annotations"])
+    assert crowd_seen == sum(a["iscrowd"] for a in raw["annotations"]) > 0
+    assert empty_seen >= sum(1 for v in per_image.values() if v == 0) > 0
     assert abs(float(np.median(ratios)) - 1) < 0.02
 
 

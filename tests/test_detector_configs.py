@@ -8,9 +8,9 @@ import torch
 from benchmark.experiments.config import finetune_config
 from benchmark.detectors import get_detector, list_detectors
 from benchmark.experiments.plan import plan_table
-from benchmark.runs.store import run_key
+from benchmark.runs.identity import run_key
 from benchmark.experiments.tables import load_spec
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 

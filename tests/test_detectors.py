@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from benchmark.detectors import (PretrainedLoadError, UnknownDetector, build_detector, get_detector, load_pretrained,
-                                 load_weights_file)
+from benchmark.detectors import PretrainedLoadError, UnknownDetector, build_detector, get_detector, load_pretrained
+from methods.weights import read_state_dict
 from benchmark.detectors.mask_rcnn import MaskRCNNConfig
 
 MASK_RCNN = get_detector("mask_rcnn")
@@ -103,7 +103,7 @@ def test_load_pretrained_fc_is_ignored_and_frozen_bn_accepts_bn_export(tmp_path)
     sd = torchvision.models.resnet18(weights=None).state_dict()   # with fc.*
     path = tmp_path / "weights.pt"
     torch.save({"state_dict": sd}, path)
-    report = load_pretrained(model, load_weights_file(path), MASK_RCNN, source=str(path))
+    report = load_pretrained(model, read_state_dict(path), MASK_RCNN, source=str(path))
     assert report.groups["backbone"].missing == []
     assert sorted(report.groups["other"].unexpected) == ["fc.bias", "fc.weight"]
     assert torch.equal(model.backbone.body.layer2[0].bn1.running_mean, sd["layer2.0.bn1.running_mean"])
@@ -142,15 +142,15 @@ def test_load_pretrained_detector_export_with_heads():
 
 def test_load_weights_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        load_weights_file(tmp_path / "nope.pt")
+        read_state_dict(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="bad.pt: cannot read"):
-        load_weights_file(bad)
+        read_state_dict(bad)
     odd = tmp_path / "odd.pt"
     torch.save({"state_dict": {"conv1.weight": 3}}, odd)
     with pytest.raises(ValueError, match="odd.pt: field 'state_dict'"):
-        load_weights_file(odd)
+        read_state_dict(odd)
 
 
 def test_detr_backbone_computes_torchvisions_resnet():

@@ -9,8 +9,10 @@ import pytest
 
 from benchmark.experiments.config import evaluate_config, finetune_config, pretrain_config
 from benchmark.experiments.plan import Job, plan_table
-from benchmark.runner import run_job, run_plan_local, run_processes
-from benchmark.runs.store import RunStore, run_key
+from benchmark.runner import run_job
+from slurm.local import run_plan_local, run_processes
+from benchmark.runs.store import RunStore
+from benchmark.runs.identity import run_key
 
 
 def _job(stage, cfg, parents=()):

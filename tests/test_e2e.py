@@ -7,7 +7,8 @@ import yaml
 
 from benchmark.cli import main
 from benchmark.experiments.plan import plan_table
-from benchmark.runner import run_job, run_plan_local
+from benchmark.runner import run_job
+from slurm.local import run_plan_local
 from benchmark.runs.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_reproduce_table_then_nothing_to_do(isolated, spec_path, capsys, monkeyp
     assert all(len(store.metrics(r["key"])["weights_sha256"]) == 64 for r in pre)
     # same keys -> nothing recomputed
     calls = []
-    import benchmark.runner as stages
+    import slurm.local as stages
     monkeypatch.setattr(stages, "run_job", lambda *a, **k: calls.append(a) or {})
     assert main(["reproduce", "--table", str(spec_path), "--scale", "micro"]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,8 @@ from benchmark.cli import build_parser, main
 from benchmark.experiments.config import pretrain_config
 from benchmark.experiments.plan import Job, plan_table
 from benchmark.runner import run_job
-from benchmark.runs.store import RunStore, StoreError, run_key
+from benchmark.runs.store import RunStore, StoreError
+from benchmark.runs.identity import run_key
 
 
 def _micro_pretrain():
@@ -271,7 +272,7 @@ def test_tables_are_written_atomically(isolated, monkeypatch):
 ])
 def test_a_bad_scale_file_is_an_error_naming_file_and_field(tmp_path, monkeypatch, text, msg):
     import benchmark.experiments.config as config
-    from methods.base import ConfigError
+    from methods.config import ConfigError
     (tmp_path / "bad.yaml").write_text(text)
     monkeypatch.setattr(config, "SCALES_DIR", tmp_path)
     with pytest.raises(ConfigError, match=str(tmp_path / "bad.yaml")) as e:

@@ -11,8 +11,8 @@ from PIL import Image
 from benchmark.data.coco import CocoDetection
 from benchmark.detectors import get_detector
 from benchmark.detectors.base import SGDRecipe
-from benchmark.finetune import TrainSet, hflip, run_finetune
-from benchmark.trainer import Diverged
+from benchmark.stages.finetune import TrainSet, hflip, run_finetune
+from benchmark.engine.loop import Diverged
 
 MICRO_DET = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=32, box_head_conv_dim=32, box_head_fc_dim=64,
                  mask_head_dim=32, mask_head_convs=2, box_batch_size_per_image=32, rpn_batch_size_per_image=32,
@@ -156,8 +156,8 @@ def test_divergence_propagates(tiny_data, tmp_path):
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(tiny_data, tmp_path, monkeypatch):
-    import benchmark.finetune as ft
-    from methods.base import ConfigError
+    import benchmark.stages.finetune as ft
+    from methods.config import ConfigError
     monkeypatch.setattr(ft, "world", lambda: (0, 3))     # as if 3 processes ran it
     with pytest.raises(ConfigError, match=r"recipe\.batch_size: 2 is not divisible by 3 processes"):
         run_finetune(MICRO_DET, {**MICRO_RECIPE, "batch_size": 2}, tiny_data, run_dir=tmp_path, weights=None,
@@ -179,9 +179,8 @@ from tests.conftest import TINY_COCO
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TINY_COCO.exists(), reason="tiny_coco not available")
 def test_end_to_end_tiny_coco(tmp_path):
-    from benchmark.evaluate import run_evaluate
+    from benchmark.stages.evaluate import run_evaluate
     data = {s: {"image_root": str(TINY_COCO / f"{s}2017"),
                 "ann_file": str(TINY_COCO / "annotations" / f"instances_{s}2017.json")} for s in ("train", "val")}
     det = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256,

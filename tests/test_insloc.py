@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 
 import methods
 from tests.inputs import ListSource
-from methods.base import ConfigError
+from methods.config import ConfigError
 from methods.geometry import whole_view
 from methods.insloc import anchor_augment, anchor_grid, rescaled_size
 from methods.losses import level_info_nce
@@ -236,7 +236,7 @@ def test_an_export_with_the_extra_norm_loads_it(tiny_export):
 
 def test_only_insloc_rows_of_fpn_rcnns_get_the_extra_norm_and_other_keys_stay():
     from benchmark.experiments.config import finetune_config
-    from benchmark.runs.store import run_key
+    from benchmark.runs.identity import run_key
     plain = finetune_config(scale="tiny", parent="p" * 16)
     moco = finetune_config(scale="tiny", parent="p" * 16, method="moco_v2")
     insloc = finetune_config(scale="tiny", parent="p" * 16, method="insloc")
@@ -288,6 +288,7 @@ def test_nesterov_step_equals_a_hand_computation(fused):
 def test_nesterov_with_another_optimizer_is_a_config_error_naming_the_field(optimizer):
     from benchmark.experiments.config import pretrain_config
     from benchmark.engine.optim import build_optimizer
+    from benchmark.runs.identity import strip_defaults
     from methods.base import PretrainRecipe
     with pytest.raises(ConfigError, match="recipe.nesterov"):
         PretrainRecipe.from_dict({"optimizer": optimizer, "nesterov": True})
@@ -295,7 +296,7 @@ def test_nesterov_with_another_optimizer_is_a_config_error_naming_the_field(opti
         pretrain_config("insloc", scale="tiny", recipe_overrides={"optimizer": optimizer})
     with pytest.raises(ValueError, match="recipe.nesterov"):
         build_optimizer([torch.nn.Parameter(torch.ones(1))], optimizer, 0.1, 0.0, nesterov=True)
-    assert "nesterov" not in PretrainRecipe.identity(PretrainRecipe(optimizer=optimizer).to_dict())
+    assert "nesterov" not in strip_defaults(PretrainRecipe, PretrainRecipe(optimizer=optimizer).to_dict())
 
 
 def test_c4_reconstruction_pools_c4_and_exports_res5_with_the_backbone():

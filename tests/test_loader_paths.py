@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw
 from benchmark.experiments.config import pretrain_config
 from benchmark.data.errors import CorruptImage
 from benchmark.data.images import EncodedImage, ImageSource, LazyImage, read_rgb, render_deferred
-from benchmark.runs.store import run_key
+from benchmark.runs.identity import run_key
 from methods import augment as A
 from methods import build_method
-from methods.base import ConfigError
+from methods.config import ConfigError
 from methods.geometry import ViewGeometry, whole_view
 
 ALL_ON = A.Photometric(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=1.0, gray_p=0.4, blur_p=0.5, solarize_p=0.4)

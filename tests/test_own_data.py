@@ -11,7 +11,7 @@ import yaml
 
 from benchmark.cli import main
 from benchmark.data.errors import DataError
-from benchmark.store import RunStore
+from benchmark.runs.store import RunStore
 from conftest import MICRO_DATA, TINY_COCO
 
 
@@ -103,9 +103,9 @@ def test_data_check_prints_statistics_and_lists_unreadable_files(coco_folder, ca
 
 # ------------------------------------------------------------------ identity by content
 def test_fixing_an_annotation_file_in_place_is_a_new_run(coco_folder):
-    from benchmark.config import finetune_config
+    from benchmark.experiments.config import finetune_config
     from benchmark.data.user import parse_data_args
-    from benchmark.store import run_key
+    from benchmark.runs.identity import run_key
     data = parse_data_args([f"train={coco_folder}/train.json:{coco_folder}/train",
                             f"val={coco_folder}/val.json:{coco_folder}/val"])
     k1 = run_key(finetune_config(scale="micro", parent=None, data=data))
@@ -128,7 +128,7 @@ def test_fixing_an_annotation_file_in_place_is_a_new_run(coco_folder):
 
 
 def test_synthetic_keys_carry_no_identity():
-    from benchmark.config import pretrain_config
+    from benchmark.experiments.config import pretrain_config
     assert "identity" not in pretrain_config("moco_v2", scale="tiny")["data"]
 
 
@@ -168,11 +168,11 @@ def test_a_truncated_image_is_skipped_counted_and_recorded_in_finetuning_and_eva
 
 
 def test_pretraining_counts_images_skipped_in_loader_workers(isolated, monkeypatch):
-    from benchmark.config import pretrain_config
+    from benchmark.experiments.config import pretrain_config
     from benchmark.data.synthetic import ensure_synthetic_dataset
-    from benchmark.plan import Job
-    from benchmark.stages import run_job
-    from benchmark.store import run_key
+    from benchmark.experiments.plan import Job
+    from benchmark.runner import run_job
+    from benchmark.runs.identity import run_key
     splits = ensure_synthetic_dataset(isolated / "gen", **{k: v for k, v in MICRO_DATA.items() if k != "kind"})
     root = isolated / "pre"
     shutil.copytree(splits["pretrain"]["image_root"], root)

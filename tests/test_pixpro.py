@@ -13,7 +13,7 @@ from PIL import Image
 
 from methods import build_method
 from methods.backbones import c5_size
-from methods.base import ConfigError
+from methods.config import ConfigError
 from methods.geometry import ViewGeometry, grid_matches, random_view
 from methods.losses import masked_cosine_regression, pixel_info_nce
 from methods.pixpro import PixelPropagation, PixPro

@@ -225,7 +225,7 @@ def test_reproduce_keeps_the_tables_seeds_and_says_what_it_reused(isolated, caps
 
 
 def test_table_whose_runs_all_failed_exits_non_zero_once(isolated, capsys, monkeypatch):
-    import benchmark.runner as stages
+    import slurm.local as stages
 
     def all_fail(plan, store_root=None, **kw):
         s = RunStore(store_root)
@@ -290,6 +290,57 @@ def test_results_folder_never_makes_the_tree_dirty(tmp_path):
     assert git_info(tmp_path)["dirty"] is True
 
 
+def test_a_dirty_tree_versions_no_table_where_git_could_commit_it_unless_told(isolated, monkeypatch, capsys):
+    """A version names the commit that built it: from uncommitted code, no new version goes
+    into the checkout's own results/ unless --allow-dirty or DETBENCH_ALLOW_DIRTY=1 says so,
+    and the refusal says how to go on. Unchanged content, folders outside the checkout (the
+    tests' own) and folders git ignores are written as before."""
+    import subprocess
+
+    import benchmark.reporting.render as R
+
+    repo = isolated / "checkout"
+    (repo / "results").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1")
+    (repo / ".gitignore").write_text("scratch/\n")
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
+                       capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(R, "REPO", repo)
+    monkeypatch.delenv("DETBENCH_ALLOW_DIRTY", raising=False)
+    monkeypatch.setenv("DETBENCH_RESULTS", str(repo / "results"))
+    tables = repo / "results" / "tables"
+    store = RunStore(isolated / "runs")
+    one, two, three = (plan_table("soco_table1", scale="micro", seeds=tuple(range(n))) for n in (1, 2, 3))
+    for p in (one, two, three):
+        _fill(store, p, lambda row, seed: 1.0 + seed)
+    clean = render(one, store, out_root=tables)
+    assert not clean.name.endswith("-dirty")
+
+    (repo / "code.py").write_text("x = 2")
+    assert render(one, store, out_root=tables) == clean              # nothing new: nothing to refuse
+    with pytest.raises(R.DirtyTreeError) as e:
+        render(two, store, out_root=tables)
+    msg = str(e.value)
+    assert "code.py" in msg and "`detbench render --table soco_table1 --scale micro`" in msg
+    assert "--allow-dirty" in msg and "DETBENCH_ALLOW_DIRTY=1" in msg and str(store.root) in msg
+    assert [d.name for d in clean.parent.iterdir() if d.is_dir()] == [clean.name]   # nothing written
+    args = ["render", "--table", "soco_table1", "--scale", "micro", "--seeds", "2", "--runs", str(store.root)]
+    assert main(args) == 2 and "not writing version" in capsys.readouterr().err
+    assert main(args + ["--allow-dirty"]) == 0
+    assert R.read_version(clean.parent)["version"].endswith("-dirty")
+    monkeypatch.setenv("DETBENCH_ALLOW_DIRTY", "1")
+    assert render(three, store, out_root=tables).name.endswith("-dirty.2")     # the day's second
+    monkeypatch.delenv("DETBENCH_ALLOW_DIRTY")
+    # where nothing is committed, a dirty build is written as before, named -dirty
+    assert render(two, store, out_root=isolated / "elsewhere").name.endswith("-dirty")
+    assert render(two, store, out_root=repo / "scratch" / "tables").name.endswith("-dirty")
+
+
 def test_titles_name_every_detector_and_feature_that_ran(isolated):
     """A table of several detectors says each with its backbone feature (FPN, C4, C5), and the
     synthetic scenes in VOC layout say so: never the paper's setting, never 'FPN' for a C4."""
@@ -322,7 +373,7 @@ def test_gain_row_is_the_difference_of_two_rows_beside_the_papers_gain(isolated)
 
 def test_gain_naming_a_missing_row_is_an_error_naming_the_field(tmp_path):
     from benchmark.experiments.tables import load_spec
-    from methods.base import ConfigError
+    from methods.config import ConfigError
     p = tmp_path / "t.yaml"
     p.write_text("name: t\ncolumns: [{label: A, schedule: 1x, metric: bbox.AP}]\n"
                  "rows: [{label: X, method: moco_v2}]\ngain: {label: G, row: X, over: Y, ref_column: g}\n")

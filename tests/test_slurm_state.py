@@ -1,9 +1,12 @@
-"""slurm.state: atomic, merging state file readable from a later shell."""
+"""slurm.state: atomic, merging state file readable from a later shell; the plan it records."""
 import json
 import multiprocessing as mp
 
 import pytest
+import yaml
 
+from benchmark.experiments.plan import NOT_IMPLEMENTED, NOT_SUPPORTED, plan_table
+from slurm.orchestrate import plan_record, rebuild_plan
 from slurm.state import SlurmState, StateError, state_path
 
 
@@ -49,3 +52,44 @@ def test_corrupt_file_is_reported_not_overwritten(tmp_path):
     assert st.path.read_text() == "{not json"
     with pytest.raises(ValueError):
         state_path(tmp_path, "../escape")
+
+
+def _spec_file(tmp_path, rows=("AD", "X"), epochs=200):
+    """Columns FCOS and Faster R-CNN C4 (which AlignDet does not pretrain); rows AlignDet over
+    MoCo v2 and a method that is not registered."""
+    all_rows = {"AD": {"label": "AD", "method": "aligndet", "parent": {"method": "moco_v2", "pretrain_epochs": epochs}},
+                "X": {"label": "X", "method": "not_a_method"}}
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "rows": [all_rows[r] for r in rows], "columns": [
+        {"label": d, "schedule": "1x", "metric": "bbox.AP", "detector": d} for d in ("fcos", "faster_rcnn_c4")]}))
+    return str(p)
+
+
+def test_recorded_plan_is_replanned_or_read_back(tmp_path):
+    plan = plan_table(_spec_file(tmp_path), scale="tiny", seeds=(0, 1))
+    SlurmState.for_name(tmp_path / "res", "t").set_fields(plan=plan_record(plan, tmp_path / "runs"))
+    again, how = rebuild_plan(tmp_path / "res", "t")
+    assert how == "re-planned" and again.cells == plan.cells and again.jobs == plan.jobs
+    assert [c.missing for c in again.cells if c.seed == 0] == ["", NOT_SUPPORTED, NOT_IMPLEMENTED, NOT_IMPLEMENTED]
+    # the spec changed since: the plan as submitted, reasons included, its configs in the run store
+    _spec_file(tmp_path, epochs=100)
+    recorded, how = rebuild_plan(tmp_path / "res", "t")
+    assert how.startswith("recorded cells") and recorded.cells == plan.cells and recorded.jobs == plan.jobs
+    assert all(j.config == {} for j in recorded.jobs) and (recorded.scale, recorded.seeds) == ("tiny", (0, 1))
+
+
+def test_cells_recorded_as_lists_and_plans_that_no_longer_fit(tmp_path):
+    plan = plan_table(_spec_file(tmp_path), scale="tiny")
+    rec = plan_record(plan, tmp_path / "runs")
+    rec["cells"] = [[c.row, c.col, c.seed, c.eval_key, list(c.chain)] for c in plan.cells]
+    state = SlurmState.for_name(tmp_path / "res", "t")
+    state.set_fields(plan=rec)
+    again, how = rebuild_plan(tmp_path / "res", "t")
+    assert how == "re-planned" and again.cells == plan.cells
+    _spec_file(tmp_path, rows=("X",))           # the submitted AlignDet row is gone
+    with pytest.raises(StateError, match="does not fit spec") as err:
+        rebuild_plan(tmp_path / "res", "t")
+    assert err.value.path == str(state.path)
+    SlurmState.for_name(tmp_path / "res", "none").record("k", job_id="1")
+    with pytest.raises(StateError, match="no plan recorded"):
+        rebuild_plan(tmp_path / "res", "none")

@@ -1,4 +1,5 @@
 """slurm.submit without a cluster: decisions, ordering, chunking, snapshots, checkpoint hook."""
+import contextlib
 import subprocess
 import sys
 import threading
@@ -34,23 +35,18 @@ class Store:
 
 @pytest.fixture
 def fake_slurm(monkeypatch, tmp_path):
-    """Records chunks instead of calling sbatch; Slurm states come from ``queue``."""
+    """Records batches instead of calling sbatch; Slurm states come from ``queue``."""
     calls = {"chunks": [], "cancelled": [], "queue": {}}
     counter = iter(range(100, 10_000))
 
-    def submit_chunk(chunk, stage, deps, profile, log_folder, setup, callable_, name, snapshot, state, summary, new_ids):
+    def sbatch(submission, batch):
         base = next(counter)
-        calls["chunks"].append({"stage": stage, "deps": deps, "keys": [j.key for j in chunk], "setup": setup})
-        entries = {}
-        for i, job in enumerate(chunk):
-            new_ids[job.key] = f"{base}_{i}"
-            entries[job.key] = {"stage": stage, "label": job.label, "job_id": f"{base}_{i}"}
-            summary.submitted.append({"key": job.key, "label": job.label, "stage": stage,
-                                      "job_id": f"{base}_{i}", "dependency": deps})
-        state.record_many(entries)
-        summary.arrays.append({"stage": stage, "array_job_id": str(base), "size": len(chunk), "dependency": deps})
+        calls["chunks"].append({"stage": batch.stage, "deps": batch.after, "keys": [j.key for j in batch.jobs],
+                                "setup": list(submission.setup)})
+        return [types.SimpleNamespace(job_id=f"{base}_{i}", paths=types.SimpleNamespace(
+            stdout=f"/logs/{base}_{i}.out", stderr=f"/logs/{base}_{i}.err")) for i in range(len(batch.jobs))]
 
-    monkeypatch.setattr(sub, "_submit_chunk", submit_chunk)
+    monkeypatch.setattr(sub, "_sbatch", sbatch)
     monkeypatch.setattr(sub, "slurm_job_states", lambda ids: {i: calls["queue"][i] for i in ids if i in calls["queue"]})
     monkeypatch.setattr(sub, "cancel", lambda ids: calls["cancelled"].extend(ids))
     monkeypatch.setattr(sub, "snapshot_code", lambda repo, root: sub.Snapshot(tmp_path / "snap", "id", None, True, 0))
@@ -82,6 +78,63 @@ def test_table_submitted_in_topological_order_with_chunks(fake_slurm, tmp_path):
     assert len(s.submitted) == 22 and not s.skipped
     assert any("PYTHONPATH" in line for line in chunks[0]["setup"])
     assert len(SlurmState.for_name(tmp_path / "res", "t").runs) == 22
+
+
+def test_state_entries_and_summary_of_a_submission(fake_slurm, tmp_path):
+    s = _submit(_table(), tmp_path)
+    runs = SlurmState.for_name(tmp_path / "res", "t").runs
+    assert runs["f01"] == {
+        "stage": "finetune", "label": "ft01", "job_id": "101_1", "array_job_id": "101", "array_task_id": 1,
+        "submitted_at": runs["f01"]["submitted_at"], "stdout": "/logs/101_1.out", "stderr": "/logs/101_1.err",
+        "parents": ["p0"], "dependency": "afterok:100_0", "profile": "local-ci",
+        "snapshot": {"path": str(tmp_path / "snap"), "id": "id", "sha": None, "dirty": True}, "cancelled": False,
+        "history": []}
+    assert runs["p1"]["dependency"] is None and runs["p1"]["array_task_id"] == 1
+    assert s.arrays[:3] == [{"stage": "pretrain", "array_job_id": "100", "size": 2, "dependency": None},
+                            {"stage": "finetune", "array_job_id": "101", "size": 4, "dependency": "afterok:100_0"},
+                            {"stage": "finetune", "array_job_id": "102", "size": 1, "dependency": "afterok:100_0"}]
+    assert s.submitted[2] == {"key": "f00", "label": "ft00", "stage": "finetune", "job_id": "101_0",
+                              "dependency": "afterok:100_0"}
+    (sub_,) = SlurmState.for_name(tmp_path / "res", "t").load()["submissions"]
+    assert (sub_["submitted"], sub_["skipped"], sub_["snapshot"]["id"]) == (22, 0, "id")
+
+
+def test_sbatch_parameters_of_a_batch(monkeypatch, tmp_path):
+    """One batch is one submitit executor: the stage's profile, the dependency, the setup lines."""
+    made = []
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            made.append({"folder": folder, "cluster": cluster, "submitted": []})
+
+        def update_parameters(self, **kw):
+            made[-1]["params"] = kw
+
+        def batch(self):
+            return contextlib.nullcontext()
+
+        def submit(self, fn, job):
+            made[-1]["submitted"].append((fn, job.key))
+            return None
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    prof = load_profile("local-ci", {"extra_sbatch": {"exclusive": True},
+                                     "stage_overrides": {"evaluate": {"cpus_per_task": 3}}})
+    stage_job = sub.StageJob("/store")
+    submission = sub._Submission(name="t", profile=prof, log_folder=tmp_path, setup=("cd /snap",),
+                                 snapshot=sub.Snapshot(tmp_path, "id", None, True, 0), stage_job=stage_job)
+    jobs = (J("evaluate", "e1", {}, ("f",), "e1"), J("evaluate", "e2", {}, ("f",), "e2"))
+    assert len(sub._sbatch(submission, sub._Batch("evaluate", jobs, ("7_0", "8")))) == 2
+    (ex,) = made
+    assert ex["folder"] == tmp_path / "%j" and ex["cluster"] == "slurm"
+    assert ex["submitted"] == [(stage_job, "e1"), (stage_job, "e2")]
+    p = ex["params"]
+    assert p["name"] == "detbench-t-evaluate" and p["slurm_setup"] == ["cd /snap"] and p["cpus_per_task"] == 3
+    assert p["slurm_additional_parameters"] == {"exclusive": True, "dependency": "afterok:7_0:8",
+                                                "kill-on-invalid-dep": "no"}
+    sub._sbatch(submission, sub._Batch("pretrain", jobs[:1]))
+    assert made[1]["params"]["slurm_additional_parameters"] == {"exclusive": True}
+    assert made[1]["params"]["cpus_per_task"] == 1
 
 
 def test_done_queued_failed_and_stuck(fake_slurm, tmp_path):

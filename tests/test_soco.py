@@ -12,7 +12,7 @@ import torch
 
 from methods import build_method
 from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, cutout_in_boxes
-from methods.base import ConfigError
+from methods.config import ConfigError
 from methods.geometry import ViewGeometry, whole_view
 from methods.roi import assign_levels, multilevel_roi_align
 from methods.soco import SoCo, soco_loss

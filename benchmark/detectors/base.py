@@ -19,7 +19,6 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -27,8 +26,10 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from benchmark.common.fs import atomic_write_json
 from benchmark.engine.optim import Schedule
-from methods.base import ConfigError, dataclass_from_dict
+from benchmark.runs.identity import config_dict
+from methods.config import ConfigError, dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,8 @@ IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 @dataclass
 class DetectorConfig:
     """Base of every detector's config: typed, unknown keys rejected (``detector.<key>``).
-    ``name`` is the registered detector and is checked, not stored. Fields added after the
-    first tables were made are left out of ``to_dict`` (so of a run's config) at the value in
-    ``ADDED_LATER``: the runs made before them keep their keys; that value is the field's
-    default, so a config without the field builds what those runs built."""
-    ADDED_LATER: ClassVar[dict] = {}
+    ``name`` is the registered detector and is checked, not stored. ``to_dict`` is the config
+    as it enters a run's (``benchmark.runs.identity.config_dict``)."""
 
     @classmethod
     def from_dict(cls, d: dict | None, name: str = "") -> "DetectorConfig":
@@ -61,7 +59,7 @@ class DetectorConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return _without_later_defaults(self)
+        return config_dict(self)
 
     def validate(self) -> None:
         pass
@@ -69,14 +67,6 @@ class DetectorConfig:
     def choice(self, key: str, allowed: tuple[str, ...]) -> None:
         if getattr(self, key) not in allowed:
             raise ConfigError(f"detector.{key}: unknown {getattr(self, key)!r} ({' | '.join(allowed)})")
-
-
-def _without_later_defaults(obj) -> dict:
-    """A config dataclass as a plain dict (tuples as lists), its ``ADDED_LATER`` fields left out
-    at their values there."""
-    later = type(obj).ADDED_LATER
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()
-            if not (k in later and v == later[k])}
 
 
 @dataclass
@@ -105,7 +95,6 @@ class FinetuneRecipe:
     # groups of the pretrained weights not to load (fpn, box_head); any other group in the
     # file that does not load into the detector is an error (benchmark.detectors.load_pretrained)
     drop_groups: tuple[str, ...] = ()
-    ADDED_LATER = {"precise_bn_iters": 0, "drop_groups": ()}   # as DetectorConfig.ADDED_LATER
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FinetuneRecipe":
@@ -124,7 +113,7 @@ class FinetuneRecipe:
         return r
 
     def to_dict(self) -> dict:
-        return _without_later_defaults(self)
+        return config_dict(self)
 
     def milestone_steps(self) -> tuple[int, ...]:
         return tuple(int(round(m * self.steps)) for m in self.milestones)
@@ -306,7 +295,6 @@ class LoadReport:
                          for g, r in self.groups.items())
 
     def save(self, path: Path) -> None:
-        from benchmark.common.fs import atomic_write_json
         atomic_write_json(path, self.to_dict())
 
     def problems(self, detector: type[Detector], require: tuple[str, ...] = ("backbone",),
@@ -417,21 +405,3 @@ def load_pretrained(model: nn.Module, state: dict, detector: type[Detector], *,
     return report
 
 
-def load_weights_file(path: str | Path) -> dict:
-    """Read a ``weights.pt`` (``{"state_dict": ...}``) or a bare state dict; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read pretrained weights ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path}: field 'state_dict': expected a non-empty dict of tensors, "
-                         f"got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
-    if bad:
-        raise ValueError(f"{path}: field 'state_dict': entries that are not name -> tensor, e.g. {bad[:3]}")
-    return obj

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.base import NORMS, Detector, DetectorConfig, FinetuneRecipe, Transform
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 # torchvision ResNet -> transformers ResNetConfig (depths, widths, block type)
 RESNETS = {"resnet18": ([2, 2, 2, 2], [64, 128, 256, 512], "basic"),

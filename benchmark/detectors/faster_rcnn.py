@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from torchvision.models.detection import MaskRCNN
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.mask_rcnn import MaskRCNNConfig, MaskRCNNFPN
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 MASK_FIELDS = ("mask_head_dim", "mask_head_convs")
 

@@ -20,7 +20,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.base import Detector, SGDRecipe, Transform, check_backbone, norm_layer, resnet_body
 from benchmark.detectors.mask_rcnn import init_predictors
 from benchmark.detectors.rcnn import RCNNConfig, RCNNRoIHeads, RoIPooler

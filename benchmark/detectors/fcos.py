@@ -20,10 +20,10 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.base import SGDRecipe, Transform
 from benchmark.detectors.retinanet import OneStage, OneStageConfig, drop_background, fpn_p3_p7
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 STRIDES = (8, 16, 32, 64, 128)   # P3..P7
 

@@ -29,10 +29,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.base import Detector, SGDRecipe, Transform, check_backbone, resnet_body
 from benchmark.detectors.rcnn import RCNNConfig, RCNNRoIHeads, RoIPooler
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 HEAD_NORMS = ("none", "bn")
 BOX_HEADS = ("4conv1fc", "2mlp")
@@ -78,7 +78,6 @@ class MaskRCNNConfig(RCNNConfig):
     # RoIAlign sampling points per bin in the box and mask heads; detectron2: 0 (adaptive,
     # ROI_BOX_HEAD / ROI_MASK_HEAD.POOLER_SAMPLING_RATIO), torchvision: 2
     roi_sampling_ratio: int = 2
-    ADDED_LATER = {**RCNNConfig.ADDED_LATER, "roi_sampling_ratio": 2, "box_head_extra_norm": False}
 
     def validate(self) -> None:
         super().validate()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.faster_rcnn_c4 import FasterRCNNC4, RCNNC4Config
 from benchmark.detectors.rcnn import RCNNRoIHeads, RoIPooler
 

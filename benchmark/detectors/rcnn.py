@@ -43,8 +43,6 @@ class RCNNConfig(DetectorConfig):
     """The RoI-head options every R-CNN config has (see the module docstring)."""
     roi_align_aligned: bool = False        # True: detectron2 ROIAlignV2
     box_reg_loss: str = "smooth_l1"        # "l1": detectron2 (SMOOTH_L1_BETA 0)
-    # at torchvision's behaviour a field is left out of a run's config (earlier keys stay)
-    ADDED_LATER = {"roi_align_aligned": False, "box_reg_loss": "smooth_l1"}
 
     def validate(self) -> None:
         super().validate()

@@ -24,10 +24,10 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from benchmark.detectors import register_detector
+from benchmark.detectors.registry import register_detector
 from benchmark.detectors.base import (Detector, DetectorConfig, SGDRecipe, Transform, check_backbone,
                                       resnet_body)
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 
 @dataclass

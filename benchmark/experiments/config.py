@@ -12,9 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from methods import build_method, get_method
-from methods.base import ConfigError, PretrainRecipe
 from benchmark.common.paths import configs_root
+from benchmark.data.user import with_identity
+from benchmark.detectors import get_detector
+from benchmark.runs.identity import strip_defaults
+from methods import build_method, get_method
+from methods.augment import LOADERS
+from methods.base import PretrainRecipe
+from methods.config import coerce, ConfigError
 
 SCALES_DIR = configs_root() / "scales"
 
@@ -59,7 +64,6 @@ RUNTIME = {"num_workers": (int, 0), "torch_threads": (int, 1), "local_jobs": (in
 def validate_scale(sc, path: Path) -> None:
     """Check one scale file's keys, types and ranges when it is loaded, naming the file and
     the field (a bad ``ckpt_every`` used to crash after the first step)."""
-    from methods.base import _coerce
     if not isinstance(sc, dict):
         raise ConfigError(f"{path}: expected a mapping of {', '.join(SCALE_KEYS)}")
     for k in sc:
@@ -73,20 +77,19 @@ def validate_scale(sc, path: Path) -> None:
             if k not in RUNTIME:
                 raise ConfigError(f"runtime.{k}: unknown key (known: {', '.join(RUNTIME)})")
             tp, low = RUNTIME[k]
-            v = _coerce(v, tp, f"runtime.{k}")
+            v = coerce(v, tp, f"runtime.{k}")
             if low is not None and v < low:
                 raise ConfigError(f"runtime.{k}: expected >= {low}, got {v!r}")
         pre = dict(sc.get("pretrain", {}))
         div = pre.pop("batch_divisor", None)
-        if div is not None and _coerce(div, int, "pretrain.batch_divisor") < 1:
+        if div is not None and coerce(div, int, "pretrain.batch_divisor") < 1:
             raise ConfigError(f"pretrain.batch_divisor: expected >= 1, got {div!r}")
         hints = __import__("typing").get_type_hints(PretrainRecipe)
         for k, v in pre.items():
             if k not in hints:
                 raise ConfigError(f"pretrain.{k}: unknown key (known: batch_divisor, {', '.join(hints)})")
-            _coerce(v, hints[k], f"pretrain.{k}")
+            coerce(v, hints[k], f"pretrain.{k}")
         for name, entry in (sc.get("detectors") or {}).items():
-            from benchmark.detectors import get_detector
             det = get_detector(name)
             if not isinstance(entry, dict) or set(entry) - SCALE_DETECTOR_KEYS:
                 raise ConfigError(f"detectors.{name}: expected a mapping of {', '.join(sorted(SCALE_DETECTOR_KEYS))}")
@@ -187,7 +190,6 @@ def resolve_data_config(sc: dict, data: dict | None, data_overrides: dict | None
     """The scale's data (``${VAR}`` expanded) or, given, the user's dataset instead, with only
     the ``splits`` the stage reads (a fixed validation file does not recompute pretraining);
     a dataset given by path carries its content identity (``benchmark.data.user.with_identity``)."""
-    from benchmark.data.user import with_identity
     if data is not None:
         if splits == ("pretrain",) and "pretrain" in data:   # unlabeled images, whatever labels come with them
             data = {"kind": "coco", "pretrain": data["pretrain"]}
@@ -238,7 +240,7 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
     _check_loader(PretrainRecipe.from_dict(recipe), cls)   # validates names, types and ranges
-    recipe = PretrainRecipe.identity(recipe)
+    recipe = strip_defaults(PretrainRecipe, recipe)
     if cls.pretrain_images not in ("pretrain", "train"):
         raise ConfigError(f"{cls.__name__}.pretrain_images: expected 'pretrain' or 'train', got {cls.pretrain_images!r}")
     data = resolve_data_config(sc, data, data_overrides, (cls.pretrain_images,))
@@ -255,7 +257,6 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
 def _check_loader(recipe: PretrainRecipe, cls) -> None:
     """``recipe.loader`` (methods.augment.LOADERS) changes pixels, so it is part of a run's
     identity (left out at the default ``cpu``: ``PretrainRecipe.identity``)."""
-    from methods.augment import LOADERS
     loader = recipe.loader
     if loader not in LOADERS:
         raise ConfigError(f"recipe.loader: unknown {loader!r} ({' | '.join(LOADERS)})")
@@ -272,7 +273,6 @@ SCALE_DETECTOR_KEYS = {"model", "finetune"}
 def voc_data(sc: dict, scale: str) -> dict:
     """The VOC protocol's data at a scale: the synthetic scenes written in VOC layout at tiny
     (``benchmark.data.synthetic``), ``$VOC_ROOT`` (VOC07+12 trainval / VOC07 test) otherwise."""
-    from benchmark.data.user import with_identity
     base = sc["data"]
     if base.get("kind") == "synthetic":
         return {"kind": "voc", "synthetic": {k: v for k, v in base.items() if k != "kind"}}
@@ -296,7 +296,6 @@ def scale_detector(sc: dict, scale: str, detector: str) -> dict:
 def detector_model(sc: dict, scale: str, detector: str, overrides: dict | None = None) -> dict:
     """A detector's resolved model config at a scale: its defaults < the scale's entry <
     ``overrides``, as ``{"name": detector, **fields}`` (what ``build_detector`` takes)."""
-    from benchmark.detectors import get_detector
     det = get_detector(detector)
     model = deep_merge(scale_detector(sc, scale, detector).get("model") or {}, overrides)
     return {"name": detector, **det.Config.from_dict(model, detector).to_dict()}
@@ -316,7 +315,6 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     the config (and so the key) only when it is not "coco", so existing keys stay. ``data``: a
     dataset replacing the scale's (``--data``); a ``voc`` column on a scale whose data is not
     VOC reads the scale's VOC data (``voc_data``)."""
-    from benchmark.detectors import get_detector
     det = get_detector(detector)
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol: unknown {protocol!r} ({' | '.join(PROTOCOLS)})")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from methods.base import ConfigError, dataclass_from_dict
+from methods.config import ConfigError, dataclass_from_dict
 from benchmark.common.paths import configs_root
 
 SPECS = configs_root() / "tables"

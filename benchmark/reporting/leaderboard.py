@@ -15,11 +15,11 @@ from pathlib import Path
 
 from benchmark.common.fs import atomic_open, atomic_write_bytes
 from benchmark.experiments.plan import plan_table
-from benchmark.reporting.render import (MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME, _fmt, _markers, _ours,
-                              _partial_mark, cell_values, describe_data, detector_title, partial_note,
-                              pretty_backbone, table_dir_name)
+from benchmark.reporting.format import cell_text, markers, partial_note
+from benchmark.reporting.render import (MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME, cell_values, describe_data,
+                                        detector_title, pretty_backbone, table_dir_name)
 from benchmark.experiments.tables import available_tables, load_spec
-from methods.base import ConfigError
+from methods.config import ConfigError
 
 
 def stored_seeds(spec, scale: str, df) -> tuple[int, ...]:
@@ -182,7 +182,7 @@ def _plot(key, b, path: Path) -> None:
 
 
 def _marked(b) -> str:
-    hits = sum(1 for r in b["rows"] for c in r["cells"].values() if _markers(c))
+    hits = sum(1 for r in b["rows"] for c in r["cells"].values() if markers(c))
     return f"{hits} cells marked" if hits else "no cell is significantly above either"
 
 
@@ -213,17 +213,8 @@ def _board_md(key, b, df, results: Path, plot_rel: str, runs_rel: str) -> list[s
         ns = sorted({c["n"] for c in r["cells"].values()})
         parts = [str(rank) if has else "–", r["label"], f"[{plan.spec.name}]({tlink})",
                  "–".join(map(str, (ns[0], ns[-1]) if len(ns) > 1 else ns))]
-        for col in cols:
-            c = r["cells"].get(col)
-            if c is None:
-                parts.append("")
-                continue
-            s = f"{_ours(c, len(plan.seeds))}{_markers(c)}{_partial_mark(c)} / {_fmt(c['ref'])}"
-            if c["diff"] is not None:
-                s += f" [{c['diff']:+.1f}]"
-            if c["runs"]:
-                s = f"[{s}]({runs_rel}/{c['runs'][0]}/metrics.json)"
-            parts.append(s)
+        parts += ["" if r["cells"].get(col) is None else cell_text(r["cells"][col], len(plan.seeds), runs_rel)
+                  for col in cols]
         parts.append("–" if not first or first["cost"] is None else f"{first['cost']:.3f}")
         lines.append("| " + " | ".join(parts) + " |")
     return lines + [""] + partial_note(c for r in b["rows"] for c in r["cells"].values())
@@ -294,9 +285,10 @@ def write_readme(df, results: Path, runs_root: Path) -> Path:
     return path
 
 
-def render_all(store_root=None, results: Path | None = None) -> tuple[list[Path], Path]:
+def render_all(store_root=None, results: Path | None = None, allow_dirty: bool = False) -> tuple[list[Path], Path]:
     """Re-render every table and grid from the store (over its stored seeds), then the
-    leaderboards page. Returns (version folders, README path)."""
+    leaderboards page. Returns (version folders, README path). ``allow_dirty``: as
+    :func:`benchmark.reporting.render.render`."""
     from benchmark.reporting.render import render
     from benchmark.common.paths import results_root
     from benchmark.reporting.results import load_runs
@@ -304,7 +296,7 @@ def render_all(store_root=None, results: Path | None = None) -> tuple[list[Path]
     store = RunStore(store_root)
     df = load_runs(store.root)
     results = Path(results or results_root())
-    vdirs = [render(plan, store, out_root=results / "tables", runs=df)
+    vdirs = [render(plan, store, out_root=results / "tables", runs=df, allow_dirty=allow_dirty)
              for plan in table_plans(df, kinds=("table", "grid"))]
     return vdirs, write_readme(df, results, store.root)
 

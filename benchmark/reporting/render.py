@@ -4,7 +4,14 @@ A table is rendered from the runs frame (:func:`benchmark.reporting.results.load
 sees the numbers the table shows. A build whose content (cells, runs, text) equals the
 newest version's writes nothing; a build that differs gets a new dated folder
 ``<date>_<sha>`` and ``results/tables/<name>/table.md`` (with .csv/.png) becomes a copy of it.
-Every file is written atomically."""
+Every file is written atomically.
+
+A version names the commit that built it, so a new version is refused (:class:`DirtyTreeError`)
+where git could commit it (a folder of this checkout that git does not ignore: the repository's
+own ``results/``) while the code has uncommitted changes, unless told (``allow_dirty``, or
+``DETBENCH_ALLOW_DIRTY=1``): it is then written as ``<date>_<sha>-dirty``. A results folder
+outside the checkout (``DETBENCH_RESULTS``, the tests' temporary ones) takes ``-dirty`` versions
+unasked: nothing there is committed."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +20,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,13 +28,12 @@ from benchmark.common.fs import UnwritableError, atomic_write_bytes, atomic_writ
 from benchmark.experiments.plan import Plan
 from benchmark.runs.store import RunStore, git_info
 from benchmark.experiments.tables import mean_std
-from benchmark.common.paths import results_root
+from benchmark.common.paths import REPO, results_root
+from benchmark.reporting.format import ALPHA, BASELINES, cell_text, partial_note
 
 DEFAULT_SCALE = "tiny"
 PAPER_SCALE = "paper"        # the one scale whose numbers are comparable with the papers'
 MIN_SEEDS_FOR_TEST = 3       # significance and error bars from this many seeds on
-ALPHA = 0.05
-BASELINES = (("scratch", "S", "Scratch"), ("moco_v2", "M", "MoCo v2"))   # method, marker, name
 TEST_NAME = ("one-sided Welch's t-test over seeds (scipy.stats.ttest_ind, equal_var=False, "
              f"alternative='greater'), p < {ALPHA}")
 # display name and backbone feature of each registered detector ("ResNet-18 FPN", "ResNet-50 C4")
@@ -107,7 +114,7 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
             c["status"] = "done" if all(s == "done" for s in c["statuses"]) else "partial"
         else:
             c["mean"] = c["std"] = None
-            for s in ("not implemented", "needs detector", "diverged", "failed", "pending", "no metric"):
+            for s in ("not implemented", "needs detector", "not supported", "diverged", "failed", "pending", "no metric"):
                 if s in c["statuses"]:
                     c["status"] = s
                     break
@@ -224,49 +231,7 @@ def _schedules(plan: Plan) -> str:
     return "; ".join(f"{s} = {v}" for s, v in steps.items())
 
 
-# ====================================================================== formatting
-def _fmt(v: float | None, nd: int = 1) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float) and math.isnan(v):
-        return "diverged"
-    return f"{v:.{nd}f}"
-
-
-def _ours(c: dict, nseeds: int) -> str:
-    """mean, ± std only over more than one seed; (k/n seeds) when some are missing."""
-    if c["mean"] is None:
-        return c["status"]
-    nd = 2 if abs(c["mean"]) < 10 else 1    # tiny-scale APs live below 1: keep their digits
-    s = f"{c['mean']:.{nd}f}"
-    if len(c["values"]) > 1:
-        s += f" ± {c['std']:.{nd}f}"
-    if c["status"] == "partial" or len(c["values"]) < nseeds:
-        s += f" ({len(c['values'])}/{nseeds} seeds)"
-    return s
-
-
-def _markers(c: dict) -> str:
-    return "".join(f" ▲{m}" for _, m, name in BASELINES if c["p"].get(name, 1.0) < ALPHA)
-
-
-PARTIAL_MARK = "†"
-
-
-def _partial_mark(c: dict) -> str:
-    return f" {PARTIAL_MARK}" if c.get("not_loaded") else ""
-
-
-def partial_note(cells) -> list[str]:
-    """The footnote of the cells marked †, as Markdown lines (none when no cell is marked)."""
-    groups = sorted({g for c in cells if c.get("not_loaded") for g in c["not_loaded"]})
-    if not groups:
-        return []
-    return [f"{PARTIAL_MARK}: the fine-tuning run loaded only part of the pretrained weights (groups of the "
-            f"weights file not loaded whole: {', '.join(groups)}; the run's `load_report.json` says which "
-            "and why).", ""]
-
-
+# ====================================================================== gain row
 def gain_cells(plan: Plan, cells: dict) -> list[dict]:
     """Per column, the spec's gain row: mean(row) - mean(over) over their seeds, its standard
     error (sqrt(s_a^2/n_a + s_b^2/n_b), from two seeds up) and the paper's gain."""
@@ -299,12 +264,21 @@ def _n_label(ns: list[int]) -> str:
 
 
 # ====================================================================== render
+ALLOW_DIRTY_ENV = "DETBENCH_ALLOW_DIRTY"
+
+
+class DirtyTreeError(RuntimeError):
+    """A new table version would go where git could commit it, built from uncommitted code."""
+
+
 def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path | None = None,
-           runs=None) -> Path:
+           runs=None, allow_dirty: bool = False) -> Path:
     """Write table.md, table.csv, plot.png, cells.json into a new version folder when the
     content differs from the newest version, and copy them to the table's top folder.
     Returns the version folder (the existing one when nothing changed). ``runs``: a frame
-    from :func:`benchmark.reporting.results.load_runs` (read from ``store`` when not given)."""
+    from :func:`benchmark.reporting.results.load_runs` (read from ``store`` when not given).
+    ``allow_dirty`` (or ``DETBENCH_ALLOW_DIRTY=1``): write a ``-dirty`` version into the
+    checkout too (see the module docstring)."""
     df = _frame(runs if runs is not None else store)
     spec = plan.spec
     cells = cell_values(plan, df)
@@ -326,7 +300,10 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
     if current and current.get("content_sha256") == content and (tdir / current["version"]).is_dir():
         return tdir / current["version"]
 
-    version = version_stamp()
+    git = git_info(REPO)
+    version = version_stamp(git)
+    if git.get("dirty") and not (allow_dirty or os.environ.get(ALLOW_DIRTY_ENV) == "1") and _committable(tdir):
+        raise DirtyTreeError(_dirty_message(plan, tdir, version, store_root))
     vdir = tdir / version
     n = 2
     while vdir.exists():
@@ -346,7 +323,7 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
     atomic_write_bytes(tdir / "table.md", _markdown(plan, cells, df, vdir.name, os.path.relpath(runs_root, tdir),
                                                     f"{vdir.name}/table.md").encode())
     info = {"version": vdir.name, "content_sha256": content, "seeds": list(plan.seeds), "scale": plan.scale,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git_info()}
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git}
     atomic_write_json(vdir / "version.json", info)
     atomic_write_json(tdir / "version.json", info)
     return vdir
@@ -366,10 +343,45 @@ def table_seeds(name: str, scale: str, out_root: Path | None = None) -> tuple[in
     return tuple(v["seeds"]) if v and v.get("seeds") else None
 
 
-def version_stamp() -> str:
-    g = git_info()
+def version_stamp(git: dict | None = None) -> str:
+    """``<date>_<sha>``, ``-dirty`` when the checkout's code has uncommitted changes."""
+    g = git or git_info(REPO)
     sha = (g["sha"] or "unknown")[:7]
     return time.strftime("%Y-%m-%d") + f"_{sha}" + ("-dirty" if g.get("dirty") else "")
+
+
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _committable(path: Path) -> bool:
+    """Whether git could commit ``path``: it lies in this checkout and git does not ignore it."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(REPO).resolve())
+    except ValueError:
+        return False
+    r = _git("check-ignore", "-q", str(rel))
+    return r is not None and r.returncode == 1     # 0: ignored; 128: no repository
+
+
+def _dirty_message(plan: Plan, tdir: Path, version: str, store_root: Path) -> str:
+    """What the refusal says: what would have been written, why not, and the commands that go on."""
+    r = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    changed = [ln[3:] for ln in (r.stdout.splitlines() if r is not None and r.returncode == 0 else [])]
+    which = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    cmd = f"detbench render --table {plan.spec.name}" + ("" if plan.scale == DEFAULT_SCALE else f" --scale {plan.scale}")
+    try:
+        where = Path(tdir).resolve().relative_to(Path(REPO).resolve())
+    except ValueError:
+        where = tdir
+    return (f"{plan.spec.name}: not writing version {version} into {where}: the code has uncommitted changes"
+            f"{f' ({which})' if which else ''}, and a version must name the commit that built it. "
+            f"Commit them, then run `{cmd}` (no training: the runs are kept in {store_root}). "
+            "To write it anyway as a -dirty version (not one to commit), add --allow-dirty to `detbench render` "
+            f"or `detbench reproduce`, or set {ALLOW_DIRTY_ENV}=1 (any command, e.g. `detbench collect`).")
 
 
 def _csv(plan: Plan, cells: dict) -> str:
@@ -451,14 +463,7 @@ def _markdown(plan: Plan, cells: dict, df, version: str, rel_runs: str, version_
     for ri, row in enumerate(spec.rows):
         parts = [row.label, _n_label([cells[(ri, ci)]["n"] for ci in range(len(spec.columns))
                                       if cells[(ri, ci)]["n"]])]
-        for ci in range(len(spec.columns)):
-            c = cells[(ri, ci)]
-            s = f"{_ours(c, nseeds)}{_markers(c)}{_partial_mark(c)} / {_fmt(c['ref'])}"
-            if c["diff"] is not None:
-                s += f" [{c['diff']:+.1f}]"
-            if c["runs"]:
-                s = f"[{s}]({rel_runs}/{c['runs'][0]}/metrics.json)"
-            parts.append(s)
+        parts += [cell_text(cells[(ri, ci)], nseeds, rel_runs) for ci in range(len(spec.columns))]
         lines.append("| " + " | ".join(parts) + " |")
     if spec.gain is not None:
         lines.append(_gain_line(plan, cells))

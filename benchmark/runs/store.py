@@ -5,7 +5,6 @@ Nothing is overwritten: a finished run is never written again."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from benchmark.common.fs import atomic_write_json, unwritable
 from benchmark.common.paths import runs_root
+from benchmark.runs.identity import run_key
 
 
 class StoreError(RuntimeError):
@@ -27,19 +27,6 @@ class StoreError(RuntimeError):
 
 STAGES = ("pretrain", "finetune", "evaluate")
 STATUSES = ("done", "diverged", "failed", "running")   # what RunStore.status says of a run folder
-
-# Keys that never change a result and so stay out of a run's identity.
-NON_IDENTITY = ("runtime", "label", "cache_dir", "key")
-
-
-def canonical(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NON_IDENTITY}
-
-
-def run_key(config: dict) -> str:
-    """sha256 of the canonical JSON of the config (which names its parent's key)."""
-    blob = json.dumps(canonical(config), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class RunStore:

@@ -18,6 +18,18 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
+from benchmark.common.device import resolve_device
+from benchmark.common.fs import atomic_write_json
+from benchmark.data.coco import collate_fn
+from benchmark.data.errors import CorruptImage, SkipLog
+from benchmark.data.resolve import resolve_data
+from benchmark.data.voc import VocProtocol
+from benchmark.detectors import build_detector
+from benchmark.engine.checkpoint import load_checkpoint
+from benchmark.stages.base import register_stage, Stage, StageContext
+from benchmark.stages.finetune import open_coco
+from benchmark.stages.voc_eval import voc_summary
+
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -37,7 +49,6 @@ class _Indexed(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        from benchmark.data.errors import CorruptImage
         try:
             return self.base[i][0], i
         except CorruptImage as e:
@@ -50,10 +61,8 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu
     """Run ``model`` over ``dataset``; returns ``{"bbox": [...]}`` COCO results, ``"segm"``
     where the model predicts masks, and ``"unreadable"``: ``{image_id: error}`` of the images
     that could not be decoded."""
-    from benchmark.data.errors import CorruptImage
     from tqdm.auto import tqdm
 
-    from benchmark.data.coco import collate_fn
     device = torch.device(device)
     model = model.module if hasattr(model, "module") else model
     was_training = model.training
@@ -153,8 +162,6 @@ def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, d
 
 def load_final_model(model_path: str | Path) -> torch.nn.Module:
     """Rebuild the detector saved by ``run_finetune`` as ``model_final.pt``."""
-    from benchmark.detectors import build_detector
-    from benchmark.engine.checkpoint import load_checkpoint
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: fine-tuned model not found")
@@ -176,9 +183,6 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     ``coco_metrics.json`` (``protocol: voc``: ``voc_metrics.json``, VOC box AP as the papers'
     VOC tables report it, see ``benchmark.stages.voc_eval``) under ``run_dir`` and returns the metrics
     (the run store writes the run's own ``metrics.json`` last, as its done-marker)."""
-    from benchmark.stages.finetune import open_coco
-    from benchmark.common.device import resolve_device
-    from benchmark.common.fs import atomic_write_json
     if not isinstance(data, dict) or "val" not in data:
         raise ValueError("data.val: missing (expected {'val': {'image_root', 'ann_file'}})")
     if protocol not in PROTOCOLS:
@@ -191,15 +195,12 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     bad = results.pop("unreadable")
     img_ids = [i for i in dataset.ids if i not in bad]
     if bad:   # counted here, in the main process; recorded in the run; above the threshold an error
-        from benchmark.data.errors import SkipLog
         skip = SkipLog.active() or SkipLog(Path(run_dir) / "skipped_images.jsonl")
         for image_id, err in bad.items():
             skip.record(dataset.image_path(image_id), err, len(dataset.ids))
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "detections.json", results)
     if protocol == "voc":
-        from benchmark.data.voc import VocProtocol
-        from benchmark.stages.voc_eval import voc_summary
         metrics = {"bbox": voc_summary(dataset.ann_file, results["bbox"], img_ids=img_ids,
                                        eleven_point=VocProtocol.eleven_point)}
     else:
@@ -207,3 +208,15 @@ def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", b
     atomic_write_json(run_dir / f"{protocol}_metrics.json", metrics)
     log.info("evaluation of %s: %s", model_path, metrics)
     return metrics
+
+
+@register_stage("evaluate")
+class EvaluateStage(Stage):
+    """On rank 0 alone: its metrics equal a one-process evaluation."""
+
+    def run(self, ctx: StageContext) -> tuple[dict, bool]:
+        if not ctx.main:
+            return {}, True
+        return run_evaluate(str(ctx.parent_dir / "model_final.pt"), resolve_data(ctx.config["data"]),
+                            run_dir=ctx.run_dir, device=ctx.device,
+                            protocol=ctx.config.get("protocol", "coco")), True

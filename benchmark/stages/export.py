@@ -315,8 +315,8 @@ def run_state(store, key: str) -> tuple[dict, dict]:
     stage = cfg.get("stage")
     d = store.run_dir(key)
     if stage == "pretrain":
-        from benchmark.detectors import load_weights_file
-        return load_weights_file(d / "weights.pt"), cfg
+        from methods.weights import read_state_dict
+        return read_state_dict(d / "weights.pt"), cfg
     if stage == "finetune":
         obj = torch.load(d / "model_final.pt", map_location="cpu", weights_only=False)
         state = {}

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import torch
 
-from benchmark.data.coco import collate_fn
-from benchmark.detectors import detector_config, load_pretrained, load_weights_file, maybe_sync_bn
+from benchmark.common.device import resolve_device
+from benchmark.data.coco import CocoDetection, collate_fn
+from benchmark.data.resolve import resolve_data
+from benchmark.detectors import detector_config, load_pretrained, maybe_sync_bn
+from methods.weights import read_state_dict
+from benchmark.engine.checkpoint import save_checkpoint, seed_everything
+from benchmark.engine.distributed import is_main_process, world
 from benchmark.engine.loop import JsonlLogger, LoopConfig, TrainLoop
 from benchmark.engine.sampling import ResumableBatchSampler, sample_rng
-from benchmark.engine.distributed import is_main_process, world
-from benchmark.engine.checkpoint import save_checkpoint, seed_everything
-from methods.base import ConfigError
-from benchmark.common.device import resolve_device
+from benchmark.stages.base import register_stage, Stage, StageContext
+from methods.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- data
 def open_coco(split: dict, where: str, *, with_masks: bool):
     """``CocoDetection`` for ``data[<split>] = {"image_root", "ann_file"}``."""
-    from benchmark.data.coco import CocoDetection
     if not isinstance(split, dict):
         raise ValueError(f"{where}: expected a mapping with image_root and ann_file, got {split!r}")
     for k in ("image_root", "ann_file"):
@@ -136,7 +138,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     seed_everything(seed)
     model = det.build(det_cfg, num_classes).to(dev)
     if weights:
-        report = load_pretrained(model, load_weights_file(weights), det, drop=rec.drop_groups, source=str(weights))
+        report = load_pretrained(model, read_state_dict(weights), det, drop=rec.drop_groups, source=str(weights))
         if is_main_process():
             report.save(run_dir / "load_report.json")
     model = maybe_sync_bn(model)
@@ -193,3 +195,17 @@ def _last_logged(path: Path) -> dict:
         return {}
     lines = [l for l in path.read_text().splitlines() if l.strip()]
     return json.loads(lines[-1]) if lines else {}
+
+
+@register_stage("finetune")
+class FinetuneStage(Stage):
+    output = ("model_final.pt", "model_sha256")
+
+    def run(self, ctx: StageContext) -> tuple[dict, bool]:
+        cfg = ctx.config
+        weights = str(ctx.parent_dir / "weights.pt") if ctx.parent_dir else None
+        runtime = {k: ctx.runtime[k] for k in ("num_workers",) if k in ctx.runtime}   # what the recipe reads
+        m = run_finetune(cfg["detector"], {**cfg["recipe"], **runtime}, resolve_data(cfg["data"]),
+                         run_dir=ctx.run_dir, weights=weights, seed=cfg["seed"], resume=ctx.resume,
+                         stop_after=ctx.stop_after, device=ctx.device)
+        return m, (ctx.run_dir / "model_final.pt").exists()

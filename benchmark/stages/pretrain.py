@@ -10,16 +10,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmark.common.fs import sha256_file
+from benchmark.common.paths import cache_root
+from benchmark.data.errors import CorruptImage, DataError, note_unreadable
+from benchmark.data.images import ImageSource, render_deferred
+from benchmark.data.proposal_cache import compute_proposals
+from benchmark.data.pseudo_class_cache import compute_pseudo_classes
+from benchmark.data.resolve import resolve_data
+from benchmark.detectors import build_detector, get_detector, load_pretrained
+from methods.weights import read_state_dict
 from benchmark.engine.checkpoint import save_checkpoint, seed_everything
 from benchmark.engine.distributed import init_distributed_from_env, is_main_process, replicas_in_sync, world
 from benchmark.engine.loop import JsonlLogger, LoopConfig, TrainLoop
-from benchmark.engine.optim import Schedule, build_optimizer
+from benchmark.engine.optim import build_optimizer, Schedule
 from benchmark.engine.sampling import ResumableBatchSampler, sample_rng
-from benchmark.common.paths import cache_root
-from benchmark.data.resolve import resolve_data
+from benchmark.stages.base import register_stage, Stage, StageContext
 from methods import build_method, get_method
 from methods.base import PretrainRecipe
-from benchmark.common.fs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,6 @@ class PretrainDataset(torch.utils.data.Dataset):
         return rec
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
-        from benchmark.data.errors import CorruptImage, note_unreadable
         epoch, index = item
         rng = sample_rng(self.seed, epoch, index)
         for j in range(len(self.source)):
@@ -62,7 +68,6 @@ class PretrainDataset(torch.utils.data.Dataset):
                 note_unreadable(e, len(self.source), self.skipped, log)
                 continue
             return self.method.views(rec, rng, self.view_source)
-        from benchmark.data.errors import DataError
         raise DataError(getattr(self.source, "root", "") or "<image source>", "images",
                         f"all {len(self.source)} images are unreadable")
 
@@ -116,7 +121,6 @@ PRETRAIN_NUM_CLASSES = 2
 def attach_detector(method, config: dict, parent_weights: str | Path | None) -> None:
     """Build ``config["detector"]`` with the fine-tuning builder, load the parent run's
     backbone into it (every backbone key, or an error) and hand it to the method."""
-    from benchmark.detectors import build_detector, get_detector, load_pretrained, load_weights_file
     name = config["method"]["name"]
     if not config.get("parent"):
         raise ValueError(f"parent: missing: {name} pretrains {config['detector']['name']} over the backbone "
@@ -128,7 +132,7 @@ def attach_detector(method, config: dict, parent_weights: str | Path | None) -> 
         raise ValueError(f"detector.name: {config['detector']['name']!r} is not the detector {name} "
                          f"pretrains ({spec and spec['name']!r})")
     det = build_detector(config["detector"], PRETRAIN_NUM_CLASSES)
-    report = load_pretrained(det, load_weights_file(parent_weights), get_detector(spec["name"]),
+    report = load_pretrained(det, read_state_dict(parent_weights), get_detector(spec["name"]),
                              require=("backbone",), source=str(parent_weights))
     log.info("%s: backbone of parent %s: %s", name, config["parent"], report.summary())
     method.attach_detector(det)
@@ -141,8 +145,6 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     ``ckpt_every`` steps), ``log.jsonl`` and at the end ``weights.pt`` (canonical keys).
     A config with a ``detector`` (AlignDet) pretrains that detector over the backbone of its
     ``parent`` run, whose ``weights.pt`` is ``parent_weights``."""
-    from benchmark.data.images import ImageSource, render_deferred
-    from benchmark.data.proposal_cache import compute_proposals
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(config["seed"])
@@ -177,7 +179,6 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     classes = None
     pc = method.pseudo_class_params()
     if pc is not None:   # AlignDet's DETR: k-means of the proposals on the parent's backbone, cached
-        from benchmark.data.pseudo_class_cache import compute_pseudo_classes
         if proposals is None or parent_weights is None:
             raise ValueError(f"{config['method']['name']}: pseudo-classes need the proposal cache and the "
                              f"parent run's weights (config 'parent')")
@@ -262,3 +263,15 @@ def to_device(x: Any, device, channels_last: bool = False) -> Any:
     return x
 
 
+
+
+@register_stage("pretrain")
+class PretrainStage(Stage):
+    output = ("weights.pt", "weights_sha256")
+
+    def run(self, ctx: StageContext) -> tuple[dict, bool]:
+        parent_weights = ctx.parent_dir / "weights.pt" if ctx.parent_dir else None
+        m = run_pretrain(ctx.config, ctx.run_dir, resume=ctx.resume, stop_after=ctx.stop_after, device=ctx.device,
+                         num_workers=ctx.runtime.get("num_workers", 0), progress=ctx.progress,
+                         parent_weights=parent_weights)
+        return m, m["steps"] >= m["total_steps"]

@@ -25,7 +25,7 @@ from benchmark.experiments.config import parse_overrides
 from benchmark.experiments.plan import plan_table
 from benchmark.reporting.render import cell_values, spearman_vs_paper
 from benchmark.common.paths import results_root
-from benchmark.runner import run_plan_local
+from slurm.local import run_plan_local
 from benchmark.runs.store import RunStore
 
 
