@@ -108,13 +108,14 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
             skips.check()   # a loader worker's TooManyUnreadable arrives wrapped in a RuntimeError: say it plainly
         raise
     if complete and main:
-        _finish(store, job.key, run_dir, {**m, **skips.summary(), "wall_s": round(time.time() - t0, 1)})
+        m = {**m, **skips.summary(), "wall_s": round(time.time() - t0, 1)}
+        _finish(store, job.key, run_dir, m)
     barrier()   # no rank leaves before the run is recorded
     return m
 
 
 def _finish(store: RunStore, key: str, run_dir: Path, m: dict) -> None:
-    """Record a complete run: the final model's sha256; the resumable state is dropped."""
+    """Record a complete run (``m`` gains the final model's sha256); the resumable state is dropped."""
     if (run_dir / "model_final.pt").exists():
         m["model_sha256"] = sha256_file(run_dir / "model_final.pt")
     ck = run_dir / "checkpoint.pt"

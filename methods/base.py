@@ -1,4 +1,4 @@
-"""The method interface every pretraining method implements (see DESIGN.md)."""
+"""The method interface every pretraining method implements (docs/design.md, "Interfaces")."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +26,7 @@ class MethodConfig:
 
     def ranges(self) -> list[tuple[str, bool, str]]:
         """``[(field, holds, what is expected)]``: a method's value ranges, checked with the
-        types before anything runs (a negative queue used to fail inside the first step)."""
+        types before anything runs."""
         return []
 
     def to_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""Fine-tuning like detectron2 (issue 8 section 3) and strict loading of pretrained weights
+"""Fine-tuning like detectron2 and strict loading of pretrained weights
 (section 4): aligned RoIAlign, L1 box loss, precise BN, the config fields that record them,
 groups that must load, and the table mark of a run that loaded only part of its weights."""
 from __future__ import annotations

@@ -10,7 +10,8 @@ from PIL import Image
 
 from benchmark.data.coco import CocoDetection
 from benchmark.data.errors import DataError
-from benchmark.data.voc import VocProtocol, ensure_voc_split, parse_voc_xml, resolve_voc, voc_to_coco, write_voc_xml
+from benchmark.data.voc import VocProtocol, ensure_voc_split, resolve_voc, voc_to_coco
+from benchmark.data.voc_xml import parse_voc_xml, write_voc_xml
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
 

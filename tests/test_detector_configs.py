@@ -26,7 +26,7 @@ def test_committed_finetune_runs_keep_their_keys():
     """Every committed fine-tuning run (soco_table1/4/5 at tiny and tiny_long, the other
     detectors' and VOC tables) recomputes to its own key from its scale, schedule, detector,
     protocol, parent and method: the registry changed no identity. InsLoc's Mask R-CNN runs
-    made before its rows fine-tuned with the ExtraNorm box head (issue 11) recompute to their
+    made before its rows fine-tuned with the ExtraNorm box head recompute to their
     keys with that head turned off: the head is the only change to them."""
     runs = list(_committed_finetune_runs())
     assert runs, f"no committed fine-tuning runs under {RUNS}"

@@ -21,7 +21,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPH
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from benchmark.stages.export import ExportError, export_run, load_export, save_export, to_framework
+from benchmark.stages.export import (ExportError, export_run, from_framework, load_export, save_export,
+                                     to_framework)
 
 R50_DEPTHS = (3, 4, 6, 3)
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -159,6 +160,35 @@ def test_basic_blocks_two_mlp_head_and_p6p7_levels(tmp_path):
         save_export(state, fw, tmp_path / fw)
         back = load_export(tmp_path / fw, fw)
         assert set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items()), fw
+
+
+def test_group_norm_is_mmcv_gn_and_reads_back():
+    """mmcv ConvModule names a GroupNorm ``gn`` (a BatchNorm ``bn``); detectron2 ``.norm`` either way."""
+    gn = lambda c: nn.GroupNorm(8, c)
+    state = {k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}
+    state.update(_prefixed("fpn.", FeaturePyramidNetwork([64, 128, 256, 512], 32, norm_layer=gn)))
+    state.update(_prefixed("box_head.", FastRCNNConvFCHead((32, 7, 7), [32] * 2, [64], norm_layer=gn)))
+    state = _randomised(state)
+    mm, unmapped = to_framework(state, "mmdet")
+    assert unmapped == []
+    assert {"neck.lateral_convs.0.gn.weight", "neck.fpn_convs.3.gn.bias", "roi_head.bbox_head.shared_convs.1.gn.weight",
+            "roi_head.bbox_head.shared_fcs.0.weight"} <= set(mm) and not any(".bn." in k for k in mm)
+    d2, _ = to_framework(state, "detectron2")
+    assert {"backbone.fpn_lateral2.norm.weight", "roi_heads.box_head.conv2.norm.bias"} <= set(d2)
+    for fw, out in (("mmdet", mm), ("detectron2", d2)):
+        back = from_framework(out, fw)
+        assert set(back) == set(state) and all(back[k] is v for k, v in state.items()), fw
+
+
+def test_framework_keys_with_no_canonical_name_are_named(r50_fpn_4conv1fc):
+    mm, _ = to_framework(r50_fpn_4conv1fc, "mmdet")
+    odd = {**mm, "neck.fpn_convs.4.gn.weight": torch.zeros(1), "roi_head.bbox_head.fc_cls.weight": torch.zeros(1)}
+    with pytest.raises(ExportError, match=r"2 mmdet keys have no canonical name: "
+                                          r"\['neck.fpn_convs.4.gn.weight', 'roi_head.bbox_head.fc_cls.weight'\]"):
+        from_framework(odd, "mmdet")
+    tv, _ = to_framework(r50_fpn_4conv1fc, "torchvision")
+    with pytest.raises(ExportError, match=r"1 torchvision keys have no canonical name: \['backbone.other.weight'\]"):
+        from_framework({**tv, "backbone.other.weight": torch.zeros(1)}, "torchvision")
 
 
 def test_unmapped_keys_are_named_never_dropped(r50_fpn_4conv1fc, tmp_path):

@@ -84,7 +84,7 @@ def test_a_nan_between_logging_steps_still_stops_the_run(tmp_path):
 
 @pytest.mark.parametrize("name", ["moco_v2", "soco", "insloc", "pixpro"])
 def test_step_traces_as_one_graph(name):
-    # no host sync and no data-dependent shape in the step (issue 8 §5): with both captures
+    # no host sync and no data-dependent shape in the step: with both captures
     # off, `int(queue.ptr)` or a per-level `nonzero` would each break the graph here
     import torch._dynamo as dynamo
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Faults injected by hand (issue 10): concurrent commands, kills mid-write, truncated files,
+"""Faults injected by hand: concurrent commands, kills mid-write, truncated files,
 interrupts, unwritable folders, bad scale files, stale parents; and nothing silent."""
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_a_config_error_is_one_line_and_leaves_no_run(isolated, capsys, args, ms
 
 
 def test_unnamed_errors_show_their_traceback(isolated, monkeypatch):
-    import benchmark.cli as cli
+    import benchmark.cli.store as cli
 
     def boom(a):
         raise KeyError("a bug, not a user error")

@@ -183,11 +183,10 @@ def test_end_to_end_tiny_coco(tmp_path):
     from benchmark.stages.evaluate import run_evaluate
     data = {s: {"image_root": str(TINY_COCO / f"{s}2017"),
                 "ann_file": str(TINY_COCO / "annotations" / f"instances_{s}2017.json")} for s in ("train", "val")}
-    det = dict(name="mask_rcnn", backbone="resnet18", fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256,
-               mask_head_dim=64, mask_head_convs=2, box_batch_size_per_image=64, rpn_batch_size_per_image=64,
-               rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=500,
-               rpn_post_nms_top_n_test=200, anchor_sizes=[8, 16, 32, 64, 128], min_size=[112, 128],
-               max_size=213, test_min_size=128)
+    det = {**MICRO_DET, "fpn_channels": 64, "box_head_conv_dim": 64, "box_head_fc_dim": 256, "mask_head_dim": 64,
+           "box_batch_size_per_image": 64, "rpn_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 500,
+           "rpn_post_nms_top_n_train": 200, "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 200,
+           "min_size": [112, 128], "max_size": 213, "test_min_size": 128}
     recipe = dict(steps=20, batch_size=4, lr=0.005, milestones=[0.75], warmup_steps=5, ckpt_every=10,
                   log_every=5, num_workers=0)
     out = run_finetune(det, recipe, data, run_dir=tmp_path / "ft", weights=None, seed=0, device="cpu")

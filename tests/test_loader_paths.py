@@ -11,7 +11,9 @@ from PIL import Image, ImageDraw
 
 from benchmark.experiments.config import pretrain_config
 from benchmark.data.errors import CorruptImage
-from benchmark.data.images import EncodedImage, ImageSource, LazyImage, read_rgb, render_deferred
+from benchmark.data import io as data_io
+from benchmark.data.images import ImageSource, render_deferred
+from benchmark.data.io import EncodedImage, LazyImage, read_rgb
 from benchmark.runs.identity import run_key
 from methods import augment as A
 from methods import build_method
@@ -171,11 +173,10 @@ def test_draft_reduction():
 
 
 def test_soco_decodes_a_lazy_image_once_at_the_finest_scale_its_views_need(tmp_path, monkeypatch):
-    from benchmark.data import images as I
     Image.fromarray(_smooth(1000, 750)).save(tmp_path / "big.jpg", quality=90)
     calls = []
-    orig = I.read_rgb
-    monkeypatch.setattr(I, "read_rgb", lambda path, reduce=1: calls.append(reduce) or orig(path, reduce))
+    orig = data_io.read_rgb
+    monkeypatch.setattr(data_io, "read_rgb", lambda path, reduce=1: calls.append(reduce) or orig(path, reduce))
     m = build_method("soco", **{**SOCO_SMALL, "view_size": 224, "v3_size": 112})
     lazy = LazyImage(str(tmp_path / "big.jpg"))
     geoms = m.view_geometries(1000, 750, np.random.default_rng(5))

@@ -1,4 +1,4 @@
-"""Your own data (issue 10): datasets by path on every command, their content in run keys,
+"""Your own data: datasets by path on every command, their content in run keys,
 `detbench data check`, no usable annotation, unreadable images skipped and counted."""
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def test_data_args_name_splits_yaml_and_folders(coco_folder, tmp_path, monkeypat
     lay = parse_data_args([str(TINY_COCO)])
     assert lay["train"]["image_root"].endswith("train2017")
     assert lay["val"]["ann_file"].endswith("instances_val2017.json")
+    monkeypatch.chdir(TINY_COCO.parent)    # a folder given relative to the working directory
+    assert parse_data_args([TINY_COCO.name]) == lay
     voc = tmp_path / "VOC2007"
     (voc / "Annotations").mkdir(parents=True)
     (voc / "ImageSets" / "Main").mkdir(parents=True)

@@ -228,23 +228,6 @@ def test_objectives_and_instance_switch():
     assert not any(id(p) in trained for p in inst.target.parameters())
 
 
-def test_momentum_schedule():
-    m = make()
-    for progress, expect in ((0.0, 0.99), (0.5, 0.995), (1.0, 1.0)):
-        m.momentum_update(progress)
-        assert m.current_momentum == pytest.approx(expect)
-    with torch.no_grad():
-        for p in m.online.parameters():
-            p.add_(1.0)
-    t0 = [p.clone() for p in m.target.parameters()]
-    m.momentum_update(1.0)     # momentum 1: target unchanged
-    assert all(torch.equal(a, b) for a, b in zip(t0, m.target.parameters()))
-    m.momentum_update(0.0)     # 0.99 t + 0.01 o, backbone and projector alike
-    for t, a, o in zip(m.target.parameters(), t0, m.online.parameters()):
-        torch.testing.assert_close(t, 0.99 * a + 0.01 * o)
-    assert not any(p.requires_grad for p in m.target.parameters())
-
-
 def test_export_is_the_backbone_only():
     state = make(instance_weight=1.0).export()
     assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state

@@ -56,3 +56,12 @@ def test_missing_and_malformed_files(tmp_path):
 def test_max_array_size_falls_back_without_slurm(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert load_profile("local-ci").resolved_max_array_size() == 1000
+
+
+def test_with_overrides_checks_like_the_file():
+    base = load_profile("local-ci")
+    p = base.with_overrides({"time_min": "30", "qos": "low"})
+    assert (p.time_min, p.qos, p.source) == (30, "low", base.source) and base.qos is None
+    with pytest.raises(ProfileError) as err:
+        base.with_overrides({"nodes": 0})
+    assert err.value.field == "nodes" and err.value.path == f"{base.source} (overrides)"

@@ -326,23 +326,6 @@ def test_loss_by_hand():
     assert logs["loss_13"].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_momentum_schedule():
-    m = make()
-    for progress, expect in ((0.0, 0.99), (0.5, 0.995), (1.0, 1.0)):
-        m.momentum_update(progress)
-        assert m.current_momentum == pytest.approx(expect)
-    with torch.no_grad():
-        for p in m.online.parameters():
-            p.add_(1.0)
-    t0 = [p.clone() for p in m.target.parameters()]
-    m.momentum_update(1.0)     # momentum 1: target unchanged
-    assert all(torch.equal(a, b) for a, b in zip(t0, m.target.parameters()))
-    m.momentum_update(0.0)     # 0.99 t + 0.01 o
-    o, t = next(m.online.parameters()), next(m.target.parameters())
-    torch.testing.assert_close(t, 0.99 * t0[0] + 0.01 * o)
-    assert not any(p.requires_grad for p in m.target.parameters())
-
-
 # --------------------------------------------------------------------------- Table 4 / 5 switches
 TABLE4 = {  # SoCo Table 4, each step adds one component
     "1_whole_image": dict(proposal_source="whole_image", fpn=False, box_head=False, scale_aware=False,

@@ -1,8 +1,10 @@
-"""Data layer: synthetic scenes, a COCO-format loader, PASCAL VOC converted to COCO records,
-and unlabeled image sources.
+"""Data layer: image decoding (``io``, a leaf), a COCO-format loader (``coco``), unlabeled image
+sources (``images``), PASCAL VOC converted to COCO records (``voc``, ``voc_xml``), synthetic
+scenes (``synthetic``), datasets given by path (``user``), data configs to paths (``resolve``)
+and the proposal and pseudo-class caches.
 
-Names are imported lazily, so ``benchmark.data.errors`` (used by the proposal cache) does
-not pull in pycocotools."""
+Names are imported lazily, so importing ``benchmark.data.errors`` (the runner, the proposal
+cache) does not pull in pycocotools."""
 import importlib
 
 _WHERE = {

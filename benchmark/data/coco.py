@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from benchmark.data.errors import CorruptImage, DataError
-from benchmark.data.images import read_rgb
+from benchmark.data.errors import CorruptImage, DataError, note_unreadable
+from benchmark.data.io import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,6 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         image_id = self.ids[i]
         if self.skip_unreadable:
-            from benchmark.data.errors import note_unreadable
             for step in range(len(self.ids)):
                 image_id = self.ids[(i + step) % len(self.ids)]
                 try:

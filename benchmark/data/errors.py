@@ -5,6 +5,9 @@ the field, and what was expected, so a user can fix the input without reading co
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from os import PathLike
 
 
@@ -59,7 +62,6 @@ class SkipLog:
     DEFAULT_MAX_FRACTION = 0.01
 
     def __init__(self, path, max_fraction: float | None = None):
-        import os
         self.path = str(path)
         if max_fraction is None:
             max_fraction = float(os.environ.get(self.ENV_MAX, self.DEFAULT_MAX_FRACTION))
@@ -67,14 +69,11 @@ class SkipLog:
 
     @classmethod
     def active(cls) -> "SkipLog | None":
-        import os
         p = os.environ.get(cls.ENV)
         return cls(p) if p else None
 
     def activate(self):
         """Context manager: datasets opened in this process (and its workers) log here."""
-        import contextlib
-        import os
 
         @contextlib.contextmanager
         def cm():
@@ -91,8 +90,6 @@ class SkipLog:
 
     def record(self, path, error: str, n_total: int) -> None:
         """Note one unreadable image of a dataset of ``n_total``; raise above the threshold."""
-        import json
-        import os
         line = json.dumps({"file": str(path), "error": str(error), "of": int(n_total)}) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -102,7 +99,6 @@ class SkipLog:
         self.check(n_total)
 
     def _lines(self) -> list[dict]:
-        import json
         try:
             text = open(self.path, encoding="utf-8").read()
         except FileNotFoundError:

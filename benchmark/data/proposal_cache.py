@@ -15,6 +15,7 @@ Box convention: ``xyxy`` in pixel-edge coordinates, ``x2 = x + w`` (exclusive), 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,8 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmark.data.errors import CorruptImage, DataError
 from benchmark.common.fs import atomic_open, file_lock
+from benchmark.data.errors import CorruptImage, DataError
+from benchmark.data.io import read_rgb
 from methods.proposals import DEFAULT_FILTER, filter_proposals
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,8 @@ SOCO_SEGMENTATION = {"sigma": 0.9, "k": 300.0, "min_size": 100}
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file into an HxWx3 uint8 RGB array with the project's one decoder
-    (:func:`benchmark.data.images.read_rgb`): a missing or undecodable file raises
+    (:func:`benchmark.data.io.read_rgb`): a missing or undecodable file raises
     :class:`~benchmark.data.errors.CorruptImage` (a ``ValueError``) naming it."""
-    from benchmark.data.images import read_rgb
-
     return np.asarray(read_rgb(path), dtype=np.uint8)
 
 
@@ -159,11 +159,11 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None
 # ---------------------------------------------------------------------------------------
 # the on-disk cache
 
-_BOX_DTYPE = np.uint16
-# Longest image side selective search runs at (boxes scaled back to the image). 500 px: the
-# issue's measurement on real photos (71 s -> 1.15 s per 2000x1333 photo); what it changes in
-# the boxes kept is measured by tools/bench/proposals_bench.py (--compare-max-side).
-DEFAULT_MAX_SIDE = 500  # coordinates up to 65535 px; 8 bytes per box
+_BOX_DTYPE = np.uint16  # coordinates up to 65535 px; 8 bytes per box
+# Longest image side selective search runs at (boxes scaled back to the image). 500 px: a
+# 2000x1333 photo takes 1.15 s instead of 71 s; what it changes in the boxes kept is measured
+# by tools/bench/proposals_bench.py (--compare-max-side).
+DEFAULT_MAX_SIDE = 500
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
@@ -356,7 +356,7 @@ def compute_proposals(
     if unknown:
         raise TypeError(f"compute_proposals: unknown filter parameters {sorted(unknown)}")
     paths = [os.fspath(p) for p in paths]
-    if max_side is None:   # real photos: 2000x1333 took 71 s at full size, 1.15 s at 500 px (bench)
+    if max_side is None:
         max_side = DEFAULT_MAX_SIDE
     if int(max_side) < 1:
         raise ValueError(f"compute_proposals: max_side must be >= 1 pixel, got {max_side}")
@@ -376,9 +376,8 @@ def compute_proposals(
         cached = _load_complete(final, discard=True)
         if cached is not None:
             return cached
-        out = _compute_locked(paths, cache_dir, key, dataset_hash, params, final, mode=mode, max_side=max_side,
-                              num_workers=num_workers, chunk_size=chunk_size, mp_context=mp_context,
-                              progress=progress)
+        out = _compute_locked(paths, cache_dir, key, dataset_hash, params, final, num_workers=num_workers,
+                              chunk_size=chunk_size, mp_context=mp_context, progress=progress)
         lock_path.unlink(missing_ok=True)  # the cache stays one file; waiters find it done
         return out
 
@@ -397,75 +396,108 @@ def _load_complete(final: Path, discard: bool = False) -> "ProposalCache | None"
         return None
 
 
-def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, mode, max_side, num_workers,
-                    chunk_size, mp_context, progress) -> "ProposalCache":
-    fkw = params["filter"]
+def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, num_workers, chunk_size, mp_context,
+                    progress) -> "ProposalCache":
+    """With the cache's lock held: compute the chunks no part file holds, merge all of them
+    into ``final``, remove the parts."""
     work = cache_dir / f"proposals-{key}.parts"
     work.mkdir(exist_ok=True)
-
     chunks = [paths[s : s + chunk_size] for s in range(0, len(paths), chunk_size)]
-    part_path = lambda c: work / f"part-{c:05d}.npz"  # noqa: E731
-    parts: dict[int, dict] = {}
-    for c in range(len(chunks)):
-        if part_path(c).exists():
-            part = _load_part(part_path(c))
-            if part is not None and len(part["counts"]) == len(chunks[c]):
-                parts[c] = part
+    parts = _resume_parts(work, chunks)
     todo = [c for c in range(len(chunks)) if c not in parts]
     if todo:
         require_selective_search()
     if parts:
         log.info("proposals %s: resuming, %d of %d chunks already done", key, len(parts), len(chunks))
+    jobs = [(c, chunks[c], params["mode"], params["max_side"], params["filter"]) for c in todo]
+    with _progress_bar(progress, total=len(paths), initial=sum(len(chunks[c]) for c in parts)) as advance:
+        def store(res: dict) -> None:
+            _write_part(work, res)
+            parts[res["chunk"]] = res
+            advance(len(chunks[res["chunk"]]))
 
-    jobs = [(c, chunks[c], mode, max_side, fkw) for c in todo]
-    done_images = sum(len(chunks[c]) for c in parts)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+        _run_chunks(jobs, num_workers, mp_context, store)
+    arrays = _merge_parts([parts[c] for c in range(len(chunks))], chunk_size, len(paths))
+    meta = _cache_meta(params, dataset_hash, key, n_images=len(paths), n_boxes=len(arrays["boxes"]),
+                       n_skipped=len(arrays["skipped"]))
+    if meta["n_skipped"]:
+        log.warning("proposals %s: %d of %d images could not be decoded and have zero proposals",
+                    key, meta["n_skipped"], len(paths))
+    _atomic_savez(final, **arrays, meta=np.array(json.dumps(meta)))
+    _remove_parts(work, len(chunks))
+    return ProposalCache.load(final)
 
-        bar = tqdm(total=len(paths), initial=done_images, unit="img", desc="selective search", leave=False)
 
-    def _store(res: dict) -> None:
-        c = res["chunk"]
-        for msg in res["errors"]:
-            log.warning("proposals: skipping undecodable image (zero proposals): %s", msg)
-        _atomic_savez(
-            part_path(c),
-            boxes=res["boxes"],
-            counts=res["counts"],
-            sizes=res["sizes"],
-            skipped=res["skipped"],
-            errors=np.array(json.dumps(res["errors"])),
-        )
-        parts[c] = res
-        if bar is not None:
-            bar.update(len(chunks[c]))
+def _part_path(work: Path, chunk: int) -> Path:
+    return work / f"part-{chunk:05d}.npz"
 
+
+def _resume_parts(work: Path, chunks: list[list[str]]) -> dict[int, dict]:
+    """The chunks a previous (killed) computation finished: readable part files of the right length."""
+    parts: dict[int, dict] = {}
+    for c in range(len(chunks)):
+        if _part_path(work, c).exists():
+            part = _load_part(_part_path(work, c))
+            if part is not None and len(part["counts"]) == len(chunks[c]):
+                parts[c] = part
+    return parts
+
+
+def _write_part(work: Path, res: dict) -> None:
+    """Log a finished chunk's undecodable images and write it as a part file (atomically)."""
+    for msg in res["errors"]:
+        log.warning("proposals: skipping undecodable image (zero proposals): %s", msg)
+    _atomic_savez(
+        _part_path(work, res["chunk"]),
+        boxes=res["boxes"],
+        counts=res["counts"],
+        sizes=res["sizes"],
+        skipped=res["skipped"],
+        errors=np.array(json.dumps(res["errors"])),
+    )
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, *, total: int, initial: int):
+    """Yields ``advance(n_images)``: a tqdm bar when ``enabled``, else a no-op."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="img", desc="selective search", leave=False)
     try:
-        if num_workers <= 1 or len(jobs) <= 1:
-            import cv2
-
-            threads = cv2.getNumThreads()  # inline: leave the caller's OpenCV setting as found
-            try:
-                for job in jobs:
-                    _store(_compute_chunk(job))
-            finally:
-                cv2.setNumThreads(threads)
-        else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context(mp_context)
-            with ctx.Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
-                for res in pool.imap_unordered(_compute_chunk, jobs):
-                    _store(res)
+        yield bar.update
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
-    # merge, in image order
-    ordered = [parts[c] for c in range(len(chunks))]
+
+def _run_chunks(jobs: list[tuple], num_workers: int, mp_context: str, store) -> None:
+    """``store(_compute_chunk(job))`` for every job, as each finishes: in this process (one
+    worker or one job) or over a pool of ``num_workers`` processes."""
+    if num_workers <= 1 or len(jobs) <= 1:
+        import cv2
+
+        threads = cv2.getNumThreads()  # inline: leave the caller's OpenCV setting as found
+        try:
+            for job in jobs:
+                store(_compute_chunk(job))
+        finally:
+            cv2.setNumThreads(threads)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context(mp_context)
+    with ctx.Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
+        for res in pool.imap_unordered(_compute_chunk, jobs):
+            store(res)
+
+
+def _merge_parts(ordered: list[dict], chunk_size: int, n_images: int) -> dict[str, np.ndarray]:
+    """The cache's arrays (``boxes``, ``offsets``, ``sizes``, ``skipped``) from its parts in
+    image order; a part's skipped indices are local to its chunk."""
     counts = np.concatenate([p["counts"] for p in ordered]) if ordered else np.zeros(0, np.int64)
-    offsets = np.zeros(len(paths) + 1, dtype=np.int64)
+    offsets = np.zeros(n_images + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     boxes = (
         np.concatenate([p["boxes"] for p in ordered]).astype(_BOX_DTYPE)
@@ -473,29 +505,33 @@ def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, mode,
         else np.zeros((0, 4), dtype=_BOX_DTYPE)
     )
     sizes = np.concatenate([p["sizes"] for p in ordered]).astype(np.int32) if ordered else np.zeros((0, 2), np.int32)
-    starts = [c * chunk_size for c in range(len(chunks))]
+    starts = [c * chunk_size for c in range(len(ordered))]
     skipped = (
         np.concatenate([np.asarray(p["skipped"], dtype=np.int64) + s for p, s in zip(ordered, starts)])
         if ordered
         else np.zeros(0, np.int64)
     )
-    meta = {
+    return {"boxes": boxes, "offsets": offsets, "sizes": sizes, "skipped": skipped}
+
+
+def _cache_meta(params: dict, dataset_hash: str, key: str, *, n_images: int, n_boxes: int, n_skipped: int) -> dict:
+    """The cache file's ``meta`` (see :class:`ProposalCache`); ``params`` and ``dataset_hash`` make its key."""
+    return {
         "version": CACHE_VERSION,
         "params": params,
         "dataset_hash": dataset_hash,
         "key": key,
-        "n_images": len(paths),
-        "n_boxes": int(len(boxes)),
-        "n_skipped": int(len(skipped)),
+        "n_images": n_images,
+        "n_boxes": int(n_boxes),
+        "n_skipped": int(n_skipped),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if len(skipped):
-        log.warning("proposals %s: %d of %d images could not be decoded and have zero proposals",
-                    key, len(skipped), len(paths))
-    _atomic_savez(final, boxes=boxes, offsets=offsets, sizes=sizes, skipped=skipped, meta=np.array(json.dumps(meta)))
-    for c in range(len(chunks)):
-        part_path(c).unlink(missing_ok=True)
+
+
+def _remove_parts(work: Path, n_chunks: int) -> None:
+    """Remove the part files and the parts folder once the cache file is written."""
+    for c in range(n_chunks):
+        _part_path(work, c).unlink(missing_ok=True)
     for leftover in work.glob("*"):  # stray tmp files of a killed writer
         leftover.unlink(missing_ok=True)
     work.rmdir()
-    return ProposalCache.load(final)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmark.data.errors import DataError
 from benchmark.common.paths import cache_root
+from benchmark.data.errors import DataError
+from benchmark.data.synthetic import ensure_synthetic_dataset
+from benchmark.data.voc import resolve_voc
 
 
 def resolve_data(data: dict) -> dict[str, dict]:
@@ -16,7 +18,6 @@ def resolve_data(data: dict) -> dict[str, dict]:
     data = {k: v for k, v in data.items() if k != "identity"}   # content identity: for run keys only
     kind = data.get("kind")
     if kind == "synthetic":
-        from benchmark.data.synthetic import ensure_synthetic_dataset
         params = {k: v for k, v in data.items() if k != "kind"}
         return ensure_synthetic_dataset(cache_root(), **params)
     if kind == "coco":
@@ -33,6 +34,5 @@ def resolve_data(data: dict) -> dict[str, dict]:
             out[split] = s
         return out
     if kind == "voc":
-        from benchmark.data.voc import resolve_voc
         return resolve_voc(data, cache_root())
     raise DataError("<config>", "data.kind", f"unknown {kind!r} (synthetic|coco|voc)")

@@ -33,6 +33,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from benchmark.common.fs import file_lock
+from benchmark.data.voc_xml import write_voc_xml
+
 # Bump when the drawing code changes: it is part of the cache key.
 GENERATOR_VERSION = 1
 
@@ -356,7 +359,6 @@ def ensure_synthetic_dataset(
         return out   # complete: read without the lock (a read-only shared cache works)
     # runs started at once (the parallel local executor, array jobs) generate the data once:
     # the others wait on this lock, then find every split complete
-    from benchmark.common.fs import file_lock
     with file_lock(root / ".lock"):
         for split, n in counts.items():
             split_dir = root / split
@@ -380,7 +382,6 @@ def write_voc_layout(splits: dict[str, dict], out_dir: Path) -> Path:
     "val": ...}``) as a VOC devkit folder ``out_dir/VOC2007`` (train -> trainval, val -> test;
     images as JPEG, quality 95; ids numbered across both splits). Written to a temporary folder
     and moved into place, so an interrupted run leaves nothing half-written. Returns out_dir."""
-    from benchmark.data.voc import write_voc_xml
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".voc-tmp-", dir=out_dir.parent))
@@ -426,7 +427,6 @@ def write_voc_layout(splits: dict[str, dict], out_dir: Path) -> Path:
 def ensure_synthetic_voc(cache_dir: Path, **params) -> Path:
     """The synthetic dataset of ``ensure_synthetic_dataset(cache_dir, **params)`` in VOC layout:
     ``<synthetic root>/voc`` (written once, beside the COCO splits). Returns the devkit folder."""
-    from benchmark.common.fs import file_lock
     splits = ensure_synthetic_dataset(cache_dir, **params)
     root = Path(splits["train"]["ann_file"]).parent.parent
     out = root / "voc"

@@ -23,11 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from benchmark.data.errors import DataError
+from benchmark.common.fs import atomic_write_json, file_lock
+from benchmark.common.paths import cache_root
+from benchmark.data.coco import CocoDetection
+from benchmark.data.errors import CorruptImage, DataError
+from benchmark.data.io import read_rgb
+from benchmark.data.resolve import resolve_data
+from benchmark.data.voc import VOC_CLASSES
 
 SPLITS = ("pretrain", "train", "val")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -73,7 +81,8 @@ def _coco_splits(splits: dict, base: Path, where: str = "data") -> dict:
 
 
 def _folder(path: Path) -> dict:
-    """A dataset folder: VOC year folder, VOC devkit, or COCO layout."""
+    """A dataset folder: VOC year folder, VOC devkit, or COCO layout (any path: made absolute)."""
+    path = path.resolve()
     if (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir():
         sets = path / "ImageSets" / "Main"
         train = "trainval" if (sets / "trainval.txt").is_file() else "train"
@@ -105,9 +114,6 @@ def _folder(path: Path) -> dict:
 def _voc_classes(years: list[Path]) -> list[str] | None:
     """The object names of a VOC folder's XML files, when they are not PASCAL VOC's 20 classes
     (your own classes, sorted); None when they are (VOC's order and ids)."""
-    import xml.etree.ElementTree as ET
-
-    from benchmark.data.voc import VOC_CLASSES
     names = set()
     for y in years:
         for x in sorted((y / "Annotations").glob("*.xml")):
@@ -184,7 +190,6 @@ _MEMO: dict = {}
 
 
 def _cache_file() -> Path:
-    from benchmark.common.paths import cache_root
     return cache_root() / "data-identity.json"
 
 
@@ -210,7 +215,6 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     _MEMO[sig] = h.hexdigest()
     try:
-        from benchmark.common.fs import atomic_write_json, file_lock
         with file_lock(cache.with_suffix(".lock")):
             try:
                 known = json.loads(cache.read_text())
@@ -302,11 +306,6 @@ def with_identity(data: dict) -> dict:
 def check_dataset(data: dict, decode: bool = True) -> dict:
     """Validate every labeled split (the same parser the runs use) and gather statistics:
     images, boxes per image, classes, image sizes, unreadable or missing image files."""
-    import numpy as np
-
-    from benchmark.data.coco import CocoDetection, read_rgb
-    from benchmark.data.errors import CorruptImage
-    from benchmark.data.resolve import resolve_data
     splits = resolve_data(data)
     report: dict = {"kind": data.get("kind"), "splits": {}}
     for name, split in splits.items():

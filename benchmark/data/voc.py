@@ -12,28 +12,31 @@ listed XML files into one COCO json (``file_name`` relative to the devkit root, 
 ``image_root`` spans both years); ``ensure_voc_split`` caches it keyed by the content of every
 XML and image-set file, so ``CocoDetection`` and everything after it are unchanged.
 
-Boxes: VOC stores 1-based inclusive pixel indices; like detectron2's ``pascal_voc.py`` a box
-``(xmin, ymin, xmax, ymax)`` becomes ``[xmin - 1, ymin - 1, xmax, ymax]`` in 0-based continuous
-pixels (``xmin = 1, xmax = W`` covers the whole image). ``difficult`` objects stay in the
-records with ``difficult: 1``: the test split marks them ``iscrowd: 1`` (ignored by the VOC and
-the COCO evaluators alike, the VOC devkit's rule); the training split keeps them as ordinary
-objects by default, as detectron2 does ("we include difficult samples in training"),
+Each XML is read by :mod:`benchmark.data.voc_xml` (boxes in 0-based continuous pixels, as
+detectron2's ``pascal_voc.py``). ``difficult`` objects stay in the records with
+``difficult: 1``: the test split marks them ``iscrowd: 1`` (ignored by the VOC and the COCO
+evaluators alike, the VOC devkit's rule); the training split keeps them as ordinary objects by
+default, as detectron2 does ("we include difficult samples in training"),
 ``train_difficult=False`` makes them ignore regions there too.
 
 Bad input raises :class:`~benchmark.data.errors.DataError` naming the file and the field:
 missing file, malformed XML, a box outside its image, an unknown class name, an empty
 annotation set.
+
+``resolve_voc`` also serves the synthetic scenes in VOC layout (``data.synthetic``, the tiny
+scale: :func:`benchmark.data.synthetic.ensure_synthetic_voc`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.common.fs import atomic_write_json
 from benchmark.data.errors import DataError
+from benchmark.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_voc
+from benchmark.data.voc_xml import parse_voc_xml
 
 # The 20 VOC classes in the order of detectron2's builtin_meta / the devkit (alphabetical).
 VOC_CLASSES: tuple[str, ...] = (
@@ -70,111 +73,6 @@ class VocProtocol:
     # threshold when the test set is VOC2007 (meta.year == 2007): the papers' AP/AP50/AP75.
     eleven_point: bool = True
     train_difficult: bool = True   # detectron2 trains on difficult objects
-
-
-# --------------------------------------------------------------------------- XML
-def _text(node: ET.Element, tag: str, path: Path, where: str) -> str:
-    child = node.find(tag)
-    if child is None or child.text is None or not child.text.strip():
-        raise DataError(path, f"{where}.{tag}" if where else tag, "missing")
-    return child.text.strip()
-
-
-def _number(node: ET.Element, tag: str, path: Path, where: str) -> float:
-    raw = _text(node, tag, path, where)
-    try:
-        v = float(raw)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v):
-        raise DataError(path, f"{where}.{tag}", f"expected a number, got {raw!r}")
-    return v
-
-
-def parse_voc_xml(path: str | Path, class_names: tuple[str, ...] | list[str], *,
-                  data: bytes | None = None) -> dict:
-    """One VOC annotation file -> ``{"width", "height", "objects": [{"label" (1-based index
-    into class_names), "name", "box" (0-based xyxy), "difficult", "truncated"}]}``.
-
-    ``data``: the file's bytes when the caller has read them already."""
-    path = Path(path)
-    if data is None:
-        if not path.is_file():
-            raise DataError(path, "<file>", "annotation file not found")
-        data = path.read_bytes()
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError as e:
-        raise DataError(path, "<xml>", f"malformed XML: {e}") from None
-    if root.tag != "annotation":
-        raise DataError(path, "<root>", f"expected an <annotation> element, got <{root.tag}>")
-    size = root.find("size")
-    if size is None:
-        raise DataError(path, "size", "missing")
-    wh = []
-    for tag in ("width", "height"):
-        v = _number(size, tag, path, "size")
-        if v <= 0 or not v.is_integer():
-            raise DataError(path, f"size.{tag}", f"expected a positive integer, got {v:g}")
-        wh.append(int(v))
-    W, H = wh
-    index = {n: i + 1 for i, n in enumerate(class_names)}
-    objects = []
-    for i, obj in enumerate(root.findall("object")):
-        where = f"object[{i}]"
-        name = _text(obj, "name", path, where)
-        if name not in index:
-            raise DataError(path, f"{where}.name", f"unknown class {name!r} (known: {', '.join(class_names)})")
-        box = obj.find("bndbox")
-        if box is None:
-            raise DataError(path, f"{where}.bndbox", "missing")
-        xmin, ymin, xmax, ymax = (_number(box, t, path, f"{where}.bndbox") for t in ("xmin", "ymin", "xmax", "ymax"))
-        # 1-based inclusive indices: 1 <= xmin <= xmax <= W. A 0 at the low border occurs in a
-        # few VOC files and means the border: it is clamped, anything further out is an error.
-        for tag, lo, hi, v in (("xmin", 0, W, xmin), ("ymin", 0, H, ymin), ("xmax", 1, W, xmax), ("ymax", 1, H, ymax)):
-            if not lo <= v <= hi:
-                raise DataError(path, f"{where}.bndbox.{tag}",
-                                f"{v:g} is outside the image (width {W}, height {H}; expected {lo}..{hi})")
-        if xmax < xmin or ymax < ymin:
-            raise DataError(path, f"{where}.bndbox",
-                            f"empty box: xmin {xmin:g} > xmax {xmax:g} or ymin {ymin:g} > ymax {ymax:g}")
-        flags = {}
-        for tag in ("difficult", "truncated"):
-            node = obj.find(tag)
-            raw = node.text.strip() if node is not None and node.text else "0"
-            if raw not in ("0", "1"):
-                raise DataError(path, f"{where}.{tag}", f"expected 0 or 1, got {raw!r}")
-            flags[tag] = int(raw)
-        objects.append({"name": name, "label": index[name],
-                        "box": (max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0), xmax, ymax), **flags})
-    if not objects:
-        raise DataError(path, "object", "empty annotation set: no <object> in the file")
-    return {"width": W, "height": H, "objects": objects}
-
-
-def write_voc_xml(path: str | Path, *, folder: str, filename: str, width: int, height: int,
-                  objects: list[dict]) -> None:
-    """Write one VOC annotation file. ``objects``: ``{"name", "box" (0-based xyxy, integer
-    pixel edges), "difficult", "truncated"}``; stored as 1-based inclusive indices."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = folder
-    ET.SubElement(root, "filename").text = filename
-    size = ET.SubElement(root, "size")
-    for tag, v in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, tag).text = str(int(v))
-    ET.SubElement(root, "segmented").text = "0"
-    for o in objects:
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = o["name"]
-        ET.SubElement(node, "pose").text = "Unspecified"
-        ET.SubElement(node, "truncated").text = str(int(o.get("truncated", 0)))
-        ET.SubElement(node, "difficult").text = str(int(o.get("difficult", 0)))
-        box = ET.SubElement(node, "bndbox")
-        x0, y0, x1, y1 = o["box"]
-        for tag, v in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1), ("ymax", y1)):
-            ET.SubElement(box, tag).text = f"{v:g}"
-    ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=False)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -251,7 +149,6 @@ def ensure_voc_split(root: str | Path, splits, class_names=VOC_CLASSES, *, cache
     """Convert (once per content) and locate a VOC split: ``{"image_root", "ann_file"}`` for
     ``CocoDetection``. The json lands in ``<cache_dir>/voc/<content hash>.json``: an edited XML
     gives a new file, never a stale one."""
-    from benchmark.common.fs import atomic_write_json
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "data.root", "VOC devkit folder not found (set VOC_ROOT to the folder holding VOC2007/)")
@@ -280,7 +177,6 @@ def resolve_voc(data: dict, cache_dir: str | Path) -> dict[str, dict]:
         raise DataError("<config>", "data.root", "a voc data config names exactly one of root (a VOC devkit "
                                                 "folder) or synthetic (generator parameters)")
     if "synthetic" in data:
-        from benchmark.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic_voc
         root = ensure_synthetic_voc(cache_dir, **dict(data["synthetic"] or {}))
         classes, train, test = tuple(SYNTHETIC_CLASSES), ["VOC2007/trainval"], "VOC2007/test"
     else:

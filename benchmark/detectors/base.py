@@ -8,8 +8,8 @@ A detector is one class (registered by name in ``benchmark.detectors``) with
   ``model(images, targets) -> losses`` in training, ``model(images) -> [{"boxes", "scores",
   "labels"[, "masks"]}]`` in eval; ``num_classes`` counts a background slot 0);
 - ``optimizer(model, recipe)`` and ``schedule(recipe)``;
-- ``key_map``: where the canonical keys of a method's export go (DESIGN.md, "The method
-  interface"), one ``(canonical prefix, detector prefix, group)`` per line; groups are
+- ``key_map``: where the canonical keys of a method's export go (docs/design.md, "The canonical
+  key space"), one ``(canonical prefix, detector prefix, group)`` per line; groups are
   ``backbone`` (always), ``fpn`` and ``box_head`` (where the detector has them); a line whose
   canonical prefix is None only names the group of detector keys no export has.
 """
@@ -144,6 +144,8 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
 class Detector:
     """One fine-tuning detector (see the module docstring)."""
     name: str = "?"
+    title: str = "?"          # the display name in tables ("Mask R-CNN")
+    feature: str = ""         # what the heads read ("FPN", "C4", "C5")
     Config: type[DetectorConfig] = DetectorConfig
     Recipe: type[FinetuneRecipe] = SGDRecipe
     recipes: dict[str, FinetuneRecipe] = {}

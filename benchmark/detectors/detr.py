@@ -156,6 +156,7 @@ _SHORTCUT = re.compile(r"^layer(\d)\.(\d+)\.downsample\.([01])\.(.*)$")
 
 @register_detector("detr")
 class DETRR50(Detector):
+    title, feature = "DETR", "C5"
     Config = DETRConfig
     Recipe = DETRRecipe
     recipes = {"1x": DETRRecipe(),

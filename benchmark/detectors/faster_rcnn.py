@@ -35,6 +35,7 @@ class FasterRCNNConfig(MaskRCNNConfig):
 
 @register_detector("faster_rcnn")
 class FasterRCNNFPN(MaskRCNNFPN):
+    title, feature = "Faster R-CNN", "FPN"
     Config = FasterRCNNConfig
     with_masks = False
 

@@ -86,6 +86,7 @@ def c4_parts(cfg: RCNNC4Config):
 
 @register_detector("faster_rcnn_c4")
 class FasterRCNNC4(Detector):
+    title, feature = "Faster R-CNN", "C4"
     Config = RCNNC4Config
     Recipe = SGDRecipe
     # MoCo's COCO C4 configs (coco_R_50_C4_{1x,2x}_moco.yaml): detectron2's 1x / 2x

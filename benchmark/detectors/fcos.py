@@ -46,6 +46,7 @@ def _recipe(steps: int) -> SGDRecipe:
 
 @register_detector("fcos")
 class FCOSFPN(OneStage):
+    title, feature = "FCOS", "FPN"
     Config = FCOSConfig
     Recipe = SGDRecipe
     recipes = {"1x": _recipe(90_000), "2x": _recipe(180_000)}

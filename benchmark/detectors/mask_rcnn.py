@@ -130,6 +130,7 @@ def init_predictors(model) -> None:
 
 @register_detector("mask_rcnn")
 class MaskRCNNFPN(Detector):
+    title, feature = "Mask R-CNN", "FPN"
     Config = MaskRCNNConfig
     Recipe = SGDRecipe
     # detectron2 1x / 2x: 90k / 180k iterations at 16 images, lr 0.02, drops at 60k, 80k

@@ -30,6 +30,7 @@ class C4RoIHeads(RCNNRoIHeads):
 
 @register_detector("mask_rcnn_c4")
 class MaskRCNNC4(FasterRCNNC4):
+    title, feature = "Mask R-CNN", "C4"
     with_masks = True
 
     @classmethod

@@ -105,6 +105,7 @@ class OneStage(Detector):
 
 @register_detector("retinanet")
 class RetinaNetFPN(OneStage):
+    title, feature = "RetinaNet", "FPN"
     Config = RetinaNetConfig
     Recipe = SGDRecipe
     recipes = {"1x": SGDRecipe(lr=0.01, warmup_steps=500),

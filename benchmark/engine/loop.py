@@ -151,57 +151,35 @@ class TrainLoop:
         """Train until ``total_steps`` (or ``stop_after`` steps, for tests and preemption).
         ``batches`` must yield the batch of step ``self.step`` first."""
         from tqdm.auto import tqdm
-        cfg = self.cfg
+        cfg, req = self.cfg, REQUESTS
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc=cfg.desc, dynamic_ncols=True,
                    disable=not (progress and is_main_process()), mininterval=1.0)
         last: dict = {}
         t0 = time.time()
         done_here = 0
-        req = REQUESTS
         if logger is not None and self.resumed_from is not None and self.step < cfg.total_steps \
                 and is_main_process():
             logger.log({"step": self.step, "event": "resumed", "from": self.resumed_from.name})
         with req.handlers(), bar:
             it = iter(batches)   # after the handlers: forked loader workers inherit them
             while self.step < cfg.total_steps:
-                lr = self.schedule(self.step)
-                for g, m in zip(self.opt.param_groups, self.group_lr_mult):
-                    g["lr"] = lr * m
-                batch = next(it)
-                self.model.train()
-                with self.autocast():
-                    out = step_fn(batch)
-                loss = out["loss"]
+                lr, out = self._forward(next(it), step_fn)
                 # no host sync on ordinary steps: losses are read (and checked for NaN) only
-                # on the steps that log, checkpoint or stop
+                # on the steps that log, checkpoint or stop (a request made during this step counts)
                 nxt = self.step + 1
                 sync = (nxt % cfg.log_every == 0 or nxt % cfg.ckpt_every == 0 or nxt == cfg.total_steps
                         or req.checkpoint or (stop_after is not None and done_here + 1 >= stop_after))
-                if sync and not torch.isfinite(loss.detach()).all():
-                    raise Diverged(f"loss is {loss.item()} at step {self.step}")
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    self.scaler.unscale_(self.opt)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                if self.after_step is not None:
-                    self.after_step(self.step, out)
-                self.step += 1
+                self._update(out, check_finite=sync)
                 done_here += 1
                 bar.update(1)
                 if not sync:
                     continue
-                logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
-                last = logs
+                last = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
                 if logger is not None and (self.step % cfg.log_every == 0 or self.step == cfg.total_steps):
-                    rec = {"step": self.step, "lr": lr, "time": round(time.time() - t0, 3), **logs}
                     if is_main_process():
-                        logger.log(rec)
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                if (self.step % cfg.ckpt_every == 0 or req.checkpoint
-                        or self.step == cfg.total_steps):
+                        logger.log({"step": self.step, "lr": lr, "time": round(time.time() - t0, 3), **last})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if self.step % cfg.ckpt_every == 0 or req.checkpoint or self.step == cfg.total_steps:
                     self.save()
                     req.checkpoint = False
                 if stop_after is not None and done_here >= stop_after:
@@ -214,3 +192,28 @@ class TrainLoop:
                         print(f"stopped at step {self.step}; the same command resumes", file=sys.stderr, flush=True)
                     raise Stopped(self.step)
         return last
+
+    def _forward(self, batch, step_fn: Callable[[Any], dict]) -> tuple[float, dict]:
+        """The step's forward at the scheduled lr; returns (lr, the step's outputs, unread)."""
+        lr = self.schedule(self.step)
+        for g, m in zip(self.opt.param_groups, self.group_lr_mult):
+            g["lr"] = lr * m
+        self.model.train()
+        with self.autocast():
+            return lr, step_fn(batch)
+
+    def _update(self, out: dict, check_finite: bool) -> None:
+        """Backward and optimizer step (then ``after_step``: momentum updates)."""
+        loss = out["loss"]
+        if check_finite and not torch.isfinite(loss.detach()).all():
+            raise Diverged(f"loss is {loss.item()} at step {self.step}")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.after_step is not None:
+            self.after_step(self.step, out)
+        self.step += 1

@@ -63,7 +63,7 @@ RUNTIME = {"num_workers": (int, 0), "torch_threads": (int, 1), "local_jobs": (in
 
 def validate_scale(sc, path: Path) -> None:
     """Check one scale file's keys, types and ranges when it is loaded, naming the file and
-    the field (a bad ``ckpt_every`` used to crash after the first step)."""
+    the field, before anything runs."""
     if not isinstance(sc, dict):
         raise ConfigError(f"{path}: expected a mapping of {', '.join(SCALE_KEYS)}")
     for k in sc:

@@ -249,8 +249,10 @@ LAYOUT = """## Layout
 
 - `tables/<name>/table.md` — the newest version of each table or grid (with `table.csv`,
   `plot.png`, `version.json`); `tables/<name>/<date>_<sha>/` — every version whose content
-  differed from the one before (a rebuild with the same cells writes nothing). A table at a
-  scale other than `tiny` lives in `tables/<name>@<scale>/`.
+  differed from the one before (a rebuild with the same cells writes nothing), each built
+  from the commit `<sha>` names: from uncommitted code no version is written here unless
+  `--allow-dirty` (or `DETBENCH_ALLOW_DIRTY=1`) asks for a `<date>_<sha>-dirty` one, which is
+  not for committing. A table at a scale other than `tiny` lives in `tables/<name>@<scale>/`.
 - `leaderboards/` — the AP-against-compute plots of this page.
 - `runs/<key>/` — one run each (pretraining, fine-tuning or evaluation): `config.json` (fully
   resolved), `env.json` (start time, git sha + dirty flag, packages, hardware, Slurm ids),

@@ -30,16 +30,21 @@ from benchmark.runs.store import RunStore, git_info
 from benchmark.experiments.tables import mean_std
 from benchmark.common.paths import REPO, results_root
 from benchmark.reporting.format import ALPHA, BASELINES, cell_text, partial_note
+from benchmark.detectors import get_detector
 
 DEFAULT_SCALE = "tiny"
 PAPER_SCALE = "paper"        # the one scale whose numbers are comparable with the papers'
 MIN_SEEDS_FOR_TEST = 3       # significance and error bars from this many seeds on
 TEST_NAME = ("one-sided Welch's t-test over seeds (scipy.stats.ttest_ind, equal_var=False, "
              f"alternative='greater'), p < {ALPHA}")
-# display name and backbone feature of each registered detector ("ResNet-18 FPN", "ResNet-50 C4")
-DETECTOR_NAMES = {"mask_rcnn": ("Mask R-CNN", "FPN"), "faster_rcnn": ("Faster R-CNN", "FPN"),
-                  "mask_rcnn_c4": ("Mask R-CNN", "C4"), "faster_rcnn_c4": ("Faster R-CNN", "C4"),
-                  "fcos": ("FCOS", "FPN"), "retinanet": ("RetinaNet", "FPN"), "detr": ("DETR", "C5")}
+def _detector_name(name: str | None) -> tuple[str, str]:
+    """(display name, backbone feature) of a registered detector ("Mask R-CNN", "C4"); an
+    unknown name as it is."""
+    try:
+        det = get_detector(name)
+    except (KeyError, ValueError):
+        return (name or "?", "")
+    return det.title, det.feature
 
 
 def table_dir_name(name: str, scale: str) -> str:
@@ -201,7 +206,7 @@ def pretty_backbone(name: str) -> str:
 
 def detector_title(name: str) -> str:
     """'Mask R-CNN C4' for mask_rcnn_c4; an unknown name as it is."""
-    title, feature = DETECTOR_NAMES.get(name, (name, ""))
+    title, feature = _detector_name(name)
     return f"{title} {feature}".rstrip()
 
 
@@ -214,7 +219,7 @@ def what_ran(plan: Plan, df) -> str:
     models, datas = [], []
     for cfg in cfgs:
         det = cfg.get("detector", {})
-        name, feature = DETECTOR_NAMES.get(det.get("name"), (det.get("name", "?"), ""))
+        name, feature = _detector_name(det.get("name"))
         model = f"{name}, {pretty_backbone(det.get('backbone'))} {feature}".rstrip()
         data = describe_data(cfg.get("data", {}))
         models += [model] if model not in models else []

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmark.common.fs import atomic_write_json, unwritable
-from benchmark.common.paths import runs_root
+from benchmark.common.paths import REPO, runs_root
 from benchmark.runs.identity import run_key
 
 
@@ -159,7 +159,7 @@ class RunStore:
 
 
 def git_info(cwd: Path | None = None) -> dict:
-    cwd = cwd or Path(__file__).resolve().parent.parent
+    cwd = cwd or REPO
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         # a copy without git history answers "HEAD" with a non-zero status: that is no sha

@@ -3,31 +3,15 @@ torchvision, in the file each framework loads.
 
 The canonical key space (``methods/base.py``): bare torchvision ResNet names for the backbone,
 ``fpn.*`` (torchvision ``FeaturePyramidNetwork``) and ``box_head.*`` (torchvision
-``FastRCNNConvFCHead`` or ``TwoMLPHead``). Per framework:
-
-============================  ================================  =====================================
-canonical                     detectron2 (.pkl)                 mmdet (.pth, ``state_dict``)
-============================  ================================  =====================================
-``conv1.weight``, ``bn1.*``   ``stem.conv1.weight``, ``.norm``  ``backbone.conv1``, ``backbone.bn1``
-``layer1.0.conv1.weight``     ``res2.0.conv1.weight``           ``backbone.layer1.0.conv1.weight``
-``layer1.0.bn1.*``            ``res2.0.conv1.norm.*``           ``backbone.layer1.0.bn1.*``
-``layer1.0.downsample.0/1``   ``res2.0.shortcut(.norm)``        ``backbone.layer1.0.downsample.0/1``
-``fpn.inner_blocks.i.0/1``    ``backbone.fpn_lateral{l}``       ``neck.lateral_convs.i.conv/bn``
-``fpn.layer_blocks.i.0/1``    ``backbone.fpn_output{l}``        ``neck.fpn_convs.i.conv/bn``
-``fpn.extra_blocks.p6/p7``    ``backbone.top_block.p6/p7``      ``neck.fpn_convs.{n}/{n+1}.conv``
-``box_head.i.0/1`` (conv i)   ``roi_heads.box_head.conv{i+1}``  ``roi_head.bbox_head.shared_convs.i``
-``box_head.{n+1+2j}`` (fc j)  ``roi_heads.box_head.fc{j+1}``    ``roi_head.bbox_head.shared_fcs.j``
-``box_head.fc6/fc7``          ``roi_heads.box_head.fc1/fc2``    ``roi_head.bbox_head.shared_fcs.0/1``
-============================  ================================  =====================================
-
-Names follow detectron2's ``ResNet``/``FPN``/``FastRCNNConvFCHead`` and mmdetection's
-``ResNet``/``FPN``/``ConvFCBBoxHead`` (``ConvModule``: ``conv`` + ``bn``/``gn``). The ResNet
-keys are bare in the detectron2 file, as in its model zoo's ``R-50.pkl`` and MoCo's
-``convert-pretrain-to-detectron2.py``, so one file fits R50-FPN (``backbone.bottom_up.res2``)
-and R50-C4 (``backbone.res2``, ``roi_heads.res5``) through ``matching_heuristics``. The FPN
-level ``l`` of ``inner_blocks.0`` is read from its input channels (C2 for the R-CNNs, C3 for
-RetinaNet/FCOS). ``torchvision``: the torchvision detection model's names
-(``backbone.body.``, ``backbone.fpn.``, ``roi_heads.box_head.``) in a plain state dict.
+``FastRCNNConvFCHead`` or ``TwoMLPHead``). Each framework has one key map, ``_KEY_MAPS``: rules
+(canonical pattern, framework pattern), read left to right by ``to_framework`` and right to left
+by ``from_framework``. Names follow detectron2's ``ResNet``/``FPN``/``FastRCNNConvFCHead`` and
+mmdetection's ``ResNet``/``FPN``/``ConvFCBBoxHead`` (``ConvModule``: ``conv`` + ``bn``/``gn``).
+The ResNet keys are bare in the detectron2 file, as in its model zoo's ``R-50.pkl`` and MoCo's
+``convert-pretrain-to-detectron2.py``, so one file fits R50-FPN (``backbone.bottom_up.res2``) and
+R50-C4 (``backbone.res2``, ``roi_heads.res5``) through ``matching_heuristics``. ``torchvision``:
+the torchvision detection model's names (``backbone.body.``, ``backbone.fpn.``,
+``roi_heads.box_head.``) in a plain state dict.
 
 Nothing is dropped silently: a key with no place in the target raises ``ExportError`` naming
 it, unless ``allow_unmapped``, which leaves it out and reports it. The conversion is a pure
@@ -59,24 +43,78 @@ class ExportError(ValueError):
     """Keys with no place in the target framework, or a state that cannot be placed."""
 
 
-# ------------------------------------------------------------------ canonical -> target
-_RESNET = [  # (canonical regex, detectron2 template)
-    (r"conv1\.weight", "stem.conv1.weight"),
-    (r"bn1\.(?P<p>\w+)", "stem.conv1.norm.{p}"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.conv(?P<j>\d)\.weight", "res{S}.{b}.conv{j}.weight"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.bn(?P<j>\d)\.(?P<p>\w+)", "res{S}.{b}.conv{j}.norm.{p}"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.downsample\.0\.weight", "res{S}.{b}.shortcut.weight"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.downsample\.1\.(?P<p>\w+)", "res{S}.{b}.shortcut.norm.{p}"),
-]
-_RESNET_FROM_D2 = [  # (detectron2 regex, canonical template): the inverse of _RESNET
-    (r"stem\.conv1\.weight", "conv1.weight"),
-    (r"stem\.conv1\.norm\.(?P<p>\w+)", "bn1.{p}"),
-    (r"res(?P<S>\d)\.(?P<b>\d+)\.conv(?P<j>\d)\.weight", "layer{s}.{b}.conv{j}.weight"),
-    (r"res(?P<S>\d)\.(?P<b>\d+)\.conv(?P<j>\d)\.norm\.(?P<p>\w+)", "layer{s}.{b}.bn{j}.{p}"),
-    (r"res(?P<S>\d)\.(?P<b>\d+)\.shortcut\.weight", "layer{s}.{b}.downsample.0.weight"),
-    (r"res(?P<S>\d)\.(?P<b>\d+)\.shortcut\.norm\.(?P<p>\w+)", "layer{s}.{b}.downsample.1.{p}"),
-]
+# ------------------------------------------------------------------ key maps
+# A rule is (canonical pattern, framework pattern); a key goes by the first rule whose pattern on
+# its side takes it. ``{f}`` is field f's text (_FIELDS); ``{a*f+t}`` is integer field f times a
+# plus the terms t (integers, or facts of the state: _EXPORT_FACTS, _IMPORT_FACTS), and read back
+# f must be a whole number >= 0 that f's pattern takes. A field only on the framework side is
+# written by _DERIVED. A side that is None: keys of the other side's pattern have no name there.
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_FIELDS = {
+    "p": r"\w+",                    # a parameter or buffer
+    "bn": "|".join(_BN_STATE),      # a BatchNorm's (or GroupNorm's) parameters and buffers
+    "wb": "weight|bias",
+    "rest": ".*",
+    "norm": "bn|gn",                # mmcv ConvModule's norm attribute (build_norm_layer)
+    "s": r"\d", "j": r"\d",         # ResNet stage (layer1..4), conv of a block
+    "b": r"\d+", "i": r"\d+", "k": r"\d+",
+    "x": "[67]",                    # P6/P7; TwoMLPHead's fc6/fc7
+}
+
+_RESNET_D2 = [  # torchvision models/resnet.py -> detectron2 modeling/backbone/resnet.py (res2..res5)
+    ("conv1.weight", "stem.conv1.weight"),
+    ("bn1.{p}", "stem.conv1.norm.{p}"),
+    ("layer{s}.{b}.conv{j}.weight", "res{s+1}.{b}.conv{j}.weight"),
+    ("layer{s}.{b}.bn{j}.{p}", "res{s+1}.{b}.conv{j}.norm.{p}"),
+    ("layer{s}.{b}.downsample.0.weight", "res{s+1}.{b}.shortcut.weight"),
+    ("layer{s}.{b}.downsample.1.{p}", "res{s+1}.{b}.shortcut.norm.{p}"),
+]
+_RESNET = [ours for ours, _ in _RESNET_D2]
+
+_KEY_MAPS = {
+    "detectron2": [
+        *_RESNET_D2,
+        # modeling/backbone/fpn.py: fpn_lateral{l}/fpn_output{l} for level l (C_l), top_block.p6/p7
+        ("fpn.inner_blocks.{i}.0.{p}", "backbone.fpn_lateral{i+lvl0}.{p}"),
+        ("fpn.inner_blocks.{i}.1.{bn}", "backbone.fpn_lateral{i+lvl0}.norm.{bn}"),
+        ("fpn.layer_blocks.{i}.0.{p}", "backbone.fpn_output{i+lvl0}.{p}"),
+        ("fpn.layer_blocks.{i}.1.{bn}", "backbone.fpn_output{i+lvl0}.norm.{bn}"),
+        ("fpn.extra_blocks.p{x}.{wb}", "backbone.top_block.p{x}.{wb}"),
+        # modeling/roi_heads/box_head.py FastRCNNConvFCHead: conv1.., fc1..
+        ("box_head.{i}.0.{p}", "roi_heads.box_head.conv{i+1}.{p}"),
+        ("box_head.{i}.1.{p}", "roi_heads.box_head.conv{i+1}.norm.{p}"),
+        ("box_head.{2*k+fc0}.{wb}", "roi_heads.box_head.fc{k+1}.{wb}"),
+        ("box_head.fc{x}.{wb}", "roi_heads.box_head.fc{x-5}.{wb}"),
+    ],
+    "mmdet": [
+        *((ours, "backbone." + ours) for ours in _RESNET),      # backbones/resnet.py: torchvision's names
+        # necks/fpn.py: lateral_convs, fpn_convs (the levels, then the extra convs), ConvModules
+        ("fpn.inner_blocks.{i}.0.{p}", "neck.lateral_convs.{i}.conv.{p}"),
+        ("fpn.inner_blocks.{i}.1.{bn}", "neck.lateral_convs.{i}.{norm}.{bn}"),
+        ("fpn.extra_blocks.p{x}.{wb}", "neck.fpn_convs.{x+n_levels-6}.conv.{wb}"),
+        (None, "neck.fpn_convs.{i+n_levels}.{rest}"),          # any other extra conv has no canonical name
+        ("fpn.layer_blocks.{i}.0.{p}", "neck.fpn_convs.{i}.conv.{p}"),
+        ("fpn.layer_blocks.{i}.1.{bn}", "neck.fpn_convs.{i}.{norm}.{bn}"),
+        # roi_heads/bbox_heads/convfc_bbox_head.py: shared_convs (ConvModules), shared_fcs
+        ("box_head.{i}.0.{p}", "roi_head.bbox_head.shared_convs.{i}.conv.{p}"),
+        ("box_head.{i}.1.{p}", "roi_head.bbox_head.shared_convs.{i}.{norm}.{p}"),
+        ("box_head.{2*k+fc0}.{wb}", "roi_head.bbox_head.shared_fcs.{k}.{wb}"),
+        ("box_head.fc{x}.{wb}", "roi_head.bbox_head.shared_fcs.{x-6}.{wb}"),
+    ],
+    "torchvision": [   # models/detection/backbone_utils.py BackboneWithFPN, faster_rcnn.py
+        *((ours, "backbone.body." + ours) for ours in _RESNET),
+        ("fpn.{rest}", "backbone.fpn.{rest}"),
+        ("box_head.{rest}", "roi_heads.box_head.{rest}"),
+        ("rpn.{rest}", "rpn.{rest}"),
+        ("roi_heads.{rest}", "roi_heads.{rest}"),
+        (None, "backbone.{rest}"),                # read back: no other backbone key has a canonical name
+        ("backbone.{rest}", "backbone.{rest}"),   # written: already detector names (AlignDet, a fine-tuned model)
+    ],
+}
+
+
+def _distinct(state, pattern: str) -> set[str]:
+    return {m.group(1) for k in state if (m := re.fullmatch(pattern, k))}
 
 
 def _stage_channels(state: dict) -> dict[int, int]:
@@ -92,7 +130,8 @@ def _stage_channels(state: dict) -> dict[int, int]:
 
 
 def _fpn_start_stage(state: dict) -> int:
-    """The ResNet stage (1 = C2) feeding ``fpn.inner_blocks.0``, from its input channels."""
+    """The ResNet stage (1 = C2) feeding ``fpn.inner_blocks.0``, from its input channels (C2 for
+    the R-CNNs, C3 for RetinaNet/FCOS)."""
     w = state.get("fpn.inner_blocks.0.0.weight")
     if w is None:
         raise ExportError("fpn.inner_blocks.0.0.weight: missing, so the FPN's levels are unknown")
@@ -109,151 +148,125 @@ def _norm_name(state: dict, module: str) -> str:
     return "bn" if f"{module}.running_mean" in state else "gn"
 
 
-def _box_head_convs(keys) -> int:
-    return len({m.group(1) for k in keys if (m := re.fullmatch(r"box_head\.(\d+)\.0\.weight", k))})
+_INNER = r"fpn\.inner_blocks\.(\d+)\..*"
+_EXPORT_FACTS = {   # of the canonical state; FastRCNNConvFCHead: the convs, Flatten, then (Linear, ReLU)s
+    "fc0": lambda s: len(_distinct(s, r"box_head\.(\d+)\.0\.weight")) + 1,
+    "lvl0": lambda s: _fpn_start_stage(s) + 1 if _distinct(s, _INNER) else None,
+    "n_levels": lambda s: len(_distinct(s, _INNER)),
+}
+_IMPORT_FACTS = {   # of the framework's state; no box head convs: a TwoMLPHead (fc6, fc7)
+    "fc0": lambda s: (n + 1 if (n := len(_distinct(
+        s, r"(?:roi_heads\.box_head\.conv|roi_head\.bbox_head\.shared_convs\.)(\d+)\..*"))) else None),
+    "lvl0": lambda s: min((int(lvl) for lvl in _distinct(s, r"backbone\.fpn_lateral(\d)\..*")), default=2),
+    "n_levels": lambda s: len(_distinct(s, r"neck\.lateral_convs\.(\d+)\..*")),
+}
+_DERIVED = {"norm": lambda state, key: _norm_name(state, key.rsplit(".", 1)[0])}
+
+_SLOT = re.compile(r"\{(?:(\d+)\*)?(\w+)((?:[+-]\w+)*)\}")
+_DIGITS = r"\d+"
+
+
+def _offset(terms: tuple, facts: dict) -> int:
+    return sum(int(t) if t[1:].isdigit() else int(t[0] + "1") * facts[t[1:]] for t in terms)
+
+
+class _Pattern:
+    """One side of a rule, compiled: ``match`` reads a key's fields, ``format`` writes them."""
+
+    def __init__(self, template: str):
+        self.template, self.scaled, parts, pos = template, {}, [], 0
+        for m in _SLOT.finditer(template):
+            a, f, terms = int(m[1] or 1), m[2], tuple(re.findall(r"[+-]\w+", m[3]))
+            if a != 1 or terms:
+                self.scaled[f] = (a, terms)
+            parts += [re.escape(template[pos:m.start()]), f"(?P<{f}>{_DIGITS if f in self.scaled else _FIELDS[f]})"]
+            pos = m.end()
+        self.regex = re.compile("".join(parts) + re.escape(template[pos:]))
+        self.fields = set(self.regex.groupindex)
+        self.facts = {t[1:] for _, terms in self.scaled.values() for t in terms if not t[1:].isdigit()}
+
+    def match(self, key: str, facts: dict) -> dict | None:
+        m = self.regex.fullmatch(key)
+        if m is None:
+            return None
+        fields = m.groupdict()
+        for f, (a, terms) in self.scaled.items():
+            v, r = divmod(int(fields[f]) - _offset(terms, facts), a)
+            if r or v < 0 or not re.fullmatch(_FIELDS[f], str(v)):
+                return None
+            fields[f] = str(v)
+        return fields
+
+    def format(self, fields: dict, facts: dict) -> str:
+        def slot(m):
+            if m[2] not in self.scaled:
+                return fields[m[2]]
+            a, terms = self.scaled[m[2]]
+            return str(a * int(fields[m[2]]) + _offset(terms, facts))
+        return _SLOT.sub(slot, self.template)
+
+
+class _KeyMap:
+    """A framework's rules as (source, target) pattern pairs for each direction."""
+
+    def __init__(self, rules):
+        self.export = [(ours and _Pattern(ours), theirs and _Pattern(theirs)) for ours, theirs in rules]
+        self.imports = [(theirs, ours) for ours, theirs in self.export]
+        for ours, theirs in self.export:
+            if ours and theirs and not (ours.fields <= theirs.fields and theirs.fields - ours.fields <= set(_DERIVED)):
+                raise ValueError(f"rule {ours.template!r} -> {theirs.template!r}: fields do not correspond")
+        self.facts = sorted({f for pair in self.export for p in pair if p for f in p.facts})
+
+
+_MAPS = {fw: _KeyMap(rules) for fw, rules in _KEY_MAPS.items()}
+
+
+def _translate(key: str, rules: list, facts: dict, state: dict) -> str | None:
+    """``key`` in the target pattern of the first rule whose source pattern takes it; None when
+    no rule does or that rule's target is None. A rule naming a fact that is None is skipped."""
+    for src, dst in rules:
+        if src is None or any(facts[f] is None for f in src.facts | (dst.facts if dst else set())):
+            continue
+        fields = src.match(key, facts)
+        if fields is not None:
+            derived = {f: _DERIVED[f](state, key) for f in dst.fields - fields.keys()} if dst else {}
+            return dst and dst.format({**fields, **derived}, facts)
+    return None
+
+
+def _rename(state: dict, rules: list, facts: dict, *, unique: bool) -> tuple[dict, list[str]]:
+    """(``state`` with the keys ``_translate`` places renamed, the keys it does not place);
+    ``unique``: two keys onto one raise."""
+    out, missing = {}, []
+    for k, v in state.items():
+        t = _translate(k, rules, facts, state)
+        if t is None:
+            missing.append(k)
+        elif unique and t in out:
+            raise ExportError(f"{k}: maps onto {t!r}, which another key already took")
+        else:
+            out[t] = v
+    return out, missing
 
 
 def to_framework(state: dict, framework: str) -> tuple[dict, list[str]]:
     """Canonical ``state`` -> (``{target key: value}``, canonical keys with no place)."""
     if framework not in FRAMEWORKS:
         raise ExportError(f"--to: unknown framework {framework!r} ({' | '.join(FRAMEWORKS)})")
-    n_convs = _box_head_convs(state)
-    n_levels = len({m.group(1) for k in state if (m := re.fullmatch(r"fpn\.inner_blocks\.(\d+)\..*", k))})
-    start = _fpn_start_stage(state) if framework == "detectron2" and n_levels else None
-    out, unmapped = {}, []
-    for k, v in state.items():
-        t = _target_key(k, framework, state, n_convs, n_levels, start)
-        if t is None:
-            unmapped.append(k)
-        elif t in out:
-            raise ExportError(f"{k}: maps onto {t!r}, which another key already took")
-        else:
-            out[t] = v
-    return out, unmapped
+    key_map = _MAPS[framework]
+    return _rename(state, key_map.export, {f: _EXPORT_FACTS[f](state) for f in key_map.facts}, unique=True)
 
 
-def _target_key(k: str, fw: str, state: dict, n_convs: int, n_levels: int, start: int | None) -> str | None:
-    if fw == "torchvision":
-        if k.startswith(("fpn.",)):
-            return "backbone." + k
-        if k.startswith("box_head."):
-            return "roi_heads." + k
-        if k.startswith(("rpn.", "roi_heads.", "backbone.")):
-            return k               # already detector names (AlignDet, a fine-tuned model)
-        return "backbone.body." + k if any(re.fullmatch(p, k) for p, _ in _RESNET) else None
-    for pat, tmpl in _RESNET:
-        m = re.fullmatch(pat, k)
-        if m:
-            if fw == "mmdet":
-                return "backbone." + k
-            g = m.groupdict()
-            return tmpl.format(**g, S=int(g.get("s", 0)) + 1)
-    m = re.fullmatch(r"fpn\.(inner_blocks|layer_blocks)\.(\d+)\.([01])\.(\w+)", k)
-    if m:
-        kind, i, part, p = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-        if part == "1" and p not in _BN_STATE:
-            return None
-        if fw == "detectron2":
-            name = f"backbone.fpn_{'lateral' if kind == 'inner_blocks' else 'output'}{start + 1 + i}"
-            return f"{name}.{p}" if part == "0" else f"{name}.norm.{p}"
-        mod = f"neck.{'lateral_convs' if kind == 'inner_blocks' else 'fpn_convs'}.{i}"
-        return f"{mod}.conv.{p}" if part == "0" else f"{mod}.{_norm_name(state, k.rsplit('.', 2)[0] + '.1')}.{p}"
-    m = re.fullmatch(r"fpn\.extra_blocks\.p([67])\.(weight|bias)", k)
-    if m:
-        x, p = int(m.group(1)), m.group(2)
-        return (f"backbone.top_block.p{x}.{p}" if fw == "detectron2"
-                else f"neck.fpn_convs.{n_levels + x - 6}.conv.{p}")
-    m = re.fullmatch(r"box_head\.(\d+)\.([01])\.(\w+)", k)
-    if m:
-        i, part, p = int(m.group(1)), m.group(2), m.group(3)
-        if fw == "detectron2":
-            return f"roi_heads.box_head.conv{i + 1}.{p}" if part == "0" else f"roi_heads.box_head.conv{i + 1}.norm.{p}"
-        mod = f"roi_head.bbox_head.shared_convs.{i}"
-        return f"{mod}.conv.{p}" if part == "0" else f"{mod}.{_norm_name(state, f'box_head.{i}.1')}.{p}"
-    m = re.fullmatch(r"box_head\.(?:(\d+)|fc([67]))\.(weight|bias)", k)
-    if m:
-        if m.group(1):  # FastRCNNConvFCHead: convs, Flatten, then (Linear, ReLU) per fc
-            off = int(m.group(1)) - n_convs - 1
-            if off < 0 or off % 2:
-                return None
-            j = off // 2
-        else:
-            j = int(m.group(2)) - 6
-        return (f"roi_heads.box_head.fc{j + 1}.{m.group(3)}" if fw == "detectron2"
-                else f"roi_head.bbox_head.shared_fcs.{j}.{m.group(3)}")
-    return None
-
-
-# ------------------------------------------------------------------ target -> canonical
 def from_framework(state: dict, framework: str) -> dict:
     """A framework's state (as ``to_framework`` writes it) -> canonical keys. Keys it does not
     know raise ``ExportError`` naming them."""
     if framework not in FRAMEWORKS:
         raise ExportError(f"unknown framework {framework!r} ({' | '.join(FRAMEWORKS)})")
-    out, unknown = {}, []
-    conv_ids = {m.group(1) for k in state
-                if (m := re.fullmatch(r"(?:roi_heads\.box_head\.conv|roi_head\.bbox_head\.shared_convs\.)(\d+)\..*", k))}
-    n_convs = len(conv_ids)
-    laterals = sorted({int(m.group(1)) for k in state if (m := re.fullmatch(r"backbone\.fpn_lateral(\d)\..*", k))})
-    n_levels = len({m.group(1) for k in state if (m := re.fullmatch(r"neck\.lateral_convs\.(\d+)\..*", k))})
-    for k, v in state.items():
-        c = _canonical_key(k, framework, laterals[0] if laterals else 2, n_convs, n_levels)
-        if c is None:
-            unknown.append(k)
-        else:
-            out[c] = v
+    key_map = _MAPS[framework]
+    out, unknown = _rename(state, key_map.imports, {f: _IMPORT_FACTS[f](state) for f in key_map.facts}, unique=False)
     if unknown:
         raise ExportError(f"{len(unknown)} {framework} keys have no canonical name: {unknown[:10]}")
     return out
-
-
-def _canonical_key(k: str, fw: str, first_level: int, n_convs: int, n_levels: int) -> str | None:
-    if fw == "torchvision":
-        for a, b in (("backbone.body.", ""), ("backbone.fpn.", "fpn."), ("roi_heads.box_head.", "box_head.")):
-            if k.startswith(a):
-                return b + k[len(a):]
-        return k if k.startswith(("rpn.", "roi_heads.")) else None
-    if fw == "mmdet":
-        if k.startswith("backbone."):
-            bare = k[len("backbone."):]
-            return bare if any(re.fullmatch(p, bare) for p, _ in _RESNET) else None
-        m = re.fullmatch(r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.(conv|bn|gn)\.(\w+)", k)
-        if m:
-            kind, i, part, p = m.groups()
-            if kind == "fpn_convs" and int(i) >= n_levels:
-                return f"fpn.extra_blocks.p{int(i) - n_levels + 6}.{p}" if part == "conv" else None
-            blocks = "inner_blocks" if kind == "lateral_convs" else "layer_blocks"
-            return f"fpn.{blocks}.{i}.{0 if part == 'conv' else 1}.{p}"
-        m = re.fullmatch(r"roi_head\.bbox_head\.shared_convs\.(\d+)\.(conv|bn|gn)\.(\w+)", k)
-        if m:
-            return f"box_head.{m.group(1)}.{0 if m.group(2) == 'conv' else 1}.{m.group(3)}"
-        m = re.fullmatch(r"roi_head\.bbox_head\.shared_fcs\.(\d+)\.(weight|bias)", k)
-        if m:
-            j = int(m.group(1))
-            return f"box_head.{n_convs + 1 + 2 * j}.{m.group(2)}" if n_convs else f"box_head.fc{6 + j}.{m.group(2)}"
-        return None
-    # detectron2
-    for pat, tmpl in _RESNET_FROM_D2:
-        m = re.fullmatch(pat, k)
-        if m:
-            g = m.groupdict()
-            return tmpl.format(**g, s=int(g.get("S", 1)) - 1)
-    m = re.fullmatch(r"backbone\.fpn_(lateral|output)(\d)\.(norm\.)?(\w+)", k)
-    if m:
-        kind, lvl, norm, p = m.groups()
-        blocks = "inner_blocks" if kind == "lateral" else "layer_blocks"
-        return f"fpn.{blocks}.{int(lvl) - first_level}.{1 if norm else 0}.{p}"
-    m = re.fullmatch(r"backbone\.top_block\.p([67])\.(weight|bias)", k)
-    if m:
-        return f"fpn.extra_blocks.p{m.group(1)}.{m.group(2)}"
-    m = re.fullmatch(r"roi_heads\.box_head\.conv(\d+)\.(norm\.)?(\w+)", k)
-    if m:
-        return f"box_head.{int(m.group(1)) - 1}.{1 if m.group(2) else 0}.{m.group(3)}"
-    m = re.fullmatch(r"roi_heads\.box_head\.fc(\d+)\.(weight|bias)", k)
-    if m:
-        j = int(m.group(1)) - 1
-        return f"box_head.{n_convs + 1 + 2 * j}.{m.group(2)}" if n_convs else f"box_head.fc{6 + j}.{m.group(2)}"
-    return None
 
 
 # ------------------------------------------------------------------ files

@@ -241,8 +241,8 @@ def _export_given_weights(state: dict, method_cfg: dict, run_dir: Path) -> dict:
 
 
 def fast_path(runtime: dict, device: torch.device) -> dict:
-    """Speed settings that leave the training the same to float tolerance (issue: paper-scale
-    speed): channels-last memory format, fused optimizer kernels (CUDA), ``torch.compile``.
+    """Speed settings that leave the training the same to float tolerance:
+    channels-last memory format, fused optimizer kernels (CUDA), ``torch.compile``.
     ``runtime.*`` keys, so never part of a run's identity; the paper scale turns them on."""
     cuda = device.type == "cuda"
     return {"channels_last": bool(runtime.get("channels_last", False)),

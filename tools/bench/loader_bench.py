@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmark.data.images import ImageSource, read_rgb, render_deferred
+from benchmark.data.images import ImageSource, render_deferred
+from benchmark.data.io import read_rgb
 from methods import augment, build_method, get_method, list_methods
 
 # H100, AMP, batch 64: python -m tools.bench.step_bench --scale paper --batch 64 --device cuda --amp

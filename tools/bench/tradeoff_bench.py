@@ -1,6 +1,6 @@
 """Benchmark (not a test): does a table rank at a cheaper or longer budget? Runs a chosen
 subset of a table's rows and columns, over seeds, with ``--set`` overrides (fine-tuning steps,
-lr, ...), in a run store of its own, and reports what issue 14 asks of the default table:
+lr, ...), in a run store of its own, and reports what decides a default budget:
 each row's mean ± std, whether it beats Scratch / MoCo v2 (the tables' one-sided Welch test),
 Spearman ρ of the rows against the paper's order, and the CPU/GPU hours per seed.
 
