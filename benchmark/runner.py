@@ -19,7 +19,7 @@ from benchmark.engine.checkpoint import previous_checkpoint
 from benchmark.engine.distributed import (barrier, broadcast_object, distributed_env, init_distributed_from_env,
                                           is_main_process)
 from benchmark.engine.loop import Diverged
-from benchmark.experiments.plan import Job
+from benchmark.runs.job import Job
 from benchmark.runs.store import RunStore
 from benchmark.stages import STAGES, StageContext, get_stage
 

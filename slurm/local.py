@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from benchmark.common.paths import results_root
 from benchmark.engine.loop import Diverged
-from benchmark.experiments.plan import Job, Plan
+from benchmark.runs.job import Job
+from benchmark.experiments.plan import Plan
 from benchmark.reporting.progress import TableProgress
 from benchmark.runner import run_job
 from benchmark.runs.store import RunStore

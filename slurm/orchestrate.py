@@ -15,18 +15,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from slurm.profile import SlurmProfile, load_profile
-from slurm.state import SlurmState, StateError, now_iso, state_path
-from slurm.submit import (
-    ACTIVE_STATES,
-    DEAD_REASONS,
-    SlurmUnavailable,
-    SubmitSummary,
-    _run,
-    cancel,
-    slurm_job_states,
-    submit_jobs,
-)
+from benchmark.common.paths import cache_root, results_root
+from benchmark.experiments.tables import load_spec, SPECS
+from benchmark.runs.store import RunStore
+from slurm.profile import load_profile, SlurmProfile
+from slurm.state import now_iso, SlurmState, state_path, StateError
+from slurm.submit import (_run, ACTIVE_STATES, cancel, DEAD_REASONS, slurm_job_states, SlurmUnavailable, submit_jobs, SubmitSummary)
 
 # Slurm states → the status a run is counted under (when the run store does not say done/diverged)
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"}
@@ -40,7 +34,6 @@ STATUS_ORDER = ("pending", "running", "requeued", "done", "failed", "diverged", 
 def _results_dir(results_dir: str | os.PathLike | None = None) -> Path:
     if results_dir is not None:
         return Path(results_dir).resolve()
-    from benchmark.common.paths import results_root
 
     return results_root().resolve()
 
@@ -48,7 +41,6 @@ def _results_dir(results_dir: str | os.PathLike | None = None) -> Path:
 def job_environment(store_root: str | os.PathLike, results_dir: str | os.PathLike) -> dict[str, str]:
     """Absolute ``DETBENCH_RUNS`` / ``DETBENCH_CACHE`` / ``DETBENCH_RESULTS`` for the jobs
     (they run in the code snapshot, where relative defaults would point inside it)."""
-    from benchmark.common.paths import cache_root
 
     return {"DETBENCH_RUNS": str(Path(store_root).resolve()),
             "DETBENCH_CACHE": str(cache_root().resolve()),
@@ -57,7 +49,6 @@ def job_environment(store_root: str | os.PathLike, results_dir: str | os.PathLik
 
 def _spec_ref(spec) -> str:
     """A shipped table by name, any other spec file by its absolute path."""
-    from benchmark.experiments.tables import SPECS
 
     path = getattr(spec, "path", None)
     if path is None:
@@ -79,7 +70,6 @@ def plan_record(plan, store_root: str | os.PathLike) -> dict:
 
 
 def _load_spec_from_record(rec: dict, state_file: Path):
-    from benchmark.experiments.tables import load_spec
 
     ref = rec["spec"]
     try:
@@ -106,7 +96,7 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
     recorded at submission (cells and jobs, without configs) is returned instead, so that
     the table shows what was run. Returns ``(plan, note)``; ``note`` says which way it was built.
     """
-    from benchmark.experiments.plan import Cell, Plan, plan_table
+    from benchmark.experiments.plan import Cell, Plan, plan_table   # torch: not for `detbench status`
 
     state = SlurmState.for_name(results_dir, name)
     rec = state.load().get("plan")
@@ -131,7 +121,6 @@ def rebuild_plan(results_dir: str | os.PathLike, name: str):
 def _state_names(results_dir: Path, name: str | None) -> list[str]:
     if name:
         if name.endswith((".yaml", ".yml")):  # a spec path: its table name
-            from benchmark.experiments.tables import load_spec
 
             name = load_spec(name).name
         if not state_path(results_dir, name).exists():
@@ -142,7 +131,6 @@ def _state_names(results_dir: Path, name: str | None) -> list[str]:
 
 
 def _store_for(a_runs, rec: dict | None):
-    from benchmark.runs.store import RunStore
 
     if a_runs:
         return RunStore(a_runs)
@@ -315,7 +303,7 @@ def cli_status(a) -> int:
 # ====================================================================== collect
 def collect(results_dir: str | os.PathLike, name: str, store=None, out_root: str | os.PathLike | None = None) -> dict:
     """Rebuild the table's plan from its state file and render it. Returns a summary."""
-    from benchmark.reporting.render import cell_values, render
+    from benchmark.reporting.render import cell_values, render   # torch: not for `detbench status`
 
     plan, how = rebuild_plan(results_dir, name)
     rec = SlurmState.for_name(results_dir, name).load().get("plan") or {}

@@ -36,9 +36,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import submitit
 
-from slurm.profile import SlurmProfile
-from slurm.state import SlurmState, now_iso
 from benchmark.engine.signals import REQUESTS
+from benchmark.runs.store import RunStore
+from slurm.profile import SlurmProfile
+from slurm.state import now_iso, SlurmState
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,6 @@ def _topological(jobs: Sequence[Any], known_done: Callable[[str], bool]) -> list
 
 
 def _default_store(store_root: str):
-    from benchmark.runs.store import RunStore  # the harness's run store
 
     return RunStore(store_root)
 

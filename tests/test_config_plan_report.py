@@ -202,7 +202,7 @@ def test_finished_run_is_never_overwritten(isolated):
 def test_supervised_row_at_paper_scale_reads_the_users_weights(isolated, monkeypatch):
     import torch
     import torchvision
-    from benchmark.experiments.plan import Job
+    from benchmark.runs.job import Job
     from benchmark.runner import run_job
     for v in ("IMAGENET_ROOT", "COCO_ROOT"):
         monkeypatch.setenv(v, str(isolated))

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from benchmark.experiments.config import evaluate_config, finetune_config, pretrain_config
-from benchmark.experiments.plan import Job, plan_table
+from benchmark.runs.job import Job
+from benchmark.experiments.plan import plan_table
 from benchmark.runner import run_job
 from slurm.local import run_plan_local, run_processes
 from benchmark.runs.store import RunStore

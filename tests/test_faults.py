@@ -14,7 +14,8 @@ from benchmark.engine.checkpoint import previous_checkpoint
 from benchmark.engine.loop import JsonlLogger, LoopConfig, ResumeError, Stopped, TrainLoop
 from benchmark.cli import build_parser, main
 from benchmark.experiments.config import pretrain_config
-from benchmark.experiments.plan import Job, plan_table
+from benchmark.runs.job import Job
+from benchmark.experiments.plan import plan_table
 from benchmark.runner import run_job
 from benchmark.runs.store import RunStore, StoreError
 from benchmark.runs.identity import run_key

@@ -28,7 +28,7 @@ LAYERS: dict[str, set[str]] = {
     "benchmark.reporting": {"benchmark.common", "benchmark.runs", "benchmark.detectors", "benchmark.experiments",
                             "methods"},
     "benchmark.runner": {"benchmark.common", "benchmark.engine", "benchmark.runs", "benchmark.data",
-                         "benchmark.stages", "benchmark.experiments"},
+                         "benchmark.stages"},
     "slurm": {"benchmark.common", "benchmark.engine", "benchmark.runs", "benchmark.experiments",
               "benchmark.reporting", "benchmark.runner"},
 }

@@ -257,7 +257,7 @@ def test_loader_in_config_and_run_key():
 @pytest.mark.slow
 @pytest.mark.parametrize("method,loader", [("soco", "device"), ("moco_v2", "cpu_draft")])
 def test_pretrain_runs_with_the_loader_recorded(isolated, method, loader):
-    from benchmark.experiments.plan import Job
+    from benchmark.runs.job import Job
     from benchmark.runner import run_job
     from benchmark.runs.store import RunStore
     cfg = pretrain_config(method, scale="micro", recipe_overrides={"loader": loader})

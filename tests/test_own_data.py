@@ -172,7 +172,7 @@ def test_a_truncated_image_is_skipped_counted_and_recorded_in_finetuning_and_eva
 def test_pretraining_counts_images_skipped_in_loader_workers(isolated, monkeypatch):
     from benchmark.experiments.config import pretrain_config
     from benchmark.data.synthetic import ensure_synthetic_dataset
-    from benchmark.experiments.plan import Job
+    from benchmark.runs.job import Job
     from benchmark.runner import run_job
     from benchmark.runs.identity import run_key
     splits = ensure_synthetic_dataset(isolated / "gen", **{k: v for k, v in MICRO_DATA.items() if k != "kind"})

@@ -25,7 +25,7 @@ def run_one(job, args) -> dict:
 
 def cmd_pretrain(args) -> int:
     from benchmark.experiments.config import check_inputs, pretrain_config
-    from benchmark.experiments.plan import Job
+    from benchmark.runs.job import Job
     ov = overrides(args, "pretrain")
     data = user_data(args, "pretrain", ("pretrain",))
     check_inputs(args.scale, (args.method,), user_data=data is not None)
@@ -41,7 +41,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_finetune(args) -> int:
     from benchmark.experiments.config import check_inputs, finetune_config
-    from benchmark.experiments.plan import Job
+    from benchmark.runs.job import Job
     ov = overrides(args, "finetune")
     store = RunStore(args.runs)
     parent = None if args.from_run == "scratch" else args.from_run
@@ -66,7 +66,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from benchmark.experiments.config import evaluate_config
-    from benchmark.experiments.plan import Job
+    from benchmark.runs.job import Job
     store = RunStore(args.runs)
     pc = store.config(args.from_run)
     if pc is None or store.status(args.from_run) != "done" or pc.get("stage") != "finetune":

@@ -14,6 +14,7 @@ from benchmark.detectors import list_detectors
 from benchmark.experiments.tables import Column, ParentRun, Row, TableSpec, load_spec
 from methods import get_method, list_methods
 from methods.config import ConfigError
+from benchmark.runs.job import Job
 
 
 # Why a cell has no runs (``Cell.missing``; "" when it has them)
@@ -22,28 +23,6 @@ NEEDS_DETECTOR = "needs detector"     # the column's detector is not registered
 NOT_SUPPORTED = "not supported"       # the row's method does not pretrain the column's detector
 MISSING_REASONS = (NOT_IMPLEMENTED, NEEDS_DETECTOR, NOT_SUPPORTED)
 STAGE_ORDER = {"pretrain": 0, "finetune": 1, "evaluate": 2}
-
-
-@dataclass(frozen=True)
-class Job:
-    stage: str                        # "pretrain" | "finetune" | "evaluate"
-    key: str                          # run key (hex)
-    config: dict = field(hash=False, compare=False)
-    parents: tuple = ()               # run keys that must finish first
-    label: str = ""
-
-    def to_dict(self, *, config: bool = True) -> dict:
-        """JSON-ready; ``config=False`` leaves the config out (each run keeps it in its store)."""
-        out = {"key": self.key, "stage": self.stage, "label": self.label, "parents": list(self.parents)}
-        if config:
-            out["config"] = dict(self.config)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Job":
-        """The inverse of :meth:`to_dict`; without a config, ``config`` is ``{}``."""
-        return cls(stage=d["stage"], key=d["key"], config=dict(d.get("config") or {}),
-                   parents=tuple(d.get("parents", ())), label=d.get("label", ""))
 
 
 @dataclass

@@ -14,11 +14,13 @@ import os
 from pathlib import Path
 
 from benchmark.common.fs import atomic_open, atomic_write_bytes
+from benchmark.common.paths import results_root
 from benchmark.experiments.plan import plan_table
-from benchmark.reporting.format import cell_text, markers, partial_note
-from benchmark.reporting.render import (MIN_SEEDS_FOR_TEST, PAPER_SCALE, TEST_NAME, cell_values, describe_data,
-                                        detector_title, pretty_backbone, table_dir_name)
 from benchmark.experiments.tables import available_tables, load_spec
+from benchmark.reporting.format import cell_text, markers, partial_note
+from benchmark.reporting.render import (cell_values, describe_data, detector_title, MIN_SEEDS_FOR_TEST, PAPER_SCALE, pretty_backbone, render, table_dir_name, TEST_NAME)
+from benchmark.reporting.results import load_runs
+from benchmark.runs.store import RunStore
 from methods.config import ConfigError
 
 
@@ -291,10 +293,6 @@ def render_all(store_root=None, results: Path | None = None, allow_dirty: bool =
     """Re-render every table and grid from the store (over its stored seeds), then the
     leaderboards page. Returns (version folders, README path). ``allow_dirty``: as
     :func:`benchmark.reporting.render.render`."""
-    from benchmark.reporting.render import render
-    from benchmark.common.paths import results_root
-    from benchmark.reporting.results import load_runs
-    from benchmark.runs.store import RunStore
     store = RunStore(store_root)
     df = load_runs(store.root)
     results = Path(results or results_root())

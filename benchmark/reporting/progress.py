@@ -15,7 +15,11 @@ import sys
 import time
 from collections import Counter
 
-from benchmark.experiments.plan import Job, Plan
+from benchmark.common.paths import runs_root
+from benchmark.experiments.plan import Plan
+from benchmark.reporting.results import load_runs
+from benchmark.runs.job import Job
+from benchmark.runs.store import RunStore
 
 
 def _fmt_s(s: float | None) -> str:
@@ -74,7 +78,6 @@ def duration_estimates(frames) -> dict[tuple, float]:
 
 class TableProgress:
     def __init__(self, plan: Plan, store_root=None, *, jobs: int = 1, out=None, estimates: dict | None = None):
-        from benchmark.runs.store import RunStore
         self.plan, self.jobs, self.out = plan, max(1, jobs), out or sys.stdout
         store = RunStore(store_root)
         self.todo = {j.key: j for j in plan.jobs if store.status(j.key) != "done"}
@@ -97,8 +100,6 @@ class TableProgress:
 
     @staticmethod
     def _frames(root):
-        from benchmark.reporting.results import load_runs
-        from benchmark.common.paths import runs_root
         roots = {str(root), str(runs_root())}
         out = []
         for r in roots:

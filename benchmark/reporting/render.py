@@ -24,13 +24,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmark.common.fs import UnwritableError, atomic_write_bytes, atomic_write_json, unwritable
-from benchmark.experiments.plan import Plan
-from benchmark.runs.store import RunStore, git_info
-from benchmark.experiments.tables import mean_std
+from benchmark.common.fs import atomic_write_bytes, atomic_write_json, unwritable, UnwritableError
 from benchmark.common.paths import REPO, results_root
-from benchmark.reporting.format import ALPHA, BASELINES, cell_text, partial_note
 from benchmark.detectors import get_detector
+from benchmark.experiments.plan import Plan
+from benchmark.experiments.tables import mean_std
+from benchmark.reporting.format import ALPHA, BASELINES, cell_text, partial_note
+from benchmark.reporting.results import load_runs, unflatten
+from benchmark.runs.store import git_info, RunStore
 
 DEFAULT_SCALE = "tiny"
 PAPER_SCALE = "paper"        # the one scale whose numbers are comparable with the papers'
@@ -57,7 +58,6 @@ def _frame(runs):
     """A runs frame from a frame, a RunStore or a store folder."""
     import pandas as pd
 
-    from benchmark.reporting.results import load_runs
     if isinstance(runs, pd.DataFrame):
         return runs
     return load_runs(runs.root if isinstance(runs, RunStore) else runs)
@@ -182,7 +182,6 @@ def _finetune_configs(plan: Plan, df) -> list[dict]:
     cfgs = [j.config for j in plan.jobs if j.stage == "finetune" and j.config]
     if cfgs:
         return cfgs
-    from benchmark.reporting.results import unflatten
     keys = [j.key for j in plan.jobs if j.stage == "finetune" and j.key in df.index]
     return [unflatten({k[4:]: v for k, v in df.loc[k_].items() if k.startswith("cfg.") and v == v})
             for k_ in keys]

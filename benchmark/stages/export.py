@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmark.common.fs import atomic_open
+from benchmark.common.paths import results_root
+from methods.weights import read_state_dict
+
 FRAMEWORKS = ("detectron2", "mmdet", "torchvision")
 SUFFIX = {"detectron2": ".pkl", "mmdet": ".pth", "torchvision": ".pth"}
 # what the target framework's config must say for torchvision-style weights (MoCo's
@@ -274,7 +278,6 @@ def save_export(state: dict, framework: str, path: str | Path, *, meta: dict | N
                 allow_unmapped: bool = False) -> dict:
     """Write canonical ``state`` as ``framework``'s file at ``path``. Returns a report:
     ``{"framework", "path", "keys", "left_out", "config"}``."""
-    from benchmark.common.fs import atomic_open
     mapped, unmapped = to_framework(state, framework)
     if unmapped and not allow_unmapped:
         raise ExportError(f"{len(unmapped)} keys have no {framework} name: {unmapped[:10]}"
@@ -328,7 +331,6 @@ def run_state(store, key: str) -> tuple[dict, dict]:
     stage = cfg.get("stage")
     d = store.run_dir(key)
     if stage == "pretrain":
-        from methods.weights import read_state_dict
         return read_state_dict(d / "weights.pt"), cfg
     if stage == "finetune":
         obj = torch.load(d / "model_final.pt", map_location="cpu", weights_only=False)
@@ -351,7 +353,6 @@ def export_run(store, key: str, framework: str, out: str | Path | None = None, *
         raise ExportError(f"--to: unknown framework {framework!r} ({' | '.join(FRAMEWORKS)})")
     state, cfg = run_state(store, key)
     if out is None:
-        from benchmark.common.paths import results_root
         out = results_root() / "exports" / key / f"{framework}{SUFFIX[framework]}"
     meta = {"run": key, "stage": cfg.get("stage"), "method": (cfg.get("method") or {}).get("name"),
             "label": cfg.get("label", "")}
