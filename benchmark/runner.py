@@ -84,12 +84,12 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
     skips = SkipLog(run_dir / "skipped_images.jsonl")
     if not resume:
         Path(skips.path).unlink(missing_ok=True)
-    rt = {**cfg.get("runtime", {}), **(runtime or {})}
-    if rt.get("torch_threads"):
-        torch.set_num_threads(int(rt["torch_threads"]))
+    effective_runtime = {**cfg.get("runtime", {}), **(runtime or {})}
+    if effective_runtime.get("torch_threads"):
+        torch.set_num_threads(int(effective_runtime["torch_threads"]))
     ctx = StageContext(config=cfg, run_dir=run_dir, parent_dir=store.run_dir(cfg["parent"]) if cfg.get("parent") else None,
                        device=device or str(resolve_device()), resume=resume, stop_after=stop_after,
-                       progress=progress, runtime=rt, main=main)
+                       progress=progress, runtime=effective_runtime, main=main)
     t0 = time.time()
     try:
         with skips.activate():
@@ -154,6 +154,3 @@ def _stored_job(store: RunStore, key: str) -> Job:
     return Job(cfg["stage"], key, cfg, (parent,) if parent else (), cfg.get("label") or key)
 
 
-def _rt(rt: dict) -> dict:
-    """Runtime keys the fine-tuning recipe understands (never part of a run's identity)."""
-    return {k: rt[k] for k in ("num_workers",) if k in rt}

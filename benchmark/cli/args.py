@@ -47,9 +47,9 @@ SECTIONS = {"pretrain": ("method", "recipe"), "finetune": ("detector", "finetune
 
 def overrides(args, command: str) -> dict:
     from benchmark.experiments.config import parse_overrides
-    ov = parse_overrides(args.overrides)
+    sets = parse_overrides(args.overrides)
     allowed = SECTIONS[command]
-    for section, value in ov.items():
+    for section, value in sets.items():
         if section not in allowed:
             near = difflib.get_close_matches(section, allowed, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -57,7 +57,7 @@ def overrides(args, command: str) -> dict:
                               f"(it reads: {', '.join(allowed)}){hint}")
         if not isinstance(value, dict):
             raise ConfigError(f"--set {section}={value!r}: expected {section}.<key>=<value>")
-    return ov
+    return sets
 
 
 def user_data(args, command: str, splits: tuple[str, ...]) -> dict | None:

@@ -26,11 +26,11 @@ def run_one(job, args) -> dict:
 def cmd_pretrain(args) -> int:
     from benchmark.experiments.config import check_inputs, pretrain_config
     from benchmark.runs.job import Job
-    ov = overrides(args, "pretrain")
+    sets = overrides(args, "pretrain")
     data = user_data(args, "pretrain", ("pretrain",))
     check_inputs(args.scale, (args.method,), user_data=data is not None)
     cfg = pretrain_config(args.method, scale=args.scale, seed=args.seed, epochs=args.epochs,
-                          method_overrides=ov.get("method"), recipe_overrides=ov.get("recipe"),
+                          method_overrides=sets.get("method"), recipe_overrides=sets.get("recipe"),
                           data=data)
     key = run_key(cfg)
     job = Job("pretrain", key, {**cfg, "label": f"pretrain/{args.method}/seed{args.seed}"}, (), f"pretrain/{args.method}")
@@ -42,20 +42,20 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from benchmark.experiments.config import check_inputs, finetune_config
     from benchmark.runs.job import Job
-    ov = overrides(args, "finetune")
+    sets = overrides(args, "finetune")
     store = RunStore(args.runs)
     parent = None if args.from_run == "scratch" else args.from_run
     method = None
     if parent:
-        pc = store.config(parent)
-        if pc is None or store.status(parent) != "done":
+        parent_cfg = store.config(parent)
+        if parent_cfg is None or store.status(parent) != "done":
             raise ConfigError(f"--from: pretraining run {parent!r} is not finished in {store.root}")
-        method = pc["method"]["name"]
+        method = parent_cfg["method"]["name"]
     data = user_data(args, "finetune", ("train", "val"))
     check_inputs(args.scale, user_data=data is not None)
     cfg = finetune_config(scale=args.scale, seed=args.seed, schedule=args.schedule, parent=parent, method=method,
-                          detector=args.detector, detector_overrides=ov.get("detector"),
-                          recipe_overrides=ov.get("finetune"), data=data)
+                          detector=args.detector, detector_overrides=sets.get("detector"),
+                          recipe_overrides=sets.get("finetune"), data=data)
     key = run_key(cfg)
     job = Job("finetune", key, {**cfg, "label": f"finetune/{args.from_run}/{args.schedule}"}, (parent,) if parent else (),
               f"finetune/{args.from_run}/{args.schedule}")
@@ -68,15 +68,15 @@ def cmd_evaluate(args) -> int:
     from benchmark.experiments.config import evaluate_config
     from benchmark.runs.job import Job
     store = RunStore(args.runs)
-    pc = store.config(args.from_run)
-    if pc is None or store.status(args.from_run) != "done" or pc.get("stage") != "finetune":
+    parent_cfg = store.config(args.from_run)
+    if parent_cfg is None or store.status(args.from_run) != "done" or parent_cfg.get("stage") != "finetune":
         raise ConfigError(f"--from: {args.from_run!r} is not a finished fine-tuning run in {store.root}")
     from benchmark.data.user import with_identity
     # the fine-tuning run's validation data (its content now: a fixed file is a new evaluation),
     # or another dataset given with --data
-    data = user_data(args, "evaluate", ("val",)) or pc["data"]
-    protocol = "voc" if data.get("kind") == "voc" else pc.get("protocol", "coco")   # VOC: benchmark.stages.voc_eval
-    cfg = evaluate_config(parent=args.from_run, data=with_identity(data), scale=pc["scale"], protocol=protocol)
+    data = user_data(args, "evaluate", ("val",)) or parent_cfg["data"]
+    protocol = "voc" if data.get("kind") == "voc" else parent_cfg.get("protocol", "coco")   # VOC: benchmark.stages.voc_eval
+    cfg = evaluate_config(parent=args.from_run, data=with_identity(data), scale=parent_cfg["scale"], protocol=protocol)
     key = run_key(cfg)
     m = run_one(Job("evaluate", key, {**cfg, "label": f"evaluate/{args.from_run}"}, (args.from_run,), f"evaluate/{args.from_run}"), args)
     print(json.dumps({"key": key, **m}, indent=1, default=str))

@@ -46,7 +46,7 @@ def cmd_reproduce(args) -> int:
     from slurm.local import run_plan_local
     from benchmark.experiments.tables import load_spec
     name = args.table or args.grid
-    ov = overrides(args, "reproduce")
+    sets = overrides(args, "reproduce")
     if args.fresh:
         args.runs = fresh_store(args)
     data = user_data(args, "reproduce", ("pretrain", "train", "val"))
@@ -57,7 +57,7 @@ def cmd_reproduce(args) -> int:
     df = load_runs(store.root)
     spec = load_spec(name)
     seeds, why = table_seeds_for(args, spec, df)
-    plan = plan_table(spec, scale=args.scale, seeds=seeds, overrides=ov, data=data)
+    plan = plan_table(spec, scale=args.scale, seeds=seeds, overrides=sets, data=data)
     missing = [j for j in plan.jobs if store.status(j.key) != "done"]
     n_impl = len({c.row for c in plan.cells if c.eval_key})
     print(f"{plan.spec.name}: {len(plan.spec.rows)} rows ({n_impl} implemented), "

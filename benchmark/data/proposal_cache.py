@@ -93,23 +93,23 @@ def opencv_selective_search(bgr: np.ndarray, mode: str = "fast"):
     import cv2
 
     seg = cv2.ximgproc.segmentation
-    ss = seg.createSelectiveSearchSegmentation()
+    searcher = seg.createSelectiveSearchSegmentation()
     if mode == "soco":
         p = SOCO_SEGMENTATION
-        ss.addImage(np.ascontiguousarray(bgr[:, :, ::-1]))
-        ss.addGraphSegmentation(seg.createGraphSegmentation(p["sigma"], p["k"], p["min_size"]))
-        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(
+        searcher.addImage(np.ascontiguousarray(bgr[:, :, ::-1]))
+        searcher.addGraphSegmentation(seg.createGraphSegmentation(p["sigma"], p["k"], p["min_size"]))
+        searcher.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(
             seg.createSelectiveSearchSegmentationStrategyColor(), seg.createSelectiveSearchSegmentationStrategyTexture(),
             seg.createSelectiveSearchSegmentationStrategySize(), seg.createSelectiveSearchSegmentationStrategyFill()))
-        return ss.process()
-    ss.setBaseImage(bgr)
+        return searcher.process()
+    searcher.setBaseImage(bgr)
     if mode == "fast":
-        ss.switchToSelectiveSearchFast()
+        searcher.switchToSelectiveSearchFast()
     elif mode == "quality":
-        ss.switchToSelectiveSearchQuality()
+        searcher.switchToSelectiveSearchQuality()
     else:
-        ss.switchToSingleStrategy()
-    return ss.process()
+        searcher.switchToSingleStrategy()
+    return searcher.process()
 
 
 def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = None) -> np.ndarray:
@@ -200,7 +200,7 @@ def _init_worker() -> None:
 
 def _compute_chunk(job: tuple) -> dict:
     """Worker: proposals for one chunk of images. Top-level so that ``spawn`` can pickle it."""
-    chunk_idx, paths, mode, max_side, fkw = job
+    chunk_idx, paths, mode, max_side, filter_kw = job
     counts = np.zeros(len(paths), dtype=np.int64)
     sizes = np.zeros((len(paths), 2), dtype=np.int32)
     skipped: list[int] = []
@@ -215,7 +215,7 @@ def _compute_chunk(job: tuple) -> dict:
             continue
         h, w = img.shape[:2]
         sizes[j] = (w, h)
-        boxes = filter_proposals(selective_search(img, mode=mode, max_side=max_side), w, h, **fkw)
+        boxes = filter_proposals(selective_search(img, mode=mode, max_side=max_side), w, h, **filter_kw)
         counts[j] = len(boxes)
         all_boxes.append(boxes)
     boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), dtype=np.int64)
@@ -351,8 +351,8 @@ def compute_proposals(
         raise ValueError(f"compute_proposals: mode must be one of {MODES}, got {mode!r}")
     if chunk_size < 1:
         raise ValueError(f"compute_proposals: chunk_size must be >= 1, got {chunk_size}")
-    fkw = {**DEFAULT_FILTER, **(filter_kwargs or {})}
-    unknown = set(fkw) - set(DEFAULT_FILTER)
+    filter_kw = {**DEFAULT_FILTER, **(filter_kwargs or {})}
+    unknown = set(filter_kw) - set(DEFAULT_FILTER)
     if unknown:
         raise TypeError(f"compute_proposals: unknown filter parameters {sorted(unknown)}")
     paths = [os.fspath(p) for p in paths]
@@ -360,7 +360,7 @@ def compute_proposals(
         max_side = DEFAULT_MAX_SIDE
     if int(max_side) < 1:
         raise ValueError(f"compute_proposals: max_side must be >= 1 pixel, got {max_side}")
-    params = {"mode": mode, "max_side": max_side, "filter": fkw, "version": CACHE_VERSION}
+    params = {"mode": mode, "max_side": max_side, "filter": filter_kw, "version": CACHE_VERSION}
     dataset_hash, key = cache_key(paths, params)
 
     cache_dir = Path(cache_dir)

@@ -146,7 +146,7 @@ class _Planner:
     and the cells that point at them."""
 
     def __init__(self, spec: TableSpec, scale: str, overrides: dict, data: dict | None):
-        self.spec, self.scale, self.ov, self.data = spec, scale, overrides, data
+        self.spec, self.scale, self.overrides, self.data = spec, scale, overrides, data
         self.jobs: dict[str, Job] = {}
         # configs are built once per row, seed and detector (and protocol and schedule)
         self._box_runs: dict[tuple, str | None] = {}
@@ -184,8 +184,8 @@ class _Planner:
         """An image-domain pretraining run (a row's own, or a box-domain row's parent): the
         ``--set method.*``/``recipe.*`` overrides reach it."""
         return pretrain_config(run.method, scale=self.scale, seed=seed, epochs=run.pretrain_epochs,
-                               method_overrides={**run.method_overrides, **self.ov.get("method", {})},
-                               recipe_overrides={**run.recipe_overrides, **self.ov.get("recipe", {})},
+                               method_overrides={**run.method_overrides, **self.overrides.get("method", {})},
+                               recipe_overrides={**run.recipe_overrides, **self.overrides.get("recipe", {})},
                                data=self.data)
 
     def _cell(self, rs: _RowSeed, ci: int, col: Column) -> Cell:
@@ -225,8 +225,8 @@ class _Planner:
             fcfg = finetune_config(scale=self.scale, seed=rs.seed, schedule=col.schedule, parent=pretrain,
                                    method=None if row.method == "scratch" else row.method,
                                    detector=col.detector, protocol=col.protocol,
-                                   detector_overrides={**row.detector_overrides, **self.ov.get("detector", {})},
-                                   recipe_overrides={**row.finetune_overrides, **self.ov.get("finetune", {})},
+                                   detector_overrides={**row.detector_overrides, **self.overrides.get("detector", {})},
+                                   recipe_overrides={**row.finetune_overrides, **self.overrides.get("finetune", {})},
                                    data=self.data)
             # Mask R-CNN on COCO: labels without the detector and protocol
             what = "" if (col.detector, col.protocol) == ("mask_rcnn", "coco") else f"{col.detector}-{col.protocol}-"

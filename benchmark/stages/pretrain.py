@@ -85,7 +85,7 @@ def _image_labels(ann_file: str, num_classes: int | None = None) -> tuple[dict[i
 
 
 def resolve_steps(recipe: PretrainRecipe, n_images: int) -> tuple[int, int]:
-    """(total steps, warmup steps). Paper scale: epochs x ceil(N / B). Scales may fix
+    """(total steps, warmup steps). Paper scale: epochs x ceil(N / batch). Scales may fix
     ``steps_per_epoch`` instead (tiny: one paper epoch = a few steps)."""
     spe = recipe.steps_per_epoch or math.ceil(n_images / recipe.batch_size)
     total = max(1, int(round(recipe.epochs * spe)))
@@ -172,24 +172,24 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
               else ImageSource.from_folder(pre["image_root"]))
     source.loader = recipe.loader   # where images are decoded and augmented
     proposals = None
-    ss = method.proposal_params()
-    if ss is not None:
+    search_params = method.proposal_params()
+    if search_params is not None:
         proposals = compute_proposals([source.path(i) for i in range(len(source))],
-                                      cache_root() / "proposals", **ss)
+                                      cache_root() / "proposals", **search_params)
     classes = None
-    pc = method.pseudo_class_params()
-    if pc is not None:   # AlignDet's DETR: k-means of the proposals on the parent's backbone, cached
+    class_params = method.pseudo_class_params()
+    if class_params is not None:   # AlignDet's DETR: k-means of the proposals on the parent's backbone, cached
         if proposals is None or parent_weights is None:
             raise ValueError(f"{config['method']['name']}: pseudo-classes need the proposal cache and the "
                              f"parent run's weights (config 'parent')")
         classes = compute_pseudo_classes(method, source, proposals, cache_root() / "pseudo_classes",
                                          weights_sha256=sha256_file(Path(parent_weights)),
-                                         params={**pc, "seed": seed}, device=device)
+                                         params={**class_params, "seed": seed}, device=device)
     dataset = PretrainDataset(source, method, seed, labels, proposals, classes)
 
     total, warmup = resolve_steps(recipe, len(source))
-    B = recipe.batch_size
-    lr = recipe.base_lr * B * world_size / recipe.lr_batch   # linear scaling rule
+    batch = recipe.batch_size
+    lr = recipe.base_lr * batch * world_size / recipe.lr_batch   # linear scaling rule
     opt = build_optimizer(method.param_groups(), recipe.optimizer, lr, recipe.weight_decay,
                                   recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars",
                                   nesterov=recipe.nesterov)
@@ -208,7 +208,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
                              run_dir, after_step=lambda s, logs: method.momentum_update((s + 1) / total))
     start = loop.try_resume() if resume else 0
     logger = JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
-    sampler = ResumableBatchSampler(len(dataset), B, seed, start_step=start, rank=rank, world_size=world_size)
+    sampler = ResumableBatchSampler(len(dataset), batch, seed, start_step=start, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=method.collate,
         num_workers=num_workers, persistent_workers=False,
@@ -223,7 +223,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
     metrics = {"steps": loop.step, "total_steps": total, "final": last,
-               "world_size": world_size, "batch_per_process": B, "batch": B * world_size, "lr": lr,
+               "world_size": world_size, "batch_per_process": batch, "batch": batch * world_size, "lr": lr,
                "fast_path": fast}
     if distributed:
         metrics["replicas_in_sync"] = replicas_in_sync(method)
