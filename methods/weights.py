@@ -7,17 +7,22 @@ from pathlib import Path
 import torch
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A non-empty ``{name: tensor}`` from ``path``: a bare state dict, or one under a
-    ``state_dict`` or ``model`` key (our ``weights.pt``; torchvision/timm checkpoints).
-    Raises FileNotFoundError or ValueError naming the file and the field."""
+def read_weights_file(path: str | Path):
+    """The object in a weights file (tensors, numbers, strings, lists and dicts only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A non-empty ``{name: tensor}`` from ``path``: a bare state dict, or one under a
+    ``state_dict`` or ``model`` key (our ``weights.pt``; torchvision/timm checkpoints).
+    Raises FileNotFoundError or ValueError naming the file and the field."""
+    obj = read_weights_file(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

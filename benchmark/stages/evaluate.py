@@ -25,7 +25,7 @@ from benchmark.data.errors import CorruptImage, SkipLog
 from benchmark.data.resolve import resolve_data
 from benchmark.data.voc import VocProtocol
 from benchmark.detectors import build_detector
-from benchmark.engine.checkpoint import load_checkpoint
+from methods.weights import read_weights_file
 from benchmark.stages.base import register_stage, Stage, StageContext
 from benchmark.stages.finetune import open_coco
 from benchmark.stages.voc_eval import voc_summary
@@ -165,7 +165,7 @@ def load_final_model(model_path: str | Path) -> torch.nn.Module:
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: fine-tuned model not found")
-    ckpt = load_checkpoint(model_path)
+    ckpt = read_weights_file(model_path)
     for k in ("state_dict", "num_classes", "detector"):
         if not isinstance(ckpt, dict) or k not in ckpt:
             raise ValueError(f"{model_path}: field '{k}': missing (expected a model_final.pt from run_finetune)")

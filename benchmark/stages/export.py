@@ -333,9 +333,8 @@ def run_state(store, key: str) -> tuple[dict, dict]:
     if stage == "pretrain":
         return read_state_dict(d / "weights.pt"), cfg
     if stage == "finetune":
-        obj = torch.load(d / "model_final.pt", map_location="cpu", weights_only=False)
         state = {}
-        for k, v in obj["state_dict"].items():
+        for k, v in read_state_dict(d / "model_final.pt").items():
             for a, b in _DETECTOR_TO_CANON:
                 if k.startswith(a):
                     k = b + k[len(a):]
