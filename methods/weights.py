@@ -1,21 +1,28 @@
-"""The one reader of weight files (pretrained backbones, a user's ImageNet checkpoint): plain
-tensors only (``weights_only=True``: a file can never run code), errors that name the file."""
+"""The one reader of weight and checkpoint files (pretrained backbones, a user's ImageNet checkpoint,
+model_final.pt, resumable checkpoints): tensors and plain values only (``weights_only=True``: a file
+can never run code), errors that name the file."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
 
-def read_weights_file(path: str | Path):
-    """The object in a weights file (tensors, numbers, strings, lists and dicts only)."""
+def read_weights_file(path: str | Path, what: str = "weights"):
+    """The object in a file of tensors and plain values (numbers, strings, lists, dicts); a
+    file that holds anything else is refused before any of it runs. Errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
+        raise FileNotFoundError(f"{path}: {what} file not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:
+        parts = [s.strip() for s in str(e).split("\n\n") if s.strip()]   # torch's advice paragraphs left out
+        why = " ".join(s for s in parts[1:] if not s.startswith(("Check the documentation", "Please file"))) or parts[0]
+        raise ValueError(f"{path}: cannot read {what} (not tensors and plain values, refused: {why})") from e
+    except Exception as e:  # truncated or foreign
+        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}: {' '.join(str(e).split())})") from e
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -109,6 +109,27 @@ def test_stale_temporaries_are_removed_when_a_run_starts_and_ends(isolated):
 
 
 # ------------------------------------------------------------------ checkpoints and logs
+class _Planted:
+    """A pickle that runs code when it is loaded (here: makes a folder)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path):
+    loop = _loop(tmp_path)
+    loop.run(iter([None] * 10), _step(loop), None, stop_after=2, progress=False)
+    marker = tmp_path / "planted-code-ran"
+    for ck in (tmp_path / "checkpoint.pt", previous_checkpoint(tmp_path / "checkpoint.pt")):
+        torch.save({"step": 1, "x": _Planted(marker)}, ck)
+    with pytest.raises(ResumeError, match="cannot resume"):
+        _loop(tmp_path).try_resume()
+    assert not marker.exists()
+
+
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     loop = _loop(tmp_path)
     loop.run(iter([None] * 10), _step(loop), None, stop_after=5, progress=False)

@@ -18,7 +18,7 @@ OWN = ("methods", "benchmark", "slurm")
 LAYERS: dict[str, set[str]] = {
     "methods": set(),
     "benchmark.common": set(),
-    "benchmark.engine": {"benchmark.common"},
+    "benchmark.engine": {"benchmark.common", "methods"},
     "benchmark.runs": {"benchmark.common"},
     "benchmark.data": {"benchmark.common", "methods"},
     "benchmark.detectors": {"benchmark.common", "benchmark.engine", "benchmark.runs", "methods"},

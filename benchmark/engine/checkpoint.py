@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from benchmark.common.fs import atomic_open
+from methods.weights import read_weights_file
 
 
 def previous_checkpoint(path: Path) -> Path:
@@ -50,19 +51,29 @@ def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> Non
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint holds tensors and plain values only (``rng_state`` keeps numpy's state as
+    a tensor), so it is read as weights are: a planted pickle in a shared run store is
+    refused, never run."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+        return read_weights_file(path, what="checkpoint")
+    except (FileNotFoundError, ValueError) as e:
+        raise RuntimeError(str(e)) from e
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG a step touches, as tensors and plain values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": random.getstate()}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(s["python"])
 
 
