@@ -87,9 +87,9 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
     effective_runtime = {**cfg.get("runtime", {}), **(runtime or {})}
     if effective_runtime.get("torch_threads"):
         torch.set_num_threads(int(effective_runtime["torch_threads"]))
-    ctx = StageContext(config=cfg, run_dir=run_dir, parent_dir=store.run_dir(cfg["parent"]) if cfg.get("parent") else None,
-                       device=device or str(resolve_device()), resume=resume, stop_after=stop_after,
-                       progress=progress, runtime=effective_runtime, main=main)
+    parent_dir = store.run_dir(cfg["parent"]) if cfg.get("parent") else None
+    ctx = StageContext(config=cfg, run_dir=run_dir, parent_dir=parent_dir, device=device or str(resolve_device()),
+                       resume=resume, stop_after=stop_after, progress=progress, runtime=effective_runtime, main=main)
     t0 = time.time()
     try:
         with skips.activate():

@@ -20,7 +20,8 @@ from benchmark.experiments.tables import load_spec, SPECS
 from benchmark.runs.store import RunStore
 from slurm.profile import load_profile, SlurmProfile
 from slurm.state import now_iso, SlurmState, state_path, StateError
-from slurm.submit import (_run, ACTIVE_STATES, cancel, DEAD_REASONS, slurm_job_states, SlurmUnavailable, submit_jobs, SubmitSummary)
+from slurm.submit import (_run, ACTIVE_STATES, cancel, DEAD_REASONS, slurm_job_states, SlurmUnavailable, submit_jobs,
+                          SubmitSummary)
 
 # Slurm states → the status a run is counted under (when the run store does not say done/diverged)
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"}

@@ -33,7 +33,8 @@ def cmd_pretrain(args) -> int:
                           method_overrides=sets.get("method"), recipe_overrides=sets.get("recipe"),
                           data=data)
     key = run_key(cfg)
-    job = Job("pretrain", key, {**cfg, "label": f"pretrain/{args.method}/seed{args.seed}"}, (), f"pretrain/{args.method}")
+    job = Job("pretrain", key, {**cfg, "label": f"pretrain/{args.method}/seed{args.seed}"}, (),
+              f"pretrain/{args.method}")
     m = run_one(job, args)
     print(json.dumps({"key": key, "run_dir": str(RunStore(args.runs).run_dir(key)), **m}, indent=1, default=str))
     return 0
@@ -57,8 +58,8 @@ def cmd_finetune(args) -> int:
                           detector=args.detector, detector_overrides=sets.get("detector"),
                           recipe_overrides=sets.get("finetune"), data=data)
     key = run_key(cfg)
-    job = Job("finetune", key, {**cfg, "label": f"finetune/{args.from_run}/{args.schedule}"}, (parent,) if parent else (),
-              f"finetune/{args.from_run}/{args.schedule}")
+    label = f"finetune/{args.from_run}/{args.schedule}"
+    job = Job("finetune", key, {**cfg, "label": label}, (parent,) if parent else (), label)
     m = run_one(job, args)
     print(json.dumps({"key": key, "run_dir": str(store.run_dir(key)), **m}, indent=1, default=str))
     return 0
@@ -75,10 +76,11 @@ def cmd_evaluate(args) -> int:
     # the fine-tuning run's validation data (its content now: a fixed file is a new evaluation),
     # or another dataset given with --data
     data = user_data(args, "evaluate", ("val",)) or parent_cfg["data"]
-    protocol = "voc" if data.get("kind") == "voc" else parent_cfg.get("protocol", "coco")   # VOC: benchmark.stages.voc_eval
+    protocol = "voc" if data.get("kind") == "voc" else parent_cfg.get("protocol", "coco")   # VOC: stages/voc_eval.py
     cfg = evaluate_config(parent=args.from_run, data=with_identity(data), scale=parent_cfg["scale"], protocol=protocol)
     key = run_key(cfg)
-    m = run_one(Job("evaluate", key, {**cfg, "label": f"evaluate/{args.from_run}"}, (args.from_run,), f"evaluate/{args.from_run}"), args)
+    label = f"evaluate/{args.from_run}"
+    m = run_one(Job("evaluate", key, {**cfg, "label": label}, (args.from_run,), label), args)
     print(json.dumps({"key": key, **m}, indent=1, default=str))
     return 0
 

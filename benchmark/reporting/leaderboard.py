@@ -18,7 +18,8 @@ from benchmark.common.paths import results_root
 from benchmark.experiments.plan import plan_table
 from benchmark.experiments.tables import available_tables, load_spec
 from benchmark.reporting.format import cell_text, markers, partial_note
-from benchmark.reporting.render import (cell_values, describe_data, detector_title, MIN_SEEDS_FOR_TEST, PAPER_SCALE, pretty_backbone, render, table_dir_name, TEST_NAME)
+from benchmark.reporting.render import (cell_values, describe_data, detector_title, MIN_SEEDS_FOR_TEST, PAPER_SCALE,
+                                        pretty_backbone, render, table_dir_name, TEST_NAME)
 from benchmark.reporting.results import load_runs
 from benchmark.runs.store import RunStore
 from methods.config import ConfigError

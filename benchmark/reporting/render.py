@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmark.common.fs import atomic_write_bytes, atomic_write_json, unwritable, UnwritableError
 from benchmark.common.paths import REPO, results_root
 from benchmark.detectors import get_detector
-from benchmark.experiments.plan import Plan
+from benchmark.experiments.plan import MISSING_REASONS, NOT_IMPLEMENTED, Plan
 from benchmark.experiments.tables import mean_std
 from benchmark.reporting.format import ALPHA, BASELINES, cell_text, partial_note
 from benchmark.reporting.results import load_runs, unflatten
@@ -83,7 +83,7 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
         c = out.setdefault((cell.row, cell.col), {"values": [], "seeds": [], "statuses": [], "runs": [],
                                                   "costs": [], "gpu": [], "not_loaded": set()})
         if cell.eval_key is None:
-            c["statuses"].append(cell.missing or "not implemented")
+            c["statuses"].append(cell.missing or NOT_IMPLEMENTED)
             continue
         sts = [status.get(k, "missing") for k in cell.chain]
         if "diverged" in sts:
@@ -119,7 +119,7 @@ def cell_values(plan: Plan, runs) -> dict[tuple[int, int], dict]:
             c["status"] = "done" if all(s == "done" for s in c["statuses"]) else "partial"
         else:
             c["mean"] = c["std"] = None
-            for s in ("not implemented", "needs detector", "not supported", "diverged", "failed", "pending", "no metric"):
+            for s in (*MISSING_REASONS, "diverged", "failed", "pending", "no metric"):
                 if s in c["statuses"]:
                     c["status"] = s
                     break
@@ -489,7 +489,7 @@ def _plot(plan: Plan, cells: dict, df) -> bytes:
     spec = plan.spec
     # the rows that ran (a row not implemented or not run yet has nothing of ours to show)
     rows = [ri for ri in range(len(spec.rows))
-            if any(cells[(ri, ci)]["status"] != "not implemented" for ci in range(len(spec.columns)))]
+            if any(cells[(ri, ci)]["status"] != NOT_IMPLEMENTED for ci in range(len(spec.columns)))]
     ncol = len(spec.columns)
     has_ref = any(_num(cells[(ri, ci)]["ref"]) is not None for ri in rows for ci in range(ncol))
     nr = 2 if has_ref else 1
