@@ -12,7 +12,7 @@ PROFILE  ?= local-ci
 JOBS     ?= 0
 ARGS     ?=
 
-.PHONY: setup reproduce grid test test-slow test-slurm test-all bench status collect clean-cache slurm-up slurm-down
+.PHONY: setup reproduce grid test test-slow test-slurm test-all bench status collect clean-cache slurm-up slurm-down slurm2-up slurm2-down
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,12 +45,14 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# tests that submit real jobs to a single-node Slurm started here (root, Debian)
+# tests that submit real jobs to a single-node Slurm and to a two-node one (two slurmd in
+# network namespaces: tests/test_slurm_two_nodes.py), both started here (root, Debian)
 # (MaxArraySize 4 so that the array-chunking test submits an array larger than it)
 test-slurm: setup
 	MAX_ARRAY_SIZE=$${MAX_ARRAY_SIZE:-4} slurm/cluster/start.sh
+	slurm/cluster/start2.sh || { slurm/cluster/stop.sh; slurm/cluster/stop2.sh; exit 1; }
 	. $${SLURM_BASE:-/tmp/detbench-slurm}/env.sh && $(BIN)/python -m pytest -q -m slurm; rc=$$?; \
-	  slurm/cluster/stop.sh; exit $$rc
+	  slurm/cluster/stop.sh; slurm/cluster/stop2.sh; exit $$rc
 
 test-all: test test-slow test-slurm
 
@@ -62,6 +64,13 @@ slurm-up:
 
 slurm-down:
 	slurm/cluster/stop.sh
+
+# the two-node test cluster (nodes n1, n2 in network namespaces; SLURM_CONF in /tmp/detbench-slurm2/env.sh)
+slurm2-up:
+	slurm/cluster/start2.sh
+
+slurm2-down:
+	slurm/cluster/stop2.sh
 
 clean-cache:
 	rm -rf .cache/detbench

@@ -17,7 +17,7 @@ from benchmark.common.fs import sha256_file
 from benchmark.data.errors import SkipLog, TooManyUnreadable
 from benchmark.engine.checkpoint import previous_checkpoint
 from benchmark.engine.distributed import (barrier, broadcast_object, distributed_env, init_distributed_from_env,
-                                          is_main_process)
+                                          is_main_process, process_hosts)
 from benchmark.engine.loop import Diverged
 from benchmark.runs.job import Job
 from benchmark.runs.store import RunStore
@@ -50,8 +50,8 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
     if store.status(job.key) == "done":
         return store.metrics(job.key)
     for p, st in broadcast_object({p: store.status(p) for p in job.parents} if main else None).items():
-        if st == "running":   # being (re)computed elsewhere, e.g. by a sibling that found its weights
-            # missing: wait for it under its lock, or finish it from its checkpoint
+        if st in ("running", "interrupted"):   # being (re)computed elsewhere, e.g. by a sibling that found
+            # its weights missing, or killed: wait for it under its lock, or finish it from its checkpoint
             run_job(_stored_job(store, p), store_root, resume=True, device=device, progress=progress, runtime=runtime)
         elif st != "done":
             raise ParentNotDone(f"{job.label}: parent run {p} is {st}")
@@ -74,8 +74,9 @@ def run_job(job: Job, store_root: str | None = None, resume: bool = True, *, dev
 def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_after, runtime, main) -> dict:
     cfg = dict(job.config)
     stage = get_stage(job.stage)()
+    hosts = process_hosts()   # a collective: every rank, before rank 0 alone writes
     if main:
-        store.begin(job.key, cfg, extra_env={"distributed": distributed_env()})
+        store.begin(job.key, cfg, extra_env={"distributed": distributed_env(), **_split(cfg, hosts)})
         gone = store.clean_temporaries(job.key)
         if gone:
             log.warning("%s: removed temporaries a killed writer left: %s", job.key, ", ".join(gone))
@@ -112,6 +113,16 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
         _finish(store, job.key, run_dir, m)
     barrier()   # no rank leaves before the run is recorded
     return m
+
+
+def _split(cfg: dict, hosts: list[str]) -> dict:
+    """What ``env.json`` records of how the run was split: nodes, each process's host, and a
+    training stage's global batch (the recipe's) and per-process share of it."""
+    out: dict = {"nodes": len(set(hosts)), "hosts": hosts}
+    batch = (cfg.get("recipe") or {}).get("batch_size")
+    if cfg.get("stage") in ("pretrain", "finetune") and batch:
+        out["batch"] = {"global": batch, "per_process": batch // len(hosts)}
+    return out
 
 
 def _finish(store: RunStore, key: str, run_dir: Path, m: dict) -> None:

@@ -134,6 +134,9 @@ class AlignDet(PretrainMethod):
         detr_no_object_weight: float = 0.1
         detr_cost: tuple[float, ...] = (1.0, 5.0, 2.0)     # Hungarian cost: class, L1, GIoU
         detr_loss: tuple[float, ...] = (1.0, 5.0, 2.0)     # loss weights: class, L1, GIoU
+        # -- the loss pool: the official loss is one GPU's (samples_per_gpu=2), its contrastive
+        # negatives, normalisations and padding those 2 images'; the step's loss is their mean
+        pool_images: int = 2
 
         def __post_init__(self):
             self.detector = SHARED.get(self.detector, self.detector)
@@ -237,14 +240,29 @@ class AlignDet(PretrainMethod):
             b[:, [0, 2]] = b[:, [0, 2]].clip(0, g.out_size[0])
             b[:, [1, 3]] = b[:, [1, 3]].clip(0, g.out_size[1])
             out[f"boxes_{v}"] = torch.from_numpy(b.astype(np.float32))
+        out["seed"] = int(rng.integers(2 ** 62))   # the torch draws of its pool (sampling, dropout)
         return out
 
+    def check_split(self, batch_per_process: int) -> None:
+        if batch_per_process % self.cfg.pool_images:
+            raise ConfigError(f"method.pool_images: {batch_per_process} images per process do not form pools "
+                              f"of {self.cfg.pool_images} (the per-process batch must be a multiple of it)")
+
     def collate(self, samples: list[dict]) -> dict:
+        """``pools``: the batch in pools of ``pool_images`` images (``collate_pool``), the
+        unit the loss is computed on, whatever the process count."""
+        P = self.cfg.pool_images
+        if len(samples) % P:
+            raise ConfigError(f"method.pool_images: {len(samples)} images per process do not form pools of {P} "
+                              f"(the per-process batch must be a multiple of {P})")
+        return {"pools": [self.collate_pool(samples[i:i + P]) for i in range(0, len(samples), P)]}
+
+    def collate_pool(self, samples: list[dict]) -> dict:
         """Views padded (bottom/right, zeros = the mean colour) to a common size divisible by
         ``size_divisor``; ``sizes_v*`` (N, 2) the unpadded (h, w); ``ids``: per image the
-        instance id of each pseudo box, unique within the batch (ids run 0, 1, ... over the
-        batch; the same box has the same id in both views)."""
-        out, offset, ids = {}, 0, []
+        instance id of each pseudo box, unique within the pool (ids run 0, 1, ... over the
+        pool; the same box has the same id in both views); ``seed`` the first image's."""
+        out, offset, ids = {"seed": samples[0]["seed"]}, 0, []
         for s in samples:
             n = len(s["boxes_v1"])
             ids.append(torch.arange(offset, offset + n))
@@ -289,6 +307,18 @@ class AlignDet(PretrainMethod):
         update_momentum(online, self.target, self.current_momentum, copied=online.copied)
 
     def forward(self, batch: dict) -> dict:
+        """The mean over the batch's pools of each pool's loss (``pool_loss``); every torch
+        draw of a pool (RoI and point sampling, DETR's dropout) from its seed, so a pool
+        trains alike on any process."""
+        device = batch["pools"][0]["v1"].device
+        outs = []
+        for pool in batch["pools"]:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(pool["seed"])
+                outs.append(self.pool_loss(pool))
+        return {k: torch.stack([o[k] for o in outs]).mean() for k in outs[0]}
+
+    def pool_loss(self, batch: dict) -> dict:
         online = self._attached()
         ids = batch["ids"]
         extra = {"classes": batch["classes"]} if "classes" in batch else {}   # DETR's pseudo-classes
@@ -734,6 +764,7 @@ def _validate(c: AlignDet.Config) -> None:
     for k in ("detr_cost", "detr_loss"):
         if len(getattr(c, k)) != 3 or min(getattr(c, k)) < 0:
             raise ConfigError(f"method.{k}: expected 3 weights >= 0 (class, L1, GIoU), got {list(getattr(c, k))}")
-    for k in ("embed_dim", "rpn_samples", "roi_samples", "fcos_points", "size_divisor", "detr_classes"):
+    for k in ("embed_dim", "rpn_samples", "roi_samples", "fcos_points", "size_divisor", "detr_classes",
+              "pool_images"):
         if getattr(c, k) < 1:
             raise ConfigError(f"method.{k}: expected >= 1, got {getattr(c, k)}")

@@ -119,8 +119,8 @@ class PretrainMethod(nn.Module):
     # Which images of the scale's data it pretrains on: "pretrain" (ImageNet at the paper scale)
     # or "train", the detection training images with their labels unread (AlignDet: COCO train2017)
     pretrain_images = "pretrain"
-    # BatchNorm across processes when distributed on GPUs (BYOL/SoCo/PixPro: SyncBN). MoCo-style
-    # Shuffle-BN needs per-process BN on a shuffled key batch (MoCo Sec. 3.3): False.
+    # BatchNorm over the global batch when distributed (BYOL/SoCo/PixPro: SyncBN; on CPU
+    # methods.sync_bn). MoCo-style Shuffle-BN needs per-process BN (methods.shuffle_bn): False.
     sync_bn = True
     # where pixels may be made (``recipe.loader``): "cpu" in workers; "cpu_draft" decodes JPEGs
     # at reduced size when every view shrinks them anyway; "device" decodes and colour-jitters
@@ -174,6 +174,11 @@ class PretrainMethod(nn.Module):
         """A canonical state to export instead of training (Supervised at paper scale: the
         user's ImageNet weights); None: train (the default)."""
         return None
+
+    def check_split(self, batch_per_process: int) -> None:
+        """Before the first step, in each process: a ConfigError naming the field when what
+        the method computes over groups of the global batch (BatchNorm groups, loss pools)
+        cannot be split over the processes (``methods.dist``). Default: nothing to split."""
 
     def collate(self, samples: list[dict]) -> dict:
         return default_collate(samples)

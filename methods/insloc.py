@@ -38,7 +38,8 @@ from methods.losses import level_info_nce
 from methods.queues import LevelQueues
 from methods.registry import register_method
 from methods.roi import ResNetFPN, box_head, export_parts, multilevel_roi_align
-from methods.shuffle_bn import gather, shuffle_bn
+from methods.dist import gather, groups_per_process
+from methods.shuffle_bn import in_bn_groups, shuffle_bn
 
 ARCHS = ("fpn", "c4")
 C4_STRIDE = 16
@@ -150,7 +151,9 @@ class InsLoc(PretrainMethod):
     scales = {"tiny": {"method": {"backbone": "resnet18", "fpn_channels": 64, "head_conv_dim": 64,
                                   "head_fc_dim": 256, "background_size": 64, "fg_size": (32, 64),
                                   "anchor_stride": 4, "queue_size": 1024},
-                       "recipe": {"batch_size": 32}}}
+                       "recipe": {"batch_size": 32}},
+              "paper": {"method": {"bn_groups": 8, "shuffle_bn_splits": 8}}}   # official: 8 GPUs x 32
+    sync_bn = False   # per-process BN (bn_groups) with Shuffle-BN, as MoCo v2 (official configs: no SyncBN)
     needs_source = True
 
     @dataclass
@@ -185,7 +188,10 @@ class InsLoc(PretrainMethod):
         temperature: float = 0.2
         momentum: float = 0.999
         level_weights: tuple[float, ...] = ()        # empty: 1 per level (level_loss_weights)
-        shuffle_bn_splits: int = 2       # single process: emulate Shuffle-BN with this many BN groups
+        # BatchNorm groups of the global batch (methods.shuffle_bn), a multiple of the process
+        # count: one GPU's worth below paper scale, the official 8 GPUs at paper scale
+        bn_groups: int = 1               # query encoder (per-process BN, official: no SyncBN)
+        shuffle_bn_splits: int = 2       # key encoder (Shuffle-BN)
 
     def __init__(self, cfg: Config):
         _validate(cfg)
@@ -237,6 +243,10 @@ class InsLoc(PretrainMethod):
                 anchor_augment(out["box_q"].numpy(), self.anchors, rng, c.anchor_iou, c.anchor_nms))
         return out
 
+    def check_split(self, batch_per_process: int) -> None:
+        for field in ("bn_groups", "shuffle_bn_splits"):
+            groups_per_process(getattr(self.cfg, field), field)
+
     # -- model ----------------------------------------------------------------------------
     def param_groups(self):
         return [{"params": list(self.encoder_q.parameters())}]
@@ -254,10 +264,11 @@ class InsLoc(PretrainMethod):
         return boxes
 
     def forward(self, batch: dict) -> dict:
-        q = self.encoder_q(batch["im_q"], self.level_boxes(batch["box_q"], batch.get("box_q_aug")))
+        q = in_bn_groups(self.encoder_q, self.encoder_q, batch["im_q"],
+                         self.level_boxes(batch["box_q"], batch.get("box_q_aug")), groups=self.cfg.bn_groups)
         with torch.no_grad():
-            k = shuffle_bn(self.encoder_k, batch["im_k"], self.level_boxes(batch["box_k"]),
-                           splits=self.cfg.shuffle_bn_splits)
+            k = shuffle_bn(self.encoder_k, self.encoder_k, batch["im_k"], self.level_boxes(batch["box_k"]),
+                           groups=self.cfg.shuffle_bn_splits)
         loss, losses, logits = level_info_nce(q, k, self.queues.keys.clone(), self.cfg.temperature,
                                               self.cfg.level_weights or None)
         self.queues.enqueue(gather(k))
@@ -293,4 +304,5 @@ def _validate(c: "InsLoc.Config") -> None:
     check("queue_size", c.queue_size > 0, "> 0")
     check("temperature", c.temperature > 0, "> 0")
     check("momentum", 0 <= c.momentum <= 1, "in [0, 1]")
+    check("bn_groups", c.bn_groups >= 1, ">= 1")
     check("shuffle_bn_splits", c.shuffle_bn_splits >= 1, ">= 1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from methods.dist import mean_over_processes
+
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,13 +30,14 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
 def byol_regression(p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """BYOL's normalised regression (Grill et al. 2020, Eq. 2): 2 - 2 cos(p, z), with no
     gradient through the target ``z``; mean over rows, or over the rows where ``weight`` (0/1,
-    one per row) is 1 (0 when none is: no host sync, no data-dependent shape). SoCo (Eq. 3)
+    one per row) is 1 (0 when none is: no host sync, no data-dependent shape), counted over
+    the global batch when distributed (``methods.dist.mean_over_processes``). SoCo (Eq. 3)
     sums it over views."""
     d = 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)
     if weight is None:
         return d.mean()
     w = weight.to(d.dtype)
-    return (d * w).sum() / w.sum().clamp(min=1)
+    return (d * w).sum() / mean_over_processes(w.sum()).clamp(min=1)   # the global batch's rows
 
 
 def grouped_info_nce(q: torch.Tensor, k: torch.Tensor, group: torch.Tensor,

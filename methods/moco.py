@@ -24,13 +24,14 @@ from methods.heads import moco_v2_projector
 from methods.losses import info_nce
 from methods.queues import MemoryQueue
 from methods.registry import register_method
-from methods.shuffle_bn import gather, shuffle_bn
+from methods.dist import gather, groups_per_process
+from methods.shuffle_bn import in_bn_groups, shuffle_bn
 
 
 @register_method("moco_v2")
 class MoCoV2(PretrainMethod):
     # SGD lr 0.03 at batch 256, wd 1e-4, momentum 0.9, cosine (MoCo v2 Sec. 3, official repo)
-    sync_bn = False   # Shuffle-BN: per-process BN on a key batch shuffled across processes (Sec. 3.3)
+    sync_bn = False   # per-process BN (bn_groups) and Shuffle-BN for the keys (Sec. 3.3)
     recipe = PretrainRecipe(optimizer="sgd", base_lr=0.03, lr_batch=256, batch_size=256,
                             weight_decay=1e-4, momentum=0.9, schedule="cosine", warmup_epochs=0)
     # tiny: 50 steps x 64 keys; a 1024-key queue fills in 16 steps (a queue larger than the
@@ -38,7 +39,8 @@ class MoCoV2(PretrainMethod):
     scales = {"tiny": {"method": {"backbone": "resnet18", "queue_size": 1024, "crop_size": 64},
                        "recipe": {"batch_size": 64}},
               "small": {"method": {"backbone": "resnet50", "queue_size": 16384, "crop_size": 160},
-                        "recipe": {"batch_size": 128}}}
+                        "recipe": {"batch_size": 128}},
+              "paper": {"method": {"bn_groups": 8, "shuffle_bn_splits": 8}}}   # official: 8 GPUs x 32
     @dataclass
     class Config(MethodConfig):
         backbone: str = "resnet50"
@@ -49,12 +51,16 @@ class MoCoV2(PretrainMethod):
         momentum: float = 0.999          # m (MoCo Sec. 3.2)
         crop_size: int = 224
         crop_scale: tuple[float, ...] = (0.2, 1.0)   # aug+ (MoCo v2 official main_moco.py)
-        shuffle_bn_splits: int = 2       # single process: emulate Shuffle-BN with this many BN groups
+        # BatchNorm groups of the global batch (methods.shuffle_bn), a multiple of the process
+        # count: one GPU's worth below paper scale, the official 8 GPUs at paper scale
+        bn_groups: int = 1               # query encoder (per-process BN)
+        shuffle_bn_splits: int = 2       # key encoder (Shuffle-BN)
 
         def ranges(self):
             return [("dim", self.dim > 0, "> 0"), ("hidden_dim", self.hidden_dim >= 0, ">= 0"),
                     ("queue_size", self.queue_size > 0, "> 0"), ("temperature", self.temperature > 0, "> 0"),
                     ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("crop_size", self.crop_size > 0, "> 0"),
+                    ("bn_groups", self.bn_groups >= 1, ">= 1"),
                     ("shuffle_bn_splits", self.shuffle_bn_splits >= 1, ">= 1")]
 
     def __init__(self, cfg: Config):
@@ -77,6 +83,10 @@ class MoCoV2(PretrainMethod):
             out[name] = render_view(img, g, MOCO_V2_AUG, rng)
         return out
 
+    def check_split(self, batch_per_process: int) -> None:
+        for field in ("bn_groups", "shuffle_bn_splits"):
+            groups_per_process(getattr(self.cfg, field), field)
+
     # -- model --------------------------------------------------------------------
     def param_groups(self):
         return [{"params": list(self.encoder_q.parameters()) + list(self.proj_q.parameters())}]
@@ -86,12 +96,13 @@ class MoCoV2(PretrainMethod):
         update_momentum(self.proj_q, self.proj_k, self.cfg.momentum)
 
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        """Key features with Shuffle-BN (MoCo Sec. 3.3, ``methods.shuffle_bn``): across
-        processes when distributed, else ``shuffle_bn_splits`` separately normalised groups."""
-        return shuffle_bn(lambda x: self.proj_k(self.encoder_k(x)), im_k, splits=self.cfg.shuffle_bn_splits)
+        """Key features with Shuffle-BN (MoCo Sec. 3.3) over ``shuffle_bn_splits`` BN groups."""
+        return shuffle_bn(self.encoder_k, lambda x: self.proj_k(self.encoder_k(x)), im_k,
+                          groups=self.cfg.shuffle_bn_splits)
 
     def forward(self, batch: dict) -> dict:
-        q = self.proj_q(self.encoder_q(batch["im_q"]))
+        q = in_bn_groups(self.encoder_q, lambda x: self.proj_q(self.encoder_q(x)), batch["im_q"],
+                         groups=self.cfg.bn_groups)
         with torch.no_grad():
             k = self._keys(batch["im_k"])
         loss, logits = info_nce(q, k, self.queue.keys.clone(), self.cfg.temperature)

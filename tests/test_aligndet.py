@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from methods.config import ConfigError
 import torch
 from torch import nn
 from torchvision.models import resnet18
@@ -77,10 +78,18 @@ def scene(seed: int, w: int = 80, h: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def batch(m, n: int = 2):
+def samples(m, n: int = 2):
     boxes = np.array([[4, 4, 40, 36], [30, 10, 76, 60], [10, 20, 50, 62]], dtype=np.float64)
     recs = [{"index": i, "image_id": i, "image": scene(i), "proposals": boxes} for i in range(n)]
-    return m.collate([m.views(r, np.random.default_rng([7, i])) for i, r in enumerate(recs)])
+    return [m.views(r, np.random.default_rng([7, i])) for i, r in enumerate(recs)]
+
+
+def batch(m, n: int = 2):
+    return m.collate(samples(m, n))
+
+
+def pool(m, n: int = 2):
+    return m.collate_pool(samples(m, n))
 
 
 # --------------------------------------------------------------------------- the loss
@@ -211,9 +220,31 @@ def test_views_cap_the_proposals_per_detector_and_max_size_bounds_the_long_side(
         method().views({"index": 3, "image": scene(0)}, np.random.default_rng(0))
 
 
+def test_collate_makes_pools_of_pool_images_and_refuses_a_batch_that_does_not_divide():
+    m = method(pool_images=2)
+    b = batch(m, 4)
+    assert len(b["pools"]) == 2 and [len(p["boxes_v1"]) for p in b["pools"]] == [2, 2]
+    assert torch.cat(b["pools"][1]["ids"]).tolist() == list(range(6))     # ids are the pool's own
+    with pytest.raises(ConfigError, match="method.pool_images: 3 images per process do not form pools of 2"):
+        batch(m, 3)
+
+
+def test_pool_losses_are_averaged_and_each_pool_draws_from_its_own_seed():
+    m = attached("retinanet")
+    m.train()
+    b = batch(m, 4)
+    torch.manual_seed(0)
+    whole = m(b)
+    torch.manual_seed(123)                                  # the global RNG does not matter
+    again = m(b)
+    alone = [m({"pools": [p]}) for p in b["pools"]]
+    assert torch.equal(whole["loss"], again["loss"])
+    assert torch.allclose(whole["loss"], (alone[0]["loss"] + alone[1]["loss"]) / 2, atol=1e-6)
+
+
 def test_collate_pads_and_gives_batch_unique_ids_shared_by_both_views():
     m = method()
-    b = batch(m, 3)
+    b = pool(m, 3)
     assert b["v1"].shape[-1] % 32 == 0 and b["v1"].shape[-2] % 32 == 0
     ids = torch.cat(b["ids"])
     assert ids.tolist() == list(range(9))                       # 3 boxes x 3 images, unique
@@ -270,7 +301,7 @@ def test_backbone_is_bit_identical_and_target_is_the_ema_of_the_online_heads(kin
 def test_rcnn_samples_are_rois_matched_to_pseudo_boxes():
     m = attached("faster_rcnn")
     m.train()
-    b = batch(m)
+    b = pool(m)
     feats = m.backbone(b["v1"])
     images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
     fpn = m.online.fpn(feats)
@@ -316,7 +347,7 @@ def test_export_has_neck_and_heads_and_no_final_layers(kind):
 def test_retinanet_samples_anchors_by_iou_with_ignored_band():
     m = attached("retinanet")
     m.train()
-    b = batch(m)
+    b = pool(m)
     images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
     z, y, _ = m.online(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
     anchors = m.online.dense(images, m.backbone(b["v1"]))[0]
@@ -344,7 +375,7 @@ def test_fcos_assignment_and_point_budget():
     idx = heads.assign(pts, gt, [4])
     # (4,4) lies in box 0 only; (12,12) and (20,20) in both: the smaller box 1 wins; (44,44) in none
     assert idx.tolist() == [0, 1, 1, -1]
-    b = batch(m)
+    b = pool(m)
     images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
     z, y, losses = heads(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
     assert len(z) == len(y) == 10 * len(b["ids"])                  # the budget, per image
@@ -412,7 +443,7 @@ def test_detr_trains_heads_copies_queries_and_keeps_the_backbone():
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
     m.train()
     b = detr_batch(m)
-    assert [c.tolist() for c in b["classes"]] == [[1, 3, 1], [1, 3, 1]]
+    assert [c.tolist() for c in b["pools"][0]["classes"]] == [[1, 3, 1], [1, 3, 1]]
     for step in range(2):
         out = m(b)
         assert set(out) >= {"loss_contrastive", "loss_detr_cls", "loss_detr_l1", "loss_detr_giou"}

@@ -191,7 +191,7 @@ def test_interrupted_aligndet_run_resumes_to_the_same_weights(isolated):
         run_job(parent, store, progress=False)
     run_job(box, a, progress=False)
     run_job(box, b, stop_after=3, progress=False)
-    assert RunStore(b).status(box.key) == "running"
+    assert RunStore(b).status(box.key) == "interrupted"
     run_job(box, b, progress=False)
     assert RunStore(a).metrics(box.key)["weights_sha256"] == RunStore(b).metrics(box.key)["weights_sha256"]
 

@@ -41,4 +41,4 @@ def test_runs_lists_the_store(isolated, capsys):
     s.begin("abc123", {"stage": "pretrain", "label": "x/y"})
     assert main(["runs"]) == 0
     out = capsys.readouterr().out
-    assert "abc123" in out and "running" in out and "1 runs" in out
+    assert "abc123" in out and "interrupted" in out and "1 runs" in out   # begun, and no process holds it

@@ -26,18 +26,20 @@ def _pretrain(method, **over):
 
 
 def test_two_process_moco_v2_pretrain_trains_as_one(isolated):
-    job = _pretrain("moco_v2")
+    job = _pretrain("moco_v2", method_overrides={"bn_groups": 2})   # one BN group per process
     store = RunStore(isolated / "runs")
     assert run_processes(job, str(store.root), nproc=2) == ("done", None)
     d = store.run_dir(job.key)
     env = json.loads((d / "env.json").read_text())
     assert env["distributed"] == {"world_size": 2, "backend": "gloo"}
     m = store.metrics(job.key)
+    assert env["nodes"] == 1 and env["batch"] == {"global": m["batch"], "per_process": m["batch"] // 2}
     assert m["world_size"] == 2 and m["replicas_in_sync"] is True
-    # the global batch is per-process batch x processes, and the lr follows it (linear scaling)
-    assert m["batch"] == 2 * m["batch_per_process"]
+    # the recipe's batch is the global one, split over the processes; the lr follows it alone
     one = pretrain_config("moco_v2", scale="micro", seed=0, epochs=200)["recipe"]
-    assert m["lr"] == pytest.approx(one["base_lr"] * m["batch"] / one["lr_batch"])
+    assert m["batch"] == one["batch_size"] == 2 * m["batch_per_process"]
+    assert m["lr"] == pytest.approx(one["base_lr"] * one["batch_size"] / one["lr_batch"])
+    assert m["samples_seen"] == m["steps"] * one["batch_size"]
     assert sorted(p.name for p in d.iterdir() if p.name.startswith("metrics")) == ["metrics.json"]
     assert (d / "weights.pt").exists() and not list(d.glob("*.tmp*"))
     lines = (d / "log.jsonl").read_text().splitlines()
@@ -72,7 +74,8 @@ def test_submitit_local_runs_a_table_with_two_tasks_per_run(isolated, tmp_path):
     spec.write_text(yaml.safe_dump({
         "name": "dist_smoke", "title": "t", "source": "t", "reference": None,
         "columns": [{"label": "1x APbb", "schedule": "1x", "metric": "bbox.AP"}],
-        "rows": [{"label": "MoCo v2", "method": "moco_v2", "pretrain_epochs": 200}]}))
+        "rows": [{"label": "MoCo v2", "method": "moco_v2", "pretrain_epochs": 200,
+                  "method_overrides": {"bn_groups": 2}}]}))
     plan = plan_table(str(spec), scale="micro")
     status = run_plan_local(plan, str(isolated / "runs"), executor="submitit-local", nproc=2)
     assert set(status.values()) == {"done"}, status

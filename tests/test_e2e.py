@@ -75,10 +75,10 @@ def test_interrupted_chain_ends_with_identical_metrics(isolated, spec_path):
     # store b: the pretraining and the fine-tuning are each killed half-way, then resumed
     pre, ft, ev = plan.jobs
     run_job(pre, b, stop_after=2, progress=False)
-    assert RunStore(b).status(pre.key) == "running"
+    assert RunStore(b).status(pre.key) == "interrupted"
     run_job(pre, b, progress=False)
     run_job(ft, b, stop_after=2, progress=False)
-    assert RunStore(b).status(ft.key) == "running"
+    assert RunStore(b).status(ft.key) == "interrupted"
     run_plan_local(plan, b, progress=False)
     ma = RunStore(a).metrics(ev.key)
     mb = RunStore(b).metrics(ev.key)

@@ -205,14 +205,17 @@ def test_unmapped_keys_are_named_never_dropped(r50_fpn_4conv1fc, tmp_path):
         to_framework(state, "caffe")
 
 
+K1, K2 = "0123456789abcdef", "fedcba9876543210"   # run keys: 16 hex digits
+
+
 def _store_with_run(root, state):
     from benchmark.runs.store import RunStore
     store = RunStore(root)
     cfg = {"stage": "pretrain", "method": {"name": "moco_v2"}, "seed": 0, "label": "pretrain/moco_v2/seed0"}
-    d = store.begin("k1", cfg)
+    d = store.begin(K1, cfg)
     torch.save({"state_dict": state, "method": "moco_v2"}, d / "weights.pt")
-    store.finish("k1", {"steps": 1})
-    store.begin("k2", {**cfg, "seed": 1})      # unfinished
+    store.finish(K1, {"steps": 1})
+    store.begin(K2, {**cfg, "seed": 1})      # unfinished
     return store
 
 
@@ -220,21 +223,21 @@ def test_export_command(isolated, capsys):
     from benchmark.cli import main
     state = _randomised({k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")})
     store = _store_with_run(isolated / "runs", state)
-    assert main(["export", "--run", "k1", "--to", "detectron2"]) == 0
+    assert main(["export", "--run", K1, "--to", "detectron2"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["path"] == str(isolated / "results" / "exports" / "k1" / "detectron2.pkl")
+    assert rep["path"] == str(isolated / "results" / "exports" / K1 / "detectron2.pkl")
     assert "STRIDE_IN_1X1 False" in rep["config"]
     with open(rep["path"], "rb") as f:
         assert pickle.load(f)["detbench"]["method"] == "moco_v2"
-    assert main(["export", "--run", "k1", "--to", "mmdet", "--out", str(isolated / "x.pth")]) == 0
+    assert main(["export", "--run", K1, "--to", "mmdet", "--out", str(isolated / "x.pth")]) == 0
     back = load_export(isolated / "x.pth", "mmdet")
     assert all(torch.equal(back[k], v) for k, v in state.items())
-    assert main(["export", "--run", "k2", "--to", "mmdet"]) == 2
-    assert "is running, not done" in capsys.readouterr().err
-    assert main(["export", "--run", "nope", "--to", "mmdet"]) == 2
-    assert "no run 'nope'" in capsys.readouterr().err
+    assert main(["export", "--run", K2, "--to", "mmdet"]) == 2
+    assert "is interrupted, not done" in capsys.readouterr().err
+    assert main(["export", "--run", "00000000deadbeef", "--to", "mmdet"]) == 2
+    assert "no run '00000000deadbeef'" in capsys.readouterr().err
     with pytest.raises(ExportError, match="unknown framework"):
-        export_run(store, "k1", "caffe")
+        export_run(store, K1, "caffe")
 
 
 def test_fine_tuned_model_exports_its_parts(isolated, capsys):

@@ -192,7 +192,7 @@ def test_ctrl_c_through_the_cli_is_one_line_and_no_failed_run(isolated, capsys, 
     err = capsys.readouterr().err
     assert "stopped at step 2; the same command resumes" in err and "Traceback" not in err
     key = run_key(pretrain_config("moco_v2", scale="micro", epochs=300))
-    assert RunStore().status(key) == "running"
+    assert RunStore().status(key) == "interrupted"   # no process holds it any more
     monkeypatch.setattr(TrainLoop, "run", real)
     assert main(cmd) == 0
     assert "at step 2" in capsys.readouterr().err
@@ -253,7 +253,7 @@ def test_unwritable_store_and_results_are_named(isolated, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"run store {isolated / 'runs'} is not writable (permission denied)" in err and "DETBENCH_RUNS" in err
     monkeypatch.undo()
-    monkeypatch.setattr(report, "unwritable", lambda p: "permission denied")
+    monkeypatch.setattr(report, "unwritable", lambda p, **kw: "permission denied")
     monkeypatch.setenv("DETBENCH_RUNS", str(isolated / "runs"))
     assert main(["render", "--table", "soco_table1"]) == 2
     assert "results folder" in capsys.readouterr().err
@@ -318,7 +318,8 @@ def test_every_missing_variable_and_path_is_listed_before_any_run(isolated, monk
 
 def test_a_parent_a_sibling_is_recomputing_is_waited_for_not_failed(isolated):
     """Two fine-tunings of one pretraining whose weights are missing start at once: the first
-    invalidates and recomputes the parent; the second finds it unfinished ("running") and must
+    invalidates and recomputes the parent; the second finds it unfinished ("running", or
+    "interrupted" between the sibling's moves, when no lock is held) and must
     wait for it (or finish it) under its lock, not fail with ParentNotDone (seen on a GPU
     machine with --jobs 8)."""
     plan = plan_table("soco_table1", scale="micro")
@@ -328,6 +329,6 @@ def test_a_parent_a_sibling_is_recomputing_is_waited_for_not_failed(isolated):
     run_job(pre, progress=False)
     (store.run_dir(pre.key) / "weights.pt").unlink()
     store.invalidate(pre.key, "weights missing")                 # the sibling's first move
-    assert store.status(pre.key) == "running"
+    assert store.status(pre.key) == "interrupted"
     run_job(ft, progress=False, stop_after=1)
     assert store.status(pre.key) == "done" and (store.run_dir(pre.key) / "weights.pt").exists()

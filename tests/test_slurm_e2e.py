@@ -258,3 +258,4 @@ def test_table_with_two_tasks_per_job_trains_as_one_distributed_run(ws, capsys):
     pre = next(j for j in plan.jobs if j.stage == "pretrain")
     m = store.metrics(pre.key)
     assert m["world_size"] == 2 and m["replicas_in_sync"] is True and m["batch"] == 2 * m["batch_per_process"]
+    assert m["batch"] == pre.config["recipe"]["batch_size"]   # the recipe's batch is the global one

@@ -53,11 +53,18 @@ def test_sampler_resumes_the_same_stream():
     assert sorted(i for e, i in flat if e == 1) == list(range(10))
 
 
-def test_sampler_shards_across_ranks():
-    a = next(iter(ResumableBatchSampler(16, 2, seed=0, rank=0, world_size=2)))
-    b = next(iter(ResumableBatchSampler(16, 2, seed=0, rank=1, world_size=2)))
-    one = next(iter(ResumableBatchSampler(16, 4, seed=0)))
-    assert a + b == one
+def test_sampler_splits_the_same_global_batches_over_any_process_count():
+    def steps(world, rank, start=0, n=7):
+        it = iter(ResumableBatchSampler(10, 4, seed=0, start_step=start, rank=rank, world_size=world))
+        return [next(it) for _ in range(n)]
+    one = steps(1, 0)
+    for world in (2, 4):
+        per_rank = [steps(world, r) for r in range(world)]
+        assert all(len(b) == 4 // world for b in per_rank[0])
+        assert [sum((per_rank[r][s] for r in range(world)), []) for s in range(7)] == one   # rank order
+        assert steps(world, 1, start=5, n=2) == per_rank[1][5:]                              # resumes alike
+    with pytest.raises(ValueError, match="global batch 4 is not divisible by 3 processes"):
+        ResumableBatchSampler(10, 4, seed=0, world_size=3)
 
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):

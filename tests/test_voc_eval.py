@@ -178,10 +178,11 @@ def test_run_evaluate_with_the_voc_protocol(isolated):
     from benchmark.cli import main
     from benchmark.runs.store import RunStore
     store = RunStore()
-    d = store.begin("ft", {"stage": "finetune", "scale": "tiny", "seed": 0, "data": voc_data})
+    ft = "0123456789abcdef"   # a run key: 16 hex digits
+    d = store.begin(ft, {"stage": "finetune", "scale": "tiny", "seed": 0, "data": voc_data})
     shutil.copy(path, d / "model_final.pt")
-    store.finish("ft", {"steps": 1})
-    assert main(["evaluate", "--from", "ft"]) == 0
+    store.finish(ft, {"steps": 1})
+    assert main(["evaluate", "--from", ft]) == 0
     (ev,) = [r for r in store.list() if r["stage"] == "evaluate"]
     assert store.config(ev["key"])["protocol"] == "voc"
     assert json.loads((store.run_dir(ev["key"]) / "voc_metrics.json").read_text()) == m

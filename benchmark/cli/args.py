@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import difflib
 
+from benchmark.runs.identity import is_run_key
 from methods.config import ConfigError
 
 
@@ -66,6 +67,13 @@ def user_data(args, command: str, splits: tuple[str, ...]) -> dict | None:
     if data is not None:
         require_splits(data, splits, command)
     return data
+
+
+def run_key_arg(value: str, flag: str) -> str:
+    """A run key given on the command line (``--from``, ``--run``): 16 hex digits, never a path."""
+    if not is_run_key(value):
+        raise ConfigError(f"{flag} {value!r}: not a run key (16 hex digits, as `detbench runs` lists them)")
+    return value
 
 
 def seed_range(n: int, first: int) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmark.cli.args import common, data_arg, nproc_arg, number, overrides, user_data
+from benchmark.cli.args import common, data_arg, nproc_arg, number, overrides, run_key_arg, user_data
 from benchmark.runs.identity import run_key
 from benchmark.runs.store import RunStore
 from methods.config import ConfigError
@@ -45,7 +45,7 @@ def cmd_finetune(args) -> int:
     from benchmark.runs.job import Job
     sets = overrides(args, "finetune")
     store = RunStore(args.runs)
-    parent = None if args.from_run == "scratch" else args.from_run
+    parent = None if args.from_run == "scratch" else run_key_arg(args.from_run, "--from")
     method = None
     if parent:
         parent_cfg = store.config(parent)
@@ -69,7 +69,7 @@ def cmd_evaluate(args) -> int:
     from benchmark.experiments.config import evaluate_config
     from benchmark.runs.job import Job
     store = RunStore(args.runs)
-    parent_cfg = store.config(args.from_run)
+    parent_cfg = store.config(run_key_arg(args.from_run, "--from"))
     if parent_cfg is None or store.status(args.from_run) != "done" or parent_cfg.get("stage") != "finetune":
         raise ConfigError(f"--from: {args.from_run!r} is not a finished fine-tuning run in {store.root}")
     from benchmark.data.user import with_identity

@@ -5,6 +5,9 @@ from __future__ import annotations
 def _slurm_cmd(fn_name: str):
     def run(args) -> int:
         import slurm.orchestrate as orchestrate
+        if args.name and not args.name.endswith((".yaml", ".yml")):   # a spec path names its table
+            from benchmark.experiments.tables import check_name
+            check_name(args.name, "table")
         return getattr(orchestrate, fn_name)(args) or 0
     return run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from benchmark.cli.args import run_key_arg
 from benchmark.runs.store import RunStore, STAGES, STATUSES
 
 
@@ -24,14 +25,15 @@ def cmd_runs(args) -> int:
         return 0
     for _, r in df.iterrows():
         made = "unknown date    " if pd.isna(r["created"]) else f"{r['created']:%Y-%m-%d %H:%M}"
-        print(f"{r['key']}  {r['status']:9s} {r['stage'] or '?':9s} {r['scale'] or '?':10s} {made}  {r['label']}")
+        print(f"{r['key']}  {r['status']:11s} {r['stage'] or '?':9s} {r['scale'] or '?':10s} {made}  {r['label']}")
     print(f"{len(df)} runs in {RunStore(args.runs).root} (date: when the run started, from its env.json)")
     return 0
 
 
 def cmd_export(args) -> int:
     from benchmark.stages.export import export_run
-    report = export_run(RunStore(args.runs), args.run, args.to, args.out, allow_unmapped=args.allow_unmapped)
+    report = export_run(RunStore(args.runs), run_key_arg(args.run, "--run"), args.to, args.out,
+                        allow_unmapped=args.allow_unmapped)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -41,7 +41,7 @@ def cmd_reproduce(args) -> int:
     from methods import list_methods
     from benchmark.experiments.plan import plan_table
     from benchmark.reporting.progress import failure_summary
-    from benchmark.reporting.render import render
+    from benchmark.reporting.render import render, writable_table_dir
     from benchmark.reporting.results import describe_reuse, load_runs
     from slurm.local import run_plan_local
     from benchmark.experiments.tables import load_spec
@@ -56,6 +56,8 @@ def cmd_reproduce(args) -> int:
     store = RunStore(args.runs)
     df = load_runs(store.root)
     spec = load_spec(name)
+    if not args.dry_run:   # before any run, not after every run is done
+        writable_table_dir(spec.name, args.scale, create=False)
     seeds, why = table_seeds_for(args, spec, df)
     plan = plan_table(spec, scale=args.scale, seeds=seeds, overrides=sets, data=data)
     missing = [j for j in plan.jobs if store.status(j.key) != "done"]
@@ -86,7 +88,7 @@ def cmd_reproduce(args) -> int:
     run_plan_local(plan, args.runs, device=args.device, jobs=jobs, nproc=args.nproc, executor=args.executor)
     df = load_runs(store.root)
     n_failed, filled, failures = failure_summary(plan, df)
-    if n_failed and not filled:
+    if not filled:   # failed or diverged throughout: a table with no value is not written
         print(failures, file=sys.stderr)
         return 1
     before = _current_version(spec.name, args.scale)

@@ -36,13 +36,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def json_bytes(obj: Any, indent: int = 2) -> bytes:
+    """``obj`` as the harness writes JSON files: sorted keys, indented, a final newline."""
+    return (json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj, indent))
 
 
-def unwritable(folder: str | os.PathLike) -> str | None:
-    """Why files cannot be created in ``folder`` (created if missing), or None when they can."""
+def unwritable(folder: str | os.PathLike, create: bool = True) -> str | None:
+    """Why files cannot be created in ``folder`` (created if missing), or None when they can.
+    ``create=False``: asked before anything is written, the folder is left as it is (its
+    nearest existing parent is asked instead)."""
     folder = Path(folder)
+    if not create:
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -78,6 +90,24 @@ def file_lock(path: str | os.PathLike, what: str = "cache") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def walk_files(root: str | os.PathLike) -> list[Path]:
+    """Every file under ``root``, sorted, symlinked folders entered too (``Path.rglob`` does
+    not: a symlinked ``Annotations/`` or image subfolder would drop out unnoticed). A folder
+    reached twice (a link cycle, two links to one folder) is read once, by (st_dev, st_ino),
+    under the first of its paths in sorted order."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for top, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()   # the same walk on every file system
+        out += [Path(top, f) for f in files]
+    return sorted(p for p in out if p.is_file())
 
 
 def sha256_file(path: str | os.PathLike) -> str:

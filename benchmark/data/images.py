@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from benchmark.common.fs import walk_files
 from benchmark.data.coco import load_coco_json, parse_images
 from benchmark.data.errors import DataError
 from benchmark.data.io import EncodedImage, LazyImage, decode_on_device, read_rgb
@@ -47,12 +48,13 @@ class ImageSource:
 
     @classmethod
     def from_folder(cls, root: str | Path, exts: Sequence[str] = DEFAULT_EXTS) -> "ImageSource":
-        """All files under ``root`` (recursive) whose suffix is in ``exts`` (case-insensitive), sorted."""
+        """All files under ``root`` (recursive, symlinked folders included, each real folder
+        once) whose suffix is in ``exts`` (case-insensitive), sorted."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(root, "root", "image folder not found")
         wanted = {e.lower() if e.startswith(".") else "." + e.lower() for e in exts}
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in wanted and p.is_file())
+        paths = [p for p in walk_files(root) if p.suffix.lower() in wanted]
         if not paths:
             raise DataError(root, "root", f"no images with extensions {sorted(wanted)} found (searched recursively)")
         return cls(paths, root=root)

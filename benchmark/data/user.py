@@ -14,9 +14,11 @@
 
 A dataset given by path enters a run's key by its content (``identity``): each annotation
 file's sha256 and a fingerprint of its images (names and sizes of all, bytes of the first,
-middle and last), so a fixed annotation file is a new run, never a stale reuse. Hashes of
-annotation files are cached by path, mtime and size under the dataset cache; image
-fingerprints are taken once per process (one command sees one state of its data).
+middle and last), so a fixed annotation file is a new run, never a stale reuse. Symlinked
+folders are followed (each real folder once). Hashes of annotation files are cached by path,
+inode, mtime, ctime and size under the dataset cache (an edit that restores the old mtime
+still changes the ctime); image fingerprints are taken once per process (one command sees
+one state of its data).
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmark.common.fs import atomic_write_json, file_lock
+from benchmark.common.fs import atomic_write_json, file_lock, walk_files
 from benchmark.common.paths import cache_root
 from benchmark.data.coco import CocoDetection
 from benchmark.data.errors import CorruptImage, DataError
+from benchmark.data.images import ImageSource
 from benchmark.data.io import read_rgb
 from benchmark.data.resolve import resolve_data
 from benchmark.data.voc import VOC_CLASSES
@@ -194,11 +197,12 @@ def _cache_file() -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, cached by (path, mtime, size) in memory and in the dataset cache
-    (an unwritable cache only costs the recomputation)."""
+    """sha256 of a file, cached by (path, inode, mtime, ctime, size) in memory and in the
+    dataset cache (an unwritable cache only costs the recomputation). The ctime catches a
+    same-size edit whose old mtime was put back (``touch -r``, ``rsync -t``)."""
     path = Path(path).resolve()
     st = path.stat()
-    sig = f"{path}|{st.st_mtime_ns}|{st.st_size}"
+    sig = f"{path}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_size}"
     if sig in _MEMO:
         return _MEMO[sig]
     cache = _cache_file()
@@ -247,7 +251,7 @@ def images_fingerprint(paths: list[Path], root: Path) -> str:
 
 
 def _folder_images(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return [p for p in walk_files(root) if p.suffix.lower() in IMAGE_EXTS]
 
 
 def data_identity(data: dict) -> dict | None:
@@ -275,8 +279,8 @@ def data_identity(data: dict) -> dict | None:
         memo = ("voc", str(root))
         if memo not in _MEMO:
             h = hashlib.sha256()
-            files = sorted(p for p in root.rglob("*") if p.is_file() and (
-                p.suffix in (".xml", ".txt") and p.parent.name in ("Annotations", "Main")))
+            files = [p for p in walk_files(root) if p.suffix in (".xml", ".txt")
+                     and p.parent.name in ("Annotations", "Main")]
             for p in files:   # every annotation and image list, by content
                 h.update(f"{p.relative_to(root)}\0".encode() + hashlib.sha256(p.read_bytes()).digest())
             images = sorted(root.glob("*/JPEGImages/*"))
@@ -305,12 +309,14 @@ def with_identity(data: dict) -> dict:
 # ---------------------------------------------------------------------------- check
 def check_dataset(data: dict, decode: bool = True) -> dict:
     """Validate every labeled split (the same parser the runs use) and gather statistics:
-    images, boxes per image, classes, image sizes, unreadable or missing image files."""
-    splits = resolve_data(data)
+    images, boxes per image, classes, image sizes, unreadable or missing image files. Every
+    split is reported with its image count, the unlabeled images beside a VOC dataset too."""
+    unlabeled = {"pretrain": data["pretrain"]} if data.get("kind") == "voc" and "pretrain" in data else {}
+    splits = {**unlabeled, **resolve_data({k: v for k, v in data.items() if k not in unlabeled})}
     report: dict = {"kind": data.get("kind"), "splits": {}}
     for name, split in splits.items():
-        if not split.get("ann_file"):
-            paths = _folder_images(split["image_root"])
+        if not split.get("ann_file"):   # the images pretraining reads
+            paths = [Path(p) for p in ImageSource.from_folder(split["image_root"]).paths]
             anns = None
             entry: dict = {"image_root": split["image_root"], "images": len(paths)}
         else:

@@ -30,6 +30,8 @@ from benchmark.common.fs import atomic_write_json
 from benchmark.engine.optim import Schedule
 from benchmark.runs.identity import config_dict
 from methods.config import ConfigError, dataclass_from_dict
+from methods.dist import distributed
+from methods.sync_bn import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +258,9 @@ class Transform(GeneralizedRCNNTransform):
 
 
 def maybe_sync_bn(model: nn.Module) -> nn.Module:
-    """Convert BatchNorm to SyncBatchNorm when torch.distributed runs on GPUs (SyncBN
-    recipe of MoCo/SoCo fine-tuning). On CPU (gloo) SyncBN has no kernel: BN stays per rank."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if next(model.parameters()).device.type == "cuda":
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        log.warning("distributed on CPU: BatchNorm statistics stay per process (no SyncBN kernel)")
-    return model
+    """BatchNorm over the global batch when distributed (the SyncBN recipe of MoCo/SoCo
+    fine-tuning): torch's SyncBatchNorm on GPUs, ``methods.sync_bn.CpuSyncBatchNorm`` on CPU."""
+    return convert_sync_batchnorm(model) if distributed() else model
 
 
 # --------------------------------------------------------------------------- loading

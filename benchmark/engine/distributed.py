@@ -3,6 +3,7 @@ one process)."""
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,16 @@ def distributed_env() -> dict:
     rank, world_size = world()
     on = dist.is_available() and dist.is_initialized()
     return {"world_size": world_size, "backend": dist.get_backend() if on else None}
+
+
+def process_hosts() -> list[str]:
+    """Each process's host name, in rank order (a collective; one entry in one process)."""
+    name = socket.gethostname()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [name]
+    names: list = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    return names
 
 
 @torch.no_grad()

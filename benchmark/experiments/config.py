@@ -15,6 +15,7 @@ import yaml
 from benchmark.common.paths import configs_root
 from benchmark.data.user import with_identity
 from benchmark.detectors import get_detector
+from benchmark.experiments.tables import check_name
 from benchmark.runs.identity import strip_defaults
 from methods import build_method, get_method
 from methods.augment import LOADERS
@@ -31,7 +32,7 @@ def available_scales() -> list[str]:
 def load_scale(name: str, _seen: tuple = ()) -> dict:
     """A scale's overrides; ``extends: <scale>`` merges them over another scale's (its methods
     then use that scale's per-method overrides unless ``method_scale`` says otherwise)."""
-    p = SCALES_DIR / f"{name}.yaml"
+    p = SCALES_DIR / f"{check_name(name, 'scale')}.yaml"
     if not p.exists():
         raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
     try:
@@ -216,7 +217,7 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     if unknown:
         raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
     mcfg = expand_env(deep_merge(method_scale.get("method", {}), method_overrides), "method")
-    mcfg = cls.Config.from_dict(mcfg).to_dict()      # validates names and types
+    mcfg = strip_defaults(cls.Config, cls.Config.from_dict(mcfg).to_dict())   # validates names and types
     detector = cls.pretrain_detector(mcfg)
     if detector is not None and parent is None:
         raise ConfigError(f"parent: missing: {method} pretrains the {detector} detector over the backbone of an "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,17 @@ from benchmark.common.paths import configs_root
 
 SPECS = configs_root() / "tables"
 REFERENCE = SPECS / "reference"
+# a table's (or scale's) name names folders and files: a plain name, never a path ("@" joins
+# a table to its scale in results/tables/<name>@<scale>)
+NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]*")
+
+
+def check_name(value, what: str) -> str:
+    """``value`` when it is a plain name (``NAME``); else a ConfigError naming ``what``."""
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ConfigError(f"{what}: {value!r} is not a name (lower-case letters, digits, '_', '.', '-'; "
+                          f"no path separators, no leading dot)")
+    return value
 
 
 @dataclass
@@ -118,8 +130,8 @@ def available_tables() -> list[str]:
 
 def load_spec(name_or_path: str) -> TableSpec:
     p = Path(name_or_path)
-    if not p.suffix:
-        p = SPECS / f"{name_or_path}.yaml"
+    if not p.suffix:   # a name, in configs/tables/; a spec elsewhere is given by its .yaml path
+        p = SPECS / f"{check_name(name_or_path, 'table')}.yaml"
     if not p.exists():
         raise ConfigError(f"table: unknown {name_or_path!r} (available: {', '.join(available_tables())})")
     try:
@@ -129,6 +141,7 @@ def load_spec(name_or_path: str) -> TableSpec:
     for k in ("name", "columns", "rows"):
         if k not in d:
             raise ConfigError(f"{p}: field '{k}' is missing")
+    check_name(d["name"], f"{p}: name")   # it names the table's folder under results/tables
     cols = [dataclass_from_dict(Column, c, f"{p}: columns[{i}]") for i, c in enumerate(d.pop("columns"))]
     rows = []
     for i, r in enumerate(d.pop("rows")):

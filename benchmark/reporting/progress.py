@@ -165,14 +165,18 @@ class TableProgress:
 
 def failure_summary(plan: Plan, df) -> tuple[int, int, str]:
     """(failed runs, runs with a value-bearing cell, message) for the plan's runs in the
-    frame: each distinct error once, with the runs that had it."""
+    frame: each distinct error once, with the runs that had it; with no failed run and no
+    value (every run diverged), one line saying so."""
     keys = [j.key for j in plan.jobs]
     sub = df[df.index.isin(keys)]
     failed = sub[sub["status"] == "failed"]
     filled = sum(1 for c in plan.cells if c.eval_key and c.eval_key in df.index
                  and df.at[c.eval_key, "status"] == "done")
     if failed.empty:
-        return 0, filled, ""
+        told = ", ".join(f"{n} {s}" for s, n in sub["status"].value_counts().items() if s != "done")
+        return 0, filled, "" if filled else (f"{plan.spec.name}: no cell has a value"
+                                             + (f" ({told} of {len(keys)} runs)" if told else "")
+                                             + ": the table was not written")
     lines = [f"{plan.spec.name}: {len(failed)} of {len(keys)} runs failed"
              + ("" if filled else " and no cell has a value: the table was not written") + ":"]
     for err, grp in failed.groupby(failed["error"].fillna("unknown error"), sort=False):

@@ -4,7 +4,9 @@ A table is rendered from the runs frame (:func:`benchmark.reporting.results.load
 sees the numbers the table shows. A build whose content (cells, runs, text) equals the
 newest version's writes nothing; a build that differs gets a new dated folder
 ``<date>_<sha>`` and ``results/tables/<name>/table.md`` (with .csv/.png) becomes a copy of it.
-Every file is written atomically.
+A version is written whole (staged, then renamed into place: a failed write leaves no partial
+folder and the previous top-level files), under the table's lock (``results/tables/.locks/``:
+two renders at once write one version).
 
 A version names the commit that built it, so a new version is refused (:class:`DirtyTreeError`)
 where git could commit it (a folder of this checkout that git does not ignore: the repository's
@@ -20,11 +22,12 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from benchmark.common.fs import atomic_write_bytes, atomic_write_json, unwritable, UnwritableError
+from benchmark.common.fs import atomic_write_bytes, file_lock, json_bytes, unwritable, UnwritableError
 from benchmark.common.paths import REPO, results_root
 from benchmark.detectors import get_detector
 from benchmark.experiments.plan import MISSING_REASONS, NOT_IMPLEMENTED, Plan
@@ -287,11 +290,7 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
     spec = plan.spec
     cells = cell_values(plan, df)
     out_root = Path(out_root or results_root() / "tables")
-    tdir = out_root / table_dir_name(spec.name, plan.scale)
-    why = unwritable(tdir)
-    if why:
-        raise UnwritableError(f"results folder {tdir} is not writable ({why}): set DETBENCH_RESULTS to a "
-                              f"folder you can write")
+    tdir = writable_table_dir(spec.name, plan.scale, out_root)
     store_root = Path(store.root) if isinstance(store, RunStore) else Path(store)
     runs_root = Path(runs_link_root or store_root)
 
@@ -300,37 +299,64 @@ def render(plan: Plan, store, out_root: Path | None = None, runs_link_root: Path
                              for (r, c), v in sorted(cells.items())}, indent=1, default=str, sort_keys=True)
     md_probe = _markdown(plan, cells, df, "VERSION", "RUNS", None)
     content = hashlib.sha256("\0".join((csv_text, cells_text, md_probe)).encode()).hexdigest()
-    current = read_version(tdir)
-    if current and current.get("content_sha256") == content and (tdir / current["version"]).is_dir():
-        return tdir / current["version"]
+    # one render of a table at a time: a second one finds the first's content and writes nothing
+    with file_lock(out_root / ".locks" / f"{tdir.name}.lock", what="results folder"):
+        for stale in tdir.glob(".stage.tmp*"):   # a killed render's staging folder
+            shutil.rmtree(stale, ignore_errors=True)
+        current = read_version(tdir)
+        if current and current.get("content_sha256") == content and (tdir / current["version"]).is_dir():
+            return tdir / current["version"]
 
-    git = git_info(REPO)
-    version = version_stamp(git)
-    if git.get("dirty") and not (allow_dirty or os.environ.get(ALLOW_DIRTY_ENV) == "1") and _committable(tdir):
-        raise DirtyTreeError(_dirty_message(plan, tdir, version, store_root))
-    vdir = tdir / version
-    n = 2
-    while vdir.exists():
-        vdir = tdir / f"{version}.{n}"
-        n += 1
-    vdir.mkdir(parents=True)
-    png = _plot(plan, cells, df)
-    curves = _convergence_plot(plan, cells) if spec.convergence else None
-    for d in (vdir, tdir):
-        atomic_write_bytes(d / "table.csv", csv_text.encode())
-        atomic_write_bytes(d / "plot.png", png)
-        if curves is not None:
-            atomic_write_bytes(d / "convergence.png", curves)
-    atomic_write_bytes(vdir / "cells.json", cells_text.encode())
-    atomic_write_bytes(vdir / "table.md", _markdown(plan, cells, df, vdir.name,
-                                                    os.path.relpath(runs_root, vdir), None).encode())
-    atomic_write_bytes(tdir / "table.md", _markdown(plan, cells, df, vdir.name, os.path.relpath(runs_root, tdir),
-                                                    f"{vdir.name}/table.md").encode())
-    info = {"version": vdir.name, "content_sha256": content, "seeds": list(plan.seeds), "scale": plan.scale,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git}
-    atomic_write_json(vdir / "version.json", info)
-    atomic_write_json(tdir / "version.json", info)
+        git = git_info(REPO)
+        version = version_stamp(git)
+        if git.get("dirty") and not (allow_dirty or os.environ.get(ALLOW_DIRTY_ENV) == "1") and _committable(tdir):
+            raise DirtyTreeError(_dirty_message(plan, tdir, version, store_root))
+        vdir = tdir / version
+        n = 2
+        while vdir.exists():
+            vdir = tdir / f"{version}.{n}"
+            n += 1
+        both = {"table.csv": csv_text.encode(), "plot.png": _plot(plan, cells, df)}
+        if spec.convergence:
+            both["convergence.png"] = _convergence_plot(plan, cells)
+        info = json_bytes({"version": vdir.name, "content_sha256": content, "seeds": list(plan.seeds),
+                           "scale": plan.scale, "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "git": git})
+        files = {**both, "cells.json": cells_text.encode(), "version.json": info,
+                 "table.md": _markdown(plan, cells, df, vdir.name, os.path.relpath(runs_root, vdir), None).encode()}
+        top = {**both, "table.md": _markdown(plan, cells, df, vdir.name, os.path.relpath(runs_root, tdir),
+                                             f"{vdir.name}/table.md").encode(), "version.json": info}
+        _write_version(tdir, vdir, files, top)
     return vdir
+
+
+def writable_table_dir(name: str, scale: str, out_root: Path | None = None, create: bool = True) -> Path:
+    """The table's folder under ``out_root`` (default results/tables); UnwritableError naming it
+    when files cannot be written there. ``create=False``: asked before any run, it is not made."""
+    tdir = Path(out_root or results_root() / "tables") / table_dir_name(name, scale)
+    why = unwritable(tdir, create=create)
+    if why:
+        raise UnwritableError(f"results folder {tdir} is not writable ({why}): set DETBENCH_RESULTS to a "
+                              f"folder you can write")
+    return tdir
+
+
+def _write_version(tdir: Path, vdir: Path, files: dict[str, bytes], top: dict[str, bytes]) -> None:
+    """A version as a whole: its folder and the new top-level files are written into a staging
+    folder, then the folder is renamed into place and the top-level files over the old ones
+    (version.json last). A write that fails (disk full) leaves no partial version folder and
+    the top-level files of the version before."""
+    stage = tdir / f".stage.tmp{os.getpid()}"
+    try:
+        for sub, content in (("version", files), ("top", top)):
+            for name, data in content.items():
+                atomic_write_bytes(stage / sub / name, data)
+        os.rename(stage / "version", vdir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for name in sorted(top, key=lambda n: n == "version.json"):
+        os.replace(stage / "top" / name, tdir / name)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_version(tdir: Path) -> dict | None:

@@ -14,17 +14,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 
 NON_IDENTITY = ("runtime", "label", "cache_dir", "key")
 
 # Fields added after the first committed runs. At these values, their defaults (which build
 # what those runs built), they are left out of a run's config, so those runs keep their keys.
-# Keyed by config class name; a class takes the entries of its bases too.
+# Keyed by config class name (a method's nested ``Config`` by its qualified name); a class
+# takes the entries of its bases too.
 LEFT_OUT_AT_DEFAULT: dict[str, dict] = {
     "PretrainRecipe": {"loader": "cpu", "milestones": None, "grad_clip": None, "nesterov": False},
     "FinetuneRecipe": {"precise_bn_iters": 0, "drop_groups": ()},
     "RCNNConfig": {"roi_align_aligned": False, "box_reg_loss": "smooth_l1"},
     "MaskRCNNConfig": {"roi_sampling_ratio": 2, "box_head_extra_norm": False},
+    "MoCoV2.Config": {"bn_groups": 1},
+    "InsLoc.Config": {"bn_groups": 1},
 }
 
 
@@ -33,6 +37,7 @@ def left_out(cls: type) -> dict:
     out: dict = {}
     for c in reversed(cls.__mro__):
         out.update(LEFT_OUT_AT_DEFAULT.get(c.__name__, {}))
+        out.update(LEFT_OUT_AT_DEFAULT.get(c.__qualname__, {}) if c.__qualname__ != c.__name__ else {})
     return out
 
 
@@ -51,6 +56,13 @@ def config_dict(obj) -> dict:
 
 def canonical(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NON_IDENTITY}
+
+
+KEY = re.compile(r"[0-9a-f]{16}")   # what run_key returns: a run folder's name
+
+
+def is_run_key(value) -> bool:
+    return isinstance(value, str) and KEY.fullmatch(value) is not None
 
 
 def run_key(config: dict) -> str:

@@ -5,6 +5,7 @@ Nothing is overwritten: a finished run is never written again."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ class StoreError(RuntimeError):
     the message names the path and what to do."""
 
 STAGES = ("pretrain", "finetune", "evaluate")
-STATUSES = ("done", "diverged", "failed", "running")   # what RunStore.status says of a run folder
+STATUSES = ("done", "diverged", "failed", "running", "interrupted")   # what RunStore.status says of a run folder
 
 
 class RunStore:
@@ -41,7 +42,9 @@ class RunStore:
         return self.root / key
 
     def status(self, key: str) -> str:
-        """done | diverged | failed | running | missing."""
+        """done | diverged | failed | running | interrupted | missing. An unfinished run is
+        ``running`` while a process holds its lock, ``interrupted`` when none does (killed,
+        stopped, or its machine gone): the same command resumes it."""
         d = self.run_dir(key)
         if (d / "metrics.json").exists():
             return "done"
@@ -50,8 +53,25 @@ class RunStore:
         if (d / "FAILED").exists():
             return "failed"
         if (d / "config.json").exists():
-            return "running"
+            return "running" if self._locked(key) else "interrupted"
         return "missing"
+
+    def _locked(self, key: str) -> bool:
+        """Whether a live process holds run ``key``'s lock (``lock``): a shared non-blocking
+        attempt fails against its exclusive lock; the kernel drops that when its holder dies."""
+        try:
+            fh = open(self.root / ".locks" / f"{key}.lock")
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True   # unreadable lock: say nothing new
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
 
     def metrics(self, key: str) -> dict | None:
         p = self.run_dir(key) / "metrics.json"
@@ -73,7 +93,6 @@ class RunStore:
         """One process computes a run at a time: an exclusive lock on ``<root>/.locks/<key>``,
         which names its holder (pid, host, since). A second identical command waits for it
         (saying who holds it) and then finds the run done; ``wait=False`` raises StoreError."""
-        import fcntl
         self.writable()
         path = self.root / ".locks" / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark.common.fs import atomic_open
+from benchmark.common.fs import atomic_open, sha256_file
 from benchmark.common.paths import results_root
+from benchmark.stages.base import get_stage
 from methods.weights import read_state_dict
 
 FRAMEWORKS = ("detectron2", "mmdet", "torchvision")
@@ -329,12 +330,11 @@ def run_state(store, key: str) -> tuple[dict, dict]:
     if store.status(key) != "done":
         raise ExportError(f"--run: run {key} is {store.status(key)}, not done")
     stage = cfg.get("stage")
-    d = store.run_dir(key)
     if stage == "pretrain":
-        return read_state_dict(d / "weights.pt"), cfg
+        return _read_output(store, key, stage), cfg
     if stage == "finetune":
         state = {}
-        for k, v in read_state_dict(d / "model_final.pt").items():
+        for k, v in _read_output(store, key, stage).items():
             for a, b in _DETECTOR_TO_CANON:
                 if k.startswith(a):
                     k = b + k[len(a):]
@@ -342,6 +342,24 @@ def run_state(store, key: str) -> tuple[dict, dict]:
             state[k] = v
         return state, cfg
     raise ExportError(f"--run: run {key} is a {stage!r} run; export takes a pretraining or fine-tuning run")
+
+
+def _read_output(store, key: str, stage: str) -> dict:
+    """The state dict of the run's weights file (its stage's ``output``), checked first against
+    the sha256 its metrics.json recorded: a missing, damaged or unreadable file is an
+    ExportError naming it, never a traceback."""
+    name, field = get_stage(stage).output
+    path = store.run_dir(key) / name
+    if not path.is_file():
+        raise ExportError(f"--run: {path} is missing (a run from git keeps its metrics, not its weights)")
+    recorded = (store.metrics(key) or {}).get(field)
+    if recorded and sha256_file(path) != recorded:
+        raise ExportError(f"--run: {path} does not match the {field} its metrics.json recorded (truncated "
+                          f"or replaced): not exported")
+    try:
+        return read_state_dict(path)
+    except ValueError as e:
+        raise ExportError(f"--run: {e}") from None
 
 
 def export_run(store, key: str, framework: str, out: str | Path | None = None, *,

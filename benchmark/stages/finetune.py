@@ -156,7 +156,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     logger = JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
 
     def loader_from(step: int):
-        sampler = ResumableBatchSampler(len(train_base), rec.batch_size // world_size, seed, start_step=step,
+        sampler = ResumableBatchSampler(len(train_base), rec.batch_size, seed, start_step=step,
                                         rank=rank, world_size=world_size)
         return torch.utils.data.DataLoader(
             TrainSet(train_base, seed, rec.hflip_prob), batch_sampler=sampler, num_workers=rec.num_workers,

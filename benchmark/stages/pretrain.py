@@ -18,6 +18,8 @@ from benchmark.data.proposal_cache import compute_proposals
 from benchmark.data.pseudo_class_cache import compute_pseudo_classes
 from benchmark.data.resolve import resolve_data
 from benchmark.detectors import build_detector, get_detector, load_pretrained
+from methods.config import ConfigError
+from methods.sync_bn import convert_sync_batchnorm
 from methods.weights import read_state_dict
 from benchmark.engine.checkpoint import save_checkpoint, seed_everything
 from benchmark.engine.distributed import init_distributed_from_env, is_main_process, replicas_in_sync, world
@@ -93,6 +95,14 @@ def resolve_steps(recipe: PretrainRecipe, n_images: int) -> tuple[int, int]:
     return total, min(warm, total)
 
 
+def per_process_batch(batch: int, world_size: int, field: str = "recipe.batch_size") -> int:
+    """The global ``batch`` split evenly over ``world_size`` processes, or a ConfigError."""
+    if batch % world_size:
+        raise ConfigError(f"{field}: the global batch {batch} cannot be split evenly over {world_size} "
+                          f"processes (choose a process count that divides it)")
+    return batch // world_size
+
+
 def build_for_pretrain(config: dict):
     """The method with its config, plus the data and image labels it reads."""
     mcfg = dict(config["method"])
@@ -162,8 +172,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     given = method.given_weights()
     if given is not None:
         return _export_given_weights(given, config["method"], run_dir)
-    if distributed and device.type == "cuda" and method.sync_bn:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if distributed and method.sync_bn:
+        method = convert_sync_batchnorm(method)   # BN over the global batch, as in one process
     fast = fast_path(runtime, device)
     if fast["channels_last"]:
         method.to(memory_format=torch.channels_last)
@@ -187,9 +197,11 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
                                          params={**class_params, "seed": seed}, device=device)
     dataset = PretrainDataset(source, method, seed, labels, proposals, classes)
 
+    # the recipe's batch is the global one at every process count: steps, lr and schedules follow it
     total, warmup = resolve_steps(recipe, len(source))
-    batch = recipe.batch_size
-    lr = recipe.base_lr * batch * world_size / recipe.lr_batch   # linear scaling rule
+    batch = per_process_batch(recipe.batch_size, world_size)
+    method.check_split(batch)
+    lr = recipe.base_lr * recipe.batch_size / recipe.lr_batch   # linear scaling rule (global batch)
     opt = build_optimizer(method.param_groups(), recipe.optimizer, lr, recipe.weight_decay,
                                   recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars",
                                   nesterov=recipe.nesterov)
@@ -208,7 +220,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
                              run_dir, after_step=lambda s, logs: method.momentum_update((s + 1) / total))
     start = loop.try_resume() if resume else 0
     logger = JsonlLogger(run_dir / "log.jsonl", resume_step=start if resume else None)
-    sampler = ResumableBatchSampler(len(dataset), batch, seed, start_step=start, rank=rank, world_size=world_size)
+    sampler = ResumableBatchSampler(len(dataset), recipe.batch_size, seed, start_step=start, rank=rank,
+                                    world_size=world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=method.collate,
         num_workers=num_workers, persistent_workers=False,
@@ -223,8 +236,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
     metrics = {"steps": loop.step, "total_steps": total, "final": last,
-               "world_size": world_size, "batch_per_process": batch, "batch": batch * world_size, "lr": lr,
-               "fast_path": fast}
+               "world_size": world_size, "batch_per_process": batch, "batch": recipe.batch_size, "lr": lr,
+               "samples_seen": loop.step * recipe.batch_size, "fast_path": fast}
     if distributed:
         metrics["replicas_in_sync"] = replicas_in_sync(method)
     if loop.step >= total and is_main_process():

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# detbench: stop the cluster started by slurm/cluster/start.sh, by its PID files only.
+# detbench: stop the cluster started by slurm/cluster/start.sh, by its PID files only; for a
+# multi-node cluster (NODES > 1) also remove the network namespaces, veths and bridge that
+# start.sh created (listed in $SLURM_BASE/nodes.env).
 # Succeeds when nothing is running.  PURGE=1 also removes $SLURM_BASE (all state and logs).
 set -uo pipefail
 
 BASE=${SLURM_BASE:-/tmp/detbench-slurm}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=nodes.sh
+. "$HERE/nodes.sh"
 export SLURM_CONF=$BASE/etc/slurm.conf
 say() { printf '[detbench-slurm stop] %s\n' "$*"; }
 
@@ -32,8 +37,12 @@ if [ -s "$BASE/run/slurmctld.pid" ] && kill -0 "$(cat "$BASE/run/slurmctld.pid")
 fi
 
 stop_by_pidfile "$BASE/run/slurmctld.pid" slurmctld &
-stop_by_pidfile "$BASE/run/slurmd.pid" slurmd &
+slurmds=$(ls "$BASE"/run/slurmd.pid "$BASE"/run/slurmd.*.pid 2>/dev/null)   # slurmd.n<i>.pid: one per node
+for pidfile in ${slurmds:-$BASE/run/slurmd.pid}; do
+  stop_by_pidfile "$pidfile" "$(basename "$pidfile" .pid)" &
+done
 wait
+nodes_down "$BASE" | sed 's/^/[detbench-slurm stop] /'
 stop_by_pidfile "$BASE/run/slurmdbd.pid" slurmdbd
 stop_by_pidfile "$BASE/db/run/mysqld.pid" mariadbd &
 stop_by_pidfile "$BASE/munge/run/munged.pid" munged &
