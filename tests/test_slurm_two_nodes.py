@@ -43,7 +43,7 @@ BASE = Path(os.environ.get("SLURM2_BASE", "/tmp/detbench-slurm2"))
 # (no per-process BatchNorm, unlike MoCo v2's Shuffle-BN); change here if another is proven so
 METHOD = "pixpro"
 EPOCHS = 200          # micro: 4 steps
-ATOL = 1e-5           # max |w_two_nodes - w_one_process| over every weight
+ATOL = 5e-3           # max |w_two_nodes - w_one_process| over every weight (docs/distributed.md: float tolerance)
 
 
 def _cluster_nodes() -> list[str]:
