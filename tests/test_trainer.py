@@ -152,3 +152,16 @@ def test_keeping_the_previous_checkpoint_never_leaves_the_checkpoint_missing(tmp
     assert seen and all(seen)
     assert load_checkpoint(p)["step"] == 2 and load_checkpoint(previous_checkpoint(p))["step"] == 1
     assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+def test_pretraining_resumed_after_its_last_step_keeps_the_final_values(isolated):
+    """A run killed after its last checkpoint (weights.pt not yet written) resumes at the end:
+    its metrics still carry the last logged loss (issue: ``"final": {}``)."""
+    from benchmark.stages.pretrain import run_pretrain
+    cfg = _pretrain_cfg()
+    cfg["runtime"] = {"ckpt_every": 1, "log_every": 1}
+    full = run_pretrain(cfg, isolated / "a", progress=False)
+    (isolated / "a" / "weights.pt").unlink()
+    again = run_pretrain(cfg, isolated / "a", progress=False)
+    assert again["steps"] == full["steps"] and again["final"] == full["final"] and "loss" in again["final"]
+    assert (isolated / "a" / "weights.pt").exists()

@@ -38,6 +38,16 @@ class ResumeError(RuntimeError):
     file and the remedy."""
 
 
+def last_logged(path: Path) -> dict:
+    """The last logged step's values, as ``TrainLoop.run`` returns them (a run resumed after
+    its last step logs nothing more)."""
+    if not path.exists():
+        return {}
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    rows = [r for r in map(json.loads, lines) if "event" not in r]
+    return {k: v for k, v in rows[-1].items() if k not in ("step", "lr", "time")} if rows else {}
+
+
 class JsonlLogger:
     """Appends one JSON object per line. On resume, lines past the resumed step (logged after
     its checkpoint) are dropped, so the log reads as one uninterrupted run plus one

@@ -24,7 +24,7 @@ from benchmark.detectors import detector_config, load_pretrained, maybe_sync_bn
 from methods.weights import read_state_dict
 from benchmark.engine.checkpoint import save_checkpoint, seed_everything
 from benchmark.engine.distributed import is_main_process, world
-from benchmark.engine.loop import JsonlLogger, LoopConfig, TrainLoop
+from benchmark.engine.loop import last_logged, JsonlLogger, LoopConfig, TrainLoop
 from benchmark.engine.sampling import ResumableBatchSampler, sample_rng
 from benchmark.stages.base import register_stage, Stage, StageContext
 from methods.config import ConfigError
@@ -178,7 +178,7 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
     last = (loop.run(loader_from(start), step_fn, logger, stop_after=stop_after, progress=progress)
             if start < rec.steps else {})
     if "loss" not in last:
-        last = _last_logged(run_dir / "log.jsonl")
+        last = last_logged(run_dir / "log.jsonl")
     if loop.step >= rec.steps and rec.precise_bn_iters:
         # every rank (SyncBN gathers across them), on the training batches after the last step
         net.train()
@@ -188,13 +188,6 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
         save_checkpoint(run_dir / "model_final.pt", {"state_dict": model.state_dict(), "num_classes": num_classes,
                                                      "detector": {"name": det.name, **det_cfg.to_dict()}})
     return {"final_loss": last.get("loss"), "steps": loop.step}
-
-
-def _last_logged(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    return json.loads(lines[-1]) if lines else {}
 
 
 @register_stage("finetune")

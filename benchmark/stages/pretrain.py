@@ -23,7 +23,7 @@ from methods.sync_bn import convert_sync_batchnorm
 from methods.weights import read_state_dict
 from benchmark.engine.checkpoint import save_checkpoint, seed_everything
 from benchmark.engine.distributed import init_distributed_from_env, is_main_process, replicas_in_sync, world
-from benchmark.engine.loop import JsonlLogger, LoopConfig, TrainLoop
+from benchmark.engine.loop import JsonlLogger, last_logged, LoopConfig, TrainLoop
 from benchmark.engine.optim import build_optimizer, Schedule
 from benchmark.engine.sampling import ResumableBatchSampler, sample_rng
 from benchmark.stages.base import register_stage, Stage, StageContext
@@ -235,6 +235,8 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         return step_model(to_device(batch, device, channels_last=fast["channels_last"]))
 
     last = loop.run(loader, step_fn, logger, stop_after=stop_after, progress=progress)
+    if not last and loop.step >= total:   # killed after its last checkpoint: the log has the last values
+        last = last_logged(run_dir / "log.jsonl")
     metrics = {"steps": loop.step, "total_steps": total, "final": last,
                "world_size": world_size, "batch_per_process": batch, "batch": recipe.batch_size, "lr": lr,
                "samples_seen": loop.step * recipe.batch_size, "fast_path": fast}
