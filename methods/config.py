@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any
 
@@ -25,6 +26,9 @@ def dataclass_from_dict(cls, d: dict | None, prefix: str):
             raise ConfigError(f"{prefix}.{k}: unknown key (known: {', '.join(sorted(fields))}){hint}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
+
+
+EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def coerce(v: Any, tp: Any, where: str) -> Any:
@@ -54,6 +58,8 @@ def coerce(v: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {v!r}")
         return int(v)
     if tp is float:
+        if isinstance(v, str) and EXPONENT.match(v):   # YAML 1.1 reads 3e-4 (no dot) as a string
+            v = float(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {v!r}")
         return float(v)

@@ -259,3 +259,17 @@ def test_exporting_damaged_weights_is_one_line_naming_the_file(isolated, capsys)
     (d / "weights.pt").write_bytes(data[: len(data) // 2])    # truncated
     assert main(["export", "--run", key, "--to", "torchvision"]) == 2
     _one_line(capsys.readouterr().err, str(d / "weights.pt"), "weights_sha256", "not exported")
+
+
+def test_a_number_in_exponent_form_is_a_number_in_set_and_in_yaml_files():
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string: ``--set recipe.base_lr=3e-4`` was refused
+    as "not a number"; now it is 0.0003 on the command line and in a config file."""
+    from benchmark.experiments.config import parse_overrides
+    from methods.base import PretrainRecipe
+    from methods.config import ConfigError, coerce
+    assert parse_overrides(["recipe.base_lr=3e-4", "method.name=1e5x"]) == {"recipe": {"base_lr": 3e-4},
+                                                                           "method": {"name": "1e5x"}}
+    assert coerce("1E-5", float, "recipe.base_lr") == 1e-5
+    assert PretrainRecipe.from_dict({**PretrainRecipe().to_dict(), "base_lr": "2e-4"}).base_lr == 2e-4
+    with pytest.raises(ConfigError, match="recipe.base_lr: expected a number, got 'fast'"):
+        coerce("fast", float, "recipe.base_lr")

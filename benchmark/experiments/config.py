@@ -20,7 +20,7 @@ from benchmark.runs.identity import strip_defaults
 from methods import build_method, get_method
 from methods.augment import LOADERS
 from methods.base import PretrainRecipe
-from methods.config import coerce, ConfigError
+from methods.config import coerce, ConfigError, EXPONENT
 
 SCALES_DIR = configs_root() / "scales"
 
@@ -182,7 +182,10 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         parts = path.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
+        value = yaml.safe_load(val)
+        if isinstance(value, str) and EXPONENT.match(value):   # YAML 1.1 reads 3e-4 as a string
+            value = float(value)
+        node[parts[-1]] = value
     return out
 
 
