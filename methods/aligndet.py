@@ -251,10 +251,8 @@ class AlignDet(PretrainMethod):
     def collate(self, samples: list[dict]) -> dict:
         """``pools``: the batch in pools of ``pool_images`` images (``collate_pool``), the
         unit the loss is computed on, whatever the process count."""
+        self.check_split(len(samples))
         P = self.cfg.pool_images
-        if len(samples) % P:
-            raise ConfigError(f"method.pool_images: {len(samples)} images per process do not form pools of {P} "
-                              f"(the per-process batch must be a multiple of {P})")
         return {"pools": [self.collate_pool(samples[i:i + P]) for i in range(0, len(samples), P)]}
 
     def collate_pool(self, samples: list[dict]) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 from methods.config import ConfigError, dataclass_from_dict
+from methods.dist import groups_per_process
 
 
 @dataclasses.dataclass
@@ -175,10 +176,16 @@ class PretrainMethod(nn.Module):
         user's ImageNet weights); None: train (the default)."""
         return None
 
+    # Config fields that count groups of the global batch (MoCo v2's BatchNorm groups): each
+    # must be a multiple of the process count (``methods.dist.groups_per_process``)
+    group_fields: tuple[str, ...] = ()
+
     def check_split(self, batch_per_process: int) -> None:
         """Before the first step, in each process: a ConfigError naming the field when what
-        the method computes over groups of the global batch (BatchNorm groups, loss pools)
-        cannot be split over the processes (``methods.dist``). Default: nothing to split."""
+        the method computes over groups of the global batch (``group_fields``; AlignDet: its
+        loss pools) cannot be split over the processes."""
+        for field in self.group_fields:
+            groups_per_process(getattr(self.cfg, field), field)
 
     def collate(self, samples: list[dict]) -> dict:
         return default_collate(samples)

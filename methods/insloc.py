@@ -38,7 +38,7 @@ from methods.losses import level_info_nce
 from methods.queues import LevelQueues
 from methods.registry import register_method
 from methods.roi import ResNetFPN, box_head, export_parts, multilevel_roi_align
-from methods.dist import gather, groups_per_process
+from methods.dist import gather
 from methods.shuffle_bn import in_bn_groups, shuffle_bn
 
 ARCHS = ("fpn", "c4")
@@ -154,6 +154,7 @@ class InsLoc(PretrainMethod):
                        "recipe": {"batch_size": 32}},
               "paper": {"method": {"bn_groups": 8, "shuffle_bn_splits": 8}}}   # official: 8 GPUs x 32
     sync_bn = False   # per-process BN (bn_groups) with Shuffle-BN, as MoCo v2 (official configs: no SyncBN)
+    group_fields = ("bn_groups", "shuffle_bn_splits")
     needs_source = True
 
     @dataclass
@@ -242,10 +243,6 @@ class InsLoc(PretrainMethod):
             out["box_q_aug"] = torch.from_numpy(
                 anchor_augment(out["box_q"].numpy(), self.anchors, rng, c.anchor_iou, c.anchor_nms))
         return out
-
-    def check_split(self, batch_per_process: int) -> None:
-        for field in ("bn_groups", "shuffle_bn_splits"):
-            groups_per_process(getattr(self.cfg, field), field)
 
     # -- model ----------------------------------------------------------------------------
     def param_groups(self):

@@ -24,7 +24,7 @@ from methods.heads import moco_v2_projector
 from methods.losses import info_nce
 from methods.queues import MemoryQueue
 from methods.registry import register_method
-from methods.dist import gather, groups_per_process
+from methods.dist import gather
 from methods.shuffle_bn import in_bn_groups, shuffle_bn
 
 
@@ -32,6 +32,7 @@ from methods.shuffle_bn import in_bn_groups, shuffle_bn
 class MoCoV2(PretrainMethod):
     # SGD lr 0.03 at batch 256, wd 1e-4, momentum 0.9, cosine (MoCo v2 Sec. 3, official repo)
     sync_bn = False   # per-process BN (bn_groups) and Shuffle-BN for the keys (Sec. 3.3)
+    group_fields = ("bn_groups", "shuffle_bn_splits")
     recipe = PretrainRecipe(optimizer="sgd", base_lr=0.03, lr_batch=256, batch_size=256,
                             weight_decay=1e-4, momentum=0.9, schedule="cosine", warmup_epochs=0)
     # tiny: 50 steps x 64 keys; a 1024-key queue fills in 16 steps (a queue larger than the
@@ -82,10 +83,6 @@ class MoCoV2(PretrainMethod):
             g = random_view(img.width, img.height, self.cfg.crop_size, rng, scale=tuple(self.cfg.crop_scale))
             out[name] = render_view(img, g, MOCO_V2_AUG, rng)
         return out
-
-    def check_split(self, batch_per_process: int) -> None:
-        for field in ("bn_groups", "shuffle_bn_splits"):
-            groups_per_process(getattr(self.cfg, field), field)
 
     # -- model --------------------------------------------------------------------
     def param_groups(self):

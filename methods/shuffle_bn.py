@@ -68,9 +68,9 @@ def shuffle_bn(module: nn.Module, fn: Callable[..., torch.Tensor], *xs: torch.Te
     n_local = xs[0].shape[0]
     full = [gather(x) for x in xs]
     perm = torch.randperm(full[0].shape[0], device=xs[0].device)   # every rank draws (same RNG stream)
+    rank, _ = rank_and_world()
     if distributed():
         dist.broadcast(perm, src=0)
-    rank = dist.get_rank() if distributed() else 0
     mine = perm[rank * n_local:(rank + 1) * n_local]                 # this process's rows of the shuffle
     k = gather(in_bn_groups(module, fn, *(g[mine] for g in full), groups=groups, field=field))
     out = torch.empty_like(k)

@@ -8,15 +8,16 @@ import socket
 import torch
 import torch.distributed as dist
 
+from methods.dist import rank_and_world
+
 
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """(rank, world size); (0, 1) in one process."""
+    return rank_and_world()
 
 
 def init_distributed_from_env() -> bool:
