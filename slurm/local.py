@@ -10,7 +10,6 @@ import socket
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import submitit
-import torch.distributed as dist
 
 from benchmark.common.paths import results_root
 from benchmark.engine.loop import Diverged
@@ -18,8 +17,9 @@ from benchmark.runs.job import Job
 from benchmark.experiments.plan import Plan
 from benchmark.reporting.progress import TableProgress
 from benchmark.runner import run_job
-from benchmark.runs.store import RunStore
+from benchmark.runs.store import RESULTS, RunStore
 from slurm.orchestrate import job_environment
+from slurm.rank import rank_main
 from slurm.submit import StageJob
 
 
@@ -33,10 +33,11 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
     one torch thread each (on 2 cores two tiny runs at once nearly halve a table);
     ``"submitit-local"``: each run as a job of submitit's LocalExecutor through the Slurm job
     wrapper (the cluster's code path, without a cluster). A failed or diverged run skips its
-    descendants; the rest of the table goes on. Returns key -> status."""
+    descendants; the rest of the table goes on. A stored diverged run is a result, like a
+    done one: it is not run again. Returns key -> status."""
     store = RunStore(store_root)
     launch = _launcher(plan, store, device=device, progress=progress, jobs=jobs, nproc=nproc, executor=executor)
-    status = {j.key: "done" for j in plan.jobs if store.status(j.key) == "done"}
+    status = {j.key: st for j in plan.jobs if (st := store.status(j.key)) in RESULTS}
     waiting = [j for j in plan.jobs if j.key not in status]
     tp = TableProgress(plan, store_root, jobs=jobs)
     running: dict = {}
@@ -114,12 +115,17 @@ def run_processes(job: Job, store_root: str, *, nproc: int, device: str | None =
     wires them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT on a free local port)."""
     ctx = mp.get_context("spawn")   # a forked child would inherit this process's thread pools
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(job, store_root, rank, nproc, port, device, runtime),
+    procs = [ctx.Process(target=rank_main, args=(job, store_root, rank, nproc, port, device, runtime),
                          name=f"{job.label}/rank{rank}") for rank in range(nproc)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:   # Ctrl-C reached the children too: they save at the end of their step
+        for p in procs:
+            p.join()
+        raise
     codes = [p.exitcode for p in procs]
     store = RunStore(store_root)
     st = _final_status(store, job)
@@ -129,19 +135,6 @@ def run_processes(job: Job, store_root: str, *, nproc: int, device: str | None =
         last = marker.read_text().strip().splitlines()[-1:] if marker.exists() else []
         err = last[0] if last else f"process exit codes {codes}"
     return st, err
-
-
-def _rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:
-    if nproc > 1:
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    try:
-        run_job(job, store_root, device=device, progress=False, runtime=runtime)
-    except Diverged:
-        pass   # recorded in the store
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _final_status(store: RunStore, job: Job) -> str:

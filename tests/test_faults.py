@@ -12,7 +12,8 @@ import torch
 
 from benchmark.engine.checkpoint import previous_checkpoint
 from benchmark.engine.loop import JsonlLogger, LoopConfig, ResumeError, Stopped, TrainLoop
-from benchmark.cli import build_parser, main
+from benchmark.cli import main
+from benchmark.cli.commands import build_parser
 from benchmark.experiments.config import pretrain_config
 from benchmark.runs.job import Job
 from benchmark.experiments.plan import plan_table
@@ -42,7 +43,7 @@ def _step(loop):
     (["pretrain", "--method", "moco_v2", "--set", "recipe.epochs=-5"], "recipe.epochs: expected > 0"),
     (["pretrain", "--method", "moco_v2", "--set", "recipe.base_lr=abc"], "recipe.base_lr: expected a number"),
     (["pretrain", "--method", "moco_v2", "--set", "method.queue_size=-3"], "method.queue_size: expected > 0"),
-    (["finetune", "--from", "scratch", "--set", "finetune.steps=-1"], "recipe.steps/batch_size: expected positive"),
+    (["finetune", "--from", "scratch", "--set", "finetune.steps=-1"], "finetune.steps: expected > 0"),
     (["finetune", "--from", "scratch", "--set", "detector.trainable_layers=9"], "detector.trainable_layers"),
 ])
 def test_a_config_error_is_one_line_and_leaves_no_run(isolated, capsys, args, msg):

@@ -273,3 +273,64 @@ def test_a_number_in_exponent_form_is_a_number_in_set_and_in_yaml_files():
     assert PretrainRecipe.from_dict({**PretrainRecipe().to_dict(), "base_lr": "2e-4"}).base_lr == 2e-4
     with pytest.raises(ConfigError, match="recipe.base_lr: expected a number, got 'fast'"):
         coerce("fast", float, "recipe.base_lr")
+
+
+def test_a_diverged_run_is_a_result_and_is_not_run_again(isolated, capsys, monkeypatch):
+    import slurm.local as local
+    plan = plan_table("soco_table1", scale="micro", seeds=(0,))
+    s = RunStore()
+    roots = [j for j in plan.jobs if not j.parents]
+    for j in roots:
+        s.begin(j.key, j.config)
+        s.fail(j.key, "diverged: loss is nan at step 3", diverged=True)
+
+    def no_run(*a, **kw):
+        raise AssertionError("a diverged run (or a child of one) was run again")
+    monkeypatch.setattr(local, "run_job", no_run)
+    status = local.run_plan_local(plan, jobs=1)
+    assert {status[j.key] for j in roots} == {"diverged"}
+    assert {status[j.key] for j in plan.jobs if j.parents} == {"skipped"}
+    assert main(["reproduce", "--table", "soco_table1", "--scale", "micro", "--seeds", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"{len(plan.jobs)} runs, 0 to run" in out and f"{len(roots)} stored run(s) diverged" in out
+
+
+# ------------------------------------------------------------------ Ctrl-C: at the end of this step, one line
+def test_ctrl_c_stops_at_the_end_of_the_current_step_not_the_next_logging_step(tmp_path, capsys):
+    from benchmark.engine.loop import JsonlLogger, LoopConfig, Stopped, TrainLoop
+    model = torch.nn.Linear(2, 1)
+    loop = TrainLoop(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 0.1,
+                     LoopConfig(total_steps=200, ckpt_every=100, log_every=50), tmp_path)
+
+    def step(b):
+        if loop.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C during step 4 (logging every 50)
+        return {"loss": model(torch.ones(1, 2)).sum()}
+    with pytest.raises(Stopped):
+        loop.run(iter([None] * 200), step, JsonlLogger(tmp_path / "log.jsonl"), progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped at step 4; the same command resumes"
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_two_runs_at_once_is_one_line_and_both_resume(isolated):
+    """A terminal's Ctrl-C reaches the whole process group: the parent and every spawned run
+    (one of them maybe still importing torch). One line, no traceback; the runs that were
+    training saved a checkpoint and read interrupted."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "benchmark.cli", "reproduce", "--table", "soco_table1",
+                          "--scale", "micro", "--jobs", "2"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    runs, t0 = isolated / "runs", time.time()
+    while not any(runs.glob("*/log.jsonl")) and time.time() - t0 < 240:   # a run is training
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 130
+    # the data generator's progress bars (a fresh cache) aside
+    _one_line("\n".join(l for l in err.splitlines() if "%|" not in l), "detbench: interrupted",
+              "the same command resumes")
+    store = RunStore(runs)
+    statuses = [store.status(d.name) for d in runs.iterdir() if d.is_dir()]
+    assert "failed" not in statuses and "interrupted" in statuses, statuses

@@ -60,11 +60,15 @@ def cmd_reproduce(args) -> int:
         writable_table_dir(spec.name, args.scale, create=False)
     seeds, why = table_seeds_for(args, spec, df)
     plan = plan_table(spec, scale=args.scale, seeds=seeds, overrides=sets, data=data)
-    missing = [j for j in plan.jobs if store.status(j.key) != "done"]
+    missing, diverged = _to_run(plan, store)
     n_impl = len({c.row for c in plan.cells if c.eval_key})
     print(f"{plan.spec.name}: {len(plan.spec.rows)} rows ({n_impl} implemented), "
           f"{len(plan.jobs)} runs, {len(missing)} to run, scale {args.scale}, seeds {list(plan.seeds)}"
           + (f" ({why})" if why else ""))
+    if diverged:
+        print(f"  {len(diverged)} stored run(s) diverged: a result, kept (their cells read 'diverged'; "
+              f"delete a run's folder or use --fresh to recompute): {', '.join(diverged[:4])}"
+              + (" ..." if len(diverged) > 4 else ""))
     if len(missing) < len(plan.jobs):
         print(f"  reused from {store.root}: {describe_reuse(df, [j.key for j in plan.jobs])}"
               + ("; nothing to train" if not missing else "")
@@ -102,6 +106,19 @@ def cmd_reproduce(args) -> int:
         print(failures, file=sys.stderr)
         return 1
     return 0
+
+
+def _to_run(plan, store: RunStore) -> tuple[list, list[str]]:
+    """(the plan's jobs to run, the keys of its stored diverged runs). A diverged run is a
+    result (running it again diverges again); its descendants are not run either."""
+    from benchmark.runs.store import RESULTS
+    status = {j.key: store.status(j.key) for j in plan.jobs}
+    blocked = {k for k, s in status.items() if s == "diverged"}
+    for j in plan.jobs:   # parents first
+        if any(p in blocked for p in j.parents):
+            blocked.add(j.key)
+    todo = [j for j in plan.jobs if status[j.key] not in RESULTS and j.key not in blocked]
+    return todo, [k for k, s in status.items() if s == "diverged"]
 
 
 def _current_version(name: str, scale: str) -> str | None:

@@ -178,7 +178,7 @@ class TrainLoop:
                 # on the steps that log, checkpoint or stop (a request made during this step counts)
                 nxt = self.step + 1
                 sync = (nxt % cfg.log_every == 0 or nxt % cfg.ckpt_every == 0 or nxt == cfg.total_steps
-                        or req.checkpoint or (stop_after is not None and done_here + 1 >= stop_after))
+                        or req.checkpoint or req.stop or (stop_after is not None and done_here + 1 >= stop_after))
                 self._update(out, check_finite=sync)
                 done_here += 1
                 bar.update(1)
@@ -198,7 +198,7 @@ class TrainLoop:
                 if req.stop and self.step < cfg.total_steps:
                     self.save()
                     bar.close()
-                    if is_main_process():
+                    if is_main_process() and req.announce:
                         print(f"stopped at step {self.step}; the same command resumes", file=sys.stderr, flush=True)
                     raise Stopped(self.step)
         return last

@@ -12,6 +12,7 @@ class Requests:
     def __init__(self) -> None:
         self.checkpoint = False   # write a checkpoint at the end of the current step
         self.stop = 0             # the signal that asked the loop to stop after its current step
+        self.announce = True      # the loop says "stopped at step N"; False where a parent says it once
 
     def request_checkpoint(self, *_args) -> None:
         self.checkpoint = True

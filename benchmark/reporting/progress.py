@@ -19,7 +19,7 @@ from benchmark.common.paths import runs_root
 from benchmark.experiments.plan import Plan
 from benchmark.reporting.results import load_runs
 from benchmark.runs.job import Job
-from benchmark.runs.store import RunStore
+from benchmark.runs.store import RESULTS, RunStore
 
 
 def _fmt_s(s: float | None) -> str:
@@ -80,7 +80,7 @@ class TableProgress:
     def __init__(self, plan: Plan, store_root=None, *, jobs: int = 1, out=None, estimates: dict | None = None):
         self.plan, self.jobs, self.out = plan, max(1, jobs), out or sys.stdout
         store = RunStore(store_root)
-        self.todo = {j.key: j for j in plan.jobs if store.status(j.key) != "done"}
+        self.todo = {j.key: j for j in plan.jobs if store.status(j.key) not in RESULTS}
         self.total = len(self.todo)
         if estimates is None:
             estimates = duration_estimates(self._frames(store.root))

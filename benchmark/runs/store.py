@@ -28,6 +28,9 @@ class StoreError(RuntimeError):
 
 STAGES = ("pretrain", "finetune", "evaluate")
 STATUSES = ("done", "diverged", "failed", "running", "interrupted")   # what RunStore.status says of a run folder
+# a run's outcome, kept: running it again computes the same (a diverged run diverges again, at
+# the same step); --fresh or `detbench runs --rm` to recompute. A failed run is run again.
+RESULTS = ("done", "diverged")
 
 
 class RunStore:

@@ -1,0 +1,31 @@
+"""The entry of each process that ``slurm.local.run_processes`` spawns. It imports nothing
+heavy at module level: a Ctrl-C that reaches the process while it still imports torch ends it
+quietly (exit 130), as one during training does after the loop has saved; the parent says
+"interrupted" once for every run."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:
+    try:
+        if nproc > 1:
+            os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(port)})
+        import torch.distributed as dist
+
+        from benchmark.engine.loop import Diverged
+        from benchmark.engine.signals import REQUESTS
+        from benchmark.runner import run_job
+        REQUESTS.announce = False   # the parent says "stopped" once, for every run
+        try:
+            run_job(job, store_root, device=device, progress=False, runtime=runtime)
+        except Diverged:
+            pass   # recorded in the store
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+    except KeyboardInterrupt:   # Ctrl-C: the loop saved at the end of its step; no traceback per process
+        sys.exit(130)
