@@ -46,7 +46,6 @@ from methods.registry import register_method
 from methods.roi import export_parts
 
 DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos", "detr")
-IGNORE = -2          # a sample that is neither an instance nor background (RetinaNet 0.4-0.5)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -65,9 +64,11 @@ class BoxDomainRecipe:
 # 11, linear warm-up over 500 iterations = 500 / ceil(118287 / 16) = 0.0676 COCO epochs.
 _SGD_1X = PretrainRecipe(optimizer="sgd", base_lr=0.02, lr_batch=16, batch_size=16, weight_decay=1e-4,
                          momentum=0.9, schedule="multistep", warmup_epochs=500 / 7393, epochs=12)
-# DETR (official configs/selfsup/detr.py): AdamW lr 2e-4 at batch 16 (8 GPUs x 2), wd 1e-4,
+# DETR (official configs/selfsup/detr.py): AdamW lr 2e-4 with auto_scale_lr(enable=True,
+# base_batch_size=64), i.e. 2e-4 per 64 images; launched on 8 GPUs x samples_per_gpu 2 = 16
+# images, mmdet 2.25 apis/train.py auto_scale_lr trains at 2e-4 * 16 / 64 = 5e-5. wd 1e-4,
 # gradient clipping at max norm 0.1, 50 epochs, lr x0.1 at epoch 40, no warm-up.
-_DETR = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=16, batch_size=16, weight_decay=1e-4,
+_DETR = PretrainRecipe(optimizer="adamw", base_lr=2e-4, lr_batch=64, batch_size=16, weight_decay=1e-4,
                        momentum=0.9, schedule="multistep", warmup_epochs=0, epochs=50)
 RECIPES = {
     "mask_rcnn": BoxDomainRecipe(_SGD_1X, (8 / 12, 11 / 12)),
@@ -127,8 +128,15 @@ class AlignDet(PretrainMethod):
         rpn_pos_fraction: float = 1.0
         roi_samples: int = 4096
         roi_pos_iou: float = 0.5
-        # -- FCOS ---------------------------------------------------------------------------------
+        # -- RetinaNet (official train_cfg.sampler: RandomSampler(num=2048, pos_fraction=1.0,
+        # neg_pos_ub=-1), per image): the anchors that enter the loss; 0: every non-ignored one
+        retina_samples: int = 2048
+        retina_pos_fraction: float = 1.0
+        # -- FCOS (official SelfSupFCOSHead.loss: sampler.num = 2048 points per view over the
+        # GPU's images, positives first): "pool" = over the loss pool's images (one GPU's), or
+        # "image" = 2048 for each image
         fcos_points: int = 2048
+        fcos_points_per: str = "pool"
         # -- DETR (official configs/_base_/models/selfsup_detr_r50.py) ------------------------------
         detr_classes: int = 256          # k-means pseudo-classes of the proposals
         detr_no_object_weight: float = 0.1
@@ -148,6 +156,9 @@ class AlignDet(PretrainMethod):
         self.online: nn.Module | None = None
         self.target: nn.Module | None = None
         self.current_momentum = cfg.momentum
+        # the progress k / K at the start of the next iteration (``momentum_update``); a buffer,
+        # so a resumed run's checkpoint carries it
+        self.register_buffer("ema_progress", torch.zeros((), dtype=torch.float64))
 
     @classmethod
     def pretrain_detector(cls, method_cfg: dict) -> str | None:
@@ -299,10 +310,16 @@ class AlignDet(PretrainMethod):
 
     @torch.no_grad()
     def momentum_update(self, progress: float) -> None:
-        """m = 1 - (1 - m0)(cos(pi progress) + 1)/2 (official MomentumUpdateHook)."""
-        self.current_momentum = cosine_schedule(progress, self.cfg.momentum)
+        """target = m target + (1 - m) online after the optimizer step of iteration k (0-based)
+        of K, m = 1 - (1 - m0)(cos(pi k / K) + 1)/2: official ``MomentumUpdateHook``, which sets
+        m in ``before_train_iter`` from ``runner.iter`` = k and applies it in ``after_train_iter``
+        (m0 after the first step, m((K-1)/K) < 1 after the last). The harness calls this after
+        the step with ``progress`` = (k + 1) / K (benchmark/stages/pretrain.py): k / K is the
+        progress of the previous call (0 before the first), kept in ``ema_progress``."""
+        self.current_momentum = cosine_schedule(float(self.ema_progress), self.cfg.momentum)
         online = self._attached()
         update_momentum(online, self.target, self.current_momentum, copied=online.copied)
+        self.ema_progress.fill_(progress)
 
     def forward(self, batch: dict) -> dict:
         """The mean over the batch's pools of each pool's loss (``pool_loss``); every torch
@@ -488,10 +505,28 @@ class DenseHeads(_Heads):
                 "head.regression_head.conv": self.reg_convs}
 
 
+def random_sample(pos: torch.Tensor, neg: torch.Tensor, num: int,
+                  pos_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmdet's ``RandomSampler`` (mmdet/core/bbox/samplers/random_sampler.py, neg_pos_ub=-1)
+    over index sets: at most int(num * pos_fraction) of the positives ``pos``, drawn at random
+    when there are more, then negatives drawn at random to fill ``num`` in all. The draws are
+    torch's (the pool's seed, ``AlignDet.forward``)."""
+    k = int(num * pos_fraction)
+    if len(pos) > k:
+        pos = pos[torch.randperm(len(pos), device=pos.device)[:k]]
+    k = num - len(pos)
+    if len(neg) > k:
+        neg = neg[torch.randperm(len(neg), device=neg.device)[:k]]
+    return pos, neg
+
+
 class RetinaHeads(DenseHeads):
     """RetinaNet: anchors with IoU >= 0.5 to a pseudo box are its samples, < 0.4 background,
-    between ignored (official MaxIoUAssigner(0.5, 0.4, min_pos_iou=0)); L1 on the encoded
-    deltas of positives, averaged over positives (official ``loss_single_bbox``)."""
+    between ignored (official MaxIoUAssigner(0.5, 0.4, min_pos_iou=0)); per image at most
+    ``retina_samples`` of them enter the losses, positives first (``retina_pos_fraction``),
+    background filling the rest (official RandomSampler(num=2048, pos_fraction=1.0): mmdet's
+    AnchorHead samples when the loss is not a focal loss); L1 on the encoded deltas of the
+    sampled positives, averaged over them (official ``loss_single_bbox``)."""
 
     embed_kernel = 1
 
@@ -499,35 +534,43 @@ class RetinaHeads(DenseHeads):
         super().__init__(detector, cfg)
         from torchvision.models.detection._utils import Matcher
         self.matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+        self.samples, self.pos_fraction = cfg.retina_samples, cfg.retina_pos_fraction
 
     def forward(self, images: ImageList, feats: dict, boxes: list, ids: list):
         anchors, emb, reg, _ = self.dense(images, feats)
         deltas = torch.cat([_flatten(self.bbox_reg(f), 4) for f in reg], 1)
-        labels, pos_deltas, pos_targets = [], [], []
+        z, y, pos_deltas, pos_targets = [], [], [], []
         for i, (a, gt, gid) in enumerate(zip(anchors, boxes, ids)):
-            lab = torch.full((len(a),), BACKGROUND, dtype=torch.long, device=a.device)
             if len(gt):
                 m = self.matcher(box_iou(gt, a))
-                pos = m >= 0
-                lab[pos] = gid[m[pos]]
-                lab[m == self.matcher.BETWEEN_THRESHOLDS] = IGNORE
+            else:
+                m = torch.full((len(a),), self.matcher.BELOW_LOW_THRESHOLD, dtype=torch.long, device=a.device)
+            pos = torch.nonzero(m >= 0).squeeze(1)
+            neg = torch.nonzero(m == self.matcher.BELOW_LOW_THRESHOLD).squeeze(1)
+            if self.samples:
+                pos, neg = random_sample(pos, neg, self.samples, self.pos_fraction)
+            lab = torch.full((len(a),), BACKGROUND, dtype=torch.long, device=a.device)
+            lab[pos] = gid[m[pos]]
+            keep = torch.cat([pos, neg]).sort().values          # the image's samples, in anchor order
+            z.append(emb[i, keep])
+            y.append(lab[keep])
+            if len(pos):
                 pos_deltas.append(deltas[i, pos])
                 pos_targets.append(self.box_coder.encode_single(gt[m[pos]], a[pos]))
-            labels.append(lab)
-        labels = torch.stack(labels)
-        keep = labels != IGNORE
         d = torch.cat(pos_deltas) if pos_deltas else deltas.new_zeros(0, 4)
         t = torch.cat(pos_targets) if pos_targets else deltas.new_zeros(0, 4)
         l1 = (d - t).abs().sum() / max(1, len(t)) + deltas.sum() * 0.0
-        return emb[keep], labels[keep], {"loss_box_l1": l1}
+        return torch.cat(z), torch.cat(y), {"loss_box_l1": l1}
 
 
 class FCOSHeads(DenseHeads):
     """FCOS: the fine-tuning detector's point assignment (a point is a sample of the
     smallest pseudo box that contains it within ``center_sampling_radius`` strides of its
-    centre and whose size range fits the point's level); at most ``fcos_points`` points per
-    image, positives first, the rest background; IoU loss (-log IoU, weighted by the
-    centerness target) and centerness BCE on the positives (official ``SelfSupFCOSHead``)."""
+    centre and whose size range fits the point's level); ``fcos_points`` points enter the
+    losses, positives first, background filling the rest, over the pool's images
+    (``fcos_points_per: pool``; official ``SelfSupFCOSHead.loss`` samples sampler.num = 2048
+    points of the flattened per-GPU batch, per view) or per image; IoU loss (-log IoU,
+    weighted by the centerness target) and centerness BCE on the sampled positives."""
 
     embed_kernel = 3
 
@@ -536,6 +579,7 @@ class FCOSHeads(DenseHeads):
         self.bbox_ctrness = detector.head.regression_head.bbox_ctrness
         self.radius = float(getattr(detector, "center_sampling_radius", 1.5))
         self.max_points = cfg.fcos_points
+        self.per_pool = cfg.fcos_points_per == "pool"
 
     def assign(self, points: torch.Tensor, gt: torch.Tensor, per_level: list[int]) -> torch.Tensor:
         """Index of each point's pseudo box, -1 for background. ``points``: the (R, 4) one-per-
@@ -564,22 +608,28 @@ class FCOSHeads(DenseHeads):
         anchors, emb, reg, per_level = self.dense(images, feats)
         deltas = torch.cat([_flatten(F.relu(self.bbox_reg(f)), 4) for f in reg], 1)
         ctr = torch.cat([_flatten(self.bbox_ctrness(f), 1) for f in reg], 1)[..., 0]
-        z, y, pred, target, centre, ctr_logit = [], [], [], [], [], []
+        N, R = emb.shape[:2]
+        # per point of the pool (image-major): its label (instance id or background) and box
+        lab = torch.full((N, R), BACKGROUND, dtype=torch.long, device=emb.device)
+        box = emb.new_zeros(N, R, 4)
         for i, (a, gt, gid) in enumerate(zip(anchors, boxes, ids)):
             m = self.assign(a, gt, per_level)
-            pos = torch.nonzero(m >= 0).squeeze(1)
-            neg = torch.nonzero(m < 0).squeeze(1)
-            pos = pos[torch.randperm(len(pos), device=a.device)[:self.max_points]]
-            neg = neg[torch.randperm(len(neg), device=a.device)[:self.max_points - len(pos)]]
-            z.append(emb[i, torch.cat([pos, neg])])
-            y.append(torch.cat([gid[m[pos]], torch.full_like(neg, BACKGROUND)]))
-            pred.append(self.box_coder.decode(deltas[i, pos], a[pos]))   # BoxLinearCoder (l, t, r, b)
-            target.append(gt[m[pos]])
-            centre.append((a[pos, :2] + a[pos, 2:]) / 2)
-            ctr_logit.append(ctr[i, pos])
-        losses = fcos_box_losses(torch.cat(pred), torch.cat(target), torch.cat(centre), torch.cat(ctr_logit))
+            lab[i, m >= 0] = gid[m[m >= 0]]
+            box[i, m >= 0] = gt[m[m >= 0]]
+        lab, box, points = lab.view(-1), box.view(-1, 4), torch.cat(anchors)
+        keep, pos = [], []
+        for a, b in ([(0, N)] if self.per_pool else [(i, i + 1) for i in range(N)]):
+            fg = lab[a * R:b * R] >= 0
+            p, n = random_sample(torch.nonzero(fg).squeeze(1) + a * R, torch.nonzero(~fg).squeeze(1) + a * R,
+                                 self.max_points)
+            keep.append(torch.cat([p, n]))
+            pos.append(p)
+        keep, pos = torch.cat(keep), torch.cat(pos)
+        pred = self.box_coder.decode(deltas.reshape(-1, 4)[pos], points[pos])   # BoxLinearCoder (l, t, r, b)
+        centre = (points[pos, :2] + points[pos, 2:]) / 2
+        losses = fcos_box_losses(pred, box[pos], centre, ctr.reshape(-1)[pos])
         zero = deltas.sum() * 0.0 + ctr.sum() * 0.0    # every output in the graph (DDP)
-        return torch.cat(z), torch.cat(y), {k: v + zero for k, v in losses.items()}
+        return emb.reshape(N * R, -1)[keep], lab[keep], {k: v + zero for k, v in losses.items()}
 
 
 def fcos_box_losses(pred: torch.Tensor, target: torch.Tensor, centre: torch.Tensor,
@@ -762,6 +812,12 @@ def _validate(c: AlignDet.Config) -> None:
     for k in ("detr_cost", "detr_loss"):
         if len(getattr(c, k)) != 3 or min(getattr(c, k)) < 0:
             raise ConfigError(f"method.{k}: expected 3 weights >= 0 (class, L1, GIoU), got {list(getattr(c, k))}")
+    if c.retina_samples < 0:
+        raise ConfigError(f"method.retina_samples: expected >= 0 (0: every non-ignored anchor), got {c.retina_samples}")
+    if not 0 < c.retina_pos_fraction <= 1:
+        raise ConfigError(f"method.retina_pos_fraction: expected in (0, 1], got {c.retina_pos_fraction}")
+    if c.fcos_points_per not in ("pool", "image"):
+        raise ConfigError(f"method.fcos_points_per: expected 'pool' or 'image', got {c.fcos_points_per!r}")
     for k in ("embed_dim", "rpn_samples", "roi_samples", "fcos_points", "size_divisor", "detr_classes",
               "pool_images"):
         if getattr(c, k) < 1:

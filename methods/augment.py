@@ -123,19 +123,43 @@ def normalize_(t: torch.Tensor) -> torch.Tensor:
 
 
 # -- cutout ------------------------------------------------------------------------------
+CUTOUT_CLIPS = ("image", "box")
+
+
 def cutout_box_rects(H: int, W: int, boxes: np.ndarray, rng: np.random.Generator, p: float = 0.5,
-                     area: tuple[float, float] = (0.1, 0.3)) -> tuple[tuple[int, int, int, int], ...]:
-    """The (y, x, h, w) squares SoCo's per-box cutout erases in an H x W view (official
-    ``RandomCutoutInBbox``, tools/SoCo_FPN_100ep.sh: p 0.5, area 0.1-0.3; not in the paper):
-    for each xyxy box, with probability ``p``, a square of ``area`` times the box's area
-    centred at a uniform point of the box. The square is clipped to the box (the official code
-    clips it to the image only, so it may spill past the box by up to half its side): the
-    erased pixels always belong to the object they occlude."""
+                     area: tuple[float, float] = (0.1, 0.3), clip: str = "image"
+                     ) -> tuple[tuple[int, int, int, int], ...]:
+    """The (y, x, h, w) rectangles SoCo's per-box cutout erases in an H x W view (official
+    ``RandomCutoutInBbox``, contrast/data/transform_ops.py; tools/SoCo_FPN_100ep.sh: p 0.5,
+    area 0.1-0.3; not in the paper). For each xyxy box (view pixels), with probability ``p``:
+
+    - ``clip="image"`` (official): side s = round(sqrt(u * box area)), u ~ U(area); a centre
+      pixel drawn uniformly among the box's pixels; the pixels within s // 2 of it erased
+      (a (2 (s // 2) + 1)-px square, its ends inclusive), clipped to the image only, so it
+      may spill past the box. The official code draws the centre with ``random.randint`` on
+      the float corners its dataset passes, which raises; this is the draw it evidently means
+      (whole pixels, the box's pixel count as its area).
+    - ``clip="box"``: a square of side s centred at a uniform point of the box, clipped to
+      the box: the erased pixels always belong to the object they occlude."""
+    if clip not in CUTOUT_CLIPS:
+        raise ValueError(f"cutout clip: unknown {clip!r} ({' | '.join(CUTOUT_CLIPS)})")
     rects = []
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         if rng.random() >= p:
             continue
-        side = np.sqrt(rng.uniform(*area) * max(x2 - x1, 0) * max(y2 - y1, 0))
+        box_area = max(x2 - x1, 0) * max(y2 - y1, 0)
+        if clip == "image":
+            side = int(round(math.sqrt(rng.uniform(*area) * box_area)))
+            # the pixels the box covers (and the image holds)
+            lo_x, lo_y = min(max(math.floor(x1), 0), W - 1), min(max(math.floor(y1), 0), H - 1)
+            hi_x = max(min(math.ceil(x2) - 1, W - 1), lo_x)
+            hi_y = max(min(math.ceil(y2) - 1, H - 1), lo_y)
+            cx, cy = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
+            a, b = max(cx - side // 2, 0), min(cx + side // 2, W - 1)
+            c, d = max(cy - side // 2, 0), min(cy + side // 2, H - 1)
+            rects.append((c, a, d - c + 1, b - a + 1))
+            continue
+        side = np.sqrt(rng.uniform(*area) * box_area)
         cx, cy = rng.uniform(x1, x2), rng.uniform(y1, y2)
         # whole pixels inside the box (and the image)
         lo_x, hi_x = max(int(np.ceil(x1)), 0), min(int(np.floor(x2)), W)
@@ -148,13 +172,13 @@ def cutout_box_rects(H: int, W: int, boxes: np.ndarray, rng: np.random.Generator
 
 
 def cutout_in_boxes(t: "torch.Tensor | DeferredView", boxes: np.ndarray, rng: np.random.Generator,
-                    p: float = 0.5, area: tuple[float, float] = (0.1, 0.3)):
+                    p: float = 0.5, area: tuple[float, float] = (0.1, 0.3), clip: str = "image"):
     """Erase :func:`cutout_box_rects` (value 0 = the mean colour after normalisation) in a
-    view tensor; a deferred view (loader ``device``) records the squares instead."""
+    view tensor; a deferred view (loader ``device``) records the rectangles instead."""
     if isinstance(t, DeferredView):
         W, H = t.geom.out_size
-        return replace(t, cutout=cutout_box_rects(H, W, boxes, rng, p, area))
-    rects = cutout_box_rects(t.shape[-2], t.shape[-1], boxes, rng, p, area)
+        return replace(t, cutout=cutout_box_rects(H, W, boxes, rng, p, area, clip))
+    rects = cutout_box_rects(t.shape[-2], t.shape[-1], boxes, rng, p, area, clip)
     if not rects:
         return t
     t = t.clone()

@@ -60,6 +60,17 @@ class PretrainRecipe:
     milestones: tuple[float, ...] | None = None
     grad_clip: float | None = None
     nesterov: bool = False   # Nesterov momentum (SGD only; InsLoc)
+    # Schedule details of the official codes (benchmark.engine.optim.Schedule). The warm-up
+    # starts at warmup_start_factor x lr (SoCo/PixPro contrast/lr_scheduler.py: lr /
+    # warmup_multiplier 100 -> 0.01); the cosine ends at min_lr, an absolute lr (their eta_min
+    # 1e-6; mmcv's min_lr); cosine_per_epoch holds the cosine's lr for a whole epoch (mmcv
+    # CosineAnnealing by_epoch=True: InsLoc) instead of moving it every step; lars_eps is added
+    # to the trust ratio's denominator (SoCo/PixPro contrast/lars.py: eps 1e-8).
+    warmup_start_factor: float = 0.0
+    min_lr: float = 0.0
+    cosine_per_epoch: bool = False
+    lars_eps: float = 0.0
+
     @classmethod
     def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "PretrainRecipe":
         r = dataclass_from_dict(cls, d, prefix)
@@ -76,7 +87,13 @@ class PretrainRecipe:
                   ("grad_clip", r.grad_clip is None or r.grad_clip > 0, "> 0 or null"),
                   ("nesterov", not r.nesterov or (r.optimizer == "sgd" and r.momentum > 0),
                    f"false with optimizer {r.optimizer!r} and momentum {r.momentum} (Nesterov momentum "
-                   f"needs optimizer sgd and momentum > 0)")]
+                   f"needs optimizer sgd and momentum > 0)"),
+                  ("warmup_start_factor", 0 <= r.warmup_start_factor <= 1, "in [0, 1]"),
+                  ("min_lr", r.min_lr >= 0, ">= 0"),
+                  ("cosine_per_epoch", not r.cosine_per_epoch or r.schedule == "cosine",
+                   f"false with schedule {r.schedule!r} (a per-epoch cosine needs schedule cosine)"),
+                  ("lars_eps", r.lars_eps >= 0 and (r.lars_eps == 0 or r.optimizer == "lars"),
+                   f">= 0, and 0 with optimizer {r.optimizer!r} (a LARS option: set recipe.lars_eps=0)")]
         for field, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{prefix}.{field}: expected {want}, got {getattr(r, field)!r}")

@@ -137,10 +137,11 @@ class InsLocEncoder(ResNetFPN):
 @register_method("insloc")
 class InsLoc(PretrainMethod):
     # configs/FPN/insloc_fpn_200ep.py: SGD lr 0.03 (batch 256), momentum 0.9, nesterov, wd 1e-4,
-    # cosine to 0 by epoch, no warm-up, 200 epochs (400 in the model zoo)
+    # cosine to 0 by epoch (lr_config CosineAnealing, min_lr 0, by_epoch=True: one lr per
+    # epoch), no warm-up, 200 epochs (400 in the model zoo)
     recipe = PretrainRecipe(optimizer="sgd", base_lr=0.03, lr_batch=256, batch_size=256,
                             weight_decay=1e-4, momentum=0.9, nesterov=True, schedule="cosine",
-                            warmup_epochs=0, epochs=200)
+                            cosine_per_epoch=True, warmup_epochs=0, epochs=200)
     # fine-tuning with the official R_50_FPN_*_insloc.yaml head: FastRCNNConvFCHeadExtraNorm
     # (4conv1fc + a norm after fc1) on the R-CNNs with FPN; the C4 detectors have no such field
     finetune_detector = {"box_head_extra_norm": True}

@@ -3,6 +3,7 @@ Object-Level Contrastive Learning", arXiv:2106.02637; official code hologerry/So
 
 Pseudo-code (paper Sec. 3, Eq. 3), recognisable in ``forward``:
     V1 = whole image @224, V2 = random crop (scale [0.5, 1]) @224, V3 = V2 downsampled @112
+        (paper; the official code, our default: V3 an independent random crop @112)
     for each pair (V1, V) with V in (V2, V3): K selective-search proposals b visible in both
     v_i  = q(g(f(V_i), b_i))           online: ResNet+FPN -> RoIAlign (scale-aware level)
                                        -> 4conv1fc R-CNN head -> projector -> predictor q
@@ -14,19 +15,20 @@ Choices and official-vs-paper decisions: docs/methods/soco.md
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from methods.augment import BYOL_AUG_1, BYOL_AUG_2, as_image, cutout_in_boxes, decode_for, render_view
+from methods.augment import (BYOL_AUG_1, BYOL_AUG_2, CUTOUT_CLIPS, as_image, cutout_in_boxes, decode_for,
+                             render_view)
 from methods.config import ConfigError
 from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.ema import cosine_schedule, momentum_copy, update_momentum
 from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
 from methods.heads import byol_predictor, byol_projector
-from methods.losses import byol_regression
+from methods.losses import byol_regression, masked_cosine_regression
 from methods.proposals import random_proposals, sample_proposals
 from methods.registry import register_method
 from methods.roi import ResNetFPN, assign_levels, box_head, export_parts, multilevel_roi_align
@@ -36,13 +38,22 @@ JITTER_ON = ("v1", "crop")
 
 
 def soco_loss(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-              masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              masks: dict[str, torch.Tensor] | None = None,
+              ids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SoCo's Eq. 3 in BYOL's normalised form, symmetric, summed over view pairs:
-    for each pair (V1, V), (2 - 2cos(q(V), z'(V1))) + (2 - 2cos(q(V1), z'(V))), each term a
-    mean over boxes. ``pairs``: other-view name -> (q_1, z_1, q_V, z_V), V1's online
-    prediction and target projection of the pair's V1 boxes and the same of V, each
-    (N, K, L, D) (L: pooled levels, compared level by level); ``masks``: name -> (N, K)
-    bool of the boxes that count."""
+    for each pair (V1, V), (2 - 2cos(q(V), z'(V1))) + (2 - 2cos(q(V1), z'(V))). ``pairs``:
+    other-view name -> (q_1, z_1, q_V, z_V), V1's online prediction and target projection of
+    the pair's V1 boxes and the same of V, each (N, K, L, D) (L: pooled levels, compared
+    level by level).
+
+    - ``ids``: name -> (ids_1, ids_V), (N, K) which proposal each row is: every V1 row is
+      compared with every V row of the same id (padding repeats ids, independently per side),
+      each term a mean over those matches per image, then over the images (official
+      ``SoCo_FPN.regression_loss_bboxs_aware`` with its id correspondence matrix, which is
+      -2 cos: the same loss less a constant 2 per term).
+    - else rows are paired (row i of V1 with row i of V), each term a mean over boxes;
+      ``masks``: name -> (N, K) bool of the rows that count."""
     logs, total = {}, None
     for v, (q1, z1, qv, zv) in pairs.items():
         keep = None
@@ -52,10 +63,25 @@ def soco_loss(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
         def reg(p, z):
             return byol_regression(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]),
                                    None if keep is None else keep.reshape(-1))
-        pair = reg(qv, z1) + reg(q1, zv)
+        if ids is not None:
+            id1, idv = ids[v]
+            pair = _id_matched(qv, z1, idv, id1) + _id_matched(q1, zv, id1, idv)
+        else:
+            pair = reg(qv, z1) + reg(q1, zv)
         logs[f"loss_1{v[1:]}"] = pair.detach()
         total = pair if total is None else total + pair
     return total, logs
+
+
+def _id_matched(p: torch.Tensor, z: torch.Tensor, ids_p: torch.Tensor, ids_z: torch.Tensor) -> torch.Tensor:
+    """2 - 2cos(p_i, z_j) over every row pair (i, j) with ids_p[i] == ids_z[j], level by
+    level; mean over the pairs of each image, then over the images. ``p``, ``z``: (N, K, L, D)."""
+    N, K, L, D = p.shape
+    same_id = ids_p[:, :, None] == ids_z[:, None, :]                      # (N, K, K)
+    same_level = torch.eye(L, dtype=torch.bool, device=p.device)
+    match = (same_id[:, :, None, :, None] & same_level[None, None, :, None, :]).reshape(N, K * L, K * L)
+    flat = lambda t: t.reshape(N, K * L, D).transpose(1, 2)               # (N, D, K L)
+    return 2 + 2 * masked_cosine_regression(flat(p), flat(z), match)
 
 
 class SoCoEncoder(ResNetFPN):
@@ -94,8 +120,11 @@ class SoCoEncoder(ResNetFPN):
 class SoCo(PretrainMethod):
     # SoCo Sec. 4.1 / tools/SoCo_FPN_100ep.sh: LARS, base lr 1.0 (x batch/256), wd 1e-5,
     # batch 2048 (Table 5b), cosine decay, 10 warm-up epochs, 100 epochs (Tables 4-5).
+    # contrast/lr_scheduler.py: the warm-up starts at lr / warmup_multiplier (option.py: 100),
+    # the cosine ends at eta_min 1e-6; contrast/lars.py: trust ratio eps 1e-8.
     recipe = PretrainRecipe(optimizer="lars", base_lr=1.0, lr_batch=256, batch_size=2048,
-                            weight_decay=1e-5, momentum=0.9, schedule="cosine", warmup_epochs=10, epochs=100)
+                            weight_decay=1e-5, momentum=0.9, schedule="cosine", warmup_epochs=10, epochs=100,
+                            warmup_start_factor=0.01, min_lr=1e-6, lars_eps=1e-8)
     # Fine-tuning: detectron2_configs/SoCo_FPN_100ep.yaml, SOLVER.WEIGHT_DECAY 0.000025
     finetune_overrides = {"weight_decay": 2.5e-5}
     # tiny: 128-px synthetic images on 2 CPU cores; views 64/64/32 keep the paper's V1:V3
@@ -129,7 +158,7 @@ class SoCo(PretrainMethod):
         # -- views --------------------------------------------------------------------------
         view_size: int = 224             # V1, V2
         crop_scale: tuple[float, ...] = (0.5, 1.0)   # V2, V3 (tools/*.sh --crop 0.5)
-        v3_from_v2: bool = True          # paper: V3 = V2 downsampled; False: independent crop (official)
+        v3_from_v2: bool = False         # official: V3 an independent crop; True: V2 downsampled (paper)
         soco_star: bool = False          # SoCo*: V3 an independent crop at star_v3_size, V4 = V2 resized
         star_v3_size: int = 192          # tools/SoCo_FPN_Star_400ep.sh --image3_size 192
         v4_size: int = 112               # tools/SoCo_FPN_Star_400ep.sh --image4_size 112
@@ -138,6 +167,7 @@ class SoCo(PretrainMethod):
         cutout_prob: float = 0.5         # per box
         cutout_area: tuple[float, ...] = (0.1, 0.3)  # of the box's area
         cutout_views: tuple[str, ...] = ("v2", "v3")
+        cutout_clip: str = "image"       # official: the square clipped to the image | "box": to the box
         jitter_prob: float = 0.5         # official --jitter_prob 0.5 --jitter_ratio 0.1
         jitter_ratio: float = 0.1
         jitter_on: str = "v1"            # official: the V1 box of each pair | "crop": the other view's
@@ -199,7 +229,8 @@ class SoCo(PretrainMethod):
              "v2": random_view(width, height, c.view_size, rng, scale=tuple(c.crop_scale))}
         if c.soco_star:   # official: V3 an independent crop at 192, V4 = V2 resized to 112
             g["v3"] = random_view(width, height, c.star_v3_size, rng, scale=tuple(c.crop_scale))
-            g["v4"] = g["v2"].resized((c.v4_size, c.v4_size))
+            # dataset.py: img4 = Resize(img2) before V2's flip, then flipped on its own draw
+            g["v4"] = replace(g["v2"], out_size=(c.v4_size, c.v4_size), flip=bool(rng.random() < 0.5))
         elif c.multi_view:
             v3 = round(c.v3_scale * c.view_size) if c.v3_scale else c.v3_size
             g["v3"] = (g["v2"].resized((v3, v3)) if c.v3_from_v2
@@ -240,25 +271,39 @@ class SoCo(PretrainMethod):
 
     def sample_boxes(self, picks: dict[str, np.ndarray], geoms: dict[str, ViewGeometry], width: int,
                      height: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Per pair (V1, V): K of its candidates, jittered on one side, mapped into both views.
+        """Per pair (V1, V): up to K distinct candidates, jittered on one side, then each side
+        padded to K rows with its own draw of copies (official ``dataset.py``: ``jitter_props``
+        on the selection, then ``pad_bboxs_with_common`` per side), mapped into both views.
         Returns ``boxes_v1_{V}`` and ``boxes_{V}`` ((K, 4) float32 view pixels, also for V4,
-        which reuses the V1-V2 draw) and ``valid_{V}`` ((K,) bool, False for padding)."""
+        which reuses the V1-V2 draw), ``ids_v1_{V}`` and ``ids_{V}`` ((K,) int64: which distinct
+        candidate each row is; the loss matches every V1 row with every V row of its id) and
+        ``valid_{V}`` ((K,) bool, False for padding; the first rows of both sides are the
+        distinct candidates in the same order)."""
         c = self.cfg
         whole = c.proposal_source == "whole_image"
         k = 1 if whole else c.num_proposals
         out = {}
         for v in self.pair_views:
-            boxes, valid = sample_proposals(picks[v], k, rng, image_size=(width, height))
-            boxes = boxes.astype(np.float64)
+            n = len(picks[v])
+            if n:   # min(n, K) distinct candidates in random order
+                boxes = sample_proposals(picks[v], min(n, k), rng)[0].astype(np.float64)
+            else:   # none visible: the whole image (clipped to each view), padding only
+                boxes = np.array([[0, 0, width, height]], dtype=np.float64)
+            m = len(boxes)
             jittered = boxes
             if c.box_jitter and not whole:
                 jittered = jitter_boxes(boxes, rng, ratio=c.jitter_ratio, prob=c.jitter_prob)
+            rows_1 = np.concatenate([np.arange(m), rng.choice(m, size=k - m)])
+            rows_v = np.concatenate([np.arange(m), rng.choice(m, size=k - m)])
             on_v1 = c.jitter_on == "v1"
-            out[f"boxes_v1_{v}"] = _view_boxes(geoms["v1"], jittered if on_v1 else boxes, boxes)
+            b1, bv = (jittered, boxes) if on_v1 else (boxes, jittered)
+            out[f"boxes_v1_{v}"] = _view_boxes(geoms["v1"], b1[rows_1], boxes[rows_1])
+            out[f"ids_v1_{v}"] = rows_1.astype(np.int64)
             partners = [v] + (["v4"] if v == "v2" and "v4" in geoms else [])
-            for w in partners:
-                out[f"boxes_{w}"] = _view_boxes(geoms[w], boxes if on_v1 else jittered, boxes)
-            out[f"valid_{v}"] = np.asarray(valid, dtype=bool)
+            for w in partners:   # (V4 = V2 resized: V2's rows, official bboxs4 = bboxs2)
+                out[f"boxes_{w}"] = _view_boxes(geoms[w], bv[rows_v], boxes[rows_v])
+                out[f"ids_{w}"] = rows_v.astype(np.int64)
+            out[f"valid_{v}"] = (np.arange(k) < m) & (n > 0)
         return out
 
     loaders = ("cpu", "cpu_draft", "device")   # recipe.loader values its views support
@@ -278,7 +323,7 @@ class SoCo(PretrainMethod):
             if c.cutout and name in c.cutout_views:
                 own = (np.concatenate([boxes[f"boxes_v1_{v}"] for v in self.pair_views]) if name == "v1"
                        else boxes[f"boxes_{name}"])
-                t = cutout_in_boxes(t, own, rng, p=c.cutout_prob, area=tuple(c.cutout_area))
+                t = cutout_in_boxes(t, own, rng, p=c.cutout_prob, area=tuple(c.cutout_area), clip=c.cutout_clip)
             out[name] = t
         out.update({k: torch.from_numpy(v) for k, v in boxes.items()})
         return out
@@ -312,8 +357,11 @@ class SoCo(PretrainMethod):
             with torch.no_grad():
                 zv = self.target(batch[v], batch[f"boxes_{v}"])
             pairs[v] = (*first[self.selection_of(v)], qv, zv)
-        masks = ({v: batch[f"valid_{self.selection_of(v)}"] for v in pairs} if self.cfg.mask_padding else None)
-        loss, logs = soco_loss(pairs, masks)
+        if self.cfg.mask_padding:   # the valid rows: the distinct boxes, in the same order on both sides
+            loss, logs = soco_loss(pairs, masks={v: batch[f"valid_{self.selection_of(v)}"] for v in pairs})
+        else:
+            loss, logs = soco_loss(pairs, ids={v: (batch[f"ids_v1_{self.selection_of(v)}"], batch[f"ids_{v}"])
+                                               for v in pairs})
         logs["valid_frac"] = torch.stack([batch[f"valid_{v}"].float().mean() for v in sel]).mean().detach()
         return {"loss": loss, **logs}
 
@@ -344,6 +392,8 @@ def _validate(c: "SoCo.Config") -> None:
         raise ConfigError(f"method.proposal_source: unknown {c.proposal_source!r} ({' | '.join(PROPOSAL_SOURCES)})")
     if c.head_norm not in ("bn", "none"):
         raise ConfigError(f"method.head_norm: unknown {c.head_norm!r} (bn | none)")
+    if c.cutout_clip not in CUTOUT_CLIPS:
+        raise ConfigError(f"method.cutout_clip: unknown {c.cutout_clip!r} ({' | '.join(CUTOUT_CLIPS)})")
     if c.jitter_on not in JITTER_ON:
         raise ConfigError(f"method.jitter_on: unknown {c.jitter_on!r} ({' | '.join(JITTER_ON)})")
     if c.num_proposals < 1:

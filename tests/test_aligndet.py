@@ -288,7 +288,7 @@ def test_backbone_is_bit_identical_and_target_is_the_ema_of_the_online_heads(kin
         old = {n: p.clone() for n, p in m.target.named_parameters()}
         m.momentum_update((step + 1) / 10)
         mom = m.current_momentum
-        assert 0.996 < mom < 1
+        assert 0.996 <= mom < 1
         for n, p in m.online.named_parameters():
             assert torch.allclose(m.target.get_parameter(n), mom * old[n] + (1 - mom) * p.detach(), atol=1e-7), n
     after = m.backbone.state_dict()
@@ -296,6 +296,34 @@ def test_backbone_is_bit_identical_and_target_is_the_ema_of_the_online_heads(kin
     assert any("running_mean" in k for k in before)
     changed = [n for n, p in m.online.named_parameters() if not torch.equal(p, m.target.get_parameter(n))]
     assert any(n.startswith("fpn.") for n in changed) and any(n.startswith(("rpn.", "cls_convs.")) for n in changed)
+
+
+def test_ema_momentum_is_the_official_hooks_one_per_iteration_and_survives_resume():
+    """Official MomentumUpdateHook: iteration k of K sets m = 1 - (1 - m0)(cos(pi k / K) + 1)/2
+    before its step (runner.iter = k) and updates the target after it. The harness calls
+    ``momentum_update((k + 1) / K)`` after step k. K = 3: m = 0.996, 0.997, 0.999 (the step
+    before the fix used k + 1: 0.997, 0.999, 1.0, the last update a no-op)."""
+    K, m0 = 3, 0.996
+    want = [1 - (1 - m0) * (math.cos(math.pi * k / K) + 1) / 2 for k in range(K)]
+    assert want == pytest.approx([0.996, 0.997, 0.999])
+    m = attached("fcos")
+    resumed = None
+    t = {n: p.clone() for n, p in m.target.named_parameters()}
+    assert all(torch.equal(t[n], p) for n, p in m.online.named_parameters())   # the target starts as a copy
+    for k in range(K):
+        with torch.no_grad():
+            for p in m.online.parameters():      # an optimizer step: online moves by a known amount
+                p.add_(1.0 + k)
+        if k == 2:                               # resume before the last step from a checkpoint
+            resumed = attached("fcos")
+            resumed.load_state_dict(m.state_dict())
+            m = resumed
+        m.momentum_update((k + 1) / K)
+        assert m.current_momentum == pytest.approx(want[k], abs=1e-12)
+        for n, p in m.online.named_parameters():
+            t[n] = want[k] * t[n] + (1 - want[k]) * p.detach()
+            assert torch.allclose(m.target.get_parameter(n), t[n], atol=1e-6), (k, n)
+    assert resumed is m and float(m.ema_progress) == 1.0
 
 
 def test_rcnn_samples_are_rois_matched_to_pseudo_boxes():
@@ -344,15 +372,11 @@ def test_export_has_neck_and_heads_and_no_final_layers(kind):
     assert left and all(k.startswith(DROPPED[kind]) for k in left), left
 
 
-def test_retinanet_samples_anchors_by_iou_with_ignored_band():
-    m = attached("retinanet")
-    m.train()
-    b = pool(m)
-    images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
-    z, y, _ = m.online(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
-    anchors = m.online.dense(images, m.backbone(b["v1"]))[0]
+def _retina_labels(anchors, boxes, ids):
+    """Per image, each anchor's label by hand: its box's id (IoU >= 0.5, or a box's best
+    anchors), -1 background (< 0.4), -2 ignored."""
     labels = []
-    for a, gt, gid in zip(anchors, b["boxes_v1"], b["ids"]):
+    for a, gt, gid in zip(anchors, boxes, ids):
         iou = box_iou(a, gt)
         best, j = iou.max(1)
         lab = torch.where(best >= 0.5, gid[j], torch.where(best < 0.4, -1, -2))
@@ -361,29 +385,107 @@ def test_retinanet_samples_anchors_by_iou_with_ignored_band():
             top = iou[:, k] == iou[:, k].max()
             lab[top] = gid[j[top]]
         labels.append(lab)
+    return labels
+
+
+def _retina_samples(m, b):
+    images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
+    z, y, losses = m.online(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
+    anchors = m.online.dense(images, m.backbone(b["v1"]))[0]
+    return z, y, losses, _retina_labels(anchors, b["boxes_v1"], b["ids"])
+
+
+def test_retinanet_without_sampling_takes_every_anchor_but_the_ignored_band():
+    m = attached("retinanet", retina_samples=0)
+    m.train()
+    z, y, _, labels = _retina_samples(m, pool(m))
     labels = torch.cat(labels)
     assert torch.equal(y, labels[labels != -2]) and len(z) == len(y)
     assert (y == BACKGROUND).any() and (y >= 0).any()
 
 
-def test_fcos_assignment_and_point_budget():
-    m = attached("fcos", fcos_points=10)
-    heads = m.online
+def test_random_sample_is_mmdets_random_sampler():
+    from methods.aligndet import random_sample
+    torch.manual_seed(0)
+    many, few, bg = torch.arange(3000), torch.arange(100), torch.arange(3000, 180_000)
+    p, n = random_sample(many, bg, 2048)                  # more positives than the budget: positives only
+    assert len(p) == 2048 and len(set(p.tolist())) == 2048 and set(p.tolist()) <= set(many.tolist()) and len(n) == 0
+    p, n = random_sample(few, bg, 2048)                   # every positive, background fills the rest
+    assert torch.equal(p, few) and len(n) == 1948 and len(set(n.tolist())) == 1948
+    assert set(n.tolist()) <= set(bg.tolist())
+    p, n = random_sample(many, bg, 2048, pos_fraction=0.25)
+    assert (len(p), len(n)) == (512, 1536)
+    p, n = random_sample(few, torch.arange(100, 105), 2048)   # fewer than the budget: all of them
+    assert torch.equal(p, few) and torch.equal(n, torch.arange(100, 105))
+    torch.manual_seed(1)
+    a = random_sample(few, bg, 2048)[1]
+    torch.manual_seed(1)
+    assert torch.equal(a, random_sample(few, bg, 2048)[1])     # the pool's seed fixes the draws
+
+
+@pytest.mark.parametrize("budget", [64, 8])
+def test_retinanet_samples_at_most_retina_samples_anchors_per_image(budget):
+    """Official RandomSampler(num=2048, pos_fraction=1.0) per image, here at ``budget``: every
+    positive up to the budget, background to fill it, the ignored band never."""
+    m = attached("retinanet", retina_samples=budget)
+    m.train()
+    b = pool(m)
+    z, y, _, labels = _retina_samples(m, b)
+    every = sum(int((lab != -2).sum()) for lab in labels)
+    pos = [int((lab >= 0).sum()) for lab in labels]
+    neg = [int((lab == -1).sum()) for lab in labels]
+    want_pos = [min(p, budget) for p in pos]
+    want = sum(p + min(n, budget - p) for p, n in zip(want_pos, neg))
+    assert every > len(b["ids"]) * budget                   # the budget binds: fewer samples than anchors
+    assert len(z) == len(y) == want <= len(b["ids"]) * budget
+    assert int((y >= 0).sum()) == sum(want_pos) and not (y == -2).any()
+    hand = torch.cat(labels)
+    for i in set(y[y >= 0].tolist()):                       # each sampled id is an anchor's of that id
+        assert (y == i).sum() <= (hand == i).sum()
+    torch.manual_seed(3)
+    again = m.online(ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()]), m.backbone(b["v1"]),
+                     b["boxes_v1"], b["ids"])[1]
+    torch.manual_seed(3)
+    assert torch.equal(again, m.online(ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()]),
+                                       m.backbone(b["v1"]), b["boxes_v1"], b["ids"])[1])
+
+
+def test_fcos_assignment():
+    m = attached("fcos")
     # points of stride 8 (size-8 anchors) on one level: a box holds the points near its centre
     pts = torch.tensor([[0, 0, 8, 8], [8, 8, 16, 16], [16, 16, 24, 24], [40, 40, 48, 48]], dtype=torch.float)
     gt = torch.tensor([[0, 0, 30, 30], [6, 6, 22, 22]], dtype=torch.float)
-    idx = heads.assign(pts, gt, [4])
+    idx = m.online.assign(pts, gt, [4])
     # (4,4) lies in box 0 only; (12,12) and (20,20) in both: the smaller box 1 wins; (44,44) in none
     assert idx.tolist() == [0, 1, 1, -1]
+
+
+@pytest.mark.parametrize("per", ["pool", "image"])
+@pytest.mark.parametrize("budget", [10, 100, 100_000])
+def test_fcos_point_budget_over_the_pool_or_per_image(per, budget):
+    """Official SelfSupFCOSHead.loss: sampler.num points over the GPU's images (our pool),
+    positives first (pos_fraction 1.0), background filling the rest; or per image."""
+    m = attached("fcos", fcos_points=budget, fcos_points_per=per)
+    heads = m.online
     b = pool(m)
     images = ImageList(b["v1"], [tuple(s) for s in b["sizes_v1"].tolist()])
-    z, y, losses = heads(images, m.backbone(b["v1"]), b["boxes_v1"], b["ids"])
-    assert len(z) == len(y) == 10 * len(b["ids"])                  # the budget, per image
-    per_image = y.view(len(b["ids"]), 10)
-    for row in per_image:                                          # positives first, then background
-        pos = (row >= 0).long()
-        assert torch.equal(pos, pos.sort(descending=True).values)
+    feats = m.backbone(b["v1"])
+    anchors, _, _, per_level = heads.dense(images, feats)
+    fg = [int((heads.assign(a, gt, per_level) >= 0).sum()) for a, gt in zip(anchors, b["boxes_v1"])]
+    R = len(anchors[0])
+    z, y, losses = heads(images, feats, b["boxes_v1"], b["ids"])
+    units = [(sum(fg), len(fg) * R)] if per == "pool" else [(f, R) for f in fg]
+    sizes = [min(budget, points) for _, points in units]
+    assert len(z) == len(y) == sum(sizes)
+    start = 0
+    for (f, _), size in zip(units, sizes):
+        part = y[start:start + size]
+        start += size
+        assert int((part >= 0).sum()) == min(f, size)            # every positive up to the budget
+        assert torch.equal(part >= 0, (part >= 0).sort(descending=True).values)   # positives first
     assert set(losses) == {"loss_box_iou", "loss_centerness"}
+    if budget == 10:
+        assert min(fg) > 10                                   # the budget binds on each image here
 
 
 def test_fcos_box_losses_by_hand():
@@ -533,6 +635,15 @@ def test_recipes_are_the_papers():
     assert AlignDet.recipe_for("retinanet").recipe.base_lr == AlignDet.recipe_for("fcos").recipe.base_lr == 0.01
     d = AlignDet.recipe_for("detr")
     assert (d.recipe.optimizer, d.recipe.base_lr, d.recipe.epochs, d.milestones, d.clip_grad) == ("adamw", 2e-4, 50, (0.8,), 0.1)
+    # official detr.py: lr 2e-4 with auto_scale_lr(base_batch_size=64) on 8 GPUs x 2 images; mmdet
+    # 2.25 trains at 2e-4 * 16 / 64 = 5e-5. Ours: base_lr per lr_batch images (the linear rule the
+    # pretraining stage applies), at the recipe's batch of 16
+    dr = d.recipe
+    assert (dr.lr_batch, dr.batch_size) == (64, 16)
+    assert dr.base_lr * dr.batch_size / dr.lr_batch == pytest.approx(5e-5)
+    for det in ("mask_rcnn", "retinanet", "fcos"):     # the SGD recipes: their lr at batch 16 as given
+        sr = AlignDet.recipe_for(det).recipe
+        assert sr.base_lr * sr.batch_size / sr.lr_batch == sr.base_lr
     assert AlignDet.recipe is r.recipe
     assert AlignDet.finetune_factors == {"lr": 1.5, "weight_decay": 0.5} and not AlignDet.finetune_overrides
     with pytest.raises(ConfigError, match="method.detector"):

@@ -166,9 +166,9 @@ def test_fields_enter_the_config_only_away_from_torchvision():
     assert (d2["recipe"]["precise_bn_iters"], d2["recipe"]["drop_groups"]) == (200, ["fpn"])
     with pytest.raises(ConfigError, match="detector.box_reg_loss"):
         finetune_config(scale="micro", detector="mask_rcnn", parent=None, detector_overrides={"box_reg_loss": "l2"})
-    with pytest.raises(ConfigError, match="recipe.drop_groups: unknown group 'backbone'"):
+    with pytest.raises(ConfigError, match="finetune.drop_groups: unknown group 'backbone'"):
         finetune_config(scale="micro", detector="mask_rcnn", parent=None, recipe_overrides={"drop_groups": ["backbone"]})
-    with pytest.raises(ConfigError, match="recipe.precise_bn_iters"):
+    with pytest.raises(ConfigError, match="finetune.precise_bn_iters"):
         finetune_config(scale="micro", detector="mask_rcnn", parent=None, recipe_overrides={"precise_bn_iters": -1})
 
 

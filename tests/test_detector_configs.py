@@ -98,7 +98,7 @@ def test_scale_and_column_errors_name_the_field(tmp_path):
         finetune_config(scale="tiny", detector="retinanet", schedule="3x", parent=None)
     with pytest.raises(ConfigError, match=r"detector\.anchor_sizes"):
         finetune_config(scale="tiny", detector="retinanet", parent=None, detector_overrides={"anchor_sizes": [8]})
-    with pytest.raises(ConfigError, match=r"recipe\.momentum: unknown key"):
+    with pytest.raises(ConfigError, match=r"finetune\.momentum: unknown key"):
         finetune_config(scale="tiny", detector="detr", parent=None, recipe_overrides={"momentum": 0.9})
     with pytest.raises(ConfigError, match="protocol: unknown 'kitti'"):
         finetune_config(scale="tiny", parent=None, protocol="kitti")

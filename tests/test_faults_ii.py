@@ -27,6 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocot
 
 
 def _one_line(err: str, *words: str) -> None:
+    """``err`` is one line (progress bars aside) holding ``words``."""
+    err = "\n".join(l for l in err.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert all(w in err for w in words), err
 
@@ -328,9 +330,73 @@ def test_ctrl_c_with_two_runs_at_once_is_one_line_and_both_resume(isolated):
     os.killpg(p.pid, signal.SIGINT)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 130
-    # the data generator's progress bars (a fresh cache) aside
-    _one_line("\n".join(l for l in err.splitlines() if "%|" not in l), "detbench: interrupted",
-              "the same command resumes")
+    _one_line(err, "detbench: interrupted", "the same command resumes")
     store = RunStore(runs)
     statuses = [store.status(d.name) for d in runs.iterdir() if d.is_dir()]
     assert "failed" not in statuses and "interrupted" in statuses, statuses
+
+
+# ------------------------------------------------------------------ data: refused before anything runs
+def _no_runs(isolated) -> bool:
+    runs = isolated / "runs"
+    return not runs.exists() or not any(p.is_dir() for p in runs.iterdir())
+
+
+def test_a_bad_voc_xml_is_refused_before_any_run(isolated, tmp_path, capsys):
+    _devkit(tmp_path / "voc", {"a": _xml(_obj()), "b": _xml(_obj("cat", (1, 1, 99, 10)))},
+            {"trainval": ["a"], "test": ["b"]})
+    args = ["finetune", "--from", "scratch", "--scale", "micro", "--data", str(tmp_path / "voc" / "VOC2007")]
+    assert main(args) == 2
+    _one_line(capsys.readouterr().err, "b.xml", "object[0].bndbox.xmax", "outside the image")
+    assert _no_runs(isolated)
+
+
+@pytest.mark.parametrize("fault", ["missing", "missized"])
+def test_a_missing_or_mis_sized_image_is_refused_before_any_run(isolated, capsys, fault):
+    from tests.test_own_data import _args
+    from benchmark.data.synthetic import ensure_synthetic_dataset
+    from tests.conftest import MICRO_DATA
+    import shutil
+    splits = ensure_synthetic_dataset(isolated / "gen", **{k: v for k, v in MICRO_DATA.items() if k != "kind"})
+    root = isolated / "mydata"
+    for s in ("train", "val"):
+        shutil.copytree(splits[s]["image_root"], root / s)
+        shutil.copy(splits[s]["ann_file"], root / f"{s}.json")
+    victim = sorted((root / "train").iterdir())[2]
+    if fault == "missing":
+        victim.unlink()
+    else:
+        from PIL import Image
+        Image.new("RGB", (50, 40)).save(victim)
+    assert main(["finetune", "--from", "scratch", "--scale", "micro", *_args(root)]) == 2
+    _one_line(capsys.readouterr().err, "train.json", "1 of 8 images", "Nothing was run",
+              "no such file" if fault == "missing" else "is 50x40, the annotation says 64x64")
+    assert _no_runs(isolated)
+    assert main(["data", "check", f"train={root}/train.json:{root}/train"]) == 1
+    assert "a run refuses the dataset before it starts" in capsys.readouterr().out
+
+
+def test_a_voc_image_is_the_file_its_xml_names(tmp_path):
+    from PIL import Image
+    from benchmark.data.voc import voc_to_coco
+    root = _devkit(tmp_path, {"a": _xml(_obj()), "b": _xml(_obj())}, {"test": ["a", "b"]})
+    (root / "VOC2007" / "JPEGImages" / "b.jpg").unlink()
+    Image.new("RGB", (40, 30)).save(root / "VOC2007" / "JPEGImages" / "b.png")
+    xml = root / "VOC2007" / "Annotations" / "b.xml"
+    xml.write_text(xml.read_text().replace("<folder>VOC2007</folder>", "<folder>VOC2007</folder><filename>b.png"
+                                                                       "</filename>"))
+    names = [im["file_name"] for im in voc_to_coco(root, ["VOC2007/test"])["images"]]
+    assert names == ["VOC2007/JPEGImages/a.jpg", "VOC2007/JPEGImages/b.png"]   # no <filename>: <id>.jpg
+
+
+def test_a_sibling_folder_beside_a_voc_year_folder_is_not_its_content(tmp_path):
+    from benchmark.data.user import _MEMO, data_identity, parse_data_args
+    _devkit(tmp_path, {"a": _xml(_obj()), "b": _xml(_obj())}, {"trainval": ["a"], "test": ["b"]})
+    data = parse_data_args([str(tmp_path / "VOC2007")])
+    before = data_identity(data)
+    _devkit(tmp_path, {"c": _xml(_obj("dog"))}, {"trainval": ["c"], "test": ["c"]}, year="VOC2007_backup")
+    _MEMO.clear()
+    assert data_identity(data) == before
+    (tmp_path / "VOC2007" / "Annotations" / "a.xml").write_text(_xml(_obj("dog")))
+    _MEMO.clear()
+    assert data_identity(data) != before

@@ -16,7 +16,7 @@ from methods.backbones import c5_size
 from methods.config import ConfigError
 from methods.geometry import ViewGeometry, grid_matches, random_view
 from methods.losses import masked_cosine_regression, pixel_info_nce
-from methods.pixpro import PixelPropagation, PixPro
+from methods.pixpro import PixelPropagation, PixPro, normalised_grid_matches
 
 MICRO = dict(backbone="resnet18", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, crop_size=64)
 
@@ -68,6 +68,49 @@ def test_positive_threshold_uses_the_larger_bin_diagonal():
     m = grid_matches(a, b, (3, 3))
     assert m[0, 2] and grid_matches(b, a, (3, 3))[2, 0]
     assert not m[0, 8]      # B(2,2) at (40,40): 33.9 px
+
+
+def test_official_positives_normalise_x_by_width_and_y_by_height():
+    """Official (transform_coord.py, PixPro.py ``regression_loss``): a crop is its first to last
+    pixel, x / (W - 1), y / (H - 1); 3x3 grid. (a) A 200x100 image, crops (0,0,100,100) and
+    (40,0,140,100): bins 33.3 px (diag 47.1); A(0,0) and B(0,0) are 40 px apart in x: in pixels
+    40 / 47.1 = 0.85 (not positive); normalised dx 40/199 = 0.201, bin (99/199/3, 99/99/3) =
+    (0.166, 0.333), diag 0.372: 0.54 (positive). (b) A 400x100 image, crops (0,0,60,60) and
+    (0,17,60,77), 17 px apart in y: pixels 17 / 28.3 = 0.60 (positive); normalised dy 17/99 =
+    0.172, bin (59/399/3, 59/99/3) = (0.049, 0.199), diag 0.205: 0.84 (not positive)."""
+    a = ViewGeometry((0, 0, 100, 100), (96, 96))
+    b = ViewGeometry((40, 0, 140, 100), (96, 96))
+    assert normalised_grid_matches(a, b, (3, 3), (200, 100))[0, 0] and not grid_matches(a, b, (3, 3))[0, 0]
+    a = ViewGeometry((0, 0, 60, 60), (96, 96))
+    b = ViewGeometry((0, 17, 60, 77), (96, 96))
+    assert grid_matches(a, b, (3, 3))[0, 0] and not normalised_grid_matches(a, b, (3, 3), (400, 100))[0, 0]
+    # the same 17-px offset along the long side of a 100x400 image: 17/399 over 0.205 = 0.21
+    assert normalised_grid_matches(a, b, (3, 3), (100, 400))[0, 0]
+    # a flip swaps the crop's x corners: the flipped view's bins are the plain view's, mirrored
+    b_flip = ViewGeometry((40, 0, 140, 100), (96, 96), flip=True)
+    a, b = ViewGeometry((0, 0, 100, 100), (96, 96)), ViewGeometry((40, 0, 140, 100), (96, 96))
+    plain = normalised_grid_matches(a, b, (3, 3), (200, 100)).reshape(9, 3, 3)
+    flipped = normalised_grid_matches(a, b_flip, (3, 3), (200, 100)).reshape(9, 3, 3)
+    np.testing.assert_array_equal(flipped, plain[:, :, ::-1])
+
+
+@pytest.mark.parametrize("pos_coords", ["normalised", "pixels"])
+def test_views_build_the_positives_by_the_chosen_rule(pos_coords):
+    """``pos_coords`` picks the rule in ``views``: replaying its two crops (same seed) on a
+    non-square image gives its mask; the default is the official one."""
+    assert PixPro.Config().pos_coords == "normalised"
+    m = make(pos_coords=pos_coords)
+    img = np.zeros((60, 150, 3), np.uint8)
+    rule = {"normalised": lambda g1, g2: normalised_grid_matches(g1, g2, (2, 2), (150, 60)),
+            "pixels": lambda g1, g2: grid_matches(g1, g2, (2, 2))}[pos_coords]
+    differs = 0
+    for seed in range(40):
+        got = m.views({"index": 0, "image": img}, np.random.default_rng(seed))["pos_12"].numpy()
+        rng = np.random.default_rng(seed)
+        g1, g2 = random_view(150, 60, 64, rng), random_view(150, 60, 64, rng)
+        np.testing.assert_array_equal(got, rule(g1, g2))
+        differs += int((normalised_grid_matches(g1, g2, (2, 2), (150, 60)) != grid_matches(g1, g2, (2, 2))).any())
+    assert differs > 0          # the two rules are told apart on this image
 
 
 def coord_images(W: int, H: int) -> tuple[Image.Image, Image.Image]:
@@ -228,6 +271,76 @@ def test_objectives_and_instance_switch():
     assert not any(id(p) in trained for p in inst.target.parameters())
 
 
+def _rows_through(head: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """lin -> BN (training: batch mean, biased variance) -> ReLU -> lin, by hand, on rows; the
+    head's weights read from its Linear or 1x1-conv layers."""
+    lin1, bn, _, lin2 = head
+
+    def w(layer):
+        return layer.weight.reshape(layer.weight.shape[0], -1)
+
+    h = rows @ w(lin1).t() + (lin1.bias if lin1.bias is not None else 0)
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias
+    return h.clamp(min=0) @ w(lin2).t() + lin2.bias
+
+
+def test_instance_branch_applies_the_heads_per_pixel_then_pools():
+    """Official PixPro.forward: projector_instance and predictor (1x1-conv MLPs) on the C5 map,
+    then avgpool; the target's projector per pixel, then avgpool. The paper's order (switch
+    ``instance_pool: before``) pools C5 first. With the same weights the two differ (BN and
+    ReLU are not linear), and the default equals the per-pixel heads then the mean, by hand."""
+    torch.manual_seed(1)
+    m = make(instance_weight=1.0)
+    assert m.cfg.instance_pool == "after"
+    for bn in (m.online.instance_projector[1], m.predictor[1]):        # non-trivial BN affine
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    c5 = torch.randn(3, 512, 2, 2)                                       # resnet18 C5, 2x2
+    pixels = c5.permute(0, 2, 3, 1).reshape(-1, 512)                     # (N*H*W, C) rows
+    with torch.no_grad():
+        proj = _rows_through(m.online.instance_projector, pixels)
+        by_hand = _rows_through(m.predictor, proj).reshape(3, 4, -1).mean(1)
+        target_by_hand = _rows_through(m.target.instance_projector, pixels).reshape(3, 4, -1).mean(1)
+        got = m.instance_embedding(m.online, c5, predict=True)
+        target = m.instance_embedding(m.target, c5, predict=False)
+    torch.testing.assert_close(got, by_hand, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(target, target_by_hand, rtol=1e-4, atol=1e-5)
+    # the paper's order, the same weights copied into its Linear / BatchNorm1d heads
+    paper = make(instance_weight=1.0, instance_pool="before")
+    for src, dst in ((m.online.instance_projector, paper.online.instance_projector), (m.predictor, paper.predictor)):
+        state = {k: v.reshape(dst.state_dict()[k].shape) for k, v in src.state_dict().items()}
+        dst.load_state_dict(state)
+    with torch.no_grad():
+        pooled = paper.instance_embedding(paper.online, c5, predict=True)
+        pooled_by_hand = _rows_through(m.predictor, _rows_through(m.online.instance_projector, c5.mean((2, 3))))
+    torch.testing.assert_close(pooled, pooled_by_hand, rtol=1e-4, atol=1e-5)
+    assert (pooled - got).abs().max() > 0.1 * got.abs().max()            # the order matters
+    # both orders train end to end
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (72, 90, 3), dtype=np.uint8)
+    out = paper(paper.collate([paper.views({"index": i, "image": img}, np.random.default_rng(i)) for i in range(3)]))
+    assert torch.isfinite(out["loss_instance"])
+
+
+@pytest.mark.parametrize("backbone, block, last_bn, count", [("resnet50", "Bottleneck", "bn3", 16),
+                                                             ("resnet18", "BasicBlock", "bn2", 8)])
+def test_last_bn_gamma_of_every_residual_block_starts_at_zero(backbone, block, last_bn, count):
+    """Official contrast/resnet.py zeroes bn3.weight (Bottleneck) / bn2.weight (BasicBlock)
+    of every block: 16 in a ResNet-50. ``zero_init_residual: false`` restores ones."""
+    def blocks(m):
+        return [b for enc in (m.online, m.target) for b in enc.backbone.modules() if type(b).__name__ == block]
+
+    on = make(backbone=backbone)
+    assert len(blocks(on)) == 2 * count                                # online and target
+    for b in blocks(on):
+        assert torch.all(getattr(b, last_bn).weight == 0)
+        assert torch.all(b.bn1.weight == 1)                           # only the last BN
+    assert torch.all(on.online.backbone.bn1.weight == 1)
+    off = make(backbone=backbone, zero_init_residual=False)
+    assert all(torch.all(getattr(b, last_bn).weight == 1) for b in blocks(off))
+
+
 def test_export_is_the_backbone_only():
     state = make(instance_weight=1.0).export()
     assert "conv1.weight" in state and "layer4.1.bn2.running_var" in state
@@ -237,7 +350,8 @@ def test_export_is_the_backbone_only():
 @pytest.mark.parametrize("bad, field", [({"objective": "pixel"}, "objective"), ({"ppm_layers": 3}, "ppm_layers"),
                                         ({"gamma": 0}, "gamma"), ({"instance_weight": -1}, "instance_weight"),
                                         ({"crop_scale": [0.5, 0.2]}, "crop_scale"), ({"crop_size": 16}, "crop_size"),
-                                        ({"pos_radius": 1}, "pos_radius")])
+                                        ({"pos_radius": 1}, "pos_radius"), ({"pos_coords": "image"}, "pos_coords"),
+                                        ({"instance_pool": "max"}, "instance_pool")])
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ConfigError, match=f"method.{field}"):
         build_method("pixpro", **{**MICRO, **bad})
@@ -247,6 +361,8 @@ def test_paper_defaults():
     c = PixPro.Config()
     assert (c.pos_threshold, c.gamma, c.ppm_layers, c.temperature, c.momentum) == (0.7, 2.0, 1, 0.3, 0.99)
     assert (c.proj_hidden_dim, c.proj_dim, c.crop_size, tuple(c.crop_scale)) == (4096, 256, 224, (0.08, 1.0))
+    # official code over the paper (docs/methods/pixpro.md)
+    assert (c.instance_pool, c.pos_coords, c.zero_init_residual) == ("after", "normalised", True)
     r = PixPro.recipe
     assert (r.optimizer, r.base_lr, r.lr_batch, r.batch_size, r.weight_decay, r.warmup_epochs) == \
         ("lars", 1.0, 256, 1024, 1e-5, 5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from methods import build_method
-from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, cutout_in_boxes
+from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, cutout_box_rects, cutout_in_boxes
 from methods.config import ConfigError
 from methods.geometry import ViewGeometry, whole_view
 from methods.roi import assign_levels, multilevel_roi_align
@@ -75,15 +75,39 @@ def test_soco_star_view_sizes():
     m = build_method("soco", soco_star=True, backbone="resnet18")
     g = m.view_geometries(400, 300, np.random.default_rng(0))
     assert g["v3"].out_size == (192, 192) and g["v4"].out_size == (112, 112)
-    assert g["v4"] == g["v2"].resized((112, 112))
+    assert g["v4"].crop == g["v2"].crop                       # V2's crop (its flip: its own)
     crops = {m.view_geometries(400, 300, np.random.default_rng(i))["v3"].crop ==
              m.view_geometries(400, 300, np.random.default_rng(i))["v2"].crop for i in range(5)}
     assert crops == {False}                                   # V3 is not V2's crop
     tiny = build_method("soco", **{**SoCo.scales["tiny"]["method"], "soco_star": True})
     s = tiny.views(record(), np.random.default_rng(0))
     assert s["v3"].shape == (3, 55, 55) and s["v4"].shape == (3, 32, 32)
-    torch.testing.assert_close(s["boxes_v4"], s["boxes_v2"] * (32 / 64))   # V2's boxes, resized
-    assert "boxes_v1_v4" not in s                                            # V1 side = V1-V2's
+    assert "boxes_v1_v4" not in s and torch.equal(s["ids_v4"], s["ids_v2"])   # V1 side = V1-V2's
+
+
+def test_soco_star_v4_flips_on_its_own(monkeypatch):
+    """Official dataset.py (ImageFolderImageAsymBboxAwareMulti3ResizeExtraJitter1): img4 is
+    img2 resized before V2's flip, then flipped by its own draw; its boxes follow its pixels."""
+    import methods.soco as S
+    monkeypatch.setattr(S, "BYOL_AUG_1", NO_AUG)
+    monkeypatch.setattr(S, "BYOL_AUG_2", NO_AUG)
+    m = make(soco_star=True, box_jitter=False, cutout=False, num_proposals=1, view_size=96, v4_size=48)
+    same = mirrored = 0
+    for seed in range(16):
+        img = np.full((128, 128, 3), 10, np.uint8)
+        box = np.array([[20, 30, 70, 90]])
+        img[30:90, 20:70] = 245
+        s = m.views({"index": seed, "image": img, "proposals": box}, np.random.default_rng(seed))
+        if not s["valid_v2"][0]:
+            continue
+        b2, b4 = s["boxes_v2"][0].numpy(), s["boxes_v4"][0].numpy()
+        np.testing.assert_allclose(bright_bbox(s["v4"]), b4, atol=1.5)          # boxes follow V4's pixels
+        if np.allclose(b4, b2 / 2, atol=1e-3):
+            same += 1
+        else:   # V2's box mirrored in the 48-px view
+            np.testing.assert_allclose(b4, [48 - b2[2] / 2, b2[1] / 2, 48 - b2[0] / 2, b2[3] / 2], atol=1e-3)
+            mirrored += 1
+    assert same >= 2 and mirrored >= 2
 
 
 @pytest.mark.parametrize("v3_from_v2", [True, False])
@@ -123,12 +147,30 @@ def test_boxes_follow_their_pixels(monkeypatch, v3_from_v2, jitter):
     assert (moved > 0) == jitter
 
 
-def test_v3_is_v2_downsampled_by_default():
-    m = make()
-    g = m.view_geometries(128, 128, np.random.default_rng(3))
+def test_v3_is_an_independent_crop_by_default(monkeypatch):
+    """Official transform.py (both FPN scripts): V3 = RandomResizedCropParams(image_size // 2),
+    its own crop and flip; the paper's V2 downsampled is the switch ``v3_from_v2``. V3's boxes
+    come from V3's own crop, whatever V2's is."""
+    assert SoCo.Config.v3_from_v2 is False
+    crops = set()
+    for seed in range(6):
+        g = make().view_geometries(128, 128, np.random.default_rng(seed))
+        assert g["v3"].out_size == (32, 32)
+        crops.add(g["v3"].crop == g["v2"].crop)
+    assert crops == {False}
+    g = make(v3_from_v2=True).view_geometries(128, 128, np.random.default_rng(3))
     assert g["v3"] == g["v2"].resized((32, 32))
-    g = make(v3_from_v2=False).view_geometries(128, 128, np.random.default_rng(3))
-    assert g["v3"].out_size == (32, 32) and g["v3"].crop != g["v2"].crop
+    # the same proposal, V2 and V3 over different parts of the image: each view's box is the
+    # proposal in that view's own crop
+    m = make(num_proposals=1, box_jitter=False, cutout=False)
+    prop = np.array([[40, 40, 80, 90]])
+    geoms = {"v1": whole_view(128, 128, 48), "v2": ViewGeometry((0, 0, 100, 100), (48, 48), True),
+             "v3": ViewGeometry((30, 20, 120, 128), (32, 32))}
+    _fixed_views(monkeypatch, m, [geoms])
+    s = m.views(record(proposals=prop), np.random.default_rng(0))
+    np.testing.assert_allclose(s["boxes_v2"][0], [48 - 80 * 0.48, 40 * 0.48, 48 - 40 * 0.48, 90 * 0.48], atol=1e-4)
+    np.testing.assert_allclose(s["boxes_v3"][0], [(40 - 30) * 32 / 90, (40 - 20) * 32 / 108,
+                                                  (80 - 30) * 32 / 90, (90 - 20) * 32 / 108], atol=1e-4)
 
 
 def _fixed_views(monkeypatch, m, draws):
@@ -217,7 +259,7 @@ def test_random_and_whole_image_sources_need_no_cache():
 
 
 # --------------------------------------------------------------------------- cutout
-def test_cutout_is_per_box_inside_the_box():
+def test_cutout_clipped_to_the_box_switch():
     t = torch.ones(3, 64, 64)
     boxes = np.array([[4.0, 4.0, 30.0, 20.0], [40.0, 30.0, 60.0, 62.0]])
     inside = torch.zeros(64, 64, dtype=torch.bool)
@@ -225,7 +267,7 @@ def test_cutout_is_per_box_inside_the_box():
         inside[y1:y2, x1:x2] = True
     hit = []
     for seed in range(40):
-        out = cutout_in_boxes(t, boxes, np.random.default_rng(seed), p=0.5, area=(0.1, 0.3))
+        out = cutout_in_boxes(t, boxes, np.random.default_rng(seed), p=0.5, area=(0.1, 0.3), clip="box")
         erased = (out == 0).all(0)
         assert not (erased & ~inside).any()                # never outside a box
         per_box = [erased[y1:y2, x1:x2].sum().item() for x1, y1, x2, y2 in boxes.astype(int)]
@@ -236,6 +278,56 @@ def test_cutout_is_per_box_inside_the_box():
     assert 0.2 < hit.mean() < 0.8 and (hit[:, 0] != hit[:, 1]).any()   # p 0.5, each box on its own
     assert torch.equal(t, torch.ones(3, 64, 64))                        # input untouched
     assert torch.equal(cutout_in_boxes(t, boxes, np.random.default_rng(0), p=0.0), t)
+    with pytest.raises(ConfigError, match="method.cutout_clip"):
+        make(cutout_clip="bbox")
+
+
+def _expected_official_area(box_area: float, area=(0.1, 0.3)) -> float:
+    """E[(2 (s // 2) + 1)^2] / box area, s = round(sqrt(u A)), u ~ U(area): the square the
+    official RandomCutoutInBbox erases (cut_x1 .. cut_x2 inclusive, cut = centre -+ s // 2)."""
+    u = np.linspace(*area, 200001)
+    s = np.round(np.sqrt(u * box_area))
+    return float(np.mean((2 * (s // 2) + 1) ** 2)) / box_area
+
+
+def test_cutout_official_square_centred_in_the_box_clipped_to_the_image():
+    """Official RandomCutoutInBbox as it evidently means to run (its randint on float corners
+    raises): a centre pixel of the box, a (2 (s // 2) + 1)-px square, s = round(sqrt(u A)),
+    u ~ U(0.1, 0.3), clipped to the image only. Measured against the distribution it implies."""
+    H = W = 224
+    t = torch.ones(3, H, W)
+    box = np.array([[60.0, 70.0, 140.0, 130.0]])           # 80 x 60, far from the image's edges
+    A = 80 * 60
+    rng = np.random.default_rng(0)
+    frac, outside, erased_total = [], 0, 0
+    for _ in range(3000):
+        erased = (cutout_in_boxes(t, box, rng, p=1.0) == 0).all(0)
+        ys, xs = torch.nonzero(erased, as_tuple=True)
+        w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        assert w == h and w % 2 == 1 and erased.sum() == w * h            # one odd square
+        cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+        assert 60 <= cx < 140 and 70 <= cy < 130                         # centred on a box pixel
+        inside = erased[70:130, 60:140].sum().item()
+        frac.append(erased.sum().item() / A)
+        outside += erased.sum().item() - inside
+        erased_total += erased.sum().item()
+    want = _expected_official_area(A)
+    assert 0.2 < want < 0.23
+    assert abs(np.mean(frac) - want) < 0.005                 # standard error ~0.001
+    assert 0.05 < outside / erased_total < 0.4               # it spills past the box
+    # the old switch erases less and never outside the box
+    rng = np.random.default_rng(0)
+    box_frac = [(cutout_in_boxes(t, box, rng, p=1.0, clip="box") == 0).all(0).sum().item() / A
+                for _ in range(1000)]
+    assert np.mean(box_frac) < want - 0.03
+    # at the image's corner the square is clipped to the image
+    corner = np.array([[0.0, 0.0, 30.0, 30.0]])
+    sizes = set()
+    for seed in range(50):
+        (y, x, h, w), = cutout_box_rects(H, W, corner, np.random.default_rng(seed), p=1.0)
+        assert x >= 0 and y >= 0 and x + w <= W and y + h <= H
+        sizes.add((h % 2, w % 2))
+    assert len(sizes) > 1                                     # some squares cut by the edges
 
 
 def test_cutout_only_on_v2_and_v3_by_default(monkeypatch):
@@ -245,7 +337,7 @@ def test_cutout_only_on_v2_and_v3_by_default(monkeypatch):
     assert SoCo.Config.cutout_views == ("v2", "v3")
     img = np.full((128, 128, 3), 200, np.uint8)
     zero = lambda t: (t == 0).all(0)   # an erased pixel (a plain 200 pixel is never 0 after normalising)
-    m = make(cutout_prob=1.0, box_jitter=False, soco_star=True)
+    m = make(cutout_prob=1.0, box_jitter=False, soco_star=True, cutout_clip="box")
     seen = set()
     for seed in range(6):
         s = m.views(record(seed, proposals=np.array([[10, 10, 90, 90], [30, 40, 120, 110]])) | {"image": img},
@@ -280,9 +372,9 @@ def test_scale_aware_assignment():
 def test_levels_in_each_views_own_pixels():
     """Official aware_range 48/96/192 in every view's own pixels, never rescaled: the same
     object in the 112-px V3 (V2 downsampled) lands one level finer than in the 224-px V2."""
-    m = build_method("soco", backbone="resnet18")
+    m = build_method("soco", backbone="resnet18", v3_from_v2=True)
     g = m.view_geometries(640, 480, np.random.default_rng(0))
-    assert g["v2"].out_size == (224, 224) and g["v3"].out_size == (112, 112)
+    assert g["v2"].out_size == (224, 224) and g["v3"] == g["v2"].resized((112, 112))
     x0, y0 = g["v2"].crop[:2]
     sx = (g["v2"].crop[2] - x0) / 224
     sy = (g["v2"].crop[3] - y0) / 224
@@ -324,6 +416,84 @@ def test_loss_by_hand():
     three, logs = soco_loss({"v2": (q1, z1, q2, z2), "v3": (q2, z2, q2, z2)})
     assert three.item() == pytest.approx(loss.item()) and set(logs) == {"loss_12", "loss_13"}
     assert logs["loss_13"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_matches_every_copy_of_a_padded_id():
+    """Official SoCo_FPN.regression_loss_bboxs_aware with get_aware_correspondence_matrix:
+    fewer than K distinct proposals, each side padded with its own copies; every V1 row is
+    compared with every V row of the same id, a mean over those matches per image. Two
+    distinct boxes a, b; V1 rows [a, b, a, a], V2 rows [a, b, b, a] (copies: the same box, so
+    the same features)."""
+    e = lambda *x: torch.tensor(x, dtype=torch.float32)
+    feats = {"q1": {0: e(1.0, 0.0), 1: e(0.0, 1.0)}, "z1": {0: e(1.0, 0.0), 1: e(1.0, 1.0)},
+             "q2": {0: e(1.0, 1.0), 1: e(0.0, 1.0)}, "z2": {0: e(1.0, 1.0), 1: e(0.0, 2.0)}}
+    ids1, ids2 = [0, 1, 0, 0], [0, 1, 1, 0]
+    rows = lambda f, ids: torch.stack([feats[f][i] for i in ids])[None, :, None]   # (1, 4, 1, 2)
+    q1, z1, q2, z2 = rows("q1", ids1), rows("z1", ids1), rows("q2", ids2), rows("z2", ids2)
+    ids = {"v2": (torch.tensor([ids1]), torch.tensor([ids2]))}
+    loss, logs = soco_loss({"v2": (q1, z1, q2, z2)}, ids=ids)
+    # matches: a = 3 V1 rows x 2 V2 rows = 6, b = 1 x 2 = 2 (8 of 16 pairs)
+    # q1 vs z2: cos(a) = cos([1,0],[1,1]) = 1/sqrt2, cos(b) = 1; q2 vs z1: cos(a) = 1/sqrt2, cos(b) = 1/sqrt2
+    r = 1 / math.sqrt(2)
+    official = -2 * (6 * r + 2 * 1) / 8 + -2 * (6 * r + 2 * r) / 8   # the official loss (-2 cos form)
+    assert loss.item() == pytest.approx(official + 4, abs=1e-6)       # ours: 2 - 2cos, 2 terms
+    assert logs["loss_12"].item() == pytest.approx(loss.item())
+    # rows paired instead (the earlier loss) weigh ids otherwise and pair a with b on row 3
+    paired, _ = soco_loss({"v2": (q1, z1, q2, z2)})
+    assert abs(paired.item() - loss.item()) > 0.05
+    # one padding shared by both sides ([a, b, a, a]): matching ids weighs a 9 : 1, pairing
+    # rows 3 : 1, so the two differ by 2 ((3r + 1) / 4 - (9r + 1) / 10) = 0.3 (1 - r)
+    q2s, z2s = rows("q2", ids1), rows("z2", ids1)
+    shared = {"v2": (torch.tensor([ids1]), torch.tensor([ids1]))}
+    by_id = soco_loss({"v2": (q1, z1, q2s, z2s)}, ids=shared)[0].item()
+    by_row = soco_loss({"v2": (q1, z1, q2s, z2s)})[0].item()
+    assert by_id == pytest.approx(4 - 2 * (9 * r + 1) / 10 - 2 * r, abs=1e-6)
+    assert by_id - by_row == pytest.approx(0.3 * (1 - r), abs=1e-6)
+    # distinct ids in the same order on both sides: the same as pairing rows
+    one = torch.tensor([[0, 1, 2, 3]])
+    g = torch.Generator().manual_seed(0)
+    a, b, c, d = (torch.randn(2, 4, 1, 8, generator=g) for _ in range(4))
+    x, _ = soco_loss({"v2": (a, b, c, d)}, ids={"v2": (one.expand(2, 4), one.expand(2, 4))})
+    y, _ = soco_loss({"v2": (a, b, c, d)})
+    assert x.item() == pytest.approx(y.item(), abs=1e-5)
+    # levels are compared level by level (scale_aware off: L = 4)
+    a4, b4 = torch.randn(1, 4, 4, 8, generator=g), torch.randn(1, 4, 4, 8, generator=g)
+    x4, _ = soco_loss({"v2": (a4, b4, a4, b4)}, ids={"v2": (one, one)})
+    assert x4.item() == pytest.approx(soco_loss({"v2": (a4, b4, a4, b4)})[0].item(), abs=1e-5)
+
+
+def test_padding_is_drawn_per_side_after_the_jitter():
+    """Official dataset.py: jitter_props on the selected proposals, then pad_bboxs_with_common
+    pads each side of the pair with its own draw of copies of those boxes: a copy is the same
+    (jittered) box, and the ids tell which proposal each row is on either side."""
+    m = make(num_proposals=4, jitter_prob=1.0, cutout=False)
+    props = np.array([[10.0, 10.0, 60.0, 70.0], [50.0, 40.0, 120.0, 110.0]])
+    geoms = {"v1": whole_view(128, 128, 128), "v2": ViewGeometry((0, 0, 128, 128), (128, 128)),
+             "v3": ViewGeometry((0, 0, 128, 128), (64, 64))}
+    differ = 0
+    for seed in range(10):
+        out = m.sample_boxes({"v2": props, "v3": props}, geoms, 128, 128, np.random.default_rng(seed))
+        for v in ("v2", "v3"):
+            i1, iv = out[f"ids_v1_{v}"], out[f"ids_{v}"]
+            assert out[f"valid_{v}"].tolist() == [True, True, False, False]
+            assert i1[:2].tolist() == iv[:2].tolist() and sorted(i1[:2]) == [0, 1]
+            for ids, key in ((i1, f"boxes_v1_{v}"), (iv, f"boxes_{v}")):
+                for j in (0, 1):   # every copy of an id is the same box
+                    rows = out[key][ids == j]
+                    assert np.allclose(rows, rows[0])
+            # the V side is the plain proposal of the same id, scaled into the view
+            scale = geoms[v].out_size[0] / 128
+            for r, j in enumerate(iv):
+                src = props[np.argmin(np.abs(props * scale - out[f"boxes_{v}"][r]).sum(1))]
+                assert np.allclose(out[f"boxes_{v}"][r], src * scale, atol=1e-4)
+                assert np.allclose(out[f"boxes_{v}"][iv == iv[r]], src * scale, atol=1e-4)
+            # V1's (jittered) box of an id lies nearest the proposal of that id on the V side
+            near = lambda b, sc: int(np.argmin(np.abs(props * sc - b).sum(1)))
+            for r1, j in enumerate(i1):
+                rv = int(np.flatnonzero(iv == j)[0])
+                assert near(out[f"boxes_v1_{v}"][r1], 1.0) == near(out[f"boxes_{v}"][rv], scale)
+            differ += i1.tolist() != iv.tolist()
+    assert differ > 0
 
 
 # --------------------------------------------------------------------------- Table 4 / 5 switches

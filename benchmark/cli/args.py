@@ -5,7 +5,7 @@ import argparse
 import difflib
 
 from benchmark.runs.identity import is_run_key
-from methods.config import ConfigError
+from methods.config import ConfigError, check_field
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -77,4 +77,9 @@ def run_key_arg(value: str, flag: str) -> str:
 
 
 def seed_range(n: int, first: int) -> tuple[int, ...]:
+    """``--seeds N --first-seed S``: seeds S..S+N-1; N >= 1 (no seed plans no run and no cell)
+    and S >= 0 (``methods.config.RULES``), named as the user wrote them."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--seeds: expected a number of seeds >= 1, got {n!r}")
+    check_field("seed", first, "--first-seed")
     return tuple(range(first, first + n))

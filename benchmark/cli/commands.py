@@ -9,7 +9,10 @@ import logging
 import signal
 import sys
 
-from benchmark.cli import run, slurm, store, tables
+import benchmark.cli.run as run
+import benchmark.cli.slurm as slurm
+import benchmark.cli.store as store
+import benchmark.cli.tables as tables
 from methods.config import ConfigError
 
 GROUPS = (run, store, tables, slurm)

@@ -23,6 +23,21 @@ def run_one(job, args) -> dict:
     return run_job(job, args.runs, resume=not getattr(args, "no_resume", False), device=args.device)
 
 
+def check_data(configs) -> None:
+    """The data of the runs about to start, checked before any starts (each dataset once):
+    bad annotation files, missing or mis-sized images (``benchmark.data.user.preflight``)."""
+    import json as _json
+
+    from benchmark.data.user import preflight
+    seen = set()
+    for cfg in configs:
+        data = cfg.get("data") or {}
+        blob = _json.dumps(data, sort_keys=True, default=str)
+        if blob not in seen:
+            seen.add(blob)
+            preflight(data)
+
+
 def cmd_pretrain(args) -> int:
     from benchmark.experiments.config import check_inputs, pretrain_config
     from benchmark.runs.job import Job
@@ -35,6 +50,8 @@ def cmd_pretrain(args) -> int:
     key = run_key(cfg)
     job = Job("pretrain", key, {**cfg, "label": f"pretrain/{args.method}/seed{args.seed}"}, (),
               f"pretrain/{args.method}")
+    if RunStore(args.runs).status(key) != "done":
+        check_data([cfg])
     m = run_one(job, args)
     print(json.dumps({"key": key, "run_dir": str(RunStore(args.runs).run_dir(key)), **m}, indent=1, default=str))
     return 0
@@ -60,6 +77,8 @@ def cmd_finetune(args) -> int:
     key = run_key(cfg)
     label = f"finetune/{args.from_run}/{args.schedule}"
     job = Job("finetune", key, {**cfg, "label": label}, (parent,) if parent else (), label)
+    if store.status(key) != "done":
+        check_data([cfg])
     m = run_one(job, args)
     print(json.dumps({"key": key, "run_dir": str(store.run_dir(key)), **m}, indent=1, default=str))
     return 0
@@ -80,6 +99,8 @@ def cmd_evaluate(args) -> int:
     cfg = evaluate_config(parent=args.from_run, data=with_identity(data), scale=parent_cfg["scale"], protocol=protocol)
     key = run_key(cfg)
     label = f"evaluate/{args.from_run}"
+    if store.status(key) != "done":
+        check_data([cfg])
     m = run_one(Job("evaluate", key, {**cfg, "label": label}, (args.from_run,), label), args)
     print(json.dumps({"key": key, **m}, indent=1, default=str))
     return 0

@@ -59,16 +59,25 @@ def cmd_data_check(args) -> int:
             sz = e["image_size"]
             print(f"  image size (w x h): min {sz['min'][0]}x{sz['min'][1]}, median {sz['median'][0]}x"
                   f"{sz['median'][1]}, max {sz['max'][0]}x{sz['max'][1]}")
-        for what in ("missing_files", "unreadable_files"):
+        refused = 0
+        for what in ("missing_files", "missized_files", "unreadable_files"):
             for f in e[what]:
                 print(f"  {what.split('_')[0]}: {f}")
             bad += len(e[what])
-        if not e["missing_files"] and not e["unreadable_files"]:
+            refused += len(e[what]) if what != "unreadable_files" else 0
+        if not bad:
             print("  every image file " + ("decodes" if not args.no_decode else "exists"))
     if args.json:
         print(json.dumps(r, indent=1))
-    print("ok" if not bad else f"{bad} image file(s) missing or unreadable: a run skips unreadable images "
-                               f"(recorded in the run) and stops above 1% of a split (DETBENCH_MAX_UNREADABLE)")
+    counts = {w: sum(len(e[f"{w}_files"]) for e in r["splits"].values()) for w in ("missing", "missized", "unreadable")}
+    said = []
+    if counts["missing"] or counts["missized"]:
+        said.append(f"{counts['missing']} missing and {counts['missized']} mis-sized image file(s): a run refuses "
+                    f"the dataset before it starts (fix the files or the annotation file)")
+    if counts["unreadable"]:
+        said.append(f"{counts['unreadable']} undecodable image file(s): a run skips them (recorded in the run) and "
+                    f"stops above 1% of a split (DETBENCH_MAX_UNREADABLE)")
+    print("ok" if not bad else "; ".join(said))
     return 0 if not bad else 1
 
 

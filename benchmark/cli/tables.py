@@ -76,6 +76,9 @@ def cmd_reproduce(args) -> int:
     elif args.fresh:
         print(f"  --fresh: nothing reused; runs go to {store.root} (generated data and proposals stay cached "
               f"in .cache/detbench: delete it to rebuild them too)")
+    if not args.dry_run:   # bad annotations, missing or mis-sized images: before any run starts
+        from benchmark.cli.run import check_data
+        check_data([j.config for j in missing])
     if args.dry_run:
         for j in plan.jobs:
             print(f"  {store.status(j.key):8s} {j.stage:9s} {j.key} {j.label}")

@@ -144,6 +144,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_id_to_contiguous: dict[int, int] = {cid: k + 1 for k, cid in enumerate(order)}
         self.contiguous_to_cat_id: dict[int, int] = {k: cid for cid, k in self.cat_id_to_contiguous.items()}
         self.class_names: list[str] = [cats[cid] for cid in order]
+        # the label space a detector trained on this file learns: entry k is label k + 1 (0 is
+        # the background), ``{"id", "name"}``; fine-tuning records it, evaluation maps by name
+        self.categories: list[dict] = [{"id": cid, "name": cats[cid]} for cid in order]
         self.num_classes = len(order)
 
     def _check_segmentation(self, seg: Any, where: str, img: dict) -> None:

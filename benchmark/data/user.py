@@ -36,9 +36,9 @@ from benchmark.common.paths import cache_root
 from benchmark.data.coco import CocoDetection
 from benchmark.data.errors import CorruptImage, DataError
 from benchmark.data.images import ImageSource
-from benchmark.data.io import read_rgb
+from benchmark.data.io import read_rgb, read_size
 from benchmark.data.resolve import resolve_data
-from benchmark.data.voc import VOC_CLASSES
+from benchmark.data.voc import VOC_CLASSES, voc_years
 
 SPLITS = ("pretrain", "train", "val")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -276,14 +276,15 @@ def data_identity(data: dict) -> dict | None:
         return out
     if kind == "voc" and "root" in data:
         root = Path(data["root"])
-        memo = ("voc", str(root))
+        years = voc_years(data)   # only the year folders it reads: a sibling folder is not its content
+        memo = ("voc", str(root), tuple(years))
         if memo not in _MEMO:
             h = hashlib.sha256()
-            files = [p for p in walk_files(root) if p.suffix in (".xml", ".txt")
+            files = [p for y in years for p in walk_files(root / y) if p.suffix in (".xml", ".txt")
                      and p.parent.name in ("Annotations", "Main")]
             for p in files:   # every annotation and image list, by content
                 h.update(f"{p.relative_to(root)}\0".encode() + hashlib.sha256(p.read_bytes()).digest())
-            images = sorted(root.glob("*/JPEGImages/*"))
+            images = [p for y in years for p in walk_files(root / y / "JPEGImages")]
             _MEMO[memo] = {"annotations": h.hexdigest()[:16], "images": images_fingerprint(images, root)[:16]}
         return _MEMO[memo]
     return None
@@ -340,7 +341,7 @@ def check_dataset(data: dict, decode: bool = True) -> dict:
                      "image_size": {"min": [int(v) for v in sizes.min(0)], "max": [int(v) for v in sizes.max(0)],
                                     "median": [int(v) for v in np.median(sizes, 0)]},
                      "boxes_clipped": ds.num_clipped, "boxes_dropped": ds.num_dropped}
-        unreadable, missing = [], []
+        unreadable, missing, missized = [], [], []
         for k, p in enumerate(paths):
             if not Path(p).is_file():
                 missing.append(str(p))
@@ -353,9 +354,57 @@ def check_dataset(data: dict, decode: bool = True) -> dict:
                 if anns is not None:
                     info = anns.images[anns.ids[k]]
                     if (img.width, img.height) != (info["width"], info["height"]):
-                        unreadable.append(f"{p}: {img.width}x{img.height}, the annotation file says "
-                                          f"{info['width']}x{info['height']}")
+                        missized.append(f"{p}: {img.width}x{img.height}, the annotation file says "
+                                        f"{info['width']}x{info['height']}")
         entry["missing_files"] = missing
+        entry["missized_files"] = missized
         entry["unreadable_files"] = unreadable
         report["splits"][name] = entry
     return report
+
+
+# ---------------------------------------------------------------------------- before a run
+def preflight(data: dict) -> None:
+    """What a run would otherwise find hours in: every annotation file parsed (VOC XML, COCO
+    json), every listed image present and of the size its annotation says (header only, no
+    decoding). All problems of a split in one ``DataError`` naming the file and the field.
+    Generated data is skipped; a dataset that passed is remembered by its content identity, so
+    the next command does not read it again. Undecodable images are not looked for here: a run
+    skips those (up to ``DETBENCH_MAX_UNREADABLE``)."""
+    if data.get("kind") not in ("coco", "voc") or (data.get("kind") == "voc" and "root" not in data):
+        return
+    data = with_identity(data)
+    stamp = None
+    if data.get("identity"):
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        stamp = cache_root() / "preflight" / f"{digest}.ok"
+        if stamp.is_file():
+            return
+    for name, split in resolve_data(data).items():   # parses every VOC XML (DataError names the file)
+        if not split.get("ann_file"):
+            continue   # unlabeled images: ImageSource skips what it cannot read
+        ds = CocoDetection(split["image_root"], split["ann_file"], with_masks=False)
+        bad = []
+        for i in ds.ids:
+            info, path = ds.images[i], ds.image_path(i)
+            where = f"images[{info['_index']}]"
+            try:
+                w, h = read_size(path)
+            except CorruptImage as e:
+                if e.message == "file not found":
+                    bad.append(f"{where}.file_name {info['file_name']!r}: no such file {path}")
+                continue   # undecodable header: skipped by the run like any unreadable image
+            if (w, h) != (info["width"], info["height"]):
+                bad.append(f"{where}: {path} is {w}x{h}, the annotation says {info['width']}x{info['height']}")
+        if bad:
+            raise DataError(split["ann_file"], "images",
+                            f"{len(bad)} of {len(ds.ids)} images of split {name!r} cannot be trained or evaluated "
+                            f"on: " + "; ".join(bad[:3]) + (f"; ... ({len(bad) - 3} more: `detbench data check`)"
+                                                             if len(bad) > 3 else "")
+                            + ". Nothing was run.")
+    if stamp is not None:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text("")
+        except OSError:
+            pass   # an unwritable cache only costs the check next time

@@ -2,7 +2,7 @@
 
 A VOC devkit folder (``$VOC_ROOT``, e.g. ``VOCdevkit/``) holds one folder per year::
 
-    <root>/VOC2007/JPEGImages/<id>.jpg
+    <root>/VOC2007/JPEGImages/<id>.jpg    (or whatever file the XML's <filename> names)
     <root>/VOC2007/Annotations/<id>.xml
     <root>/VOC2007/ImageSets/Main/{trainval,test}.txt
 
@@ -46,7 +46,8 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 
 # Bump when the conversion changes: it is part of the cache key of the converted json.
-CONVERTER_VERSION = 1
+# 2: an image's file is the XML's <filename> (a .png set reads), <id>.jpg only without one.
+CONVERTER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def voc_to_coco(root: str | Path, splits: tuple[str, ...] | list[str], class_nam
             xml_path = root / year / "Annotations" / f"{image_key}.xml"
             rec = parse_voc_xml(xml_path, class_names, data=(xml_bytes or {}).get(xml_path))
             image_id = len(images) + 1
-            images.append({"id": image_id, "file_name": f"{year}/JPEGImages/{image_key}.jpg",
+            # the XML names its image (the devkit's own files and LabelImg's alike); <id>.jpg without
+            images.append({"id": image_id, "file_name": f"{year}/JPEGImages/{rec['filename'] or image_key + '.jpg'}",
                            "width": rec["width"], "height": rec["height"], "voc_id": f"{year}/{image_key}"})
             for o in rec["objects"]:
                 x0, y0, x1, y1 = o["box"]
@@ -159,6 +161,13 @@ def ensure_voc_split(root: str | Path, splits, class_names=VOC_CLASSES, *, cache
         atomic_write_json(out, voc_to_coco(root, splits, class_names, difficult_as_crowd=difficult_as_crowd,
                                            xml_bytes=files))
     return {"image_root": str(root), "ann_file": str(out)}
+
+
+def voc_years(data: dict) -> list[str]:
+    """The year folders (``VOC2007``, ...) a ``{"kind": "voc", "root": ...}`` config reads."""
+    p = VocProtocol()
+    sets = list(data.get("train", p.train_sets)) + [data.get("test", p.test_set)]
+    return sorted({str(s).partition("/")[0] for s in sets})
 
 
 def resolve_voc(data: dict, cache_dir: str | Path) -> dict[str, dict]:

@@ -34,8 +34,9 @@ def _number(node: ET.Element, tag: str, path: Path, where: str) -> float:
 
 def parse_voc_xml(path: str | Path, class_names: tuple[str, ...] | list[str], *,
                   data: bytes | None = None) -> dict:
-    """One VOC annotation file -> ``{"width", "height", "objects": [{"label" (1-based index
-    into class_names), "name", "box" (0-based xyxy), "difficult", "truncated"}]}``.
+    """One VOC annotation file -> ``{"width", "height", "filename" (its ``<filename>``, None
+    when absent), "objects": [{"label" (1-based index into class_names), "name", "box"
+    (0-based xyxy), "difficult", "truncated"}]}``.
 
     ``data``: the file's bytes when the caller has read them already."""
     path = Path(path)
@@ -90,7 +91,10 @@ def parse_voc_xml(path: str | Path, class_names: tuple[str, ...] | list[str], *,
                         "box": (max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0), xmax, ymax), **flags})
     if not objects:
         raise DataError(path, "object", "empty annotation set: no <object> in the file")
-    return {"width": W, "height": H, "objects": objects}
+    filename = (root.findtext("filename") or "").strip() or None
+    if filename is not None and (Path(filename).is_absolute() or ".." in Path(filename).parts):
+        raise DataError(path, "filename", f"expected a file name inside JPEGImages/, got {filename!r}")
+    return {"width": W, "height": H, "objects": objects, "filename": filename}
 
 
 def write_voc_xml(path: str | Path, *, folder: str, filename: str, width: int, height: int,

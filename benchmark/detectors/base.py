@@ -99,19 +99,17 @@ class FinetuneRecipe:
     drop_groups: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "FinetuneRecipe":
-        r = dataclass_from_dict(cls, d, "recipe")
-        if r.steps <= 0 or r.batch_size <= 0:
-            raise ConfigError(f"recipe.steps/batch_size: expected positive, got {r.steps}/{r.batch_size}")
+    def from_dict(cls, d: dict | None, prefix: str = "recipe") -> "FinetuneRecipe":
+        """``prefix``: the recipe's name where the user wrote it (``finetune`` for ``--set
+        finetune.*`` and a row's fine-tuning overrides), so an error names that field. Steps,
+        batch, lr, warm-up (not longer than ``steps``), flip probability, precise-BN iterations
+        ... are checked by ``methods.config.RULES``; the milestones and dropped groups here."""
+        r = dataclass_from_dict(cls, d, prefix)
         if any(not 0 < m <= 1 for m in r.milestones):
-            raise ConfigError(f"recipe.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
-        if not 0 <= r.hflip_prob <= 1:
-            raise ConfigError(f"recipe.hflip_prob: expected a probability, got {r.hflip_prob}")
-        if r.precise_bn_iters < 0:
-            raise ConfigError(f"recipe.precise_bn_iters: expected >= 0 (0: off), got {r.precise_bn_iters}")
+            raise ConfigError(f"{prefix}.milestones: expected fractions of steps in (0, 1], got {list(r.milestones)}")
         bad = [g for g in r.drop_groups if g not in DROPPABLE]
         if bad:
-            raise ConfigError(f"recipe.drop_groups: unknown group {bad[0]!r} ({' | '.join(DROPPABLE)})")
+            raise ConfigError(f"{prefix}.drop_groups: unknown group {bad[0]!r} ({' | '.join(DROPPABLE)})")
         return r
 
     def to_dict(self) -> dict:

@@ -8,11 +8,13 @@ import copy
 import dataclasses
 import os
 import re
+import typing
 from pathlib import Path
 
 import yaml
 
 from benchmark.common.paths import configs_root
+from benchmark.data.synthetic import ensure_synthetic_dataset
 from benchmark.data.user import with_identity
 from benchmark.detectors import get_detector
 from benchmark.experiments.tables import check_name
@@ -20,7 +22,7 @@ from benchmark.runs.identity import strip_defaults
 from methods import build_method, get_method
 from methods.augment import LOADERS
 from methods.base import PretrainRecipe
-from methods.config import coerce, ConfigError, EXPONENT
+from methods.config import check_field, check_mapping, check_method, coerce, ConfigError, EXPONENT
 
 SCALES_DIR = configs_root() / "scales"
 
@@ -36,18 +38,49 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     if not p.exists():
         raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
     try:
-        sc = yaml.safe_load(p.read_text()) or {}
+        sc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if sc is None:
+        raise ConfigError(f"{p}: empty scale file (expected a mapping of {', '.join(SCALE_KEYS)})")
     validate_scale(sc, p)
     parent = sc.pop("extends", None)
-    if parent is None:
-        return sc
-    if parent in _seen + (name,):
-        raise ConfigError(f"{p}: extends: cycle {' -> '.join(_seen + (name, parent))}")
-    base = load_scale(parent, _seen + (name,))
-    base.setdefault("method_scale", base.get("name", parent))
-    return deep_merge(base, sc)
+    if parent is not None:
+        if parent in _seen + (name,):
+            raise ConfigError(f"{p}: extends: cycle {' -> '.join(_seen + (name, parent))}")
+        base = load_scale(parent, _seen + (name,))
+        base.setdefault("method_scale", base.get("name", parent))
+        sc = deep_merge(base, sc)
+    if not _seen:   # the whole scale, its parents merged: what a run reads must be there
+        if "data" not in sc:
+            raise ConfigError(f"{p}: data: missing (a scale names its data, or extends a scale that does)")
+        try:
+            check_data(sc["data"])
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    return sc
+
+
+def check_data(data: dict, where: str = "data") -> None:
+    """A synthetic dataset's parameters (``benchmark.data.synthetic.ensure_synthetic_dataset``'s
+    keyword arguments: known keys, types, ``methods.config.RULES``: positive sizes and counts,
+    a seed >= 0, min <= max); other kinds are checked where their paths are read."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    params = data.get("synthetic") if data.get("kind") == "voc" else data
+    if data.get("kind") not in ("synthetic", "voc") or not isinstance(params, dict):
+        return
+    where = f"{where}.synthetic" if params is not data else where
+    hints = {k: v for k, v in typing.get_type_hints(ensure_synthetic_dataset).items()
+             if k not in ("cache_dir", "return")}
+    values = {}
+    for k, v in params.items():
+        if k in ("kind", "identity"):
+            continue
+        if k not in hints:
+            raise ConfigError(f"{where}.{k}: unknown key (known: kind, {', '.join(hints)})")
+        values[k] = coerce(v, hints[k], f"{where}.{k}")
+    check_mapping(values, where)
 
 
 class UnsupportedDetector(ConfigError):
@@ -85,11 +118,11 @@ def validate_scale(sc, path: Path) -> None:
         div = pre.pop("batch_divisor", None)
         if div is not None and coerce(div, int, "pretrain.batch_divisor") < 1:
             raise ConfigError(f"pretrain.batch_divisor: expected >= 1, got {div!r}")
-        hints = __import__("typing").get_type_hints(PretrainRecipe)
+        hints = typing.get_type_hints(PretrainRecipe)
         for k, v in pre.items():
             if k not in hints:
                 raise ConfigError(f"pretrain.{k}: unknown key (known: batch_divisor, {', '.join(hints)})")
-            coerce(v, hints[k], f"pretrain.{k}")
+            check_field(k, coerce(v, hints[k], f"pretrain.{k}"), f"pretrain.{k}")
         for name, entry in (sc.get("detectors") or {}).items():
             det = get_detector(name)
             if not isinstance(entry, dict) or set(entry) - SCALE_DETECTOR_KEYS:
@@ -200,7 +233,10 @@ def resolve_data_config(sc: dict, data: dict | None, data_overrides: dict | None
         elif data.get("kind") == "coco" or "pretrain" not in splits:
             data = {k: v for k, v in data.items() if k not in ("pretrain", "train", "val") or k in splits}
         return with_identity(data)
-    return with_identity(expand_env(deep_merge(sc["data"], data_overrides)))
+    data = expand_env(deep_merge(sc["data"], data_overrides))
+    if data_overrides:
+        check_data(data)
+    return with_identity(data)
 
 
 def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: float | None = None,
@@ -214,13 +250,16 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
     the method's ``detector_spec`` overrides) so the run's identity covers both, and the
     recipe is ``cls.recipe_for(detector)``'s (multistep drops as fractions, gradient clip)."""
     cls = get_method(method)
+    check_run_args(seed, epochs)
     sc = load_scale(scale)
     method_scale = cls.scales.get(sc.get("method_scale", scale), {})
     unknown = set(method_scale) - {"method", "recipe"}
     if unknown:
         raise ConfigError(f"{cls.__name__}.scales[{scale!r}]: unknown section {sorted(unknown)}")
     mcfg = expand_env(deep_merge(method_scale.get("method", {}), method_overrides), "method")
-    mcfg = strip_defaults(cls.Config, cls.Config.from_dict(mcfg).to_dict())   # validates names and types
+    method_cfg = cls.Config.from_dict(mcfg)   # validates names, types and ranges (methods.config.RULES)
+    check_method(method_cfg)
+    mcfg = strip_defaults(cls.Config, method_cfg.to_dict())
     detector = cls.pretrain_detector(mcfg)
     if detector is not None and parent is None:
         raise ConfigError(f"parent: missing: {method} pretrains the {detector} detector over the backbone of an "
@@ -243,7 +282,9 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         # a paper batch size from a table (SoCo Table 5b) runs at B / divisor at small scales
         recipe_overrides["batch_size"] = max(2, int(recipe_overrides["batch_size"]) // int(divisor))
     recipe = deep_merge(recipe, recipe_overrides)
-    _check_loader(PretrainRecipe.from_dict(recipe), cls)   # validates names, types and ranges
+    resolved = PretrainRecipe.from_dict(recipe)   # validates names, types and ranges
+    _check_loader(resolved, cls)
+    _check_queue(method_cfg, resolved)
     recipe = strip_defaults(PretrainRecipe, recipe)
     if cls.pretrain_images not in ("pretrain", "train"):
         raise ConfigError(f"{cls.__name__}.pretrain_images: expected 'pretrain' or 'train', got {cls.pretrain_images!r}")
@@ -256,6 +297,26 @@ def pretrain_config(method: str, *, scale: str = "tiny", seed: int = 0, epochs: 
         cfg["detector"] = detector_model(sc, scale, detector, {k: v for k, v in spec.items() if k != "name"})
         cfg["parent"] = parent
     return cfg
+
+
+def check_run_args(seed, epochs=None) -> None:
+    """A run's seed and, given, its paper epochs (``--seed``/``--first-seed``, ``--epochs``),
+    checked before the scale is read (``methods.config.RULES``: seed >= 0, epochs finite in
+    (0, EPOCHS_MAX])."""
+    check_field("seed", seed, "--seed")
+    if epochs is not None:
+        check_field("epochs", epochs, "--epochs")
+
+
+def _check_queue(method_cfg, recipe: PretrainRecipe) -> None:
+    """A queue of keys (MoCo's dictionary, InsLoc's per-level queues) takes one key per image
+    of the global batch each step; a queue shorter than the batch drops keys before they are
+    ever negatives (official facebookresearch/moco moco/builder.py ``_dequeue_and_enqueue``
+    asserts ``K % batch_size == 0``)."""
+    queue = getattr(method_cfg, "queue_size", None)
+    if queue is not None and queue < recipe.batch_size:
+        raise ConfigError(f"method.queue_size: expected >= the global batch (recipe.batch_size = "
+                          f"{recipe.batch_size}), got {queue}")
 
 
 def _check_loader(recipe: PretrainRecipe, cls) -> None:
@@ -322,6 +383,7 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
     det = get_detector(detector)
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol: unknown {protocol!r} ({' | '.join(PROTOCOLS)})")
+    check_run_args(seed)
     sc = load_scale(scale)
     entry = scale_detector(sc, scale, detector)
     known = sorted(set(det.recipes) | set(entry.get("finetune") or {}))
@@ -343,7 +405,8 @@ def finetune_config(*, scale: str = "tiny", seed: int = 0, schedule: str = "1x",
                 raise ConfigError(f"{mcls.__name__}.finetune_factors.{k}: the {detector} recipe has no "
                                   f"numeric {k!r} (known: {', '.join(sorted(rec))})")
             rec[k] = rec[k] * f
-    rec = det.Recipe.from_dict(deep_merge(rec, recipe_overrides)).to_dict()
+    # "finetune": what the user writes (--set finetune.lr, a row's finetune_overrides)
+    rec = det.Recipe.from_dict(deep_merge(rec, recipe_overrides), "finetune").to_dict()
     data = resolve_data_config(sc, data, data_overrides, ("train", "val"))
     if protocol == "voc" and data.get("kind") != "voc":
         data = voc_data(sc, scale)

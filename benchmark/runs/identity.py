@@ -3,7 +3,7 @@ module holds every rule for what enters that config.
 
 | rule | where it applies |
 | --- | --- |
-| ``NON_IDENTITY`` keys never enter the key (how a run executes, not what it computes) | every config |
+| ``NON_IDENTITY`` keys never enter the key (how a run executes, not what it computes; or a record that follows from what does) | every config |
 | ``LEFT_OUT_AT_DEFAULT``: a field added after runs were stored is left out at its default | typed configs, by class |
 | a dataset given by path enters by its content (``benchmark.data.user.with_identity``) | ``data`` |
 | a child names its parent's key (``parent``), so the key covers the whole chain | fine-tune, evaluate |
@@ -16,14 +16,21 @@ import hashlib
 import json
 import re
 
-NON_IDENTITY = ("runtime", "label", "cache_dir", "key")
+# ``classes``: the training classes a fine-tuning run records in its config.json when it starts
+# (``benchmark.stages.finetune.record_classes``; evaluation maps the model's labels to a val
+# json's categories by these names). They follow from the training data, whose content identity
+# is already in the key (generator parameters, or ``data.identity``), so they add nothing to it;
+# keeping them out lets a stored config that gained them still hash to its key (``RunStore.begin``
+# on resume) and leaves every committed key as it was.
+NON_IDENTITY = ("runtime", "label", "cache_dir", "key", "classes")
 
 # Fields added after the first committed runs. At these values, their defaults (which build
 # what those runs built), they are left out of a run's config, so those runs keep their keys.
 # Keyed by config class name (a method's nested ``Config`` by its qualified name); a class
 # takes the entries of its bases too.
 LEFT_OUT_AT_DEFAULT: dict[str, dict] = {
-    "PretrainRecipe": {"loader": "cpu", "milestones": None, "grad_clip": None, "nesterov": False},
+    "PretrainRecipe": {"loader": "cpu", "milestones": None, "grad_clip": None, "nesterov": False,
+                       "warmup_start_factor": 0.0, "min_lr": 0.0, "cosine_per_epoch": False, "lars_eps": 0.0},
     "FinetuneRecipe": {"precise_bn_iters": 0, "drop_groups": ()},
     "RCNNConfig": {"roi_align_aligned": False, "box_reg_loss": "smooth_l1"},
     "MaskRCNNConfig": {"roi_sampling_ratio": 2, "box_head_extra_norm": False},

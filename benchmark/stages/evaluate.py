@@ -1,9 +1,10 @@
 """COCO-style evaluation of a detector: inference, COCO results, bbox and segm AP.
 
 Results follow the COCO results format: ``bbox`` in xywh in original image pixels,
-``category_id`` mapped back from the contiguous labels, masks thresholded at 0.5 and
-RLE-encoded. Metrics come from faster-coco-eval (checked against pycocotools in the tests)
-and are reported in percent. An area range without ground truth gives NaN (COCO's -1).
+``category_id`` the val json's id of the model's class by name (``label_categories``: the
+training classes its fine-tuning run recorded; a class set that differs is an error naming
+both), masks thresholded at 0.5 and RLE-encoded. Metrics come from faster-coco-eval (checked
+against pycocotools in the tests) and are reported in percent. An area range without ground truth gives NaN (COCO's -1).
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from pycocotools import mask as mask_util
 from benchmark.common.device import resolve_device
 from benchmark.common.fs import atomic_write_json
 from benchmark.data.coco import collate_fn
-from benchmark.data.errors import CorruptImage, SkipLog
+from benchmark.data.errors import CorruptImage, DataError, SkipLog
 from benchmark.data.resolve import resolve_data
 from benchmark.data.voc import VocProtocol
 from benchmark.detectors import build_detector
 from methods.weights import read_weights_file
 from benchmark.stages.base import register_stage, Stage, StageContext
-from benchmark.stages.finetune import open_coco
+from benchmark.stages.finetune import class_list, open_coco, trained_classes
 from benchmark.stages.voc_eval import voc_summary
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,50 @@ class _Indexed(torch.utils.data.Dataset):
             return e, i
 
 
+def map_by_name(trained: list[dict], categories: list[dict], where) -> dict[int, int]:
+    """model label (1..C) -> category id of ``categories`` (a val json's ``{"id", "name"}``),
+    through the names of ``trained`` (the training classes in label order). The two name sets
+    must be equal; otherwise a ``DataError`` on ``where`` names both lists."""
+    ids: dict[str, int] = {}
+    for c in categories:
+        if c["name"] in ids:
+            raise DataError(where, "categories", f"category name {c['name']!r} is given to ids {ids[c['name']]} and "
+                                                 f"{c['id']}: the model's classes are mapped by name")
+        ids[c["name"]] = c["id"]
+    names = [str(c["name"]) for c in trained]
+    if len(set(names)) != len(names) or set(names) != set(ids):
+        only_t = [n for n in names if n not in ids]
+        only_v = [n for n in ids if n not in set(names)]
+        diff = "; ".join(f"only in {w}: {', '.join(v[:5])}{', ...' if len(v) > 5 else ''}"
+                         for w, v in (("training", only_t), ("this file", only_v)) if v)
+        raise DataError(where, "categories",
+                        f"the model was trained on {class_list(trained)}, this file has {class_list(categories)}"
+                        f"{f' ({diff})' if diff else ' (a training name repeats)'}: evaluation maps the model's "
+                        f"classes to categories by name and needs the same set")
+    return {k: ids[n] for k, n in enumerate(names, start=1)}
+
+
+def label_categories(dataset, trained: list[dict] | None) -> dict[int, int]:
+    """model label -> ``dataset``'s category id: by name through ``trained`` (the classes the
+    fine-tuning run recorded, ``benchmark.stages.finetune.record_classes``); without a record (a
+    run stored before it existed) the former rule, label k = the k-th smallest category id of the
+    val json, right only when it numbers its categories as the training json did."""
+    if trained is None:
+        return dict(dataset.contiguous_to_cat_id)
+    mapping = map_by_name(trained, dataset.categories, dataset.ann_file)
+    if mapping != dataset.contiguous_to_cat_id:
+        log.info("%s numbers its categories differently from the training data: mapped by name", dataset.ann_file)
+    return mapping
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu", num_workers: int = 0,
-            progress: bool = True, mask_threshold: float = 0.5) -> dict[str, list[dict]]:
+            progress: bool = True, mask_threshold: float = 0.5,
+            categories: dict[int, int] | None = None) -> dict[str, list[dict]]:
     """Run ``model`` over ``dataset``; returns ``{"bbox": [...]}`` COCO results, ``"segm"``
     where the model predicts masks, and ``"unreadable"``: ``{image_id: error}`` of the images
-    that could not be decoded."""
+    that could not be decoded. ``categories``: model label -> category id
+    (``label_categories``; default the sorted-id rule of ``dataset``)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -69,7 +108,7 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu
     model.eval().to(device)
     loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=collate_fn)
-    mapping = dataset.contiguous_to_cat_id
+    mapping = dataset.contiguous_to_cat_id if categories is None else categories
     results: dict = {"bbox": [], "unreadable": {}}
     try:
         for images, idxs in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
@@ -152,10 +191,11 @@ def evaluate_results(ann_file, results: dict[str, list[dict]], *, img_ids=None) 
 
 
 def evaluate_detector(model: torch.nn.Module, dataset, *, batch_size: int = 4, device="cpu",
-                      num_workers: int = 0, progress: bool = True) -> dict:
-    """``{"bbox": {"AP", "AP50", ...}[, "segm": {...}]}`` in percent over ``dataset``'s images."""
+                      num_workers: int = 0, progress: bool = True, classes: list[dict] | None = None) -> dict:
+    """``{"bbox": {"AP", "AP50", ...}[, "segm": {...}]}`` in percent over ``dataset``'s images;
+    ``classes``: the model's training classes (``label_categories``)."""
     results = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
-                      progress=progress)
+                      progress=progress, categories=label_categories(dataset, classes))
     bad = results.pop("unreadable")
     return evaluate_results(dataset.ann_file, results, img_ids=[i for i in dataset.ids if i not in bad])
 
@@ -178,20 +218,26 @@ PROTOCOLS = ("coco", "voc")
 
 
 def run_evaluate(model_path: str, data: dict, *, run_dir: Path, device="auto", batch_size: int = 4,
-                 num_workers: int = 0, progress: bool = True, protocol: str = "coco") -> dict:
+                 num_workers: int = 0, progress: bool = True, protocol: str = "coco",
+                 classes: list[dict] | None = None) -> dict:
     """Evaluate ``model_final.pt`` on ``data["val"]``; writes ``detections.json`` and
     ``coco_metrics.json`` (``protocol: voc``: ``voc_metrics.json``, VOC box AP as the papers'
     VOC tables report it, see ``benchmark.stages.voc_eval``) under ``run_dir`` and returns the metrics
-    (the run store writes the run's own ``metrics.json`` last, as its done-marker)."""
+    (the run store writes the run's own ``metrics.json`` last, as its done-marker). The model's
+    labels become the val json's categories by name: ``classes``, by default those its
+    fine-tuning run recorded beside it (``config.json``); a different class set is a DataError."""
     if not isinstance(data, dict) or "val" not in data:
         raise ValueError("data.val: missing (expected {'val': {'image_root', 'ann_file'}})")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: unknown {protocol!r} ({' | '.join(PROTOCOLS)})")
     dev = resolve_device(device)
     dataset = open_coco(data["val"], "data.val", with_masks=False)
+    if classes is None:
+        classes = trained_classes(Path(model_path).parent)
+    categories = label_categories(dataset, classes)   # before inference: a wrong val set fails at once
     model = load_final_model(model_path)
     results = predict(model, dataset, batch_size=batch_size, device=dev, num_workers=num_workers,
-                      progress=progress)
+                      progress=progress, categories=categories)
     bad = results.pop("unreadable")
     img_ids = [i for i in dataset.ids if i not in bad]
     if bad:   # counted here, in the main process; recorded in the run; above the threshold an error

@@ -8,6 +8,12 @@ regions dropped from the targets. Resumable and bit-exact on CPU: the batch of s
 and its flips are pure functions of (seed, s); every other RNG is in the checkpoint. With
 ``recipe.precise_bn_iters`` (detectron2's PreciseBN) the BN statistics of the final model are
 recomputed over the batches that follow the last step before ``model_final.pt`` is saved.
+
+The run's label space is recorded before the first step: ``classes`` in the run folder's
+``config.json``, the training json's categories ``[{"id", "name"}, ...]`` in label order (entry
+k is label k + 1; 0 is the background). Evaluation maps the model's labels to the val json's
+categories by these names (``benchmark.stages.evaluate.map_by_name``). The record is not part of
+the run's key (``benchmark.runs.identity.NON_IDENTITY``): it follows from the training data.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from pathlib import Path
 import torch
 
 from benchmark.common.device import resolve_device
+from benchmark.common.fs import atomic_write_json
 from benchmark.data.coco import CocoDetection, collate_fn
+from benchmark.data.errors import DataError
 from benchmark.data.resolve import resolve_data
 from benchmark.detectors import detector_config, load_pretrained, maybe_sync_bn
 from methods.weights import read_state_dict
@@ -44,6 +52,46 @@ def open_coco(split: dict, where: str, *, with_masks: bool):
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (known: ann_file, image_root)")
     return CocoDetection(split["image_root"], split["ann_file"], with_masks=with_masks)
+
+
+def class_list(classes, limit: int = 8) -> str:
+    """``N classes [a, b, ...]`` for a message: the first ``limit`` names, then how many more."""
+    names = [str(c["name"]) if isinstance(c, dict) else str(c) for c in classes]
+    shown = ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+    return f"{len(names)} classes [{shown}]"
+
+
+def record_classes(run_dir: Path, classes: list[dict]) -> None:
+    """Record the training classes (``[{"id", "name"}]``, label order) as ``classes`` in
+    ``run_dir/config.json``, every other field kept (the file is created outside a run store).
+    A resumed run finds them there; a run whose training data now has other classes is refused:
+    its checkpoint learnt the recorded ones."""
+    p = Path(run_dir) / "config.json"
+    cfg = json.loads(p.read_text()) if p.is_file() else {}
+    classes = [{"id": int(c["id"]), "name": str(c["name"])} for c in classes]
+    old = cfg.get("classes")
+    if old == classes:
+        return
+    if old is not None:
+        raise DataError(p, "classes", f"this run was trained on {class_list(old)}, its training data now has "
+                                      f"{class_list(classes)} (remove {Path(run_dir)} to train it again)")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(p, {**cfg, "classes": classes})
+
+
+def trained_classes(run_dir: Path) -> list[dict] | None:
+    """The classes a fine-tuning run recorded (``record_classes``); None for a run stored before
+    the record existed (or a model outside a run folder)."""
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        return None
+    classes = json.loads(p.read_text()).get("classes")
+    if classes is None:
+        return None
+    if not (isinstance(classes, list) and classes and all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in classes)):
+        raise DataError(p, "classes", f"expected a non-empty list of {{id, name}}, got {str(classes)[:80]}")
+    return classes
 
 
 def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
@@ -135,6 +183,8 @@ def run_finetune(detector: dict, recipe: dict, data: dict, *, run_dir: Path, wei
 
     train_base = open_coco(data["train"], "data.train", with_masks=det.with_masks)
     num_classes = train_base.num_classes + 1   # + background
+    if is_main_process():   # the label space, before the first step (a killed run has it too)
+        record_classes(run_dir, train_base.categories)
     seed_everything(seed)
     model = det.build(det_cfg, num_classes).to(dev)
     if weights:

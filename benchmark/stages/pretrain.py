@@ -204,9 +204,11 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     lr = recipe.base_lr * recipe.batch_size / recipe.lr_batch   # linear scaling rule (global batch)
     opt = build_optimizer(method.param_groups(), recipe.optimizer, lr, recipe.weight_decay,
                                   recipe.momentum, fused=fast["fused"] and recipe.optimizer != "lars",
-                                  nesterov=recipe.nesterov)
+                                  nesterov=recipe.nesterov, lars_eps=recipe.lars_eps)
     milestones = tuple(round(f * total) for f in recipe.milestones or ())
-    sched = Schedule(lr, total, warmup, kind=recipe.schedule, milestones=milestones, warmup_factor=0.0)
+    sched = Schedule(lr, total, warmup, kind=recipe.schedule, milestones=milestones,
+                     warmup_factor=recipe.warmup_start_factor, min_lr=recipe.min_lr,
+                     steps_per_epoch=total / recipe.epochs if recipe.cosine_per_epoch else None)
     model = method
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(
