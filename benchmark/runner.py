@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from benchmark.common.device import resolve_device
-from benchmark.common.fs import sha256_file
+from benchmark.common.fs import DiskFull, disk_full, no_space, sha256_file
 from benchmark.data.errors import SkipLog, TooManyUnreadable
 from benchmark.engine.checkpoint import previous_checkpoint
 from benchmark.engine.distributed import (barrier, broadcast_object, distributed_env, init_distributed_from_env,
@@ -103,6 +103,8 @@ def _run_locked(job: Job, store: RunStore, *, resume, device, progress, stop_aft
     except KeyboardInterrupt:
         raise
     except BaseException as e:
+        if no_space(e):   # nothing is wrong with the run: it reads interrupted and resumes
+            raise e if isinstance(e, DiskFull) else disk_full(run_dir) from None
         if main:
             store.fail(job.key, traceback.format_exc())
         if not isinstance(e, TooManyUnreadable):

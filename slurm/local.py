@@ -11,7 +11,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import submitit
 
-from benchmark.common.paths import results_root
+from benchmark.common.fs import disk_full, fullest, no_space
+from benchmark.common.paths import cache_root, results_root
 from benchmark.engine.loop import Diverged
 from benchmark.runs.job import Job
 from benchmark.experiments.plan import Plan
@@ -19,7 +20,7 @@ from benchmark.reporting.progress import TableProgress
 from benchmark.runner import run_job
 from benchmark.runs.store import RESULTS, RunStore
 from slurm.orchestrate import job_environment
-from slurm.rank import rank_main
+from slurm.rank import DISK_FULL_EXIT, rank_main
 from slurm.submit import StageJob
 
 
@@ -69,6 +70,8 @@ def run_plan_local(plan: Plan, store_root: str | None = None, *, device: str | N
                 try:
                     status[job.key], err = fut.result()
                 except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
+                    if no_space(e):   # a full disk does: every later run would fail the same way
+                        raise
                     status[job.key], err = "failed", f"{type(e).__name__}: {e}"
                 tp.finish(job, status[job.key], err)
     return status
@@ -103,6 +106,8 @@ def _launcher(plan: Plan, store: RunStore, *, device, progress, jobs, nproc, exe
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 — one failed run must not stop the table
+                if no_space(e):   # ... but a full disk does: every later run would fail the same way
+                    raise
                 return "failed", f"{type(e).__name__}: {e}"
         return launch
     runtime = {"torch_threads": 1, "num_workers": 0} if nproc == 1 and jobs > 1 else None
@@ -127,6 +132,8 @@ def run_processes(job: Job, store_root: str, *, nproc: int, device: str | None =
             p.join()
         raise
     codes = [p.exitcode for p in procs]
+    if DISK_FULL_EXIT in codes:   # stop the table: every later write would fail the same way
+        raise disk_full(fullest([store_root, cache_root(), results_root()]), f"run {job.label} ({job.key})")
     store = RunStore(store_root)
     st = _final_status(store, job)
     err = None

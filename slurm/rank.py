@@ -4,8 +4,11 @@ quietly (exit 130), as one during training does after the loop has saved; the pa
 "interrupted" once for every run."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
+
+DISK_FULL_EXIT = errno.ENOSPC   # the exit code of a process that ran out of space
 
 
 def rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:
@@ -29,3 +32,8 @@ def rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:
                 dist.destroy_process_group()
     except KeyboardInterrupt:   # Ctrl-C: the loop saved at the end of its step; no traceback per process
         sys.exit(130)
+    except OSError as e:
+        from benchmark.common.fs import no_space
+        if no_space(e):   # the parent says it once (slurm.local.run_processes)
+            sys.exit(DISK_FULL_EXIT)
+        raise

@@ -400,3 +400,65 @@ def test_a_sibling_folder_beside_a_voc_year_folder_is_not_its_content(tmp_path):
     (tmp_path / "VOC2007" / "Annotations" / "a.xml").write_text(_xml(_obj("dog")))
     _MEMO.clear()
     assert data_identity(data) != before
+
+
+# ------------------------------------------------------------------ a full disk: one line, nothing lost
+def _full_save(real, after: int):
+    """torch.save as it fails on a full file system (seen on a 512 KiB tmpfs): a RuntimeError
+    whose context is OSError 28, after ``after`` good saves."""
+    import errno
+    calls = []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) <= after:
+            return real(obj, f, *a, **k)
+        f.write(b"x" * 100)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return save
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_keeps_the_last_checkpoint_and_resumes(isolated, capsys,
+                                                                                       monkeypatch):
+    import benchmark.engine.checkpoint as ck
+    from benchmark.experiments.config import pretrain_config
+    from benchmark.runs.identity import run_key
+    cmd = ["pretrain", "--method", "moco_v2", "--scale", "micro", "--epochs", "300"]   # 6 steps
+    key = run_key(pretrain_config("moco_v2", scale="micro", epochs=300))
+    run_dir = isolated / "runs" / key
+    real = torch.save
+    monkeypatch.setattr(ck.torch, "save", _full_save(real, after=1))
+    import benchmark.engine.loop as loop
+    monkeypatch.setattr(loop.LoopConfig, "__init__", _every(loop.LoopConfig.__init__, ckpt_every=2))
+    # saved at step 2; the save at step 4 finds the disk full
+    assert main(cmd) == 28
+    _one_line(capsys.readouterr().err, f"no space left in {run_dir}", "writing checkpoint.pt",
+              "run the same command again: it resumes")
+    assert RunStore().status(key) == "interrupted"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+    monkeypatch.setattr(ck.torch, "save", real)
+    assert main(cmd) == 0
+    assert "resumed from" in capsys.readouterr().err and RunStore().status(key) == "done"
+
+
+def _every(init, **fixed):
+    def patched(self, *a, **k):
+        init(self, *a, **{**k, **fixed})
+    return patched
+
+
+def test_a_full_disk_anywhere_is_one_line_naming_the_folder(isolated, capsys, monkeypatch):
+    import errno
+    from benchmark.engine.loop import JsonlLogger
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+    monkeypatch.setattr(JsonlLogger, "log", full)
+    assert main(["pretrain", "--method", "moco_v2", "--scale", "micro", "--epochs", "300"]) == 28
+    err = capsys.readouterr().err
+    _one_line(err, "no space left in", "Free space and run the same command again")
+    assert str(isolated / "runs") in err

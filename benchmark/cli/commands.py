@@ -8,6 +8,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import benchmark.cli.run as run
 import benchmark.cli.slurm as slurm
@@ -45,10 +46,27 @@ def run_cli(argv: list[str] | None = None) -> int:
         print(f"detbench: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from benchmark.common.fs import DiskFull, disk_full, no_space
+        if no_space(e):   # one line naming the folder, wherever the write was
+            full = e if isinstance(e, DiskFull) else disk_full(_full_folder(e))
+            print(f"detbench: {full.strerror}", file=sys.stderr)
+            return 28
         if not _named(e):   # a bug, or an error nobody named: the traceback is the report
             raise
         print(f"detbench: error: {e}", file=sys.stderr)
         return 2
+
+
+def _full_folder(e: BaseException) -> str:
+    """The folder a "no space" error was writing into: its file's, else the fullest of the
+    harness's roots."""
+    from benchmark.common.fs import fullest
+    from benchmark.common.paths import cache_root, results_root, runs_root
+    while e is not None:
+        if isinstance(e, OSError) and e.filename:
+            return str(Path(e.filename).parent)
+        e = e.__cause__ or e.__context__
+    return fullest([runs_root(), cache_root(), results_root()])
 
 
 def _named(e: BaseException) -> bool:

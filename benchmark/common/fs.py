@@ -4,12 +4,62 @@ and the Slurm commands import it without loading the trainer."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """A write failed for want of space (or quota); the message names the folder, says what was
+    kept and that the same command resumes once space is freed."""
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it arose from is "no space left" (torch.save's
+    ``RuntimeError: ... unexpected pos`` carries the ``OSError`` as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in NO_SPACE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full(folder: str | os.PathLike, what: str = "") -> DiskFull:
+    """The one-line error for a full ``folder``."""
+    try:
+        free = f" ({shutil.disk_usage(folder).free // 2**20} MiB free)"
+    except OSError:
+        free = ""
+    return DiskFull(errno.ENOSPC, f"no space left in {folder}{free}" + (f" writing {what}" if what else "")
+                    + ": the file being written was removed; every file written before it is whole (checkpoints, "
+                      "finished runs, tables). Free space and run the same command again: it resumes")
+
+
+def fullest(folders) -> str:
+    """Of ``folders``, the one whose file system has the least space free (the one a "no
+    space" error without a file name most likely meant)."""
+    def free(f):
+        try:
+            return shutil.disk_usage(f).free
+        except OSError:
+            return float("inf")
+    return str(min(folders, key=free))
+
+
+def raise_if_full(e: BaseException, path: str | os.PathLike) -> None:
+    """Re-raise a failed write of ``path`` as :func:`disk_full` when it failed for want of space."""
+    if no_space(e) and not isinstance(e, DiskFull):
+        raise disk_full(Path(path).parent, Path(path).name) from None
 
 
 @contextlib.contextmanager
@@ -25,9 +75,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise_if_full(e, path)
         raise
 
 

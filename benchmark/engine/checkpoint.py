@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark.common.fs import atomic_open
+from benchmark.common.fs import atomic_open, raise_if_full
 from methods.weights import read_weights_file
 
 
@@ -44,9 +44,10 @@ def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> Non
                 shutil.copyfile(path, prev_tmp)
             os.replace(prev_tmp, prev)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
         prev_tmp.unlink(missing_ok=True)
+        raise_if_full(e, path)
         raise
 
 
