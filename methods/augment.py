@@ -47,11 +47,13 @@ SOLARIZE_THRESHOLD = 128                 # ImageOps.solarize(img, 128)
 @dataclass(frozen=True)
 class PhotoParams:
     """One view's drawn photometric parameters. ``jitter``: (op, factor) in the order
-    applied, op in brightness | contrast | saturation | hue; ``blur_sigma`` 0 = no blur."""
+    applied, op in ``JITTER_OPS``; ``blur_sigma`` 0 = no blur; ``gray_first``: the grayscale
+    (if drawn) comes before the jitter (MoCo v1's torchvision pipeline)."""
     jitter: tuple[tuple[str, float], ...] = ()
     gray: bool = False
     blur_sigma: float = 0.0
     solarize: bool = False
+    gray_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,15 @@ class Photometric:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    gray_first: bool = False          # RandomGrayscale before ColorJitter (MoCo v1 official main_moco.py)
+    jitter_style: str = "torchvision"  # | "tf": BYOL's offsets (official byol/utils/augmentations.py)
 
     def draw(self, rng: np.random.Generator) -> PhotoParams:
-        jitter = jitter_params(rng, *self.jitter) if rng.random() < self.jitter_p else ()
+        jitter = (jitter_params(rng, *self.jitter, style=self.jitter_style)
+                  if rng.random() < self.jitter_p else ())
         gray = bool(rng.random() < self.gray_p)
         sigma = float(rng.uniform(*self.blur_sigma)) if rng.random() < self.blur_p else 0.0
-        return PhotoParams(jitter, gray, sigma, bool(rng.random() < self.solarize_p))
+        return PhotoParams(jitter, gray, sigma, bool(rng.random() < self.solarize_p), self.gray_first)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         return apply_pil(img, self.draw(rng))
@@ -76,29 +81,60 @@ class Photometric:
 MOCO_V2_AUG = Photometric()
 BYOL_AUG_1 = Photometric(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0)
 BYOL_AUG_2 = Photometric(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2)
+# MoCo v1 (official main_moco.py without --aug-plus, InstDisc's): RandomGrayscale(0.2), then
+# ColorJitter(0.4, 0.4, 0.4, 0.4) always; no blur
+MOCO_V1_AUG = Photometric(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, blur_p=0.0, gray_first=True)
+
+# jitter ops: torchvision's ColorJitter (factors) and, for jitter_style "tf", BYOL's official
+# ones (byol/utils/augmentations.py: brightness + delta, contrast about each channel's mean,
+# saturation scaled in HSV, each clipped to [0, 1]; its hue is torchvision's)
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue", "brightness_add", "contrast_channel", "saturation_hsv")
+JITTER_STYLES = ("torchvision", "tf")
 
 
 def jitter_params(rng: np.random.Generator, brightness: float, contrast: float, saturation: float,
-                  hue: float) -> tuple[tuple[str, float], ...]:
+                  hue: float, style: str = "torchvision") -> tuple[tuple[str, float], ...]:
     """torchvision's ColorJitter semantics (factors in [1-s, 1+s], hue in [-h, h]), in a
-    random order; an op of strength 0 is left out."""
+    random order; an op of strength 0 is left out. ``style="tf"``: BYOL's ops, the brightness
+    a delta in [-s, s] (official ``_random_brightness``), the others factors in [1-s, 1+s]."""
+    if style not in JITTER_STYLES:
+        raise ValueError(f"jitter_style: unknown {style!r} ({' | '.join(JITTER_STYLES)})")
+    tf = style == "tf"
     ops = []
     for name, s in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
-        if s:
+        if s and tf:
+            lo, hi = (-s, s) if name == "brightness" else (1 - s, 1 + s)
+            ops.append((_TF_NAMES[name], float(rng.uniform(lo, hi))))
+        elif s:
             ops.append((name, float(rng.uniform(max(0, 1 - s), 1 + s))))
     if hue:
         ops.append(("hue", float(rng.uniform(-hue, hue))))
     return tuple(ops[i] for i in rng.permutation(len(ops)))
 
 
+_TF_NAMES = {"brightness": "brightness_add", "contrast": "contrast_channel", "saturation": "saturation_hsv"}
+
+
+def _pil_float_op(op: str):
+    """A float-tensor jitter op (:func:`_jitter_op`) on a PIL image, rounded back to uint8."""
+    def apply(img: Image.Image, f: float) -> Image.Image:
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        y = _jitter_op(op, x, torch.full((1, 1, 1, 1), f))[0]
+        return Image.fromarray((y.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    return apply
+
+
 _PIL_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue,
+               **{op: _pil_float_op(op) for op in _TF_NAMES.values()}}
 
 
 def apply_pil(img: Image.Image, p: PhotoParams) -> Image.Image:
+    if p.gray and p.gray_first:
+        img = ImageOps.grayscale(img).convert("RGB")
     for op, f in p.jitter:
         img = _PIL_JITTER[op](img, f)
-    if p.gray:
+    if p.gray and not p.gray_first:
         img = ImageOps.grayscale(img).convert("RGB")
     if p.blur_sigma:
         # PIL's radius is the Gaussian's sigma (as in MoCo v2's GaussianBlur)
@@ -268,7 +304,17 @@ def _hsv2rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _jitter_op(op: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """torchvision's float-tensor adjust_<op> with a per-sample factor f (n, 1, 1, 1)."""
+    """torchvision's float-tensor adjust_<op> with a per-sample factor f (n, 1, 1, 1); the
+    ``_TF_NAMES`` ops as BYOL's official augmentations.py computes them, clipped to [0, 1]."""
+    if op == "brightness_add":
+        return (x + f).clamp(0, 1)
+    if op == "contrast_channel":
+        m = x.mean((-2, -1), keepdim=True)
+        return (f * (x - m) + m).clamp(0, 1)
+    if op == "saturation_hsv":
+        hsv = _rgb2hsv(x)
+        s = (hsv[:, 1] * f[:, 0]).clamp(0, 1)
+        return _hsv2rgb(torch.stack((hsv[:, 0], s, hsv[:, 2]), 1)).clamp(0, 1)
     if op == "brightness":
         return _blend(x, torch.zeros_like(x), f)
     if op == "contrast":
@@ -297,21 +343,25 @@ def blur_kernel_size(sigma: float) -> int:
 
 def photometric_batch(x: torch.Tensor, params: list[PhotoParams]) -> torch.Tensor:
     """Apply each sample's parameters to float images ``x`` (N, 3, H, W) in [0, 1], batched:
-    jitter ops position by position (each sample keeps its own order), grayscale, Gaussian
+    jitter ops position by position (each sample keeps its own order), grayscale (before the
+    jitter where ``gray_first``), Gaussian
     blur (per-sample sigma, kernel ``blur_kernel_size``, reflect padding, as torchvision's
     ``gaussian_blur``), solarize at 128/255. Equals torchvision's tensor functional ops run
     sample by sample (tested)."""
     n = x.shape[0]
     dev = x.device
     x = x.clone()
+    if any(p.gray and p.gray_first for p in params):   # grayscale before the jitter (MoCo v1)
+        first = torch.tensor([p.gray and p.gray_first for p in params], device=dev).view(n, 1, 1, 1)
+        x = torch.where(first, _gray(x).expand_as(x), x)
     for pos in range(max((len(p.jitter) for p in params), default=0)):
-        for op in ("brightness", "contrast", "saturation", "hue"):
+        for op in JITTER_OPS:
             idx = [i for i, p in enumerate(params) if len(p.jitter) > pos and p.jitter[pos][0] == op]
             if idx:
                 f = torch.tensor([params[i].jitter[pos][1] for i in idx], dtype=x.dtype, device=dev)
                 sel = torch.tensor(idx, device=dev)
                 x.index_copy_(0, sel, _jitter_op(op, x[sel], f.view(-1, 1, 1, 1)))
-    gray = torch.tensor([p.gray for p in params], device=dev).view(n, 1, 1, 1)
+    gray = torch.tensor([p.gray and not p.gray_first for p in params], device=dev).view(n, 1, 1, 1)
     x = torch.where(gray, _gray(x).expand_as(x), x)
     idx = [i for i, p in enumerate(params) if p.blur_sigma > 0]
     if idx:

@@ -228,3 +228,16 @@ def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, ratio: float = 0.1
     cx, cy = cx + r[:, 0] * w, cy + r[:, 1] * h
     w2, h2 = w * (1 + r[:, 2]), h * (1 + r[:, 3])
     return np.stack([cx - w2 / 2, cy - h2 / 2, cx + w2 / 2, cy + h2 / 2], 1)
+
+
+def multi_crop_views(width: int, height: int, rng: np.random.Generator, sizes, counts, scales,
+                     flip_prob: float = 0.5) -> list[list[ViewGeometry]]:
+    """SwAV's multi-crop (Caron et al. 2020, Sec. 3.2; official facebookresearch/swav
+    ``src/multicropdataset.py``): for each resolution group i, ``counts[i]`` random resized
+    crops of side ``sizes[i]`` whose area fraction lies in ``scales[i]`` = (min, max), each
+    flipped with ``flip_prob``. Returns the geometries grouped by resolution, in crop order
+    (2x224 at (0.14, 1) then 6x96 at (0.05, 0.14) for the official 400-epoch model)."""
+    if not len(sizes) == len(counts) == len(scales):
+        raise ValueError(f"multi_crop_views: {len(sizes)} sizes, {len(counts)} counts, {len(scales)} scales")
+    return [[random_view(width, height, int(s), rng, scale=tuple(sc), flip_prob=flip_prob) for _ in range(n)]
+            for s, n, sc in zip(sizes, counts, scales)]

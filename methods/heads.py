@@ -7,13 +7,15 @@ from torch import nn
 class MLPHead(nn.Sequential):
     """Linear -> [BN] -> ReLU -> Linear. MoCo v2's projector is 2048-2048-128 without BN
     (official code: fc, relu, fc); BYOL/SoCo's projector and predictor are 4096-256 with BN
-    (BYOL Sec. 3.3; SoCo Sec. 4.1)."""
+    (BYOL Sec. 3.3; SoCo Sec. 4.1). ``out_bias=False``: no bias in the last Linear (BYOL's
+    official haiku ``MLP``, byol/utils/networks.py)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False,
+                 out_bias: bool = True):
         layers = [nn.Linear(in_dim, hidden_dim, bias=not batch_norm)]
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden_dim))
-        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=out_bias)]
         super().__init__(*layers)
 
 

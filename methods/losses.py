@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from methods.dist import mean_over_processes
+from methods.dist import gather, mean_over_processes
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
@@ -148,3 +148,55 @@ def instance_contrastive(online: torch.Tensor, online_ids: torch.Tensor, target:
     n_groups = int(group.max()) + 1
     per_id = pair_loss.new_zeros(n_groups).index_add(0, g, pair_loss)
     return (per_id / torch.bincount(g, minlength=n_groups).to(per_id.dtype)).mean()
+
+
+def _sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over processes, in rank order (``x`` in one process)."""
+    return gather(x.unsqueeze(0)).sum(0)
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SwAV's codes (Caron et al. 2020, Sec. 3.1, Eq. 3 and the Appendix A.1 pseudo-code;
+    official facebookresearch/swav ``main_swav.py: distributed_sinkhorn``): Q = exp(scores /
+    eps)^T (K prototypes x B samples) scaled to sum to 1, then ``iterations`` times each
+    prototype's row to 1/K and each sample's column to 1/B; returned x B, (N, K), so that each
+    sample's code sums to 1 and (at convergence) each prototype takes B/K of the batch.
+
+    ``scores``: (N, K) this process's samples; the sums run over the global batch (the
+    official all-reduces them): W processes holding a split compute what one process holding
+    all computes. ``weight``: optional 0/1 per sample (N,), 0 leaves it out of the problem
+    (its code is 0): SwAV's queue before it is full, without a data-dependent shape or a host
+    sync. In float32, shifted by the global maximum score first (exp(20) = exp(1 / 0.05)
+    overflows half precision; the shift cancels in the first normalisation)."""
+    s = scores.float()
+    top = gather(s.max().reshape(1)).max()
+    Q = torch.exp((s - top) / epsilon).t()                           # K x N
+    w = torch.ones(s.shape[0], dtype=Q.dtype, device=Q.device) if weight is None else weight.to(Q.dtype)
+    Q = Q * w
+    B = _sum_over_processes(w.sum())                                 # samples in the problem
+    K = Q.shape[0]
+    tiny = torch.finfo(Q.dtype).tiny
+    Q = Q / _sum_over_processes(Q.sum())
+    for _ in range(iterations):
+        Q = Q / _sum_over_processes(Q.sum(1, keepdim=True)).clamp(min=tiny) / K   # rows: 1/K each
+        Q = Q / Q.sum(0, keepdim=True).clamp(min=tiny) / B                     # columns: 1/B each
+    return (Q * B).t()
+
+
+def swapped_prediction(scores, codes, temperature: float = 0.1) -> torch.Tensor:
+    """SwAV's swapped prediction loss (Caron et al. 2020, Eq. 1-2; official ``main_swav.py``):
+    the code of each assigned crop c is predicted from every other crop v by the softmax of
+    its prototype scores at ``temperature``: mean over (c, v != c) of
+    -mean_b sum_k q_c[b, k] log softmax(s_v[b] / t)_k, first over v (divided by the crop count
+    - 1), then over c. ``scores``: per crop (B, K); ``codes``: [(c, q_c (B, K))], no gradient."""
+    n = len(scores)
+    if n < 2:
+        raise ValueError(f"swapped_prediction: {n} crop(s); it needs two or more")
+    logp = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
+    total = 0.0
+    for c, q in codes:
+        q = q.detach().float()
+        total = total + sum(-(q * logp[v]).sum(1).mean() for v in range(n) if v != c) / (n - 1)
+    return total / len(codes)

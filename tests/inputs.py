@@ -93,3 +93,16 @@ def seconds_per_step(step, steps: int, device: str, warmup: int = 2) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
+
+
+def batches_by_loader(method, folder) -> dict:
+    """``{loader: the collated, rendered batch of every image in folder}`` for each of the
+    method's ``loaders``, each sample drawn with the same rng (seed = its index)."""
+    from benchmark.data.images import ImageSource, render_deferred
+    src = ImageSource.from_folder(folder)
+    out = {}
+    for loader in method.loaders:
+        src.loader = loader
+        out[loader] = render_deferred(method.collate([method.views(src.record(i), np.random.default_rng(i))
+                                                      for i in range(len(src))]), "cpu")
+    return out
