@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
 DISK_FULL_EXIT = errno.ENOSPC   # the exit code of a process that ran out of space
@@ -37,3 +38,5 @@ def rank_main(job, store_root, rank, nproc, port, device, runtime) -> None:
         if no_space(e):   # the parent says it once (slurm.local.run_processes)
             sys.exit(DISK_FULL_EXIT)
         raise
+    finally:   # the run is recorded: a Ctrl-C during the process's shutdown has nothing to stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

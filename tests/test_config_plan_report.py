@@ -110,8 +110,8 @@ def test_plan_table_dedups_and_orders():
     scratch = [r for r, row in enumerate(spec.rows) if row.method == "scratch"][0]
     chains = [c.chain for c in plan.cells if c.row == scratch]
     assert all(len(ch) == 2 for ch in chains)               # no pretraining for Scratch
-    infomin = [r for r, row in enumerate(spec.rows) if row.method == "infomin"][0]
-    assert all(c.eval_key is None for c in plan.cells if c.row == infomin)
+    densecl = [r for r, row in enumerate(spec.rows) if row.method == "densecl"][0]   # not implemented
+    assert all(c.eval_key is None for c in plan.cells if c.row == densecl)
     # 1x and 2x columns of one row share the pretraining run
     moco = [r for r, row in enumerate(spec.rows) if row.method == "moco_v2"][0]
     assert len({c.chain[0] for c in plan.cells if c.row == moco and c.seed == 0}) == 1
