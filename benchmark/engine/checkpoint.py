@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from benchmark.common.fs import atomic_open, raise_if_full
+from benchmark.engine.signals import deferred
 from methods.weights import read_weights_file
 
 
@@ -22,12 +23,16 @@ def save_checkpoint(path: Path, state: dict, keep_previous: bool = False) -> Non
     ``keep_previous``: the file being replaced becomes ``<name>.prev.pt`` only once the new one
     is complete, so there is always one whole checkpoint to fall back to; ``path`` itself is
     never missing (the previous one is linked under its second name, then ``path`` is replaced
-    in one rename)."""
+    in one rename). A Ctrl-C during the write is delivered once the file is whole."""
+    with deferred():
+        _save(Path(path), state, keep_previous)
+
+
+def _save(path: Path, state: dict, keep_previous: bool) -> None:
     if not keep_previous:
         with atomic_open(path) as f:
             torch.save(state, f)
         return
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     prev = previous_checkpoint(path)
     prev_tmp = prev.with_name(f".{prev.name}.tmp{os.getpid()}")

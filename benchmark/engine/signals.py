@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from typing import Iterator
 
 
@@ -45,6 +46,25 @@ class Requests:
             for sig, h in old.items():
                 signal.signal(sig, h)
             self.stop = 0
+
+
+@contextlib.contextmanager
+def deferred(signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """A Ctrl-C (or kill) that arrives inside the block is delivered when it ends: a checkpoint
+    being written is finished first. Inside torch.save a KeyboardInterrupt surfaced as torch's
+    own RuntimeError from the zip writer's cleanup, with a traceback per process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)   # to the handler in force again: the loop's flag, or KeyboardInterrupt
 
 
 REQUESTS = Requests()   # the process's one instance (signal handlers are per process)
