@@ -102,10 +102,7 @@ class BYOL(PretrainMethod):
         target_init: str = "independent"
 
         def ranges(self):
-            return [("proj_hidden_dim", self.proj_hidden_dim > 0, "> 0"), ("proj_dim", self.proj_dim > 0, "> 0"),
-                    ("pred_hidden_dim", self.pred_hidden_dim > 0, "> 0"),
-                    ("momentum", 0 <= self.momentum <= 1, "in [0, 1]"), ("view_size", self.view_size > 0, "> 0"),
-                    ("crop", self.crop in CROPS, " | ".join(CROPS)),
+            return [("crop", self.crop in CROPS, " | ".join(CROPS)),
                     ("jitter_style", self.jitter_style in JITTER_STYLES, " | ".join(JITTER_STYLES)),
                     ("target_init", self.target_init in TARGET_INITS, " | ".join(TARGET_INITS))]
 

@@ -133,9 +133,7 @@ class InfoMin(PretrainMethod):
 
         def ranges(self):
             cell = self.jigsaw_size // max(self.jigsaw_grid, 1)
-            return [("dim", self.dim > 0, "> 0"), ("hidden_dim", self.hidden_dim >= 0, ">= 0"),
-                    ("queue_size", self.queue_size > 0, "> 0"), ("temperature", self.temperature > 0, "> 0"),
-                    ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("crop_size", self.crop_size > 0, "> 0"),
+            return [("momentum", self.momentum < 1, "in [0, 1) (m = 1: the key encoder never moves)"),
                     ("jigsaw_weight", 0 <= self.jigsaw_weight <= 1, "in [0, 1]"),
                     ("jigsaw_grid", self.jigsaw_grid >= 1, ">= 1"),
                     ("jigsaw_scale", len(self.jigsaw_scale) == 2

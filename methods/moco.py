@@ -58,11 +58,8 @@ class MoCoV2(PretrainMethod):
         shuffle_bn_splits: int = 2       # key encoder (Shuffle-BN)
 
         def ranges(self):
-            return [("dim", self.dim > 0, "> 0"), ("hidden_dim", self.hidden_dim >= 0, ">= 0"),
-                    ("queue_size", self.queue_size > 0, "> 0"), ("temperature", self.temperature > 0, "> 0"),
-                    ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("crop_size", self.crop_size > 0, "> 0"),
-                    ("bn_groups", self.bn_groups >= 1, ">= 1"),
-                    ("shuffle_bn_splits", self.shuffle_bn_splits >= 1, ">= 1")]
+            # dim, queue_size, temperature, crop_size, bn_groups...: methods.config.RULES, by name
+            return [("momentum", self.momentum < 1, "in [0, 1) (m = 1: the key encoder never moves)")]
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

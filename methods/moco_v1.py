@@ -74,11 +74,7 @@ class MoCoV1(MoCoV2):
         shuffle_bn_splits: int = 2       # key encoder (Shuffle-BN)
 
         def ranges(self):
-            return [("dim", self.dim > 0, "> 0"), ("queue_size", self.queue_size > 0, "> 0"),
-                    ("temperature", self.temperature > 0, "> 0"),
-                    ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("crop_size", self.crop_size > 0, "> 0"),
-                    ("bn_groups", self.bn_groups >= 1, ">= 1"),
-                    ("shuffle_bn_splits", self.shuffle_bn_splits >= 1, ">= 1")]
+            return MoCoV2.Config.ranges(self)
 
     def __init__(self, cfg: Config):
         super(MoCoV2, self).__init__(cfg)   # PretrainMethod's: MoCo v2's would build its MLP head

@@ -87,9 +87,8 @@ class SwAV(PretrainMethod):
             n = sum(self.num_crops)
             groups = len(self.num_crops)
             scales = list(zip(self.min_scale_crops, self.max_scale_crops))
-            return [("dim", self.dim > 0, "> 0"), ("hidden_dim", self.hidden_dim >= 0, ">= 0"),
-                    ("num_prototypes", self.num_prototypes > 0, "> 0"),
-                    ("temperature", self.temperature > 0, "> 0"), ("epsilon", self.epsilon > 0, "> 0"),
+            return [("num_prototypes", self.num_prototypes > 0, "> 0"),
+                    ("epsilon", self.epsilon > 0, "> 0"),
                     ("sinkhorn_iterations", self.sinkhorn_iterations >= 1, ">= 1"),
                     ("num_crops", groups >= 1 and all(c >= 1 for c in self.num_crops) and n >= 2,
                      "one count >= 1 per resolution group, two crops or more in all"),
