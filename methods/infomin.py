@@ -29,6 +29,7 @@ from methods.ema import momentum_copy, update_momentum
 from methods.geometry import random_view
 from methods.heads import MLPHead, moco_v2_projector
 from methods.losses import info_nce
+from methods.moco import MoCoV2
 from methods.queues import MemoryQueue
 from methods.randaug import rand_augment
 from methods.registry import register_method
@@ -133,7 +134,7 @@ class InfoMin(PretrainMethod):
 
         def ranges(self):
             cell = self.jigsaw_size // max(self.jigsaw_grid, 1)
-            return [("momentum", self.momentum < 1, "in [0, 1) (m = 1: the key encoder never moves)"),
+            return MoCoV2.Config.ranges(self) + [
                     ("jigsaw_weight", 0 <= self.jigsaw_weight <= 1, "in [0, 1]"),
                     ("jigsaw_grid", self.jigsaw_grid >= 1, ">= 1"),
                     ("jigsaw_scale", len(self.jigsaw_scale) == 2

@@ -73,8 +73,7 @@ class MoCoV1(MoCoV2):
         bn_groups: int = 1               # query encoder (per-process BN)
         shuffle_bn_splits: int = 2       # key encoder (Shuffle-BN)
 
-        def ranges(self):
-            return MoCoV2.Config.ranges(self)
+        ranges = MoCoV2.Config.ranges
 
     def __init__(self, cfg: Config):
         super(MoCoV2, self).__init__(cfg)   # PretrainMethod's: MoCo v2's would build its MLP head
