@@ -137,7 +137,12 @@ def _finish(store: RunStore, key: str, run_dir: Path, m: dict) -> None:
         ck.unlink()
     previous_checkpoint(ck).unlink(missing_ok=True)
     store.clean_temporaries(key)
-    store.finish(key, m)
+    try:   # TensorBoard's hparams view: the run's config beside its final metrics
+        from benchmark.engine.tb import write_hparams
+        write_hparams(run_dir, store.config(key) or {}, m)
+    except OSError as e:
+        log.warning("%s: TensorBoard hparams not written: %s", key, e)
+    store.finish(key, m)   # metrics.json last: it marks the run done
 
 
 def _unusable_parents(store: RunStore, job: Job) -> list[tuple[str, str]]:

@@ -3,6 +3,6 @@
 plus one import line here."""
 from methods.registry import build_method, get_method, list_methods, register_method
 
-from methods import aligndet, byol, infomin, insloc, moco, moco_v1, pixpro, soco, supervised, swav  # noqa: E402,F401  (register the methods)
+from methods import aligndet, byol, densecl, detcon, infomin, insloc, moco, moco_v1, pixpro, resim, soco, supervised, swav  # noqa: E402,F401  (register the methods)
 
 __all__ = ["build_method", "get_method", "list_methods", "register_method"]

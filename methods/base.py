@@ -108,7 +108,7 @@ class PretrainMethod(nn.Module):
 
     - ``views(record, rng, source) -> sample`` builds the views of one image in a DataLoader
       worker. ``record`` = {"index", "image_id", "image" (HxWx3 uint8), optional "proposals",
-      "labels"}; ``rng`` a numpy Generator fixed by (seed, epoch, index); ``source`` lets a
+      "masks", "labels"}; ``rng`` a numpy Generator fixed by (seed, epoch, index); ``source`` lets a
       method draw other images. Geometry goes through ``methods.geometry``.
     - ``collate(samples) -> batch``
     - ``forward(batch) -> {"loss": tensor, **scalar logs}``
@@ -156,6 +156,13 @@ class PretrainMethod(nn.Module):
         """Selective-search settings (``mode``, ``max_side``, optional ``filter_kwargs`` over
         ``methods.proposals.DEFAULT_FILTER``) of the proposal cache whose boxes this run reads
         as ``record["proposals"]``; None: it reads none (the default)."""
+        return None
+
+    def mask_params(self) -> dict | None:
+        """Felzenszwalb-Huttenlocher settings (``scale``, ``sigma``, ``min_size``, optional
+        ``max_side``) of the segmentation-mask cache (``benchmark.data.mask_cache``) whose id
+        map of each image this run reads as ``record["masks"]`` (DetCon); None: it reads none
+        (the default)."""
         return None
 
     def pseudo_class_params(self) -> dict | None:

@@ -241,3 +241,48 @@ def multi_crop_views(width: int, height: int, rng: np.random.Generator, sizes, c
         raise ValueError(f"multi_crop_views: {len(sizes)} sizes, {len(counts)} counts, {len(scales)} scales")
     return [[random_view(width, height, int(s), rng, scale=tuple(sc), flip_prob=flip_prob) for _ in range(n)]
             for s, n, sc in zip(sizes, counts, scales)]
+
+
+# -- label maps (DetCon's segmentation masks) --------------------------------------------
+def _centre_source_index(n_out: int, lo: float, hi: float, src: int, img: int, flip: bool) -> np.ndarray:
+    """floor of the source coordinate of each of ``n_out`` view pixel centres over [lo, hi)
+    of an image axis ``img`` long, in a map ``src`` long: floor(((k + 1/2)(hi - lo)/n_out + lo)
+    src/img). Exact in integers when the window is (every crop the methods draw), so a centre
+    that falls on a pixel edge takes the pixel after it; floats otherwise."""
+    k = np.arange(n_out, dtype=np.int64)
+    if flip:
+        k = k[::-1]   # view column k shows resized column n_out-1-k
+    if float(lo).is_integer() and float(hi).is_integer():
+        lo_i, hi_i = int(lo), int(hi)
+        idx = ((2 * k + 1) * (hi_i - lo_i) + 2 * n_out * lo_i) * src // (2 * n_out * img)
+    else:
+        idx = np.floor(((k + 0.5) * ((hi - lo) / n_out) + lo) * (src / img)).astype(np.int64)
+    return np.clip(idx, 0, src - 1)
+
+
+def mask_source_pixels(geom: ViewGeometry, mask_size: tuple[int, int],
+                       image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each view column and row, the column and row of the source label map (``mask_size``
+    = (W, H)) that the view pixel's centre falls in: the centres unmapped to the source as
+    :meth:`ViewGeometry.unmap_points` maps them, then floored (nearest-neighbour resampling;
+    PIL's ``NEAREST`` resize and TF's ``NEAREST_NEIGHBOR`` with half-pixel centres pick the
+    same pixels except where a centre falls exactly on a pixel edge, where float rounding
+    decides theirs). ``image_size`` (W, H): the image the geometry was drawn on, when the map
+    is stored at another resolution (its coordinates are scaled). Returns (cols (out_W,),
+    rows (out_H,)) int64 within the map."""
+    mw, mh = mask_size
+    iw, ih = image_size if image_size is not None else mask_size
+    (x0, y0, x1, y1), (W, H) = geom.crop, geom.out_size
+    return (_centre_source_index(W, x0, x1, mw, iw, geom.flip),
+            _centre_source_index(H, y0, y1, mh, ih, False))
+
+
+def apply_mask(mask: np.ndarray, geom: ViewGeometry, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The view of a label map (H x W ids, one per source pixel): the same crop, resize and
+    flip as the view's pixels, resampled nearest-neighbour so ids stay ids (DetCon official
+    utils/tf_image_ops.py: its masks are cropped with the image's window, flipped with its coin
+    and resized with NEAREST_NEIGHBOR). Equals ``geom.apply_image(mask, Image.NEAREST)``;
+    ``image_size`` as in :func:`mask_source_pixels`. Returns (out_H, out_W), the mask's dtype."""
+    mask = np.asarray(mask)
+    cols, rows = mask_source_pixels(geom, (mask.shape[1], mask.shape[0]), image_size)
+    return mask[rows[:, None], cols[None, :]]

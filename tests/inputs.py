@@ -55,6 +55,8 @@ def records(method, n: int, size: int | tuple[int, int], seed: int = 0) -> list[
             r["proposals"] = random_proposals(w, h, 16, rng)
             if method.pseudo_class_params() is not None:    # AlignDet-DETR: a k-means class per proposal
                 r["pseudo_classes"] = rng.integers(0, method.pseudo_class_params()["k"], len(r["proposals"]))
+        if method.mask_params() is not None:   # DetCon: stand-in segment ids, 4x4 blocks
+            r["masks"] = np.kron(rng.integers(0, 5, (4, 4)), np.ones((-(-h // 4), -(-w // 4)), np.int64))[:h, :w].astype(np.uint16)
         out.append(r)
     return out
 

@@ -23,7 +23,8 @@ SPEC = {
              {"label": "MoCo v2", "method": "moco_v2", "pretrain_epochs": 200, "ref_match": {"method": "MoCo v2"}},
              {"label": "SoCo", "method": "soco", "pretrain_epochs": 100,
               "ref_match": {"method": "SoCo", "pretrain_epochs": "100"}},
-             {"label": "DenseCL", "method": "densecl", "pretrain_epochs": 200, "ref_match": {"method": "DenseCL"}}],
+             # a method no file registers (every row of SoCo's Table 1 has one now)
+             {"label": "Not written", "method": "not_written", "pretrain_epochs": 200, "ref_match": {"method": "DenseCL"}}],
 }
 
 
@@ -40,7 +41,7 @@ def test_reproduce_table_then_nothing_to_do(isolated, spec_path, capsys, monkeyp
     assert "8 runs, 8 to run" in out
     tdir = isolated / "results" / "tables" / "micro_e2e@micro"
     md = (tdir / "table.md").read_text()
-    assert "not implemented" in md                                   # DenseCL row
+    assert "not implemented" in md                                   # the unregistered row
     cells = json.loads(next(tdir.glob("20*/cells.json")).read_text())
     for row in ("Scratch", "MoCo v2", "SoCo"):
         c = cells[f"{row} | 1x APbb"]

@@ -82,7 +82,7 @@ def test_a_nan_between_logging_steps_still_stops_the_run(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()   # no NaN weights were saved
 
 
-@pytest.mark.parametrize("name", ["moco_v2", "soco", "insloc", "pixpro"])
+@pytest.mark.parametrize("name", ["moco_v2", "soco", "insloc", "pixpro", "densecl", "resim"])
 def test_step_traces_as_one_graph(name):
     # no host sync and no data-dependent shape in the step: with both captures
     # off, `int(queue.ptr)` or a per-level `nonzero` would each break the graph here

@@ -34,7 +34,9 @@ def cmd_export(args) -> int:
     from benchmark.stages.export import export_run
     report = export_run(RunStore(args.runs), run_key_arg(args.run, "--run"), args.to, args.out,
                         allow_unmapped=args.allow_unmapped)
-    print(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    if report.get("config"):   # the fragment that loads the file whole, as the user copies it
+        print(f"\n# {report.get('config_path', 'config')}:\n{report['config']}")
     return 0
 
 

@@ -52,11 +52,16 @@ class JsonlLogger:
     """Appends one JSON object per line. On resume, lines past the resumed step (logged after
     its checkpoint) are dropped, so the log reads as one uninterrupted run plus one
     ``{"event": "resumed"}`` record (``TrainLoop.run``); a torn last line (a kill mid-append) is
-    dropped too, a bad line elsewhere is a ``ResumeError`` naming the file and the line."""
+    dropped too, a bad line elsewhere is a ``ResumeError`` naming the file and the line.
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    Each record's scalars also go to TensorBoard event files beside the log
+    (``benchmark.engine.tb``; ``tensorboard=False`` turns that off)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        from benchmark.engine.tb import TBWriter
+        self.tb = TBWriter(self.path.parent, resume_step) if tensorboard else None
         if resume_step is not None and self.path.exists():
             lines = [l for l in self.path.read_text(errors="replace").splitlines() if l.strip()]
             keep = []
@@ -78,6 +83,16 @@ class JsonlLogger:
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+        if self.tb is not None:
+            try:
+                self.tb.log(record)
+            except OSError as e:   # the event files are a view of the log: never the run's failure
+                log.warning("TensorBoard logs off for %s: %s", self.path.parent, e)
+                self.tb = None
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 # --------------------------------------------------------------------------- loop

@@ -14,6 +14,7 @@ from benchmark.common.fs import sha256_file
 from benchmark.common.paths import cache_root
 from benchmark.data.errors import CorruptImage, DataError, note_unreadable
 from benchmark.data.images import ImageSource, render_deferred
+from benchmark.data.mask_cache import compute_masks
 from benchmark.data.proposal_cache import compute_proposals
 from benchmark.data.pseudo_class_cache import compute_pseudo_classes
 from benchmark.data.resolve import resolve_data
@@ -40,9 +41,10 @@ class PretrainDataset(torch.utils.data.Dataset):
     the next image takes its place (same rng stream)."""
 
     def __init__(self, source, method, seed: int, labels: dict | None = None, proposals=None,
-                 pseudo_classes=None):
+                 pseudo_classes=None, masks=None):
         self.source, self.method, self.seed = source, method, seed
         self.labels, self.proposals, self.pseudo_classes = labels, proposals, pseudo_classes
+        self.masks = masks
         self.view_source = source if method.needs_source else None   # what ``views`` may draw from
         self.skipped: set[str] = set()   # this process's, for logging once per file
 
@@ -57,6 +59,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             rec["proposals"] = self.proposals.boxes(index)
         if self.pseudo_classes is not None:
             rec["pseudo_classes"] = self.pseudo_classes.labels(index)
+        if self.masks is not None:
+            rec["masks"] = self.masks.mask(index)
         return rec
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
@@ -186,6 +190,10 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
     if search_params is not None:
         proposals = compute_proposals([source.path(i) for i in range(len(source))],
                                       cache_root() / "proposals", **search_params)
+    masks = None
+    fh_params = method.mask_params()
+    if fh_params is not None:   # DetCon: Felzenszwalb-Huttenlocher id maps, once per dataset, cached
+        masks = compute_masks([source.path(i) for i in range(len(source))], cache_root() / "masks", **fh_params)
     classes = None
     class_params = method.pseudo_class_params()
     if class_params is not None:   # AlignDet's DETR: k-means of the proposals on the parent's backbone, cached
@@ -195,7 +203,7 @@ def run_pretrain(config: dict, run_dir: Path, *, resume: bool = True, stop_after
         classes = compute_pseudo_classes(method, source, proposals, cache_root() / "pseudo_classes",
                                          weights_sha256=sha256_file(Path(parent_weights)),
                                          params={**class_params, "seed": seed}, device=device)
-    dataset = PretrainDataset(source, method, seed, labels, proposals, classes)
+    dataset = PretrainDataset(source, method, seed, labels, proposals, classes, masks)
 
     # the recipe's batch is the global one at every process count: steps, lr and schedules follow it
     total, warmup = resolve_steps(recipe, len(source))

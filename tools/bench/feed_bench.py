@@ -53,6 +53,8 @@ def run(method_name: str, scale: str, folder: Path, *, loader: str, batch: int, 
     source.loader = loader
     if method.proposal_params() is not None:
         raise SystemExit(f"{method_name} reads cached proposals: time it with step_bench/loader_bench")
+    if method.mask_params() is not None:
+        raise SystemExit(f"{method_name} reads cached masks: time it with step_bench/loader_bench")
     dataset = PretrainDataset(source, method, seed=0)
     sampler = ResumableBatchSampler(len(dataset), batch, seed=0)
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=method.collate,
