@@ -368,8 +368,9 @@ def test_an_interrupted_computation_resumes_with_the_missing_chunks(tmp_path, mo
 def test_worker_processes_give_the_same_cache(tmp_path):
     paths = _image_files(tmp_path, n=4, size=64)
     inline = MC.compute_masks(paths, tmp_path / "a", min_size=50, num_workers=1, chunk_size=2, progress=False)
-    pooled = MC.compute_masks(paths, tmp_path / "b", min_size=50, num_workers=2, chunk_size=2, progress=False,
-                              mp_context="fork")
+    # spawn, the product's default: a fork from the test process, whose torch and OpenCV thread
+    # pools are already running, can deadlock in the child (it hung the whole suite).
+    pooled = MC.compute_masks(paths, tmp_path / "b", min_size=50, num_workers=2, chunk_size=2, progress=False)
     assert pooled.path.name == inline.path.name
     assert all(np.array_equal(inline.mask(i), pooled.mask(i)) for i in range(len(paths)))
 

@@ -224,10 +224,14 @@ def test_export_command(isolated, capsys):
     state = _randomised({k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")})
     store = _store_with_run(isolated / "runs", state)
     assert main(["export", "--run", K1, "--to", "detectron2"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    report, _, fragment = out.partition("\n\n# ")   # the JSON report, then the config fragment to copy
+    rep = json.loads(report)
     assert rep["path"] == str(isolated / "results" / "exports" / K1 / "detectron2.pkl")
-    assert "STRIDE_IN_1X1: False" in rep["config"] and "FREEZE_AT: 0" in rep["config"]
-    assert open(rep["config_path"]).read() == rep["config"] and rep["config_path"].endswith("detectron2.yaml")
+    assert rep["config_path"].endswith("detectron2.yaml") and "config" not in rep
+    head, _, config = fragment.partition(":\n")
+    assert head == rep["config_path"] and open(rep["config_path"]).read() == config.removesuffix("\n")
+    assert "STRIDE_IN_1X1: False" in config and "FREEZE_AT: 0" in config
     with open(rep["path"], "rb") as f:
         assert pickle.load(f)["detbench"]["method"] == "moco_v2"
     assert main(["export", "--run", K1, "--to", "mmdet", "--out", str(isolated / "x.pth")]) == 0

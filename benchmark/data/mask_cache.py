@@ -248,7 +248,6 @@ def compute_masks(
     backend: str = "auto",
     num_workers: int = 2,
     chunk_size: int = 64,
-    mp_context: str = "spawn",
     progress: bool = True,
 ) -> MaskCache:
     """FH id maps of ``paths``, cached under ``cache_dir`` as ``masks-<key>.npz`` + ``.bin``;
@@ -282,8 +281,7 @@ def compute_masks(
         if cached is not None:
             return cached
         out = _compute_locked(paths, cache_dir / f"masks-{key}.parts", params, dataset_hash, key, final,
-                              num_workers=num_workers, chunk_size=chunk_size, mp_context=mp_context,
-                              progress=progress)
+                              num_workers=num_workers, chunk_size=chunk_size, progress=progress)
         lock_path.unlink(missing_ok=True)
         return out
 
@@ -317,7 +315,7 @@ def _load_part(path: Path, n: int) -> dict | None:
 
 
 def _compute_locked(paths, work: Path, params, dataset_hash, key, final, *, num_workers, chunk_size,
-                    mp_context, progress) -> MaskCache:
+                    progress) -> MaskCache:
     work.mkdir(exist_ok=True)
     chunks = [paths[s: s + chunk_size] for s in range(0, len(paths), chunk_size)]
     parts = {c: part for c in range(len(chunks)) if _part_path(work, c).exists()
@@ -326,7 +324,7 @@ def _compute_locked(paths, work: Path, params, dataset_hash, key, final, *, num_
         log.info("masks %s: resuming, %d of %d chunks already done", key, len(parts), len(chunks))
     jobs = [(c, chunks[c], params) for c in range(len(chunks)) if c not in parts]
     with _progress_bar(progress, total=len(paths), initial=sum(len(chunks[c]) for c in parts)) as advance:
-        for res in _run_chunks(jobs, num_workers, mp_context):
+        for res in _run_chunks(jobs, num_workers):
             for msg in res["errors"]:
                 log.warning("masks: skipping undecodable image (empty mask): %s", msg)
             _atomic_savez(_part_path(work, res["chunk"]), **{k: res[k] for k in _PART_KEYS})
@@ -360,13 +358,14 @@ def _compute_locked(paths, work: Path, params, dataset_hash, key, final, *, num_
     return MaskCache.load(final)
 
 
-def _run_chunks(jobs: list[tuple], num_workers: int, mp_context: str):
+def _run_chunks(jobs: list[tuple], num_workers: int):
     """``_compute_chunk(job)`` for every job, yielded as each finishes: in this process, or
-    over ``num_workers`` processes."""
+    over ``num_workers`` spawned processes (a fork from a process whose torch and OpenCV
+    thread pools run can deadlock in the child)."""
     if num_workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             yield _compute_chunk(job)
         return
     import multiprocessing as mp
-    with mp.get_context(mp_context).Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
+    with mp.get_context("spawn").Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
         yield from pool.imap_unordered(_compute_chunk, jobs)
