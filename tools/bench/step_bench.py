@@ -7,6 +7,11 @@ is timed.
     python -m tools.bench.step_bench --scale paper --batch 64 --device cuda --amp [--fast [--compile]]
     python -m tools.bench.step_bench --methods aligndet:fcos,aligndet:retinanet,aligndet:mask_rcnn,aligndet:detr
 
+``--profile`` adds, per method, where the step's time goes: the share of self time (GPU
+kernels on cuda, CPU ops otherwise) by kernel family (convolution, matmul, normalisation,
+element-wise, reduction/softmax, copies, optimizer, RoI ops, other), from torch.profiler over
+three steps after timing.
+
 ``--fast`` times each method again with the fast path of ``runtime`` (channels-last, fused
 optimizer) and reports its speed-up over the plain step; ``--compile`` adds a third timing with
 torch.compile on top of the fast path (after three warm-up steps, so compilation is not timed).
@@ -27,7 +32,7 @@ from methods import build_method, get_method
 
 
 def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp: bool,
-                image_size: int, fast: bool = False, compile: bool = False) -> dict:
+                image_size: int, fast: bool = False, compile: bool = False, profile: bool = False) -> dict:
     torch.manual_seed(0)
     name, _, detector = name.partition(":")     # "aligndet:fcos": AlignDet pretraining FCOS
     cls = get_method(name)
@@ -57,7 +62,52 @@ def time_method(name: str, scale: str, batch: int, steps: int, device: str, amp:
         m.momentum_update(0.5)
 
     dt = inputs.seconds_per_step(step, steps, device, warmup=3 if compile else 2)
-    return {"method": f"{name}:{detector}" if detector else name, "s_per_step": dt, "images_per_s": batch / dt, "fast": fast, "compile": compile}
+    row = {"method": f"{name}:{detector}" if detector else name, "s_per_step": dt, "images_per_s": batch / dt,
+           "fast": fast, "compile": compile}
+    if profile:
+        row["profile"] = profile_step(step, device)
+    return row
+
+
+# kernel families by name (first match wins): aten ops on CPU, CUDA kernel names on the GPU
+FAMILIES = [
+    ("roi", ("roi_align", "roialign", "roi_pool", "nms")),
+    ("optimizer", ("sgd", "lars", "adam", "foreach", "multi_tensor", "_fused_")),
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "fprop", "dgrad", "wgrad", "xmma")),
+    ("matmul", ("gemm", "mm", "matmul", "linear", "addmm", "bmm", "cutlass", "sm80_", "sm90_")),
+    ("normalisation", ("batch_norm", "batchnorm", "bn_", "layer_norm", "norm")),
+    ("reduction/softmax", ("softmax", "reduce", "sum", "mean", "max", "log_softmax", "nll", "cross_entropy")),
+    ("copies", ("copy", "memcpy", "memset", "cat", "contiguous", "to_copy", "clone", "index")),
+    ("element-wise", ("elementwise", "vectorized", "add", "mul", "relu", "threshold", "div", "sub", "where",
+                      "fill", "exp", "sigmoid", "clamp")),
+]
+
+
+def family(op_name: str) -> str:
+    n = op_name.lower()
+    return next((f for f, keys in FAMILIES if any(k in n for k in keys)), "other")
+
+
+def profile_step(step, device: str, steps: int = 3, top: int = 8) -> dict:
+    """Share of the step's self time per kernel family, and the top ops, over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr, 0.0)) for e in prof.key_averages()]
+    # on cuda the CPU-side aten ops carry no device time: only kernels count
+    events = [(k, t) for k, t in events if t > 0]
+    total = sum(t for _, t in events) or 1.0
+    by_family: dict[str, float] = {}
+    for k, t in events:
+        by_family[family(k)] = by_family.get(family(k), 0.0) + t
+    return {"time": attr, "ms_per_step": total / 1e3 / steps,
+            "share": {f: round(t / total, 4) for f, t in sorted(by_family.items(), key=lambda kv: -kv[1])},
+            "top": [{"op": k, "share": round(t / total, 4)} for k, t in sorted(events, key=lambda kv: -kv[1])[:top]]}
 
 
 def main(argv=None) -> int:
@@ -72,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--fast", action="store_true",
                    help="also time the fast path (channels-last, fused optimizer) of each method")
     p.add_argument("--compile", action="store_true", help="with --fast: time the fast path once more with torch.compile")
+    p.add_argument("--profile", action="store_true", help="also report each timed step's time by kernel family")
     p.add_argument("--out", default="results/benchmarks/step_bench.json")
     a = p.parse_args(argv)
     names = a.methods.split(",")
@@ -79,12 +130,13 @@ def main(argv=None) -> int:
         names = ["moco_v2"] + names
     rows, failed = [], []
     for n in names:
-        rows.append(time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size))
+        rows.append(time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size, profile=a.profile))
         plain = rows[-1]["s_per_step"]
         for compile in ([False, True] if a.compile else [False]) if a.fast else []:
             label = f"{n}+fast" + ("+compile" if compile else "")
             try:
-                fast = time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size, True, compile)
+                fast = time_method(n, a.scale, a.batch, a.steps, a.device, a.amp, a.image_size, True, compile,
+                                   profile=a.profile)
             except Exception as e:   # torch.compile may fail on a torch version: say so, time the rest
                 if not compile:
                     raise
@@ -101,6 +153,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["ratio_vs_moco_v2"] = r["s_per_step"] / base
         print(f"{r['method']:22s} {r['s_per_step']:9.4f} {r['images_per_s']:8.1f} {r['ratio_vs_moco_v2']:10.2f}x")
+        if "profile" in r:
+            print(" " * 23 + ", ".join(f"{f} {v:.0%}" for f, v in r["profile"]["share"].items() if v >= 0.01))
     for r in failed:
         print(f"{r['method']:22s} failed: {r['error']}")
     out = Path(a.out)
