@@ -30,9 +30,10 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmark.common.fs import atomic_open, file_lock
+from benchmark.common.fs import atomic_open
 from benchmark.data.errors import CorruptImage, DataError
-from benchmark.data.proposal_cache import _atomic_savez, _progress_bar, cache_key, load_rgb
+from benchmark.data.chunked import atomic_savez, cached_or_computed, compute_chunks, remove_parts
+from benchmark.data.proposal_cache import cache_key, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -272,34 +273,9 @@ def compute_masks(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"masks-{key}.npz"
-    cached = _load_complete(final)
-    if cached is not None:
-        return cached
-    lock_path = cache_dir / f"masks-{key}.lock"
-    with file_lock(lock_path):
-        cached = _load_complete(final, discard=True)
-        if cached is not None:
-            return cached
-        out = _compute_locked(paths, cache_dir / f"masks-{key}.parts", params, dataset_hash, key, final,
-                              num_workers=num_workers, chunk_size=chunk_size, progress=progress)
-        lock_path.unlink(missing_ok=True)
-        return out
-
-
-def _load_complete(final: Path, discard: bool = False) -> MaskCache | None:
-    if not final.exists():
-        return None
-    try:
-        return MaskCache.load(final)
-    except DataError as e:
-        log.warning("%s; recomputing it", e)
-        if discard:
-            final.unlink(missing_ok=True)
-        return None
-
-
-def _part_path(work: Path, chunk: int) -> Path:
-    return work / f"part-{chunk:05d}.npz"
+    return cached_or_computed(final, MaskCache.load, lambda: _compute(
+        paths, cache_dir / f"masks-{key}.parts", params, dataset_hash, key, final,
+        num_workers=num_workers, chunk_size=chunk_size, progress=progress))
 
 
 def _load_part(path: Path, n: int) -> dict | None:
@@ -314,23 +290,16 @@ def _load_part(path: Path, n: int) -> dict | None:
     return None
 
 
-def _compute_locked(paths, work: Path, params, dataset_hash, key, final, *, num_workers, chunk_size,
-                    progress) -> MaskCache:
-    work.mkdir(exist_ok=True)
-    chunks = [paths[s: s + chunk_size] for s in range(0, len(paths), chunk_size)]
-    parts = {c: part for c in range(len(chunks)) if _part_path(work, c).exists()
-             and (part := _load_part(_part_path(work, c), len(chunks[c]))) is not None}
-    if parts:
-        log.info("masks %s: resuming, %d of %d chunks already done", key, len(parts), len(chunks))
-    jobs = [(c, chunks[c], params) for c in range(len(chunks)) if c not in parts]
-    with _progress_bar(progress, total=len(paths), initial=sum(len(chunks[c]) for c in parts)) as advance:
-        for res in _run_chunks(jobs, num_workers):
-            for msg in res["errors"]:
-                log.warning("masks: skipping undecodable image (empty mask): %s", msg)
-            _atomic_savez(_part_path(work, res["chunk"]), **{k: res[k] for k in _PART_KEYS})
-            parts[res["chunk"]] = res
-            advance(len(chunks[res["chunk"]]))
-    ordered = [parts[c] for c in range(len(chunks))]
+def _save_part(path: Path, res: dict) -> None:
+    atomic_savez(path, **{k: res[k] for k in _PART_KEYS})
+
+
+def _compute(paths, work: Path, params, dataset_hash, key, final, *, num_workers, chunk_size,
+             progress) -> MaskCache:
+    ordered = compute_chunks(paths, work, chunk_size, params, compute_chunk=_compute_chunk,
+                             init_worker=_init_worker, load_part=_load_part, save_part=_save_part,
+                             num_workers=num_workers, progress=progress, what=f"masks {key}",
+                             on_skip="empty mask")
     cat = lambda k, shape, dtype: (np.concatenate([p[k] for p in ordered]).astype(dtype) if ordered
                                    else np.zeros(shape, dtype))
     lengths = cat("lengths", 0, np.int64)
@@ -347,25 +316,8 @@ def _compute_locked(paths, work: Path, params, dataset_hash, key, final, *, num_
     with atomic_open(final.with_suffix(".bin")) as f:   # the blob first, the index (done-marker) last
         for p in ordered:
             f.write(p["data"].tobytes())
-    _atomic_savez(final, offsets=offsets, mask_sizes=cat("mask_sizes", (0, 2), np.int32),
-                  image_sizes=cat("image_sizes", (0, 2), np.int32), wide=cat("wide", 0, bool),
-                  skipped=skipped, meta=np.array(json.dumps(meta)))
-    for c in range(len(chunks)):
-        _part_path(work, c).unlink(missing_ok=True)
-    for leftover in work.glob("*"):
-        leftover.unlink(missing_ok=True)
-    work.rmdir()
+    atomic_savez(final, offsets=offsets, mask_sizes=cat("mask_sizes", (0, 2), np.int32),
+                 image_sizes=cat("image_sizes", (0, 2), np.int32), wide=cat("wide", 0, bool),
+                 skipped=skipped, meta=np.array(json.dumps(meta)))
+    remove_parts(work, len(ordered))
     return MaskCache.load(final)
-
-
-def _run_chunks(jobs: list[tuple], num_workers: int):
-    """``_compute_chunk(job)`` for every job, yielded as each finishes: in this process, or
-    over ``num_workers`` spawned processes (a fork from a process whose torch and OpenCV
-    thread pools run can deadlock in the child)."""
-    if num_workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _compute_chunk(job)
-        return
-    import multiprocessing as mp
-    with mp.get_context("spawn").Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_compute_chunk, jobs)

@@ -15,7 +15,6 @@ Box convention: ``xyxy`` in pixel-edge coordinates, ``x2 = x + w`` (exclusive), 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmark.common.fs import atomic_open, file_lock
+from benchmark.data.chunked import atomic_savez, cached_or_computed, compute_chunks, part_path, remove_parts
 from benchmark.data.errors import CorruptImage, DataError
 from benchmark.data.io import read_rgb
 from methods.proposals import DEFAULT_FILTER, filter_proposals
@@ -166,11 +165,6 @@ _BOX_DTYPE = np.uint16  # coordinates up to 65535 px; 8 bytes per box
 DEFAULT_MAX_SIDE = 500
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    with atomic_open(path) as f:
-        np.savez_compressed(f, **arrays)
-
-
 def _dataset_hash(paths: Sequence[str]) -> str:
     """sha256 over the ordered (path relative to the images' common folder, file size) pairs
     plus the bytes of the first, middle and last image; a missing file is an error. Relative
@@ -200,7 +194,8 @@ def _init_worker() -> None:
 
 def _compute_chunk(job: tuple) -> dict:
     """Worker: proposals for one chunk of images. Top-level so that ``spawn`` can pickle it."""
-    chunk_idx, paths, mode, max_side, filter_kw = job
+    chunk_idx, paths, p = job
+    mode, max_side, filter_kw = p["mode"], p["max_side"], p["filter"]
     counts = np.zeros(len(paths), dtype=np.int64)
     sizes = np.zeros((len(paths), 2), dtype=np.int32)
     skipped: list[int] = []
@@ -307,15 +302,23 @@ def cache_key(paths: Sequence[str], params: dict) -> tuple[str, str]:
     return dataset_hash, hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_part(path: Path) -> dict | None:
+def _load_part(path: Path, n_images: int) -> dict | None:
+    """A finished chunk's part file, or None when it is damaged or of another length (recomputed, never trusted)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             part = {k: z[k] for k in ("boxes", "counts", "sizes", "skipped")}
             part["errors"] = json.loads(str(z["errors"]))
-        return part
-    except Exception:  # a damaged part is recomputed, never trusted
-        log.warning("proposal part %s is unreadable; recomputing it", path)
-        return None
+        if len(part["counts"]) == n_images:
+            return part
+    except Exception:
+        pass
+    log.warning("proposal part %s is unreadable; recomputing it", path)
+    return None
+
+
+def _save_part(path: Path, res: dict) -> None:
+    atomic_savez(path, boxes=res["boxes"], counts=res["counts"], sizes=res["sizes"], skipped=res["skipped"],
+                 errors=np.array(json.dumps(res["errors"])))
 
 
 def compute_proposals(
@@ -327,7 +330,6 @@ def compute_proposals(
     num_workers: int = 2,
     filter_kwargs: dict | None = None,
     chunk_size: int = 64,
-    mp_context: str = "spawn",
     progress: bool = True,
 ) -> ProposalCache:
     """Selective search + SoCo filter over ``paths``, cached in one file under ``cache_dir``.
@@ -366,131 +368,32 @@ def compute_proposals(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"proposals-{key}.npz"
-    cached = _load_complete(final)
-    if cached is not None:   # complete: read without the lock (a read-only shared cache works)
-        return cached
     # one computation per cache: a second process (two SoCo runs started at once) waits for
     # the first and then loads its file instead of repeating the work
-    lock_path = cache_dir / f"proposals-{key}.lock"
-    with file_lock(lock_path):
-        cached = _load_complete(final, discard=True)
-        if cached is not None:
-            return cached
-        out = _compute_locked(paths, cache_dir, key, dataset_hash, params, final, num_workers=num_workers,
-                              chunk_size=chunk_size, mp_context=mp_context, progress=progress)
-        lock_path.unlink(missing_ok=True)  # the cache stays one file; waiters find it done
-        return out
+    return cached_or_computed(final, ProposalCache.load, lambda: _compute(
+        paths, cache_dir / f"proposals-{key}.parts", key, dataset_hash, params, final,
+        num_workers=num_workers, chunk_size=chunk_size, progress=progress))
 
 
-def _load_complete(final: Path, discard: bool = False) -> "ProposalCache | None":
-    """The cache file when it is there and readable; a damaged one is reported and (with the
-    lock held, ``discard``) removed, so it is recomputed rather than failing every run."""
-    if not final.exists():
-        return None
-    try:
-        return ProposalCache.load(final)
-    except DataError as e:
-        log.warning("%s; recomputing it", e)
-        if discard:
-            final.unlink(missing_ok=True)
-        return None
-
-
-def _compute_locked(paths, cache_dir, key, dataset_hash, params, final, *, num_workers, chunk_size, mp_context,
-                    progress) -> "ProposalCache":
+def _compute(paths, work: Path, key, dataset_hash, params, final, *, num_workers, chunk_size, progress) -> ProposalCache:
     """With the cache's lock held: compute the chunks no part file holds, merge all of them
     into ``final``, remove the parts."""
-    work = cache_dir / f"proposals-{key}.parts"
-    work.mkdir(exist_ok=True)
-    chunks = [paths[s : s + chunk_size] for s in range(0, len(paths), chunk_size)]
-    parts = _resume_parts(work, chunks)
-    todo = [c for c in range(len(chunks)) if c not in parts]
-    if todo:
+    n_chunks = -(-len(paths) // chunk_size)
+    if any(not part_path(work, c).exists() for c in range(n_chunks)):
         require_selective_search()
-    if parts:
-        log.info("proposals %s: resuming, %d of %d chunks already done", key, len(parts), len(chunks))
-    jobs = [(c, chunks[c], params["mode"], params["max_side"], params["filter"]) for c in todo]
-    with _progress_bar(progress, total=len(paths), initial=sum(len(chunks[c]) for c in parts)) as advance:
-        def store(res: dict) -> None:
-            _write_part(work, res)
-            parts[res["chunk"]] = res
-            advance(len(chunks[res["chunk"]]))
-
-        _run_chunks(jobs, num_workers, mp_context, store)
-    arrays = _merge_parts([parts[c] for c in range(len(chunks))], chunk_size, len(paths))
+    ordered = compute_chunks(paths, work, chunk_size, params, compute_chunk=_compute_chunk,
+                             init_worker=_init_worker, load_part=_load_part, save_part=_save_part,
+                             num_workers=num_workers, progress=progress, what=f"proposals {key}",
+                             on_skip="zero proposals")
+    arrays = _merge_parts(ordered, chunk_size, len(paths))
     meta = _cache_meta(params, dataset_hash, key, n_images=len(paths), n_boxes=len(arrays["boxes"]),
                        n_skipped=len(arrays["skipped"]))
     if meta["n_skipped"]:
         log.warning("proposals %s: %d of %d images could not be decoded and have zero proposals",
                     key, meta["n_skipped"], len(paths))
-    _atomic_savez(final, **arrays, meta=np.array(json.dumps(meta)))
-    _remove_parts(work, len(chunks))
+    atomic_savez(final, **arrays, meta=np.array(json.dumps(meta)))
+    remove_parts(work, n_chunks)
     return ProposalCache.load(final)
-
-
-def _part_path(work: Path, chunk: int) -> Path:
-    return work / f"part-{chunk:05d}.npz"
-
-
-def _resume_parts(work: Path, chunks: list[list[str]]) -> dict[int, dict]:
-    """The chunks a previous (killed) computation finished: readable part files of the right length."""
-    parts: dict[int, dict] = {}
-    for c in range(len(chunks)):
-        if _part_path(work, c).exists():
-            part = _load_part(_part_path(work, c))
-            if part is not None and len(part["counts"]) == len(chunks[c]):
-                parts[c] = part
-    return parts
-
-
-def _write_part(work: Path, res: dict) -> None:
-    """Log a finished chunk's undecodable images and write it as a part file (atomically)."""
-    for msg in res["errors"]:
-        log.warning("proposals: skipping undecodable image (zero proposals): %s", msg)
-    _atomic_savez(
-        _part_path(work, res["chunk"]),
-        boxes=res["boxes"],
-        counts=res["counts"],
-        sizes=res["sizes"],
-        skipped=res["skipped"],
-        errors=np.array(json.dumps(res["errors"])),
-    )
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, *, total: int, initial: int):
-    """Yields ``advance(n_images)``: a tqdm bar when ``enabled``, else a no-op."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=initial, unit="img", desc="selective search", leave=False)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
-
-def _run_chunks(jobs: list[tuple], num_workers: int, mp_context: str, store) -> None:
-    """``store(_compute_chunk(job))`` for every job, as each finishes: in this process (one
-    worker or one job) or over a pool of ``num_workers`` processes."""
-    if num_workers <= 1 or len(jobs) <= 1:
-        import cv2
-
-        threads = cv2.getNumThreads()  # inline: leave the caller's OpenCV setting as found
-        try:
-            for job in jobs:
-                store(_compute_chunk(job))
-        finally:
-            cv2.setNumThreads(threads)
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context(mp_context)
-    with ctx.Pool(min(num_workers, len(jobs)), initializer=_init_worker) as pool:
-        for res in pool.imap_unordered(_compute_chunk, jobs):
-            store(res)
 
 
 def _merge_parts(ordered: list[dict], chunk_size: int, n_images: int) -> dict[str, np.ndarray]:
@@ -526,12 +429,3 @@ def _cache_meta(params: dict, dataset_hash: str, key: str, *, n_images: int, n_b
         "n_skipped": int(n_skipped),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _remove_parts(work: Path, n_chunks: int) -> None:
-    """Remove the part files and the parts folder once the cache file is written."""
-    for c in range(n_chunks):
-        _part_path(work, c).unlink(missing_ok=True)
-    for leftover in work.glob("*"):  # stray tmp files of a killed writer
-        leftover.unlink(missing_ok=True)
-    work.rmdir()
