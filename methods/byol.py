@@ -62,6 +62,15 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module
 
 
+def target_network(cfg, encoder: nn.Module, projector: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The target xi (encoder + projector), trained only by the EMA: a copy of the online
+    network (``target_init: copy``) or, as the official code does, initialised on its own."""
+    if cfg.target_init == "copy":
+        return momentum_copy(encoder), momentum_copy(projector)
+    return (_frozen(build_resnet(cfg.backbone, zero_init_residual=cfg.zero_init_residual)),
+            _frozen(byol_head(encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)))
+
+
 @register_method("byol")
 class BYOL(PretrainMethod):
     # Paper Appendix A / official configs/byol.py at 1000 epochs: LARS (eta 1e-3, momentum 0.9;
@@ -114,12 +123,7 @@ class BYOL(PretrainMethod):
         self.projector = byol_head(feat, cfg.proj_hidden_dim, cfg.proj_dim)
         self.predictor = byol_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
         # target network xi: encoder and projector, no predictor, trained only by the EMA
-        if cfg.target_init == "copy":
-            self.target_encoder = momentum_copy(self.encoder)
-            self.target_projector = momentum_copy(self.projector)
-        else:
-            self.target_encoder = _frozen(build_resnet(cfg.backbone, zero_init_residual=cfg.zero_init_residual))
-            self.target_projector = _frozen(byol_head(feat, cfg.proj_hidden_dim, cfg.proj_dim))
+        self.target_encoder, self.target_projector = target_network(cfg, self.encoder, self.projector)
         self.current_momentum = cfg.momentum
         self.aug = (replace(BYOL_AUG_1, jitter_style=cfg.jitter_style),     # T: blur 1.0, solarize 0
                     replace(BYOL_AUG_2, jitter_style=cfg.jitter_style))     # T': blur 0.1, solarize 0.2

@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from methods.augment import BYOL_AUG_1, BYOL_AUG_2, JITTER_STYLES, Photometric, as_image, decode_for, render_view
 from methods.backbones import backbone_state, build_resnet, resnet_stages
-from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
-from methods.byol import BYOL, CROPS, TARGET_INITS, _frozen, byol_head, official_crop
+from methods.base import MethodConfig, PretrainMethod
+from methods.byol import BYOL, CROPS, TARGET_INITS, byol_head, official_crop, target_network
 from methods.dist import distributed, gather, rank_and_world
-from methods.ema import cosine_schedule, momentum_copy, update_momentum
+from methods.ema import cosine_schedule, update_momentum
 from methods.geometry import ViewGeometry, apply_mask, random_resized_crop
 from methods.registry import register_method
 
@@ -215,12 +215,7 @@ class DetCon(PretrainMethod):
         self.projector = byol_head(feat, cfg.proj_hidden_dim, cfg.proj_dim)
         if cfg.variant == "b":   # BYOL's predictor q and EMA target (encoder + projector)
             self.predictor = byol_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
-            if cfg.target_init == "copy":
-                self.target_encoder = momentum_copy(self.encoder)
-                self.target_projector = momentum_copy(self.projector)
-            else:
-                self.target_encoder = _frozen(build_resnet(cfg.backbone, zero_init_residual=cfg.zero_init_residual))
-                self.target_projector = _frozen(byol_head(feat, cfg.proj_hidden_dim, cfg.proj_dim))
+            self.target_encoder, self.target_projector = target_network(cfg, self.encoder, self.projector)
             self.aug = (replace(BYOL_AUG_1, jitter_style=cfg.jitter_style),
                         replace(BYOL_AUG_2, jitter_style=cfg.jitter_style))
         else:
