@@ -12,7 +12,7 @@ PROFILE  ?= local-ci
 JOBS     ?= 0
 ARGS     ?=
 
-.PHONY: setup reproduce grid test test-slow test-slurm test-all bench status collect clean-cache slurm-up slurm-down slurm2-up slurm2-down
+.PHONY: setup reproduce grid test test-slow test-slurm test-all bench bench-micro status collect clean-cache slurm-up slurm-down slurm2-up slurm2-down
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,13 @@ test-all: test test-slow test-slurm
 
 bench: setup
 	$(BIN)/python -m tools.bench.proposals_bench
+
+# micro-benchmarks of the hot pieces (tests/bench; the fast suite runs each once, untimed),
+# timed and stored as results/benchmarks/pytest-benchmark/<machine>/NNNN_<commit>_<date>.json;
+# against the last stored run: make bench-micro ARGS="--benchmark-compare --benchmark-compare-fail=min:50%"
+bench-micro: setup
+	$(BIN)/python -m pytest -q tests/bench --benchmark-enable --benchmark-storage=results/benchmarks/pytest-benchmark \
+	  --benchmark-autosave --benchmark-columns=min,median,rounds $(ARGS)
 
 slurm-up:
 	slurm/cluster/start.sh

@@ -36,7 +36,10 @@ from methods.geometry import ViewGeometry
 #              view of the sample is downsampled at least that much anyway
 #   device     workers read the file bytes and draw every random parameter; decode
 #              (torchvision.io.decode_jpeg) and photometric run batched on the training device
-LOADERS = ("cpu", "cpu_draft", "device")
+#   dali       workers as for device (the same draws); decode, crops, photometric and
+#              normalisation run in an NVIDIA DALI pipeline (benchmark/data/dali_loader.py;
+#              GPU backend on CUDA, CPU backend otherwise)
+LOADERS = ("cpu", "cpu_draft", "device", "dali")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -54,7 +54,7 @@ class PretrainRecipe:
     warmup_epochs: float = 0
     epochs: float = 100
     steps_per_epoch: float | None = None
-    loader: str = "cpu"      # cpu | cpu_draft | device (methods.augment.LOADERS): where pixels are made
+    loader: str = "cpu"      # cpu | cpu_draft | device | dali (methods.augment.LOADERS): where pixels are made
     # multistep: the lr drops (x 0.1 each) as fractions of the run; None: the schedule's own
     # (none). Gradient clipping at this max norm; None: none.
     milestones: tuple[float, ...] | None = None

@@ -71,7 +71,7 @@ class MoCoV2(PretrainMethod):
         self.queue = MemoryQueue(cfg.dim, cfg.queue_size)
 
     # -- views (DataLoader worker) ------------------------------------------------
-    loaders = ("cpu", "cpu_draft", "device")   # recipe.loader values its views support
+    loaders = ("cpu", "cpu_draft", "device", "dali")   # recipe.loader values its views support
 
     def views(self, record: dict, rng: np.random.Generator, source=None) -> dict:
         img = as_image(record["image"])

@@ -306,7 +306,7 @@ class SoCo(PretrainMethod):
             out[f"valid_{v}"] = (np.arange(k) < m) & (n > 0)
         return out
 
-    loaders = ("cpu", "cpu_draft", "device")   # recipe.loader values its views support
+    loaders = ("cpu", "cpu_draft", "device", "dali")   # recipe.loader values its views support
 
     def views(self, record: dict, rng: np.random.Generator, source: Any = None) -> dict:
         c = self.cfg

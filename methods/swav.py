@@ -58,7 +58,7 @@ class SwAV(PretrainMethod):
               "small": {"method": {"backbone": "resnet50", "crop_sizes": [160, 96], "queue_length": 3840},
                         "recipe": {"batch_size": 128, "base_lr": 0.6, "lr_batch": 256, "warmup_epochs": 0,
                                    "min_lr": 6e-4 * 128 / 256}}}
-    loaders = ("cpu", "cpu_draft", "device")
+    loaders = ("cpu", "cpu_draft", "device", "dali")
 
     @dataclass
     class Config(MethodConfig):

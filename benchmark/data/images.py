@@ -17,6 +17,7 @@ import torch
 from benchmark.common.fs import walk_files
 from benchmark.data.coco import load_coco_json, parse_images
 from benchmark.data.errors import DataError
+from benchmark.data.dali_loader import DaliImage, render_batch, require_dali
 from benchmark.data.io import EncodedImage, LazyImage, decode_on_device, read_rgb
 from methods.augment import LOADERS, DeferredView, render_views
 
@@ -24,12 +25,16 @@ DEFAULT_EXTS = (".jpg", ".jpeg", ".png")
 
 
 def render_deferred(batch: dict, device: torch.device | str) -> dict:
-    """A collated batch with its lists of :class:`~methods.augment.DeferredView` (loader
-    ``device``) replaced by their pixels: every source decoded once on ``device``, then each
-    view name rendered batched (``methods.augment.render_views``). Other batches pass."""
+    """A collated batch with its lists of :class:`~methods.augment.DeferredView` (loaders
+    ``device`` and ``dali``) replaced by their pixels: every source decoded once on
+    ``device``, then each view name rendered batched (``methods.augment.render_views``; for
+    ``dali`` sources, :class:`~benchmark.data.dali_loader.DaliImage`, by the DALI pipeline,
+    ``benchmark.data.dali_loader.render_batch``). Other batches pass."""
     keys = [k for k, v in batch.items() if isinstance(v, list) and v and isinstance(v[0], DeferredView)]
     if not keys:
         return batch
+    if isinstance(batch[keys[0]][0].source, DaliImage):
+        return render_batch(batch, keys, device)
     sources = list(dict.fromkeys(v.source for k in keys for v in batch[k]))
     decoded = dict(zip(sources, decode_on_device(sources, device)))
     return {**batch, **{k: render_views(batch[k], decoded) for k in keys}}
@@ -45,6 +50,16 @@ class ImageSource:
             raise ValueError("paths and image_ids differ in length")
         self.root = str(root)
         self.loader = "cpu"   # recipe.loader of the run reading it (LOADERS)
+
+    @property
+    def loader(self) -> str:
+        return self._loader
+
+    @loader.setter
+    def loader(self, value: str) -> None:
+        if value == "dali":   # in the process that sets it, before any worker starts
+            require_dali()
+        self._loader = value
 
     @classmethod
     def from_folder(cls, root: str | Path, exts: Sequence[str] = DEFAULT_EXTS) -> "ImageSource":
@@ -80,7 +95,8 @@ class ImageSource:
     def record(self, i: int) -> dict[str, Any]:
         """``{"index", "image_id", "path", "image"}``; unreadable files raise CorruptImage.
         ``image`` is an HxWx3 uint8 array (loader ``cpu``), a :class:`LazyImage`
-        (``cpu_draft``) or an :class:`EncodedImage` (``device``)."""
+        (``cpu_draft``), an :class:`EncodedImage` (``device``) or a :class:`DaliImage`
+        (``dali``)."""
         path = self.paths[i]
         if self.loader == "cpu":
             image = np.asarray(read_rgb(path), dtype=np.uint8)
@@ -88,6 +104,8 @@ class ImageSource:
             image = LazyImage(path)
         elif self.loader == "device":
             image = EncodedImage(path)
+        elif self.loader == "dali":
+            image = DaliImage(path)
         else:
             raise ValueError(f"recipe.loader: unknown {self.loader!r} ({' | '.join(LOADERS)})")
         return {"index": i, "image_id": self.image_ids[i], "path": path, "image": image}

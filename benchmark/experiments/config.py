@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import re
 import typing
@@ -37,13 +38,7 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
     p = SCALES_DIR / f"{check_name(name, 'scale')}.yaml"
     if not p.exists():
         raise ConfigError(f"scale: unknown {name!r} (available: {', '.join(available_scales())})")
-    try:
-        sc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
-    if sc is None:
-        raise ConfigError(f"{p}: empty scale file (expected a mapping of {', '.join(SCALE_KEYS)})")
-    validate_scale(sc, p)
+    sc = copy.deepcopy(_read_scale(str(p), p.read_text()))
     parent = sc.pop("extends", None)
     if parent is not None:
         if parent in _seen + (name,):
@@ -58,6 +53,23 @@ def load_scale(name: str, _seen: tuple = ()) -> dict:
             check_data(sc["data"])
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
+    return sc
+
+
+@functools.lru_cache(maxsize=64)
+def _read_scale(path: str, text: str) -> dict:
+    """One scale file parsed and checked (``validate_scale``), by its path and text: a plan
+    resolves one config per run, each reading the scale, and parsing and checking the YAML
+    each time was most of a large grid's planning time (a file edited since reads anew; a bad
+    file raises each time, nothing is cached for it). Callers get a deep copy."""
+    p = Path(path)
+    try:
+        sc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if sc is None:
+        raise ConfigError(f"{p}: empty scale file (expected a mapping of {', '.join(SCALE_KEYS)})")
+    validate_scale(sc, p)
     return sc
 
 

@@ -1,8 +1,9 @@
 """Benchmark (not a test): is the training step fed? The pretraining step with its real input
-pipeline (DataLoader workers decoding JPEGs and building views, ``recipe.loader`` cpu or
-device) against the same step on one batch held in memory, measured in the same process.
+pipeline (DataLoader workers decoding JPEGs and building views, ``recipe.loader`` cpu,
+device or dali) against the same step on one batch held in memory, measured in the same process.
 
     python -m tools.bench.feed_bench --method moco_v2 --device cuda --amp --batch 64 --workers 12
+    python -m tools.bench.feed_bench --method soco --random-proposals --loaders cpu,device,dali --workers 4 --amp --fast
 
 Images: synthetic 500x375 JPEGs (ImageNet's typical size) written once to a temp folder.
 "fed" = (img/s with loading) / (img/s of the step alone): 1.0 means the loader keeps up.
@@ -37,11 +38,14 @@ def write_jpegs(folder: Path, n: int, size=(500, 375), seed: int = 0) -> None:
 
 
 def run(method_name: str, scale: str, folder: Path, *, loader: str, batch: int, steps: int, workers: int,
-        device: str, amp: bool, fast: bool) -> dict:
+        device: str, amp: bool, fast: bool, random_proposals: bool = False) -> dict:
     torch.manual_seed(0)
     cls = get_method(method_name)
     sc = load_scale(scale)
-    method = build_method(method_name, **inputs.method_config(method_name, cls.scales.get(sc.get("method_scale", scale))))
+    cfg = inputs.method_config(method_name, cls.scales.get(sc.get("method_scale", scale)))
+    if random_proposals:   # SoCo: random boxes instead of the selective-search cache (same views, same cost)
+        cfg = {**cfg, "proposal_source": "random"}
+    method = build_method(method_name, **cfg)
     method.to(device)
     fp = fast_path({"channels_last": fast, "fused_optimizer": fast}, torch.device(device))
     if fp["channels_last"]:
@@ -52,7 +56,8 @@ def run(method_name: str, scale: str, folder: Path, *, loader: str, batch: int, 
     source = ImageSource.from_folder(folder)
     source.loader = loader
     if method.proposal_params() is not None:
-        raise SystemExit(f"{method_name} reads cached proposals: time it with step_bench/loader_bench")
+        raise SystemExit(f"{method_name} reads cached proposals: --random-proposals, or time it with "
+                         f"step_bench/loader_bench")
     if method.mask_params() is not None:
         raise SystemExit(f"{method_name} reads cached masks: time it with step_bench/loader_bench")
     dataset = PretrainDataset(source, method, seed=0)
@@ -82,7 +87,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="moco_v2")
     p.add_argument("--scale", default="paper")
-    p.add_argument("--loaders", default="cpu,device")
+    p.add_argument("--loaders", default="cpu,device,dali",
+                   help="comma-separated recipe.loader values compared in this run (dali: pip install -e '.[dali]')")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--workers", type=int, default=8)
@@ -90,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--fast", action="store_true", help="channels-last + fused optimizer (the paper runtime)")
+    p.add_argument("--random-proposals", action="store_true",
+                   help="method.proposal_source=random (SoCo without a selective-search cache)")
     p.add_argument("--out", default="results/benchmarks/feed_bench.json")
     a = p.parse_args(argv)
     rows = []
@@ -97,7 +105,7 @@ def main(argv=None) -> int:
         write_jpegs(Path(tmp), a.images)
         for loader in a.loaders.split(","):
             r = run(a.method, a.scale, Path(tmp), loader=loader, batch=a.batch, steps=a.steps, workers=a.workers,
-                    device=a.device, amp=a.amp, fast=a.fast)
+                    device=a.device, amp=a.amp, fast=a.fast, random_proposals=a.random_proposals)
             rows.append(r)
             print(f"{r['method']:8s} loader={loader:9s} workers={a.workers:2d}: step alone "
                   f"{r['img_per_s_step_alone']:7.1f} img/s, with loading {r['img_per_s_with_loading']:7.1f} img/s "

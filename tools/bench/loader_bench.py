@@ -8,8 +8,10 @@ worker does per sample: read + decode the file and build the views. Paths:
   cpu        recipe.loader=cpu (the default; same pixels as before)
   cpu_draft  recipe.loader=cpu_draft (JPEG DCT-scaled decode where every view allows it)
   device     recipe.loader=device, worker part: read the bytes, draw every parameter
-plus, for ``device``, the other half on ``--device``: batched decode (nvJPEG on CUDA) and
-photometric (``render``, samples/s of batches of ``--batch``). Cores per GPU = the step's
+  dali       recipe.loader=dali, worker part: the same as device
+plus, for ``device`` and ``dali``, the other half on ``--device``: batched decode (nvJPEG on
+CUDA) and photometric (``render``, samples/s of batches of ``--batch``; for dali the DALI
+pipeline, on CPU its CPU backend, in CPU seconds of all its threads). Cores per GPU = the step's
 img/s (``--step``, default the README's H100 AMP batch-64 figures) / worker samples/s per
 core. Sizes: ``tiny`` = the method's tiny config on 128-px PNGs (the synthetic set);
 ``paper`` = its paper config on 500x375 JPEGs (ImageNet's typical size); ``large`` = the
@@ -46,6 +48,14 @@ def _before_to_tensor(img):
     """to_tensor as it was before recipe.loader (the baseline)."""
     import torchvision.transforms.functional as TF
     return TF.normalize(TF.to_tensor(img), augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+
+
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def method_config(name: str, size: str) -> dict:
@@ -148,7 +158,8 @@ def run(methods: list[str], sizes: list[str], n: int, batch: int, device: str, s
                 torch.manual_seed(0)
                 m = build_method(name, **method_config(name, s))
                 supported = getattr(m, "loaders", ("cpu",))
-                paths = ["before", "cpu"] + [p for p in ("cpu_draft", "device") if p in supported]
+                paths = ["before", "cpu"] + [p for p in ("cpu_draft", "device", "dali") if p in supported
+                                             and (p != "dali" or _has_dali())]
                 row = {"method": name, "size": s, "image": "x".join(map(str, SIZES[s][0])),
                        "step_img_s": step.get(name)}
                 for p in paths:
@@ -156,8 +167,8 @@ def run(methods: list[str], sizes: list[str], n: int, batch: int, device: str, s
                     row[f"{p}_per_core"] = rate
                     if p == "cpu_draft":
                         row["draft_reduced_frac"] = reduced    # samples decoded at 1/2..1/8
-                    if p == "device":
-                        row["device_render_per_s"] = time_render(m, samples, batch, device, reps)
+                    if p in ("device", "dali"):
+                        row[f"{p}_render_per_s"] = time_render(m, samples, batch, device, reps)
                 base = row["before_per_core"]
                 for p in paths:
                     row[f"{p}_vs_before"] = row[f"{p}_per_core"] / base
@@ -202,16 +213,18 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu, 1 thread"
     print(f"worker samples/s per core (1 thread); device render on {dev}; cores/GPU at the step's img/s")
     hdr = (f"{'method':10s} {'size':6s} {'before':>7s} {'cpu':>7s} {'draft':>7s} {'device':>7s} "
-           f"{'render':>7s} {'step':>6s} {'cores before':>12s} {'cpu':>5s} {'draft':>5s} {'device':>6s} "
-           f"{'reduced':>7s}")
+           f"{'render':>7s} {'dali':>7s} {'render':>7s} {'step':>6s} {'cores before':>12s} {'cpu':>5s} "
+           f"{'draft':>5s} {'device':>6s} {'dali':>6s} {'reduced':>7s}")
     print(hdr)
     for r in rows:
         print(f"{r['method']:10s} {r['size']:6s} {_fmt(r.get('before_per_core'), '7.0f')} "
               f"{_fmt(r.get('cpu_per_core'), '7.0f')} {_fmt(r.get('cpu_draft_per_core'), '7.0f')} "
               f"{_fmt(r.get('device_per_core'), '7.0f')} {_fmt(r.get('device_render_per_s'), '7.0f')} "
+              f"{_fmt(r.get('dali_per_core'), '7.0f')} {_fmt(r.get('dali_render_per_s'), '7.0f')} "
               f"{_fmt(r['step_img_s'], '6.0f')} {_fmt(r.get('before_cores_per_gpu'), '12.1f')} "
               f"{_fmt(r.get('cpu_cores_per_gpu'), '5.1f')} {_fmt(r.get('cpu_draft_cores_per_gpu'), '5.1f')} "
-              f"{_fmt(r.get('device_cores_per_gpu'), '6.2f')} {_fmt(r.get('draft_reduced_frac'), '7.0%')}")
+              f"{_fmt(r.get('device_cores_per_gpu'), '6.2f')} {_fmt(r.get('dali_cores_per_gpu'), '6.2f')} "
+              f"{_fmt(r.get('draft_reduced_frac'), '7.0%')}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "samples": a.samples,

@@ -1,12 +1,14 @@
-"""How long planning and submitting a 100-run grid to Slurm takes, and a no-op re-run.
+"""How long planning and submitting a 100-run (or 1,000-run) grid to Slurm takes, and a no-op re-run.
 
     source /tmp/detbench-slurm/env.sh       # a cluster: slurm/cluster/start.sh
-    python -m tools.bench.slurm_bench [--rows 50] [--profile local-ci]
+    python -m tools.bench.slurm_bench [--runs 100 | --rows 50] [--profile local-ci] [--cprofile FILE]
 
 A generated grid spec at the ``micro`` scale: ``--rows`` Scratch rows that differ in their
 fine-tuning learning rate, one column, so 2 runs per row (fine-tune → evaluate): 100 runs
-by default.  Nothing trains: every job is submitted with ``--begin=now+1hour`` (held) and
-all are scancelled at the end.  Times, in this process:
+by default; ``--runs N`` asks for N runs (N/2 rows).  ``--cprofile FILE``: a cProfile of
+the planning and the first submission (``python -m pstats FILE``), its 25 most expensive
+functions printed.  Nothing trains: every job is submitted with ``--begin=now+1hour``
+(held) and all are scancelled at the end.  Times, in this process:
 
 * ``plan_s``: ``plan_table`` of the grid;
 * ``submit_s``: ``submit_plan`` (state file, code snapshot, sbatch calls: job arrays for the
@@ -23,11 +25,14 @@ Prints a table and writes ``results/benchmarks/slurm_submit.json``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,9 +78,15 @@ def bare_sbatch(n: int, folder: Path) -> tuple[float, list[str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=50, help="grid rows; 2 runs each")
+    ap.add_argument("--runs", type=int, default=None, help="runs in the grid (even; sets --rows to half of it)")
+    ap.add_argument("--cprofile", type=Path, default=None, help="write a cProfile of planning + submission here")
     ap.add_argument("--profile", default="local-ci")
     ap.add_argument("--out", type=Path, default=Path("results/benchmarks/slurm_submit.json"))
     args = ap.parse_args(argv)
+    if args.runs is not None:
+        if args.runs < 2 or args.runs % 2:
+            ap.error(f"--runs: expected an even number >= 2, got {args.runs}")
+        args.rows = args.runs // 2
     problem = cluster_answers()
     if problem:
         print(f"slurm_bench: {problem}")
@@ -95,8 +106,11 @@ def main(argv=None) -> int:
     res: dict = {"rows": args.rows, "max_array_size": cluster_max_array_size(), "profile": args.profile,
                  "host": platform.node(), "cpus": os.cpu_count()}
     submitted_ids: list[str] = []
+    prof = cProfile.Profile() if args.cprofile else None
     try:
         t0 = time.perf_counter()
+        if prof:
+            prof.enable()
         plan = plan_table(str(spec), scale="micro")
         res["plan_s"] = time.perf_counter() - t0
         res["runs"] = len(plan.jobs)
@@ -105,6 +119,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         summary = orch.submit_plan(plan, store, profile=args.profile, overrides=overrides, quiet=True)
         res["submit_s"] = time.perf_counter() - t0
+        if prof:
+            prof.disable()
         submitted_ids = list(summary.job_ids.values())
         res["submitted"] = len(summary.submitted)
         res["sbatch_calls"] = len(summary.arrays)
@@ -151,6 +167,13 @@ def main(argv=None) -> int:
             ("baseline: bare sbatch x runs", res["bare_sbatch_s"], f"submit/bare = {res['submit_vs_bare']:.2f}")]
     for name, secs, note in rows:
         print(f"  {name:<30} {secs:8.2f} s  {note}")
+    print(f"  {'plan + submit':<30} {res['plan_s'] + res['submit_s']:8.2f} s")
+    if prof:
+        args.cprofile.parent.mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(args.cprofile))
+        pstats.Stats(str(args.cprofile)).sort_stats("cumulative").print_stats(25)
+        print(f"wrote {args.cprofile} (cProfile of plan_table + submit_plan; the times above include its overhead)")
+    res["command"] = "python -m tools.bench.slurm_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     res = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
     args.out.write_text(json.dumps(res, indent=2) + "\n")
