@@ -23,17 +23,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from benchmark.stages.export import (ExportError, detector_to_canonical, load_export, save_export,
                                      to_framework)
 
+from test_export import _prefixed, _randomised   # the same state-dict builders
+
 EXPORTED = ("backbone.body.", "backbone.fpn.", "roi_heads.box_head.")
-
-
-def _randomised(state: dict) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {k: (torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point() else v + 7)
-            for k, v in state.items()}
-
-
-def _prefixed(prefix: str, m: nn.Module) -> dict:
-    return {f"{prefix}{k}": v for k, v in m.state_dict().items()}
 
 
 def _pretrain(arch: str, fpn_norm: bool, head: str | None, c: int = 256, fc: int = 1024) -> dict:
