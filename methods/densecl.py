@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods.backbones import backbone_state, build_resnet, resnet_stages
@@ -29,42 +28,13 @@ from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.dist import gather
 from methods.ema import momentum_copy, update_momentum
 from methods.heads import ConvMLPHead, moco_v2_projector
-from methods.losses import info_nce
+from methods.losses import dense_correspondence, dense_info_nce, info_nce
 from methods.moco import MoCoV2
 from methods.queues import MemoryQueue
 from methods.registry import register_method
 from methods.shuffle_bn import in_bn_groups, shuffle_bn
 
 INITS = ("official", "torchvision")
-
-
-# -- pure pieces (candidates for methods/losses.py) -----------------------------------------
-@torch.no_grad()
-def dense_correspondence(f_q: torch.Tensor, f_k: torch.Tensor) -> torch.Tensor:
-    """For each query position, the key position of the most similar backbone feature:
-    ``argmax_j cos(f_q[:, :, i], f_k[:, :, j])`` per image, one way (query -> key), no mutual
-    check, no threshold (official densecl.py:196-197). ``f_q``: (N, C, Lq), ``f_k``: (N, C, Lk);
-    returns (N, Lq) long indices into Lk."""
-    sim = torch.einsum("nci,ncj->nij", F.normalize(f_q, dim=1), F.normalize(f_k, dim=1))
-    return sim.argmax(2)
-
-
-def dense_info_nce(q_grid: torch.Tensor, k_grid: torch.Tensor, match: torch.Tensor, queue: torch.Tensor,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DenseCL's dense loss (paper Eq. 2; official densecl.py:199-210): one InfoNCE row per query
-    position i of every image, positive q_grid[i] . k_grid[match[i]], negatives the queue's
-    (pooled dense) keys, shared by all positions; mean over the N x Lq rows. ``q_grid``,
-    ``k_grid``: (N, D, L); ``match``: (N, Lq); ``queue``: (K, D). Inputs L2-normalised here,
-    no gradient through the keys. Returns (loss, logits with the positive in column 0)."""
-    q = F.normalize(q_grid, dim=1)
-    k = F.normalize(k_grid, dim=1).detach()
-    k_pos = k.gather(2, match.unsqueeze(1).expand(-1, k.shape[1], -1))      # (N, D, Lq)
-    pos = (q * k_pos).sum(1).reshape(-1, 1)                                  # rows (n, i), row-major
-    rows = q.permute(0, 2, 1).reshape(-1, q.shape[1])
-    neg = rows @ F.normalize(queue, dim=1).detach().t()
-    logits = torch.cat([pos, neg], 1) / temperature
-    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels), logits
 
 
 # -- networks -------------------------------------------------------------------------------

@@ -286,3 +286,65 @@ def apply_mask(mask: np.ndarray, geom: ViewGeometry, image_size: tuple[int, int]
     mask = np.asarray(mask)
     cols, rows = mask_source_pixels(geom, (mask.shape[1], mask.shape[0]), image_size)
     return mask[rows[:, None], cols[None, :]]
+
+
+# -- the same mappings on tensors (ReSim's windows, on the device inside a step) ---------------
+def geometry_tensor(g: ViewGeometry) -> torch.Tensor:
+    """A view's geometry as a (7,) float tensor (crop x0, y0, x1, y1, out W, out H, flip),
+    for the device-side mapping of :func:`map_view_boxes`."""
+    import torch
+    return torch.tensor([*g.crop, *g.out_size, float(g.flip)], dtype=torch.float32)
+
+
+def _unmap_xy(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View -> source (``ViewGeometry.unmap_points``); ``g`` (..., 7) broadcast over x, y."""
+    import torch
+    x = torch.where(g[..., 6] > 0.5, g[..., 4] - x, x)
+    return (x * (g[..., 2] - g[..., 0]) / g[..., 4] + g[..., 0],
+            y * (g[..., 3] - g[..., 1]) / g[..., 5] + g[..., 1])
+
+
+def _map_xy(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source -> view (``ViewGeometry.map_points``)."""
+    import torch
+    x = (x - g[..., 0]) * g[..., 4] / (g[..., 2] - g[..., 0])
+    y = (y - g[..., 1]) * g[..., 5] / (g[..., 3] - g[..., 1])
+    return torch.where(g[..., 6] > 0.5, g[..., 4] - x, x), y
+
+
+def map_view_boxes(boxes: torch.Tensor, g_from: torch.Tensor, g_to: torch.Tensor) -> torch.Tensor:
+    """xyxy ``boxes`` (K, 4) in the pixels of view ``g_from`` (N, 7) -> (N, K, 4) in the pixels
+    of view ``g_to`` (N, 7), through the source image: the tensor form of
+    ``g_to.map_boxes(g_from.unmap_points(...))``, flips included (official anchor_mapping,
+    datasets.py:132-158, which needs none: its one flip precedes both crops)."""
+    import torch
+    gf, gt = g_from[:, None, :], g_to[:, None, :]
+    b = boxes.to(g_from.dtype)[None]
+    xa, ya = _map_xy(*_unmap_xy(b[..., 0], b[..., 1], gf), gt)
+    xb, yb = _map_xy(*_unmap_xy(b[..., 2], b[..., 3], gf), gt)
+    return torch.stack([torch.minimum(xa, xb), torch.minimum(ya, yb),
+                        torch.maximum(xa, xb), torch.maximum(ya, yb)], -1)
+
+
+def window_grid(size: float, stride: float, count: int) -> torch.Tensor:
+    """(count^2, 4) xyxy windows of side ``size`` at ``stride`` from the view's corner,
+    row-major (official datasets.py:76-96: rows i, columns j, y0 = i stride, x0 = j stride)."""
+    import torch
+    t = torch.arange(count, dtype=torch.float32) * stride
+    y0, x0 = torch.meshgrid(t, t, indexing="ij")
+    x0, y0 = x0.reshape(-1), y0.reshape(-1)
+    return torch.stack([x0, y0, x0 + size, y0 + size], 1)
+
+
+def align_windows(windows: torch.Tensor, g_q: torch.Tensor, g_k: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows on view q mapped into view k: ((N, K, 4) boxes in k's pixels, (N, K) valid).
+    A window is valid when its mapped box lies in view k with x0, y0 >= 0 and x1 < W, y1 < H
+    (strict on the far side: datasets.py:156); an invalid one gets the dummy box (0, 0, 1, 1)
+    (datasets.py:88-90). All on the device, no host sync."""
+    import torch
+    boxes = map_view_boxes(windows, g_q, g_k)
+    W, H = g_k[:, None, 4], g_k[:, None, 5]
+    valid = (boxes[..., 0] >= 0) & (boxes[..., 1] >= 0) & (boxes[..., 2] < W) & (boxes[..., 3] < H)
+    dummy = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+    return torch.where(valid[..., None], boxes, dummy), valid

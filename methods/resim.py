@@ -37,11 +37,12 @@ from methods.backbones import backbone_state, build_resnet, resnet_stages, stage
 from methods.base import MethodConfig, PretrainMethod, PretrainRecipe
 from methods.dist import gather, groups_per_process, mean_over_processes
 from methods.ema import momentum_copy, update_momentum
-from methods.geometry import ViewGeometry, random_resized_crop
+from methods.geometry import ViewGeometry, align_windows, geometry_tensor, random_resized_crop, window_grid
 from methods.heads import moco_v2_projector
 from methods.losses import info_nce
 from methods.queues import MemoryQueue
 from methods.registry import register_method
+from methods.roi import prroi_pool
 from methods.shuffle_bn import in_bn_groups, shuffle_bn
 
 LEVELS = ("p4", "p3")
@@ -53,88 +54,6 @@ RESIM_AUG = Photometric(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, b
 
 
 # --------------------------------------------------------------------------- pure helpers
-def geometry_tensor(g: ViewGeometry) -> torch.Tensor:
-    """A view's geometry as a (7,) float tensor (crop x0, y0, x1, y1, out W, out H, flip),
-    for the device-side mapping of :func:`map_view_boxes`."""
-    return torch.tensor([*g.crop, *g.out_size, float(g.flip)], dtype=torch.float32)
-
-
-def _unmap(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """View -> source (``ViewGeometry.unmap_points``); ``g`` (..., 7) broadcast over x, y."""
-    x = torch.where(g[..., 6] > 0.5, g[..., 4] - x, x)
-    return (x * (g[..., 2] - g[..., 0]) / g[..., 4] + g[..., 0],
-            y * (g[..., 3] - g[..., 1]) / g[..., 5] + g[..., 1])
-
-
-def _map(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source -> view (``ViewGeometry.map_points``)."""
-    x = (x - g[..., 0]) * g[..., 4] / (g[..., 2] - g[..., 0])
-    y = (y - g[..., 1]) * g[..., 5] / (g[..., 3] - g[..., 1])
-    return torch.where(g[..., 6] > 0.5, g[..., 4] - x, x), y
-
-
-def map_view_boxes(boxes: torch.Tensor, g_from: torch.Tensor, g_to: torch.Tensor) -> torch.Tensor:
-    """xyxy ``boxes`` (K, 4) in the pixels of view ``g_from`` (N, 7) -> (N, K, 4) in the pixels
-    of view ``g_to`` (N, 7), through the source image: the tensor form of
-    ``g_to.map_boxes(g_from.unmap_points(...))``, flips included (official anchor_mapping,
-    datasets.py:132-158, which needs none: its one flip precedes both crops)."""
-    gf, gt = g_from[:, None, :], g_to[:, None, :]
-    b = boxes.to(g_from.dtype)[None]
-    xa, ya = _map(*_unmap(b[..., 0], b[..., 1], gf), gt)
-    xb, yb = _map(*_unmap(b[..., 2], b[..., 3], gf), gt)
-    return torch.stack([torch.minimum(xa, xb), torch.minimum(ya, yb),
-                        torch.maximum(xa, xb), torch.maximum(ya, yb)], -1)
-
-
-def window_grid(size: float, stride: float, count: int) -> torch.Tensor:
-    """(count^2, 4) xyxy windows of side ``size`` at ``stride`` from the view's corner,
-    row-major (official datasets.py:76-96: rows i, columns j, y0 = i stride, x0 = j stride)."""
-    t = torch.arange(count, dtype=torch.float32) * stride
-    y0, x0 = torch.meshgrid(t, t, indexing="ij")
-    x0, y0 = x0.reshape(-1), y0.reshape(-1)
-    return torch.stack([x0, y0, x0 + size, y0 + size], 1)
-
-
-def align_windows(windows: torch.Tensor, g_q: torch.Tensor, g_k: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows on view q mapped into view k: ((N, K, 4) boxes in k's pixels, (N, K) valid).
-    A window is valid when its mapped box lies in view k with x0, y0 >= 0 and x1 < W, y1 < H
-    (strict on the far side: datasets.py:156); an invalid one gets the dummy box (0, 0, 1, 1)
-    (datasets.py:88-90). All on the device, no host sync."""
-    boxes = map_view_boxes(windows, g_q, g_k)
-    W, H = g_k[:, None, 4], g_k[:, None, 5]
-    valid = (boxes[..., 0] >= 0) & (boxes[..., 1] >= 0) & (boxes[..., 2] < W) & (boxes[..., 3] < H)
-    dummy = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
-    return torch.where(valid[..., None], boxes, dummy), valid
-
-
-def _hat_integral(t: torch.Tensor) -> torch.Tensor:
-    """Antiderivative of the linear-interpolation kernel max(0, 1 - |t|), 0 at t = -1."""
-    t = t.clamp(-1.0, 1.0)
-    return torch.where(t < 0, 0.5 * (t + 1) ** 2, 1 - 0.5 * (1 - t) ** 2)
-
-
-def prroi_pool(feat: torch.Tensor, boxes: torch.Tensor, spatial_scale: float) -> torch.Tensor:
-    """Precise RoI pooling to 1x1 (Jiang et al. 2018, as the official lib/prroi_pool CUDA op,
-    prroi_pooling_gpu_impl.cu:171-210): the exact integral of the bilinear interpolation of
-    ``feat`` (features at integer positions, zero outside the map) over each box, divided by
-    the box's area; 0 for an empty box. Box coordinates are multiplied by ``spatial_scale``
-    with no half-pixel offset. ``feat`` (N, C, H, W), ``boxes`` (N, K, 4) xyxy -> (N, K, C).
-    Separable, so two small matrix products; differentiable in ``feat``."""
-    N, C, H, W = feat.shape
-    b = boxes.to(torch.float32) * spatial_scale
-    gx = torch.arange(W, device=feat.device, dtype=torch.float32)
-    gy = torch.arange(H, device=feat.device, dtype=torch.float32)
-    wx = _hat_integral(b[..., 2, None] - gx) - _hat_integral(b[..., 0, None] - gx)      # (N, K, W)
-    wy = _hat_integral(b[..., 3, None] - gy) - _hat_integral(b[..., 1, None] - gy)      # (N, K, H)
-    area = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    inv = torch.where(area > 0, 1.0 / area.clamp(min=1e-12), torch.zeros_like(area))
-    wx = wx * inv[..., None]
-    dt = feat.dtype
-    rows = torch.einsum("nkh,nchw->nkcw", wy.to(dt), feat)
-    return torch.einsum("nkcw,nkw->nkc", rows, wx.to(dt))
-
-
 def key_cells(feat: torch.Tensor, pool: int = 3) -> torch.Tensor:
     """The negatives of one key map: ``pool`` x ``pool`` average pooling, stride 1, no padding,
     each cell L2-normalised (builder.py:154-155, 160-161). (N, C, H, W) -> (N, cells, C)."""

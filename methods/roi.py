@@ -1,8 +1,9 @@
 """Object-level features from a ResNet-FPN: feature maps, scale-aware level assignment,
-RoIAlign over pyramid levels, the R-CNN box head, and export of the detector parts under
-the canonical keys (bare torchvision ResNet names, ``fpn.*``, ``box_head.*``) that the
-fine-tuning detectors load. Shared by SoCo (one level per box), InsLoc (every level) and
-AlignDet (the detectors' own necks and heads)."""
+RoIAlign over pyramid levels, precise RoI pooling, the R-CNN box head, and export of the
+detector parts under the canonical keys (bare torchvision ResNet names, ``fpn.*``,
+``box_head.*``) that the fine-tuning detectors load. Shared by SoCo (one level per box),
+InsLoc (every level), AlignDet (the detectors' own necks and heads) and ReSim (precise RoI
+pooling of its windows)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -104,6 +105,33 @@ def multilevel_roi_align(feats: list[torch.Tensor], strides, boxes: torch.Tensor
         pooled = torch.where(mine[:, :, None, None], pooled, pooled.new_zeros(()))
         out = pooled if out is None else out + pooled
     return out
+
+
+def _hat_integral(t: torch.Tensor) -> torch.Tensor:
+    """Antiderivative of the linear-interpolation kernel max(0, 1 - |t|), 0 at t = -1."""
+    t = t.clamp(-1.0, 1.0)
+    return torch.where(t < 0, 0.5 * (t + 1) ** 2, 1 - 0.5 * (1 - t) ** 2)
+
+
+def prroi_pool(feat: torch.Tensor, boxes: torch.Tensor, spatial_scale: float) -> torch.Tensor:
+    """Precise RoI pooling to 1x1 (Jiang et al. 2018, as the official lib/prroi_pool CUDA op,
+    prroi_pooling_gpu_impl.cu:171-210): the exact integral of the bilinear interpolation of
+    ``feat`` (features at integer positions, zero outside the map) over each box, divided by
+    the box's area; 0 for an empty box. Box coordinates are multiplied by ``spatial_scale``
+    with no half-pixel offset. ``feat`` (N, C, H, W), ``boxes`` (N, K, 4) xyxy -> (N, K, C).
+    Separable, so two small matrix products; differentiable in ``feat``."""
+    N, C, H, W = feat.shape
+    b = boxes.to(torch.float32) * spatial_scale
+    gx = torch.arange(W, device=feat.device, dtype=torch.float32)
+    gy = torch.arange(H, device=feat.device, dtype=torch.float32)
+    wx = _hat_integral(b[..., 2, None] - gx) - _hat_integral(b[..., 0, None] - gx)      # (N, K, W)
+    wy = _hat_integral(b[..., 3, None] - gy) - _hat_integral(b[..., 1, None] - gy)      # (N, K, H)
+    area = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    inv = torch.where(area > 0, 1.0 / area.clamp(min=1e-12), torch.zeros_like(area))
+    wx = wx * inv[..., None]
+    dt = feat.dtype
+    rows = torch.einsum("nkh,nchw->nkcw", wy.to(dt), feat)
+    return torch.einsum("nkcw,nkw->nkc", rows, wx.to(dt))
 
 
 def export_parts(backbone: nn.Module, **parts: nn.Module | None) -> dict[str, torch.Tensor]:

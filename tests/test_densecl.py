@@ -1,8 +1,8 @@
-"""DenseCL (methods/densecl.py): the one-way argmax correspondence on built feature maps, the
-dense InfoNCE by hand, the whole loss by hand ((1 - lambda) global + lambda dense, matches
-from the backbone maps, the pooled dense keys in the second queue), the momentum target moved
-only by its update, the official heads and initialisation, the per-epoch cosine, the tiny
-step on 64-px images and its single traced graph."""
+"""DenseCL (methods/densecl.py): the whole loss by hand ((1 - lambda) global + lambda dense,
+matches from the backbone maps, the pooled dense keys in the second queue), the momentum
+target moved only by its update, the official heads and initialisation, the per-epoch cosine,
+the tiny step on 64-px images and its single traced graph. Its one-way argmax correspondence
+and dense InfoNCE (methods/losses.py) are tested in tests/test_losses.py."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,7 @@ from benchmark.stages.pretrain import resolve_steps
 from methods import build_method, get_method
 from methods.backbones import resnet_stages
 from methods.config import ConfigError
-from methods.densecl import DenseCL, dense_correspondence, dense_info_nce
+from methods.densecl import DenseCL
 from tests import inputs
 
 pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")   # tests/conftest.py
@@ -69,50 +69,6 @@ def test_config_ranges_name_the_field():
                      ("momentum", 1.0)):
         with pytest.raises(ConfigError, match=f"method.{key}"):
             build_method("densecl", **{**TINY, key: bad})
-
-
-def test_correspondence_is_the_one_way_cosine_argmax():
-    torch.manual_seed(0)
-    base = F.normalize(torch.randn(2, 8, 5), dim=1)          # 5 well-separated key directions
-    perm = torch.tensor([[3, 0, 4, 1, 2], [1, 2, 0, 4, 3]])
-    f_k = base * torch.tensor([0.5, 3.0, 1.0, 7.0, 0.2])    # norms vary: cosine, not dot product
-    f_q = torch.stack([base[n][:, perm[n]] for n in range(2)]) * 2.0 + 0.01 * torch.randn(2, 8, 5)
-    f_q = torch.cat([f_q, f_q[:, :, :1] + 0.02 * torch.randn(2, 8, 1)], 2)   # a 6th query near the 1st
-    match = dense_correspondence(f_q, f_k)
-    assert match.shape == (2, 6) and match.dtype == torch.long
-    want = torch.cat([perm, perm[:, :1]], 1)                  # two queries share key perm[:, 0]: no mutual check
-    assert torch.equal(match, want)
-    # the dot product would pick the large-norm key 3 for some query: the norms mattered
-    dot = torch.einsum("nci,ncj->nij", f_q, f_k).argmax(2)
-    assert not torch.equal(dot, want)
-    # a query row whose best match differs per image (the match is per image, not over the batch)
-    assert not torch.equal(match[0], match[1])
-
-
-def test_dense_loss_by_hand():
-    torch.manual_seed(1)
-    N, D, L, K, t = 2, 3, 2, 3, 0.2
-    q, k = torch.randn(N, D, L, dtype=torch.float64), torch.randn(N, D, L, dtype=torch.float64)
-    queue = torch.randn(K, D, dtype=torch.float64)
-    match = torch.tensor([[1, 1], [0, 1]])
-    loss, logits = dense_info_nce(q, k, match, queue, t)
-    unit = lambda v: v / math.sqrt(float((v * v).sum()))
-    rows = []
-    for n in range(N):
-        for i in range(L):
-            qi = unit(q[n, :, i])
-            pos = float(qi @ unit(k[n, :, match[n, i]])) / t
-            negs = [float(qi @ unit(queue[j])) / t for j in range(K)]
-            rows.append(-pos + math.log(math.exp(pos) + sum(math.exp(x) for x in negs)))
-    assert logits.shape == (N * L, 1 + K)
-    assert float(loss) == pytest.approx(sum(rows) / len(rows), rel=1e-10)
-    # the match is what picks the positive
-    other, _ = dense_info_nce(q, k, torch.tensor([[0, 0], [1, 0]]), queue, t)
-    assert abs(float(other) - float(loss)) > 1e-3
-    # gradients reach the queries only
-    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
-    dense_info_nce(qg, kg, match, queue, t)[0].backward()
-    assert qg.grad.abs().sum() > 0 and kg.grad is None
 
 
 def test_whole_loss_by_hand_global_plus_dense_with_backbone_matches():

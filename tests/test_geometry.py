@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import torch
 from PIL import Image
 
-from methods.geometry import ViewGeometry, jitter_boxes, random_view, whole_view
+from methods.geometry import (ViewGeometry, align_windows, geometry_tensor, jitter_boxes, map_view_boxes,
+                              random_view, whole_view, window_grid)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -153,3 +155,44 @@ def test_random_view_crop_is_inside_image(W, H):
         x0, y0, x1, y1 = g.crop
         assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
         assert g.out_size == (32, 32)
+
+
+# -- the tensor mappings (ReSim's windows) --------------------------------------------------
+def G(crop, out, flip=False) -> torch.Tensor:
+    return geometry_tensor(ViewGeometry(crop, out, flip))[None]
+
+
+def test_window_maps_to_the_right_place_after_a_known_crop_and_flip():
+    # source 200x100; q = left square, k = the square 50 px to the right; both views 50 px (x 0.5)
+    q_crop, k_crop = (0, 0, 100, 100), (50, 0, 150, 100)
+    win = torch.tensor([[30.0, 10, 40, 20], [0, 0, 10, 10], [0, 10, 10, 20]])
+    boxes, valid = align_windows(win, G(q_crop, (50, 50)), G(k_crop, (50, 50)))
+    # (30,10,40,20) on q -> source (60,20,80,40) -> k (5,10,15,20); (0,0,10,10) -> source x 0..20: left of k
+    assert torch.allclose(boxes[0, 0], torch.tensor([5.0, 10, 15, 20]))
+    assert valid[0].tolist() == [True, False, False]
+    assert boxes[0, 1].tolist() == [0, 0, 1, 1]                          # the dummy box (datasets.py:88-90)
+    # one shared flip: q's window (0,10,10,20) is q's unflipped x 40..50 -> source 80..100 -> k's
+    # unflipped 15..25 -> flipped 25..35; (30,10,40,20) is now source x 20..40: left of k
+    boxes, valid = align_windows(win, G(q_crop, (50, 50), True), G(k_crop, (50, 50), True))
+    assert torch.allclose(boxes[0, 2], torch.tensor([25.0, 10, 35, 20]))
+    assert torch.allclose(boxes[0, 1], torch.tensor([25.0, 0, 35, 10]))
+    assert valid[0].tolist() == [False, True, True]
+    # the far side is strict (x1 < W): a window of identical views ending at the border is invalid
+    same = G((0, 0, 50, 50), (50, 50))
+    _, valid = align_windows(torch.tensor([[40.0, 0, 50, 10], [39, 0, 49, 10], [0, 0, 10, 10]]), same, same)
+    assert valid[0].tolist() == [False, True, True]
+
+
+def test_device_mapping_equals_view_geometry():
+    rng = np.random.default_rng(0)
+    gq, gk, want = [], [], []
+    win = window_grid(14, 9, 3).numpy()
+    for i in range(8):
+        a = ViewGeometry(tuple(rng.uniform(0, 60, 2)) + tuple(rng.uniform(80, 150, 2)), (64, 48), bool(i % 2))
+        b = ViewGeometry(tuple(rng.uniform(0, 60, 2)) + tuple(rng.uniform(80, 150, 2)), (40, 64), bool(i % 3 == 0))
+        src = np.concatenate([a.unmap_points(win[:, :2]), a.unmap_points(win[:, 2:])], 1)
+        want.append(b.map_boxes(src))
+        gq.append(geometry_tensor(a))
+        gk.append(geometry_tensor(b))
+    got = map_view_boxes(torch.from_numpy(win), torch.stack(gq), torch.stack(gk))
+    assert torch.allclose(got, torch.tensor(np.stack(want), dtype=torch.float32), atol=1e-4)

@@ -258,6 +258,18 @@ def test_config_and_errors(monkeypatch, jpegs):
     jpegs.loader = "device"                                          # the others do not need it
 
 
+def test_missing_dali_is_a_config_error_before_the_run(monkeypatch):
+    """Planning a ``dali`` run without DALI fails in ``pretrain_config`` (the field and the
+    package named), not later in a DataLoader worker."""
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)            # DALI not importable
+    with pytest.raises(ConfigError) as err:
+        pretrain_config("moco_v2", scale="tiny", recipe_overrides={"loader": "dali"})
+    msg = str(err.value)
+    assert msg.startswith("recipe.loader: 'dali' needs NVIDIA DALI, which is not importable here")
+    assert "pip install -e '.[dali]'" in msg
+    assert pretrain_config("moco_v2", scale="tiny", recipe_overrides={"loader": "device"})  # no DALI needed
+
+
 @pytest.mark.parametrize("method", ["moco_v2", "soco"])
 def test_pretrain_step_with_dali(isolated, method):
     from benchmark.runner import run_job

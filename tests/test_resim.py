@@ -1,7 +1,8 @@
-"""ReSim-FPN^T (methods/resim.py): precise RoI pooling against hand values and a dense
-integral, window alignment after known crops and flips (and through rendered pixels), the
-masking of invalid windows, the region loss by hand, the negative groups, the 1:1:1 total,
-the momentum target, the FPN export, one traced graph, and the contract at the tiny scale."""
+"""ReSim-FPN^T (methods/resim.py): precise RoI pooling (methods/roi.py) against hand values
+and a dense integral, window alignment through rendered pixels (after known crops and flips,
+and against ``ViewGeometry``: tests/test_geometry.py), the masking of invalid windows, the
+region loss by hand, the negative groups, the 1:1:1 total, the momentum target, the FPN
+export, one traced graph, and the contract at the tiny scale."""
 from __future__ import annotations
 
 import math
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 import methods.resim  # noqa: F401  (registers "resim"; methods/__init__.py does not import it yet)
 from methods import build_method
 from methods.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, apply_pil, render_view, to_tensor
-from methods.geometry import ViewGeometry
-from methods.resim import (ReSim, align_windows, geometry_tensor, key_cells, map_view_boxes, prroi_pool,
-                           region_info_nce, render_resim_view, window_grid)
+from methods.geometry import ViewGeometry, align_windows, geometry_tensor
+from methods.resim import ReSim, key_cells, region_info_nce, render_resim_view
+from methods.roi import prroi_pool
 from tests import inputs
 
 pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")   # tests/conftest.py
@@ -32,10 +33,6 @@ def make(**kw) -> ReSim:
 
 def tiny_batch(m: ReSim, n: int = 4) -> dict:
     return m.collate(inputs.samples(m, n, 64))
-
-
-def G(crop, out, flip=False) -> torch.Tensor:
-    return geometry_tensor(ViewGeometry(crop, out, flip))[None]
 
 
 # --------------------------------------------------------------------------- pooling
@@ -87,42 +84,6 @@ def test_key_cells_and_the_official_grids():
 
 
 # --------------------------------------------------------------------------- alignment
-def test_window_maps_to_the_right_place_after_a_known_crop_and_flip():
-    # source 200x100; q = left square, k = the square 50 px to the right; both views 50 px (x 0.5)
-    q_crop, k_crop = (0, 0, 100, 100), (50, 0, 150, 100)
-    win = torch.tensor([[30.0, 10, 40, 20], [0, 0, 10, 10], [0, 10, 10, 20]])
-    boxes, valid = align_windows(win, G(q_crop, (50, 50)), G(k_crop, (50, 50)))
-    # (30,10,40,20) on q -> source (60,20,80,40) -> k (5,10,15,20); (0,0,10,10) -> source x 0..20: left of k
-    assert torch.allclose(boxes[0, 0], torch.tensor([5.0, 10, 15, 20]))
-    assert valid[0].tolist() == [True, False, False]
-    assert boxes[0, 1].tolist() == [0, 0, 1, 1]                          # the dummy box (datasets.py:88-90)
-    # one shared flip: q's window (0,10,10,20) is q's unflipped x 40..50 -> source 80..100 -> k's
-    # unflipped 15..25 -> flipped 25..35; (30,10,40,20) is now source x 20..40: left of k
-    boxes, valid = align_windows(win, G(q_crop, (50, 50), True), G(k_crop, (50, 50), True))
-    assert torch.allclose(boxes[0, 2], torch.tensor([25.0, 10, 35, 20]))
-    assert torch.allclose(boxes[0, 1], torch.tensor([25.0, 0, 35, 10]))
-    assert valid[0].tolist() == [False, True, True]
-    # the far side is strict (x1 < W): a window of identical views ending at the border is invalid
-    same = G((0, 0, 50, 50), (50, 50))
-    _, valid = align_windows(torch.tensor([[40.0, 0, 50, 10], [39, 0, 49, 10], [0, 0, 10, 10]]), same, same)
-    assert valid[0].tolist() == [False, True, True]
-
-
-def test_device_mapping_equals_view_geometry():
-    rng = np.random.default_rng(0)
-    gq, gk, want = [], [], []
-    win = window_grid(14, 9, 3).numpy()
-    for i in range(8):
-        a = ViewGeometry(tuple(rng.uniform(0, 60, 2)) + tuple(rng.uniform(80, 150, 2)), (64, 48), bool(i % 2))
-        b = ViewGeometry(tuple(rng.uniform(0, 60, 2)) + tuple(rng.uniform(80, 150, 2)), (40, 64), bool(i % 3 == 0))
-        src = np.concatenate([a.unmap_points(win[:, :2]), a.unmap_points(win[:, 2:])], 1)
-        want.append(b.map_boxes(src))
-        gq.append(geometry_tensor(a))
-        gk.append(geometry_tensor(b))
-    got = map_view_boxes(torch.from_numpy(win), torch.stack(gq), torch.stack(gk))
-    assert torch.allclose(got, torch.tensor(np.stack(want), dtype=torch.float32), atol=1e-4)
-
-
 def _channel_means(t: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Mean source-x / source-y value (R, G of a ramp image) of each view-pixel box."""
     img = (t * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]) * 255

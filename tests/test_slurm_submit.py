@@ -80,15 +80,20 @@ def test_table_submitted_in_topological_order_with_chunks(fake_slurm, tmp_path):
     assert len(SlurmState.for_name(tmp_path / "res", "t").runs) == 22
 
 
-def test_state_entries_and_summary_of_a_submission(fake_slurm, tmp_path):
-    s = _submit(_table(), tmp_path)
-    runs = SlurmState.for_name(tmp_path / "res", "t").runs
-    assert runs["f01"] == {
+def _f01_entry(runs, tmp_path):
+    """The state entry of the fake grid's finetune f01 (array 101, task 1, after p0)."""
+    return {
         "stage": "finetune", "label": "ft01", "job_id": "101_1", "array_job_id": "101", "array_task_id": 1,
         "submitted_at": runs["f01"]["submitted_at"], "stdout": "/logs/101_1.out", "stderr": "/logs/101_1.err",
         "parents": ["p0"], "dependency": "afterok:100_0", "profile": "local-ci",
         "snapshot": {"path": str(tmp_path / "snap"), "id": "id", "sha": None, "dirty": True}, "cancelled": False,
         "history": []}
+
+
+def test_state_entries_and_summary_of_a_submission(fake_slurm, tmp_path):
+    s = _submit(_table(), tmp_path)
+    runs = SlurmState.for_name(tmp_path / "res", "t").runs
+    assert runs["f01"] == _f01_entry(runs, tmp_path)
     assert runs["p1"]["dependency"] is None and runs["p1"]["array_task_id"] == 1
     assert s.arrays[:3] == [{"stage": "pretrain", "array_job_id": "100", "size": 2, "dependency": None},
                             {"stage": "finetune", "array_job_id": "101", "size": 4, "dependency": "afterok:100_0"},
@@ -246,3 +251,35 @@ def test_aligndet_chain_waits_on_its_image_domain_parent(fake_slurm, tmp_path):
     for j in boxes:
         (parent,) = j.parents
         assert ids[parent]["job_id"] in ids[j.key]["dependency"]
+
+
+def test_a_failed_sbatch_half_way_keeps_what_went_out_in_the_state_file(fake_slurm, monkeypatch, tmp_path):
+    """sbatch fails on the evaluate arrays after the pretrain and finetune arrays went out: the
+    error propagates and the state file holds exactly the jobs that were submitted (written on
+    the way out, not by the periodic write, which never comes due here)."""
+    monkeypatch.setattr(sub, "RECORD_EVERY_S", 3600)
+    recording = sub._sbatch  # the fixture's fake
+
+    def sbatch(submission, batch):
+        if batch.stage == "evaluate":
+            raise sub.SlurmUnavailable("sbatch: error: Batch job submission failed")
+        return recording(submission, batch)
+
+    monkeypatch.setattr(sub, "_sbatch", sbatch)
+    with pytest.raises(sub.SlurmUnavailable, match="submission failed"):
+        _submit(_table(), tmp_path)
+    assert [(c["stage"], c["keys"]) for c in fake_slurm["chunks"]] == [
+        ("pretrain", ["p0", "p1"]), ("finetune", ["f00", "f01", "f02", "f03"]), ("finetune", ["f04"]),
+        ("finetune", ["f10", "f11", "f12", "f13"]), ("finetune", ["f14"])]
+    data = SlurmState.for_name(tmp_path / "res", "t").load()
+    assert data["submissions"] == []  # the submission did not finish
+    runs = data["runs"]
+    assert {k: (e["stage"], e["job_id"], e["dependency"]) for k, e in runs.items()} == {
+        "p0": ("pretrain", "100_0", None), "p1": ("pretrain", "100_1", None),
+        "f00": ("finetune", "101_0", "afterok:100_0"), "f01": ("finetune", "101_1", "afterok:100_0"),
+        "f02": ("finetune", "101_2", "afterok:100_0"), "f03": ("finetune", "101_3", "afterok:100_0"),
+        "f04": ("finetune", "102_0", "afterok:100_0"),
+        "f10": ("finetune", "103_0", "afterok:100_1"), "f11": ("finetune", "103_1", "afterok:100_1"),
+        "f12": ("finetune", "103_2", "afterok:100_1"), "f13": ("finetune", "103_3", "afterok:100_1"),
+        "f14": ("finetune", "104_0", "afterok:100_1")}
+    assert runs["f01"] == _f01_entry(runs, tmp_path)

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import os
 import re
-import typing
 from pathlib import Path
 
 import yaml
@@ -23,7 +22,7 @@ from benchmark.runs.identity import strip_defaults
 from methods import build_method, get_method
 from methods.augment import LOADERS
 from methods.base import PretrainRecipe
-from methods.config import check_field, check_mapping, check_method, coerce, ConfigError, EXPONENT
+from methods.config import check_field, check_mapping, check_method, coerce, ConfigError, EXPONENT, type_hints
 
 SCALES_DIR = configs_root() / "scales"
 
@@ -83,7 +82,7 @@ def check_data(data: dict, where: str = "data") -> None:
     if data.get("kind") not in ("synthetic", "voc") or not isinstance(params, dict):
         return
     where = f"{where}.synthetic" if params is not data else where
-    hints = {k: v for k, v in typing.get_type_hints(ensure_synthetic_dataset).items()
+    hints = {k: v for k, v in type_hints(ensure_synthetic_dataset).items()
              if k not in ("cache_dir", "return")}
     values = {}
     for k, v in params.items():
@@ -130,7 +129,7 @@ def validate_scale(sc, path: Path) -> None:
         div = pre.pop("batch_divisor", None)
         if div is not None and coerce(div, int, "pretrain.batch_divisor") < 1:
             raise ConfigError(f"pretrain.batch_divisor: expected >= 1, got {div!r}")
-        hints = typing.get_type_hints(PretrainRecipe)
+        hints = type_hints(PretrainRecipe)
         for k, v in pre.items():
             if k not in hints:
                 raise ConfigError(f"pretrain.{k}: unknown key (known: batch_divisor, {', '.join(hints)})")
@@ -333,7 +332,8 @@ def _check_queue(method_cfg, recipe: PretrainRecipe) -> None:
 
 def _check_loader(recipe: PretrainRecipe, cls) -> None:
     """``recipe.loader`` (methods.augment.LOADERS) changes pixels, so it is part of a run's
-    identity (left out at the default ``cpu``: ``PretrainRecipe.identity``)."""
+    identity (left out at the default ``cpu``: ``PretrainRecipe.identity``).  ``dali`` needs
+    NVIDIA DALI importable where the run is planned (``benchmark.data.dali_loader.require_dali``)."""
     loader = recipe.loader
     if loader not in LOADERS:
         raise ConfigError(f"recipe.loader: unknown {loader!r} ({' | '.join(LOADERS)})")
@@ -341,6 +341,9 @@ def _check_loader(recipe: PretrainRecipe, cls) -> None:
     if loader not in supported:
         raise ConfigError(f"recipe.loader: {loader!r} is not supported by method {cls.name!r} "
                           f"(supported: {' | '.join(supported)})")
+    if loader == "dali":   # a missing DALI: this error now, not a traceback in a DataLoader worker
+        from benchmark.data.dali_loader import require_dali
+        require_dali()
 
 
 PROTOCOLS = ("coco", "voc")
