@@ -12,7 +12,7 @@ PROFILE  ?= local-ci
 JOBS     ?= 0
 ARGS     ?=
 
-.PHONY: setup reproduce grid test test-slow test-slurm test-all bench bench-micro status collect clean-cache slurm-up slurm-down slurm2-up slurm2-down
+.PHONY: setup reproduce grid test test-slow test-slurm test-mmdet test-all bench bench-micro status collect clean-cache slurm-up slurm-down slurm2-up slurm2-down
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,20 @@ test-slurm: setup
 	slurm/cluster/start2.sh || { slurm/cluster/stop.sh; slurm/cluster/stop2.sh; exit 1; }
 	. $${SLURM_BASE:-/tmp/detbench-slurm}/env.sh && $(BIN)/python -m pytest -q -m slurm; rc=$$?; \
 	  slurm/cluster/stop.sh; slurm/cluster/stop2.sh; exit $$rc
+
+# the exports loaded into the real mmdet (tests/test_export_mmdet.py); mmdet, mmengine and mmcv-lite
+# (no compiled ops; full mmcv does not build against this torch) go into .cache/mmdet-site, off the
+# default path, with the pure-python packages they import that the venv lacks
+MMDET_SITE := .cache/mmdet-site
+MMDET_PKGS := mmdet==3.3.0 mmengine==0.10.7 mmcv-lite==2.2.0 addict==2.4.0 yapf==0.43.0 platformdirs==4.14.9 termcolor==3.3.0 terminaltables==3.1.10 shapely==2.2.0
+
+$(MMDET_SITE)/.installed: | $(BIN)/.installed
+	rm -rf $(MMDET_SITE)
+	$(BIN)/pip install -q --no-deps --target $(MMDET_SITE) $(MMDET_PKGS)
+	touch $@
+
+test-mmdet: setup $(MMDET_SITE)/.installed
+	$(BIN)/python -m pytest -q -m mmdet tests/test_export_mmdet.py
 
 test-all: test test-slow test-slurm
 

@@ -24,6 +24,7 @@ from benchmark.stages.export import (ExportError, detector_to_canonical, load_ex
                                      to_framework)
 
 from test_export import _prefixed, _randomised   # the same state-dict builders
+from tools.d2_reference import D2_KEYS, flat as _flat, fpn_box_shapes as _d2_shapes
 
 EXPORTED = ("backbone.body.", "backbone.fpn.", "roi_heads.box_head.")
 
@@ -218,39 +219,7 @@ def test_detectron2_pickle_is_readable_by_old_numpy(tmp_path):
 
 
 # ------------------------------------------------------------------ defects 2 and 7: full config keys
-# detectron2 config/defaults.py names (the keys the fragment may set)
-D2_KEYS = {"MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.META_ARCHITECTURE", "MODEL.MASK_ON",
-           "MODEL.BACKBONE.NAME", "MODEL.BACKBONE.FREEZE_AT", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.STRIDE_IN_1X1",
-           "MODEL.RESNETS.NORM", "MODEL.RESNETS.OUT_FEATURES", "MODEL.RESNETS.RES2_OUT_CHANNELS",
-           "MODEL.FPN.IN_FEATURES", "MODEL.FPN.OUT_CHANNELS", "MODEL.FPN.NORM", "MODEL.ROI_HEADS.NAME",
-           "MODEL.ROI_HEADS.IN_FEATURES", "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_BOX_HEAD.NAME",
-           "MODEL.ROI_BOX_HEAD.NUM_CONV", "MODEL.ROI_BOX_HEAD.CONV_DIM", "MODEL.ROI_BOX_HEAD.NUM_FC",
-           "MODEL.ROI_BOX_HEAD.FC_DIM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NAME",
-           "MODEL.ROI_MASK_HEAD.NUM_CONV", "MODEL.ROI_MASK_HEAD.CONV_DIM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NUM_CLASSES", "INPUT.FORMAT"}
-
-
-def _flat(tree, pre=""):
-    return {k2: v2 for k, v in tree.items()
-            for k2, v2 in (_flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
-
-
-def _d2_shapes(cfg: dict, c: list[int]) -> dict:
-    """detectron2's parameter shapes for ``cfg`` (FPN over res2-res5, FastRCNNConvFCHead):
-    fpn_lateral{l} 1x1 C_l -> OUT, fpn_output{l} 3x3, conv{k} 3x3 CONV_DIM, fc1 over 7x7 (POOLER_RESOLUTION);
-    no conv bias where NORM is set (``use_bias = norm == ""``)."""
-    fpn, box = cfg["MODEL.FPN.OUT_CHANNELS"], cfg["MODEL.ROI_BOX_HEAD.CONV_DIM"]
-    out = {}
-    for lvl, ch in zip((2, 3, 4, 5), c):
-        out[f"backbone.fpn_lateral{lvl}.weight"] = (fpn, ch, 1, 1)
-        out[f"backbone.fpn_output{lvl}.weight"] = (fpn, fpn, 3, 3)
-        if cfg["MODEL.FPN.NORM"]:
-            out[f"backbone.fpn_lateral{lvl}.norm.running_var"] = (fpn,)
-    for k in range(1, cfg["MODEL.ROI_BOX_HEAD.NUM_CONV"] + 1):
-        out[f"roi_heads.box_head.conv{k}.weight"] = (box, fpn if k == 1 else box, 3, 3)
-        if cfg["MODEL.ROI_BOX_HEAD.NORM"]:
-            out[f"roi_heads.box_head.conv{k}.norm.weight"] = (box,)
-    out["roi_heads.box_head.fc1.weight"] = (cfg["MODEL.ROI_BOX_HEAD.FC_DIM"], box * 49)
-    return out
+# detectron2's config keys and parameter shapes: tools/d2_reference.py (shared with tools/export_load_table.py)
 
 
 @pytest.mark.parametrize("arch", ["r50", "r18"])
@@ -304,3 +273,30 @@ def test_a_group_with_no_place_is_listed_in_the_fragment(tmp_path):
     assert "extra_norm" in tv["config"]
     model, missing, unexpected = _load_fragment(tv)
     assert unexpected == [] and missing == []
+
+
+def test_mmdet_fragment_gives_the_heads_the_export_widths(tmp_path):
+    """Found loading into the real mmdet (tests/test_export_mmdet.py): mmdet's defaults are R50's
+    (RPN and RoI extractor 256, box head in_channels 256), so a 64-channel FPN's box head did not
+    load (shape mismatch of shared_convs.0) until the fragment set the widths."""
+    rep = save_export(_pretrain("r18", True, "4conv1fc", c=64, fc=128), "mmdet", tmp_path / "mm.pth")
+    m = runpy.run_path(rep["config_path"])["model"]
+    assert m["roi_head"]["bbox_head"]["in_channels"] == 64 and m["roi_head"]["bbox_roi_extractor"]["out_channels"] == 64
+    assert m["rpn_head"] == {"in_channels": 64, "feat_channels": 64}
+    _, state = _finetuned("mask_rcnn", fpn_channels=32, box_head_conv_dim=32, box_head_fc_dim=64, mask_head_dim=32)
+    roi = runpy.run_path(save_export(state, "mmdet", tmp_path / "ft.pth")["config_path"])["model"]["roi_head"]
+    assert roi["mask_head"]["in_channels"] == roi["mask_roi_extractor"]["out_channels"] == 32
+    _, state = _finetuned("mask_rcnn_c4")      # C4: the RPN on C4 (256 at R18), the heads on res5 (512)
+    m = runpy.run_path(save_export(state, "mmdet", tmp_path / "c4.pth")["config_path"])["model"]
+    assert m["rpn_head"]["in_channels"] == 256 and m["roi_head"]["bbox_head"]["in_channels"] == 512
+    assert m["roi_head"]["mask_head"]["in_channels"] == 512
+
+
+def test_fcos_torchvision_fragment_has_the_export_classes(tmp_path):
+    """The FCOS fragment built FCOS(num_classes=91) (describe did not read FCOS's classes), into
+    which the 3-class head did not load."""
+    _, state = _finetuned("fcos", fpn_channels=32)
+    rep = save_export(state, "torchvision", tmp_path / "tv.pth")
+    assert "FCOS(backbone, num_classes=3)" in rep["config"]
+    model, missing = _assert_loads_whole(rep, groups=("",))
+    assert missing == []

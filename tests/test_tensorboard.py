@@ -89,3 +89,27 @@ def test_without_the_package_one_notice_and_no_files(tmp_path, monkeypatch, capl
     notices = [r for r in caplog.records if "TensorBoard logs off" in r.getMessage()]
     assert len(notices) == 1 and len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
     assert not (tmp_path / "tb").exists()
+
+
+def test_logdir_of_a_store_lists_a_tables_runs_by_table_row_seed_stage(tmp_path):
+    """``tensorboard --logdir <store>``: TensorBoard's EventMultiplexer (what the server loads)
+    names each run by its event folder's path, so one table's runs are ``<key>/tb/<table>/<row>/
+    <seed>/<stage>`` and the filter box ``soco_table1/`` selects exactly them."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    labels = {"00000000000000a1": "soco_table1/SoCo R50 (FPN)/seed0/finetune",
+              "00000000000000a2": "soco_table1/SoCo R50 (FPN)/seed1/finetune",
+              "00000000000000a3": "soco_table1/MoCo v2/seed0/pretrain",
+              "00000000000000b1": "pixpro_coco/PixPro/seed0/finetune"}
+    for key, label in labels.items():
+        run = tmp_path / key
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"label": label}))
+        _run(run, 2)
+    mux = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    names = set(mux.Runs())
+    assert names == {f"{k}/tb/{tb.event_dir(tmp_path / k).relative_to(tmp_path / k / 'tb').as_posix()}" for k in labels}
+    table = sorted(n.split("/tb/", 1)[1] for n in names if "/tb/soco_table1/" in n)
+    assert table == ["soco_table1/MoCo_v2/seed0/pretrain", "soco_table1/SoCo_R50_FPN/seed0/finetune",
+                     "soco_table1/SoCo_R50_FPN/seed1/finetune"]
+    assert all("train/loss" in mux.GetAccumulator(n).Tags()["scalars"] for n in names)

@@ -513,6 +513,8 @@ def describe(state: dict) -> dict:
         a = int(state["head.regression_head.bbox_reg.weight"].shape[0]) // 4
         d["num_classes"] = int(state["head.classification_head.cls_logits.weight"].shape[0]) // a - 1
         d["head_norm"] = "head.classification_head.conv.0.1.weight" in state
+    if d["kind"] == "fcos":   # torchvision's FCOSHead: one anchor per location, cls_logits = classes + background
+        d["num_classes"] = int(state["head.classification_head.cls_logits.weight"].shape[0]) - 1
     if d["kind"] in ("rcnn", "c4"):
         d["mask"] = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state
         d["mask_convs"] = len(_distinct(state, r"roi_heads\.mask_head\.(\d+)\.0\.weight"))
@@ -633,6 +635,13 @@ def mmdet_config(d: dict, weights: str) -> tuple[dict, list[str]]:
                                   stacked_convs=4, feat_channels=fpn["channels"])
     elif kind in ("rcnn", "c4", "pretrain") and (kind != "pretrain" or bh or (fpn and fpn["levels"][0] == 2)):
         roi = {}
+        # the widths the heads take (mmdet's defaults are R50's: 256 for FPN, C4 1024 / res5 2048):
+        # the RPN and RoI extractor take the FPN's (C4: C4's) channels, the box head the RoI features
+        # (C4: res5's output)
+        feat = fpn["channels"] if fpn else c[3]
+        roi_in = fpn["channels"] if fpn else c[4]
+        model["rpn_head"] = dict(in_channels=feat, feat_channels=feat)
+        roi["bbox_roi_extractor"] = dict(out_channels=feat)
         if kind == "c4":
             roi["shared_head"] = dict(type="ResLayerExtraNorm" if d.get("res5_norm") else "ResLayer",
                                       depth=d["depth"], stage=3, stride=2, style="pytorch", norm_cfg=norm, norm_eval=False)
@@ -643,6 +652,7 @@ def mmdet_config(d: dict, weights: str) -> tuple[dict, list[str]]:
             head = dict(type=t) if t else dict(type="ConvFCBBoxHead", **kw)
             if t:
                 head.update({k: v for k, v in kw.items() if k in ("conv_out_channels", "fc_out_channels")})
+            head["in_channels"] = roi_in
             if bh["norm"]:
                 head["norm_cfg"] = norm if bh["norm"] == "bn" else dict(type="GN", num_groups=32, requires_grad=True)
             if d.get("num_classes"):
@@ -651,10 +661,12 @@ def mmdet_config(d: dict, weights: str) -> tuple[dict, list[str]]:
             if bh["extra_norm"]:
                 unplaced.append("box_head.extra_norm.*: InsLoc's extra norm after fc1 is not an mmdet module")
         elif d.get("num_classes"):
-            roi["bbox_head"] = dict(num_classes=d["num_classes"])
+            roi["bbox_head"] = dict(in_channels=roi_in, num_classes=d["num_classes"])
         if d.get("mask"):
-            roi["mask_head"] = dict(type="FCNMaskHead", num_convs=d["mask_convs"], conv_out_channels=d["mask_dim"],
-                                    num_classes=d["num_classes"])
+            if fpn:
+                roi["mask_roi_extractor"] = dict(out_channels=feat)
+            roi["mask_head"] = dict(type="FCNMaskHead", num_convs=d["mask_convs"], in_channels=roi_in,
+                                    conv_out_channels=d["mask_dim"], num_classes=d["num_classes"])
             if d["mask_norm"]:
                 roi["mask_head"]["norm_cfg"] = norm
         if roi:
