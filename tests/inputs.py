@@ -15,6 +15,27 @@ from methods.proposals import random_proposals
 NUM_CLASSES = 8
 
 
+def by_value(obj):
+    """``obj`` with its tensors as numpy arrays, for a worker process's result queue: torch's
+    queue shares a tensor's storage through a file descriptor that the worker must still serve
+    when the parent reads, so a worker that exits right after ``put`` can leave the parent a
+    FileNotFoundError; arrays travel in the pickle itself. ``as_tensors`` undoes it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(by_value(o) for o in obj)
+    return obj
+
+
+def as_tensors(obj):
+    """The inverse of :func:`by_value`."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(as_tensors(o) for o in obj)
+    return obj
+
+
 class ListSource:
     """An in-memory image source (``len`` and ``record(i)``, as ``benchmark.data.images.ImageSource``)."""
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from methods.config import ConfigError
 from methods.dist import gather
 from methods.shuffle_bn import in_bn_groups, shuffle_bn
+from tests.inputs import as_tensors, by_value
 
 
 def _rows(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +80,7 @@ def _worker(rank: int, world: int, port: int, groups: int, results):
     box = torch.arange(8, dtype=torch.float32)[rank * n:(rank + 1) * n, None]
     try:
         out = shuffle_bn(net, fn, mine, box, groups=groups)
-        results.put((rank, gather(out).clone(), got))
+        results.put(by_value((rank, gather(out).clone(), got)))
     except ConfigError as e:
         results.put((rank, str(e), got))
     dist.destroy_process_group()
@@ -94,7 +95,7 @@ def _spawn(world: int, groups: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, groups, results)) for r in range(world)]
     for p in procs:
         p.start()
-    got = {r: (out, seen) for r, out, seen in (results.get(timeout=60) for _ in procs)}
+    got = {r: (out, seen) for r, out, seen in (as_tensors(results.get(timeout=60)) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

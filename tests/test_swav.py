@@ -233,8 +233,8 @@ def _worker(rank, world, port, results):
     mine = slice(rank * n, (rank + 1) * n)
     m, batches = _batches(rank, world)
     losses = _steps(m, batches)
-    results.put((rank, sinkhorn(s[mine], 0.05, 3), sinkhorn(s[mine], 0.05, 3, weight=w[mine]), losses,
-                 m.queue.clone()))
+    results.put(inputs.by_value((rank, sinkhorn(s[mine], 0.05, 3), sinkhorn(s[mine], 0.05, 3, weight=w[mine]),
+                                 losses, m.queue.clone())))
     dist.destroy_process_group()
 
 
@@ -247,7 +247,7 @@ def test_two_processes_compute_the_codes_and_the_queue_of_one_process():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, results)) for r in range(2)]
     for p in procs:
         p.start()
-    got = {r[0]: r[1:] for r in (results.get(timeout=180) for _ in procs)}
+    got = {r[0]: r[1:] for r in (inputs.as_tensors(results.get(timeout=180)) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from methods.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
+from tests.inputs import as_tensors, by_value
 
 
 def _data(shape):
@@ -53,8 +54,8 @@ def _worker(rank, world, port, shape, q):
     for t in (wg, bg):
         dist.all_reduce(t)
         t /= world
-    q.put((rank, y.detach().clone(), x.grad.clone() / world, wg, bg, bn.running_mean.clone(),
-           bn.running_var.clone()))
+    q.put(by_value((rank, y.detach().clone(), x.grad.clone() / world, wg, bg, bn.running_mean.clone(),
+                    bn.running_var.clone())))
     dist.destroy_process_group()
 
 
@@ -68,7 +69,7 @@ def test_two_processes_normalise_and_differentiate_as_one_batchnorm(shape):
     procs = [ctx.Process(target=_worker, args=(r, 2, port, shape, q)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict((r[0], r[1:]) for r in (q.get(timeout=120) for _ in procs))
+    got = dict((r[0], r[1:]) for r in (as_tensors(q.get(timeout=120)) for _ in procs))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
