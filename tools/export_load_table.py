@@ -34,7 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPH
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from benchmark.stages.export import describe, detector_to_canonical, save_export
+from benchmark.stages.export import ExportError, describe, detector_kind, detector_to_canonical, save_export
 from tools import d2_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,12 +316,19 @@ def present_groups(keys, framework: str, finetuned: bool) -> tuple:
     return tuple(g for g in groups if any(k.startswith(g) for k in keys))
 
 
-def check_mmdet(state: dict, tmp: Path, tv_model=None) -> dict:
-    from benchmark.stages.export import ExportError, detector_kind
+def _export(state: dict, framework: str, path: Path) -> tuple[dict | None, dict | None]:
+    """(``save_export``'s report, None), or (None, {"error": its message's first part}) when the
+    export refuses the file (a key with no place in ``framework``): the table's "fails" cell."""
     try:
-        rep = save_export(state, "mmdet", tmp / "mmdet.pth")
+        return save_export(state, framework, path), None
     except ExportError as e:
-        return {"error": str(e).split(" (--allow")[0][:160]}
+        return None, {"error": str(e).split(" (--allow")[0][:160]}
+
+
+def check_mmdet(state: dict, tmp: Path, tv_model=None) -> dict:
+    rep, refused = _export(state, "mmdet", tmp / "mmdet.pth")
+    if refused:
+        return refused
     kind, note = detector_kind(state), None
     try:
         model, _ = mmdet_detector(rep["config_path"], kind)
@@ -344,11 +351,9 @@ def check_mmdet(state: dict, tmp: Path, tv_model=None) -> dict:
 
 
 def check_torchvision(state: dict, tmp: Path, tv_model=None) -> dict:
-    from benchmark.stages.export import ExportError
-    try:
-        rep = save_export(state, "torchvision", tmp / "torchvision.pth")
-    except ExportError as e:
-        return {"error": str(e).split(" (--allow")[0][:160]}
+    rep, refused = _export(state, "torchvision", tmp / "torchvision.pth")
+    if refused:
+        return refused
     ns = runpy.run_path(rep["config_path"])
     model = ns["model"].eval()
     file = torch.load(rep["path"], weights_only=True)
@@ -364,8 +369,7 @@ def check_torchvision(state: dict, tmp: Path, tv_model=None) -> dict:
         c = resnet_features(ref["body"], x)
         body = model.backbone.body
         ret = list(body.return_layers.values())
-        diffs["backbone"] = _maxdiff(list(body(x).values()), [c[int(n) + (4 - len(ret))] if len(ret) < 4 else c[int(n)]
-                                                             for n in ret])
+        diffs["backbone"] = _maxdiff(list(body(x).values()), [c[int(n) + 4 - len(ret)] for n in ret])
         if "fpn" in ref:
             lv = ref["describe"]["fpn"]["levels"]
             ins = {f"{i}": c[lvl - 2] for i, lvl in enumerate(lv)}
@@ -389,11 +393,9 @@ def check_torchvision(state: dict, tmp: Path, tv_model=None) -> dict:
 
 
 def check_detectron2(state: dict, tmp: Path, tv_model=None) -> dict:
-    from benchmark.stages.export import ExportError
-    try:
-        rep = save_export(state, "detectron2", tmp / "detectron2.pkl")
-    except ExportError as e:
-        return {"error": str(e).split(" (--allow")[0][:160]}
+    rep, refused = _export(state, "detectron2", tmp / "detectron2.pkl")
+    if refused:
+        return refused
     cfg = {k: v for k, v in d2_reference.flat(yaml.safe_load(rep["config"])).items() if v is not None}   # "FPN:" empty
     assert set(cfg) <= d2_reference.D2_KEYS, set(cfg) - d2_reference.D2_KEYS
     with open(rep["path"], "rb") as f:
