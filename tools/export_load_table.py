@@ -35,6 +35,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from benchmark.stages.export import ExportError, describe, detector_kind, detector_to_canonical, save_export
+from methods.backbones import resnet_stages
 from tools import d2_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,16 +129,6 @@ def reference(state: dict) -> dict:
                                                      [bh["fc_dim"]], norm_layer=nn.BatchNorm2d if bh["norm"] == "bn" else None),
                                   state, "box_head.")
     return out
-
-
-def resnet_features(body: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """C2..C5 of a torchvision ResNet."""
-    x = body.maxpool(body.relu(body.bn1(body.conv1(x))))
-    feats = []
-    for s in (1, 2, 3, 4):
-        x = getattr(body, f"layer{s}")(x)
-        feats.append(x)
-    return feats
 
 
 def _maxdiff(a, b) -> float:
@@ -261,7 +252,7 @@ def mmdet_outputs(model, ref: dict, x: torch.Tensor, tv_model=None) -> dict:
     """max |difference| of mmdet's module outputs against ours, per group present."""
     diffs = {}
     with torch.no_grad():
-        c = resnet_features(ref["body"], x)
+        c = resnet_stages(ref["body"], x)
         mm_c = list(model.backbone(x))
         d = ref["describe"]
         if d["kind"] == "c4":
@@ -366,7 +357,7 @@ def check_torchvision(state: dict, tmp: Path, tv_model=None) -> dict:
            "not_loaded": [k for k, v in file.items() if k in sd and not torch.equal(sd[k], v)], "no_place": rep["no_place"]}
     ref, x, diffs = reference(state), inputs(), {}
     with torch.no_grad():
-        c = resnet_features(ref["body"], x)
+        c = resnet_stages(ref["body"], x)
         body = model.backbone.body
         ret = list(body.return_layers.values())
         diffs["backbone"] = _maxdiff(list(body(x).values()), [c[int(n) + 4 - len(ret)] for n in ret])
